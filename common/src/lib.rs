@@ -44,6 +44,9 @@ pub mod maps {
     pub const PAIRS: &str = "SV_PAIRS";
     /// [`super::PairKey`] -> u32: sockets that ever sent over plain TCP (fast path off for them).
     pub const FALLBACK: &str = "SV_FALLBACK";
+    /// pod slot (u32) -> [`super::SLOT_ENROLLED`] | [`super::SLOT_STRICT`]: what a pod's own
+    /// `sk_lookup` instance reads (that program type cannot read the netns cookie). ARRAY.
+    pub const SLOTS: &str = "SV_SLOTS";
     /// u32 index -> u64 settings, see [`super::Setting`]. ARRAY.
     pub const SETTINGS: &str = "SV_SETTINGS";
     /// u32 index -> u64 per-CPU counters, see [`super::Stat`]. PERCPU_ARRAY.
@@ -97,6 +100,13 @@ pub const STATS_LEN: u32 = 8;
 /// Bits of [`PodInfo::flags`].
 pub const POD_FLAG_STRICT: u32 = 1;
 
+/// Bits of a [`maps::SLOTS`] entry.
+pub const SLOT_ENROLLED: u32 = 1;
+pub const SLOT_STRICT: u32 = 2;
+
+/// Name of the load-time constant that tells a pod's `sk_lookup` instance its slot.
+pub const POD_SLOT_GLOBAL: &str = "SV_POD_SLOT";
+
 /// What the kernel knows of an enrolled pod.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -121,17 +131,28 @@ pub struct SockAddr {
 impl SockAddr {
     /// From an IPv4 address as the kernel hands it over (network order in a `u32`).
     pub const fn from_v4_raw(ip_be: u32, port: u16) -> Self {
-        Self { ip: [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip_be], port, _pad: [0; 2] }
+        Self {
+            ip: [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip_be],
+            port,
+            _pad: [0; 2],
+        }
     }
 
     /// From the kernel's four IPv6 words.
     pub const fn from_v6_raw(ip: [u32; 4], port: u16) -> Self {
-        Self { ip, port, _pad: [0; 2] }
+        Self {
+            ip,
+            port,
+            _pad: [0; 2],
+        }
     }
 
     /// The IPv4 address (network order `u32`) if this is IPv4-mapped.
     pub const fn v4_raw(&self) -> Option<u32> {
-        if self.ip[0] == 0 && self.ip[1] == 0 && self.ip[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) {
+        if self.ip[0] == 0
+            && self.ip[1] == 0
+            && self.ip[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+        {
             Some(self.ip[3])
         } else {
             None
@@ -143,7 +164,10 @@ impl SockAddr {
         match self.v4_raw() {
             Some(v4) => v4.to_ne_bytes()[0] == 127,
             None => {
-                self.ip[0] == 0 && self.ip[1] == 0 && self.ip[2] == 0 && self.ip[3] == u32::from_ne_bytes([0, 0, 0, 1])
+                self.ip[0] == 0
+                    && self.ip[1] == 0
+                    && self.ip[2] == 0
+                    && self.ip[3] == u32::from_ne_bytes([0, 0, 0, 1])
             }
         }
     }
@@ -171,7 +195,11 @@ pub struct PairKey {
 
 impl PairKey {
     pub const fn reversed(&self) -> Self {
-        Self { netns_cookie: self.netns_cookie, local: self.remote, remote: self.local }
+        Self {
+            netns_cookie: self.netns_cookie,
+            local: self.remote,
+            remote: self.local,
+        }
     }
 }
 

@@ -9,7 +9,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use selvedge_common::{SockAddr, Stat, OUTBOUND_PORT};
 
-use crate::maps::{bump, enrolled, is_agent, IPPROTO_TCP, ORIG_BY_COOKIE};
+use crate::maps::{
+    bump, ctx_ip6, ctx_set_ip6, ctx_u32, enrolled, is_agent, IPPROTO_TCP, ORIG_BY_COOKIE,
+};
 
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
@@ -22,7 +24,11 @@ const LOCALHOST6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(dst) = captured_dst(&ctx, sa.protocol, SockAddr::from_v4_raw(sa.user_ip4, port_of(sa.user_port))) else {
+    let Some(dst) = captured_dst(
+        &ctx,
+        sa.protocol,
+        SockAddr::from_v4_raw(sa.user_ip4, port_of(sa.user_port)),
+    ) else {
         return ALLOW;
     };
     if !remember(&ctx, &dst) {
@@ -37,14 +43,25 @@ pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
 pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(dst) = captured_dst(&ctx, sa.protocol, SockAddr::from_v6_raw(sa.user_ip6, port_of(sa.user_port))) else {
+    let sp = ctx.sock_addr;
+    // connect6 programs may not read user_ip4: only the IPv6 words.
+    let dst = SockAddr::from_v6_raw(ctx_ip6!(sp, user_ip6), port_of(ctx_u32!(sp, user_port)));
+    let Some(dst) = captured_dst(&ctx, sa.protocol, dst) else {
         return ALLOW;
     };
     if !remember(&ctx, &dst) {
         return REFUSE;
     }
     // An IPv4-mapped destination stays IPv4 on the wire: send it to the agent's IPv4 listener.
-    sa.user_ip6 = if dst.v4_raw().is_some() { SockAddr::from_v4_raw(LOCALHOST4, 0).ip } else { LOCALHOST6 };
+    ctx_set_ip6!(
+        sp,
+        user_ip6,
+        if dst.v4_raw().is_some() {
+            SockAddr::from_v4_raw(LOCALHOST4, 0).ip
+        } else {
+            LOCALHOST6
+        }
+    );
     sa.user_port = u32::from(OUTBOUND_PORT.to_be());
     ALLOW
 }
@@ -67,7 +84,7 @@ pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above.
     let sa = unsafe { &mut *ctx.sock_addr };
     if let Some(orig) = original(&ctx) {
-        sa.user_ip6 = orig.ip;
+        ctx_set_ip6!(ctx.sock_addr, user_ip6, orig.ip);
         sa.user_port = u32::from(orig.port.to_be());
     }
     ALLOW
@@ -99,7 +116,10 @@ fn remember(ctx: &SockAddrContext, dst: &SockAddr) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     if ORIG_BY_COOKIE.insert(&cookie, dst, 0).is_err() {
         bump(Stat::OrigMapFull);
-        warn!(ctx, "selvedge: original-destination map refused an entry; connect refused");
+        warn!(
+            ctx,
+            "selvedge: original-destination map refused an entry; connect refused"
+        );
         return false;
     }
     bump(Stat::Captured);

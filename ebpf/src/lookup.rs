@@ -2,43 +2,72 @@
 //! outside the pod goes to the agent's 15006 listener, whatever port it was for. Port
 //! 15008 (HBONE) keeps its normal lookup; STRICT pods drop plaintext here; with no agent
 //! listener (agent down) the SYN is dropped, never delivered to the app directly.
+//!
+//! `sk_lookup` programs cannot call `bpf_get_netns_cookie`, so each pod gets its own
+//! instance of this program with its slot set at load time ([`POD_SLOT`]); the slot indexes
+//! the pod's flags and its listener. Enrollment itself stays keyed on the netns: the
+//! program is attached to exactly that namespace.
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::generated::bpf_get_netns_cookie,
     macros::sk_lookup,
     programs::SkLookupContext,
+    Global,
 };
-use aya_log_ebpf::debug;
-use selvedge_common::{Stat, HBONE_PORT, POD_FLAG_STRICT};
+use selvedge_common::{Stat, AF_INET6, HBONE_PORT, SLOT_ENROLLED, SLOT_STRICT};
 
-use crate::maps::{bump, enrolled, INBOUND, IPPROTO_TCP, LOOPBACK_IFINDEX};
+use crate::maps::{bump, ctx_addr, ctx_u32, INBOUND, IPPROTO_TCP, LOOPBACK_IFINDEX, SLOTS};
+
+/// Did this SYN come from inside the pod (including the agent delivering to the app)?
+///
+/// Not just "ingress is lo": for a connection to the pod's *own* IP the kernel reports the
+/// route's device (eth0) as the ingress interface (`orig_oif` of a local route). So: lo,
+/// or a loopback source (the agent delivers from 127.0.0.6, as Istio does; a loopback
+/// source arriving from outside is a martian and never gets this far), or, for IPv6,
+/// source == destination.
+#[inline(always)]
+fn from_inside(lk: *mut aya_ebpf::bindings::bpf_sk_lookup) -> bool {
+    if ctx_u32!(lk, ingress_ifindex) == LOOPBACK_IFINDEX {
+        return true;
+    }
+    let family = ctx_u32!(lk, family);
+    let remote = ctx_addr!(lk, family, remote_ip4, remote_ip6, 0);
+    let local = ctx_addr!(lk, family, local_ip4, local_ip6, 0);
+    remote.is_loopback() || (family == AF_INET6 && remote.ip == local.ip)
+}
+
+/// This instance's pod slot; overridden by the agent when it loads the program per pod.
+#[unsafe(no_mangle)]
+static SV_POD_SLOT: Global<u32> = Global::new(u32::MAX);
 
 #[sk_lookup]
 pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
-    // SAFETY: the context pointer is valid for the program's lifetime.
-    let lk = unsafe { &*ctx.lookup };
-    if lk.protocol != IPPROTO_TCP || lk.ingress_ifindex == LOOPBACK_IFINDEX || lk.local_port == u32::from(HBONE_PORT) {
+    let lk = ctx.lookup;
+    if ctx_u32!(lk, protocol) != IPPROTO_TCP
+        || ctx_u32!(lk, local_port) == u32::from(HBONE_PORT)
+        || from_inside(lk)
+    {
         return SK_PASS;
     }
-    // SAFETY: helper allowed in sk_lookup programs.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.lookup.cast()) };
-    let Some(pod) = enrolled(netns) else {
-        // Attached but no longer enrolled: the agent is detaching this pod.
-        return SK_PASS;
-    };
-    if pod.flags & POD_FLAG_STRICT != 0 {
+    let slot = SV_POD_SLOT.load();
+    let flags = SLOTS.get(slot).copied().unwrap_or(0);
+    if flags & SLOT_ENROLLED == 0 {
+        // Attached means "this netns is meshed"; an unset slot means enrollment has not
+        // finished (or failed): stay closed. Unenrolling detaches this program first.
+        bump(Stat::InboundNoListener);
+        return SK_DROP;
+    }
+    if flags & SLOT_STRICT != 0 {
         bump(Stat::InboundStrictDrop);
         return SK_DROP;
     }
-    match INBOUND.redirect_sk_lookup(&ctx, pod.pod_id, 0) {
+    match INBOUND.redirect_sk_lookup(&ctx, slot, 0) {
         Ok(()) => {
             bump(Stat::InboundAssigned);
             SK_PASS
         }
         Err(_) => {
             bump(Stat::InboundNoListener);
-            debug!(&ctx, "selvedge: no inbound listener for pod {}; SYN dropped", pod.pod_id);
             SK_DROP
         }
     }

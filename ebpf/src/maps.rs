@@ -6,7 +6,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
-use selvedge_common::{capacity, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, Stat, SETTINGS_LEN, STATS_LEN};
+use selvedge_common::{
+    capacity, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, Stat, SETTINGS_LEN, STATS_LEN,
+};
 
 #[map(name = "SV_ENROLLED")]
 pub static ENROLLED: HashMap<u64, PodInfo> = HashMap::pinned(capacity::ENROLLED, 0);
@@ -25,6 +27,9 @@ pub static PAIRS: SockHash<PairKey> = SockHash::pinned(capacity::PAIRS, 0);
 
 #[map(name = "SV_FALLBACK")]
 pub static FALLBACK: LruHashMap<PairKey, u32> = LruHashMap::pinned(capacity::PAIRS, 0);
+
+#[map(name = "SV_SLOTS")]
+pub static SLOTS: Array<u32> = Array::pinned(capacity::INBOUND_LISTENERS, 0);
 
 #[map(name = "SV_SETTINGS")]
 pub static SETTINGS: Array<u64> = Array::pinned(SETTINGS_LEN, 0);
@@ -68,16 +73,75 @@ pub fn enrolled(netns_cookie: u64) -> Option<PodInfo> {
 /// for ABI compatibility). Accept both placements: a real port is never 0.
 #[inline(always)]
 pub fn remote_port_host(raw: u32) -> u16 {
-    let be = if raw & 0xffff == 0 { (raw >> 16) as u16 } else { raw as u16 };
+    let be = if raw & 0xffff == 0 {
+        (raw >> 16) as u16
+    } else {
+        raw as u16
+    };
     u16::from_be(be)
 }
 
-/// An address from a context's family + v4/v6 fields, in the ABI's IPv6 shape.
-#[inline(always)]
-pub fn sock_addr(family: u32, ip4: u32, ip6: [u32; 4], port: u16) -> SockAddr {
-    if family == selvedge_common::AF_INET {
-        SockAddr::from_v4_raw(ip4, port)
-    } else {
-        SockAddr::from_v6_raw(ip6, port)
-    }
+/// An address read out of a program context, in the ABI's IPv6 shape.
+///
+/// The verifier only accepts context loads of the form `*(u32 *)(ctx + const)`. Copying a
+/// `[u32; 4]` field, or loading one field or another depending on the family, lets LLVM
+/// compute `ctx + off` into a register first ("dereference of modified ctx ptr"). So every
+/// word is read unconditionally with its own volatile load (volatile loads are never
+/// merged or sunk into branches) and only the *values* are chosen by family.
+macro_rules! ctx_addr {
+    ($ctx:expr, $family:expr, $ip4:ident, $ip6:ident, $port:expr) => {{
+        let ctx = $ctx;
+        let port: u16 = $port;
+        let v4 = $crate::maps::ctx_u32!(ctx, $ip4);
+        let v6 = $crate::maps::ctx_ip6!(ctx, $ip6);
+        if $family == selvedge_common::AF_INET {
+            selvedge_common::SockAddr::from_v4_raw(v4, port)
+        } else {
+            selvedge_common::SockAddr::from_v6_raw(v6, port)
+        }
+    }};
 }
+pub(crate) use ctx_addr;
+
+/// The four words of an IPv6 context field, each a fixed-offset load.
+macro_rules! ctx_ip6 {
+    ($ctx:expr, $field:ident) => {{
+        let ctx = $ctx;
+        // SAFETY: `ctx` is the program's context pointer; each load is a fixed-offset field.
+        unsafe {
+            [
+                core::ptr::read_volatile(&raw const (*ctx).$field[0]),
+                core::ptr::read_volatile(&raw const (*ctx).$field[1]),
+                core::ptr::read_volatile(&raw const (*ctx).$field[2]),
+                core::ptr::read_volatile(&raw const (*ctx).$field[3]),
+            ]
+        }
+    }};
+}
+pub(crate) use ctx_ip6;
+
+/// Store four IPv6 words into a context field, one fixed-offset store each (an array
+/// assignment would become a byte-wise memcpy into the context, which the verifier rejects).
+macro_rules! ctx_set_ip6 {
+    ($ctx:expr, $field:ident, $words:expr) => {{
+        let ctx = $ctx;
+        let w: [u32; 4] = $words;
+        // SAFETY: `ctx` is the program's context pointer; each store is a fixed-offset field.
+        unsafe {
+            core::ptr::write_volatile(&raw mut (*ctx).$field[0], w[0]);
+            core::ptr::write_volatile(&raw mut (*ctx).$field[1], w[1]);
+            core::ptr::write_volatile(&raw mut (*ctx).$field[2], w[2]);
+            core::ptr::write_volatile(&raw mut (*ctx).$field[3], w[3]);
+        }
+    }};
+}
+pub(crate) use ctx_set_ip6;
+
+/// One `u32` context field as a single fixed-offset load (see [`ctx_addr`]).
+macro_rules! ctx_u32 {
+    ($ctx:expr, $field:ident) => {{
+        // SAFETY: `$ctx` is the program's context pointer.
+        unsafe { core::ptr::read_volatile(&raw const (*$ctx).$field) }
+    }};
+}
+pub(crate) use ctx_u32;

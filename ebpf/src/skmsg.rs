@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use selvedge_common::{PairKey, Setting, Stat};
 
-use crate::maps::{bump, remote_port_host, setting, sock_addr, FALLBACK, PAIRS};
+use crate::maps::{bump, ctx_addr, ctx_u32, remote_port_host, setting, FALLBACK, PAIRS};
 
 #[sk_msg]
 pub fn redirect_loopback(ctx: SkMsgContext) -> u32 {
@@ -22,13 +22,25 @@ pub fn redirect_loopback(ctx: SkMsgContext) -> u32 {
         bump(Stat::FastPathMiss);
         return SK_PASS;
     }
-    // SAFETY: the context pointer is valid for the program's lifetime.
-    let md = unsafe { &*ctx.msg };
+    let md = ctx.msg;
+    let family = ctx_u32!(md, family);
     let me = PairKey {
         // SAFETY: helper allowed in sk_msg programs (kernel >= 5.15).
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.msg.cast()) },
-        local: sock_addr(md.family, md.local_ip4, md.local_ip6, md.local_port as u16),
-        remote: sock_addr(md.family, md.remote_ip4, md.remote_ip6, remote_port_host(md.remote_port)),
+        netns_cookie: unsafe { bpf_get_netns_cookie(md.cast()) },
+        local: ctx_addr!(
+            md,
+            family,
+            local_ip4,
+            local_ip6,
+            ctx_u32!(md, local_port) as u16
+        ),
+        remote: ctx_addr!(
+            md,
+            family,
+            remote_ip4,
+            remote_ip6,
+            remote_port_host(ctx_u32!(md, remote_port))
+        ),
     };
     // SAFETY: lookup only.
     if unsafe { FALLBACK.get(&me) }.is_some() {

@@ -4,8 +4,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_ANY,
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
@@ -13,7 +13,9 @@ use aya_ebpf::{
 };
 use selvedge_common::{OrigDstKey, PairKey, Setting};
 
-use crate::maps::{remote_port_host, setting, sock_addr, FALLBACK, ORIG_BY_COOKIE, ORIG_DST, PAIRS};
+use crate::maps::{
+    ctx_addr, ctx_u32, remote_port_host, setting, FALLBACK, ORIG_BY_COOKIE, ORIG_DST, PAIRS,
+};
 
 /// `TCP_CLOSE` from include/net/tcp_states.h.
 const TCP_CLOSE: u32 = 7;
@@ -37,12 +39,25 @@ fn cookie(ctx: &SockOpsContext) -> u64 {
 
 #[inline(always)]
 fn pair_key(ctx: &SockOpsContext) -> PairKey {
-    let family = ctx.family();
+    let ops = ctx.ops;
+    let family = ctx_u32!(ops, family);
     PairKey {
         // SAFETY: helper allowed in sockops programs (kernel >= 5.15).
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
-        local: sock_addr(family, ctx.local_ip4(), ctx.local_ip6(), ctx.local_port() as u16),
-        remote: sock_addr(family, ctx.remote_ip4(), ctx.remote_ip6(), remote_port_host(ctx.remote_port())),
+        netns_cookie: unsafe { bpf_get_netns_cookie(ops.cast()) },
+        local: ctx_addr!(
+            ops,
+            family,
+            local_ip4,
+            local_ip6,
+            ctx_u32!(ops, local_port) as u16
+        ),
+        remote: ctx_addr!(
+            ops,
+            family,
+            remote_ip4,
+            remote_ip6,
+            remote_port_host(ctx_u32!(ops, remote_port))
+        ),
     }
 }
 
@@ -52,9 +67,15 @@ fn pair_key(ctx: &SockOpsContext) -> PairKey {
 fn on_connect(ctx: &SockOpsContext) {
     let cookie = cookie(ctx);
     // SAFETY: value copied out of the map.
-    let Some(dst) = (unsafe { ORIG_BY_COOKIE.get(&cookie).copied() }) else { return };
+    let Some(dst) = (unsafe { ORIG_BY_COOKIE.get(&cookie).copied() }) else {
+        return;
+    };
     let pair = pair_key(ctx);
-    let key = OrigDstKey { netns_cookie: pair.netns_cookie, app: pair.local, _pad: 0 };
+    let key = OrigDstKey {
+        netns_cookie: pair.netns_cookie,
+        app: pair.local,
+        _pad: 0,
+    };
     // An LRU map makes room rather than fail; if it still fails, the agent finds no
     // entry on accept and refuses the connection (fail closed).
     let _ = ORIG_DST.insert(&key, &dst, u64::from(BPF_ANY));
@@ -80,6 +101,10 @@ fn on_established(ctx: &SockOpsContext) {
 fn on_close(ctx: &SockOpsContext) {
     let pair = pair_key(ctx);
     let _ = ORIG_BY_COOKIE.remove(&cookie(ctx));
-    let _ = ORIG_DST.remove(&OrigDstKey { netns_cookie: pair.netns_cookie, app: pair.local, _pad: 0 });
+    let _ = ORIG_DST.remove(&OrigDstKey {
+        netns_cookie: pair.netns_cookie,
+        app: pair.local,
+        _pad: 0,
+    });
     let _ = FALLBACK.remove(&pair);
 }

@@ -1,0 +1,56 @@
+//! Conversions between std socket addresses and the kernel ABI's [`SockAddr`].
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use selvedge_common::SockAddr;
+
+/// The ABI form: IPv6 shape, IPv4 mapped, address words in network byte order.
+pub fn to_abi(addr: SocketAddr) -> SockAddr {
+    let v6 = match addr.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let o = v6.octets();
+    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    SockAddr::from_v6_raw([word(0), word(4), word(8), word(12)], addr.port())
+}
+
+/// Back to std; IPv4-mapped addresses become IPv4.
+pub fn from_abi(a: &SockAddr) -> SocketAddr {
+    let mut o = [0u8; 16];
+    for (i, w) in a.ip.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    canonical(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), a.port))
+}
+
+/// `::ffff:a.b.c.d` (as a dual-stack listener reports IPv4 peers) becomes `a.b.c.d`.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_v4_and_v6() {
+        for s in [
+            "198.18.1.10:8080",
+            "[2001:db8::1]:443",
+            "127.0.0.1:15001",
+            "[::1]:1",
+        ] {
+            let a: SocketAddr = s.parse().unwrap();
+            assert_eq!(from_abi(&to_abi(a)), a, "{s}");
+        }
+    }
+
+    #[test]
+    fn matches_the_kernel_v4_encoding() {
+        // The programs build v4 addresses from the kernel's network-order u32.
+        let kernel = SockAddr::from_v4_raw(u32::from_ne_bytes([198, 18, 1, 10]), 80);
+        assert_eq!(to_abi("198.18.1.10:80".parse().unwrap()), kernel);
+        assert!(to_abi("127.0.0.1:1".parse().unwrap()).is_loopback());
+    }
+}

@@ -1,0 +1,417 @@
+//! The one wiring point: datapath, enrolled pods, their listeners and proxies, config
+//! reloads, status and shutdown.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use selvedge_common::{capacity, Stat, INBOUND_PORT, OUTBOUND_PORT, STATS_LEN};
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+use crate::{
+    config::{self, LocalConfig, Settings},
+    datapath::{Datapath, DatapathError, DatapathOptions, FlowMaps},
+    inpod::{InpodError, PodNetns},
+    proxy::{self, ConnTracker, PodContext},
+    state::{self, Change, PodSpec},
+    sys,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Inpod(#[from] InpodError),
+    #[error("cgroup: {what}: {source}")]
+    Cgroup {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pod {pod}: no free pod slot ({max} pods per node)")]
+    NoSlot { pod: String, max: u32 },
+    #[error("status file {path}: {source}")]
+    Status {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An enrolled pod and what serves it.
+#[derive(Debug)]
+struct Enrolled {
+    spec: PodSpec,
+    pod_id: u32,
+    ctx: Arc<PodContext>,
+    /// Accept loops; aborting them closes the pod's listeners.
+    accept_tasks: Vec<JoinHandle<()>>,
+}
+
+/// What `--status-file` holds, rewritten after every change.
+#[derive(Debug, Serialize)]
+struct Status<'a> {
+    node: &'a str,
+    ready: bool,
+    /// Incremented each time a config is applied.
+    generation: u64,
+    enrolled: Vec<&'a str>,
+    failed: BTreeMap<&'a str, String>,
+    stats: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    settings: Settings,
+    datapath: Datapath,
+    flows: Arc<FlowMaps>,
+    conns: Arc<ConnTracker>,
+    pods: BTreeMap<String, Enrolled>,
+    /// Pods the config wants but that could not be enrolled, with the reason.
+    failed: BTreeMap<String, String>,
+    generation: u64,
+    /// Whether stale kernel entries from a previous agent have been swept.
+    swept: bool,
+}
+
+impl Agent {
+    /// Load and attach everything; nothing is enrolled yet.
+    pub fn start(settings: Settings) -> Result<Self, AppError> {
+        let mount = sys::cgroup2_mount().map_err(|source| AppError::Cgroup {
+            what: "find cgroup2".into(),
+            source,
+        })?;
+        let agent_cgroup_id = sys::own_cgroup_id(&mount).map_err(|source| AppError::Cgroup {
+            what: "read own cgroup".into(),
+            source,
+        })?;
+        let opts = DatapathOptions {
+            pin_dir: settings.pin_dir.clone(),
+            cgroup: settings.cgroup.clone(),
+            fast_path: settings.fast_path,
+            agent_cgroup_id,
+            bpf_object: settings.bpf_object.clone(),
+        };
+        let (datapath, flows) = Datapath::open(&opts)?;
+        tracing::info!(pin_dir = %settings.pin_dir.display(), cgroup = %settings.cgroup.display(), "eBPF programs attached");
+        Ok(Self {
+            settings,
+            datapath,
+            flows: Arc::new(flows),
+            conns: Arc::new(ConnTracker::default()),
+            pods: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            generation: 0,
+            swept: false,
+        })
+    }
+
+    /// Serve until SIGTERM/SIGINT, then drain.
+    pub async fn run(mut self, status_file: Option<PathBuf>) -> Result<(), AppError> {
+        let mut last_text = std::fs::read_to_string(&self.settings.config).ok();
+        let cfg = LocalConfig::load(&self.settings.config)?;
+        self.apply(&cfg).await?;
+        self.sweep_stale()?;
+        self.write_status(status_file.as_ref(), true)?;
+        tracing::info!(
+            enrolled = self.pods.len(),
+            failed = self.failed.len(),
+            "ready"
+        );
+
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|source| AppError::Cgroup {
+                what: "install SIGTERM handler".into(),
+                source,
+            })?;
+        let mut tick = tokio::time::interval(Duration::from_millis(config::RELOAD_INTERVAL_MS));
+        let mut retry_at = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = tick.tick() => {}
+            }
+            let text = std::fs::read_to_string(&self.settings.config).ok();
+            let changed = text != last_text;
+            let retry = !self.failed.is_empty() && tokio::time::Instant::now() >= retry_at;
+            if !changed && !retry {
+                continue;
+            }
+            last_text = text;
+            match LocalConfig::load(&self.settings.config) {
+                Ok(cfg) => {
+                    if let Err(e) = self.apply(&cfg).await {
+                        tracing::error!("config not applied: {e}");
+                    }
+                }
+                Err(e) => tracing::error!("config not applied, keeping the previous one: {e}"),
+            }
+            retry_at = tokio::time::Instant::now() + Duration::from_secs(5);
+            if let Err(e) = self.sweep_stale() {
+                tracing::error!("stale enrollments not removed: {e}");
+            }
+            if let Err(e) = self.write_status(status_file.as_ref(), true) {
+                tracing::warn!("{e}");
+            }
+        }
+        self.shutdown(status_file.as_ref()).await
+    }
+
+    /// Enroll and unenroll to match `cfg`. Per-pod failures are recorded, not fatal.
+    async fn apply(&mut self, cfg: &LocalConfig) -> Result<(), AppError> {
+        let desired = state::desired(cfg, &self.settings.node)?;
+        let current: BTreeMap<String, PodSpec> = self
+            .pods
+            .iter()
+            .map(|(k, v)| (k.clone(), v.spec.clone()))
+            .collect();
+        self.failed.retain(|uid, _| desired.contains_key(uid));
+        for change in state::plan(&current, &desired) {
+            match change {
+                Change::Unenroll(uid) => self.unenroll(&uid),
+                Change::SetStrict(uid, strict) => {
+                    if let Some(p) = self.pods.get_mut(&uid) {
+                        match self
+                            .datapath
+                            .set_flags(p.ctx.netns.cookie(), p.pod_id, strict)
+                        {
+                            Ok(()) => p.spec.strict = strict,
+                            Err(e) => {
+                                tracing::error!(pod = %p.spec.name, "mtls mode not updated: {e}")
+                            }
+                        }
+                    }
+                }
+                Change::Enroll(spec) => match self.enroll(&spec).await {
+                    Ok(()) => {
+                        self.failed.remove(&spec.uid);
+                        tracing::info!(pod = %spec.name, namespace = %spec.namespace, strict = spec.strict, "enrolled");
+                    }
+                    Err(e) => {
+                        tracing::error!(pod = %spec.name, namespace = %spec.namespace, "not enrolled: {e}");
+                        self.failed.insert(spec.uid.clone(), e.to_string());
+                    }
+                },
+            }
+        }
+        self.generation += 1;
+        tracing::info!(
+            generation = self.generation,
+            enrolled = self.pods.len(),
+            failed = self.failed.len(),
+            "config applied"
+        );
+        Ok(())
+    }
+
+    async fn enroll(&mut self, spec: &PodSpec) -> Result<(), AppError> {
+        let netns = PodNetns::enter(&spec.netns)?;
+        let cookie = netns.cookie();
+        let pod_id = self.pod_slot(cookie, &spec.name)?;
+        let outbound4 = netns
+            .listen(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                OUTBOUND_PORT,
+            ))
+            .await?;
+        // IPv6 may be disabled in the pod; IPv4 capture still works then.
+        let outbound6 = match netns
+            .listen(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+                OUTBOUND_PORT,
+            ))
+            .await
+        {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::debug!(pod = %spec.name, "no IPv6 outbound listener: {e}");
+                None
+            }
+        };
+        let inbound = match netns
+            .listen(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                INBOUND_PORT,
+            ))
+            .await
+        {
+            Ok(l) => l,
+            Err(_) => {
+                netns
+                    .listen(SocketAddr::new(
+                        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                        INBOUND_PORT,
+                    ))
+                    .await?
+            }
+        };
+        self.datapath
+            .enroll(cookie, netns.file(), pod_id, spec.strict, &inbound)?;
+
+        let ctx = Arc::new(PodContext {
+            uid: spec.uid.clone(),
+            name: spec.name.clone(),
+            namespace: spec.namespace.clone(),
+            netns,
+        });
+        let timeout = Duration::from_secs(config::CONNECT_TIMEOUT_SECS);
+        let mut accept_tasks = vec![tokio::spawn(proxy::inbound::serve(
+            inbound,
+            ctx.clone(),
+            self.conns.clone(),
+            timeout,
+        ))];
+        for l in std::iter::once(outbound4).chain(outbound6) {
+            accept_tasks.push(tokio::spawn(proxy::outbound::serve(
+                l,
+                ctx.clone(),
+                self.flows.clone(),
+                self.conns.clone(),
+                timeout,
+            )));
+        }
+        self.pods.insert(
+            spec.uid.clone(),
+            Enrolled {
+                spec: spec.clone(),
+                pod_id,
+                ctx,
+                accept_tasks,
+            },
+        );
+        Ok(())
+    }
+
+    /// Reuse the slot a previous agent gave this netns, else the lowest free one.
+    fn pod_slot(&self, cookie: u64, name: &str) -> Result<u32, AppError> {
+        let used: BTreeSet<u32> = self.pods.values().map(|p| p.pod_id).collect();
+        if let Some(prev) = self.datapath.enrolled().get(&cookie) {
+            if !used.contains(&prev.pod_id) {
+                return Ok(prev.pod_id);
+            }
+        }
+        let taken_in_kernel: BTreeSet<u32> = self
+            .datapath
+            .enrolled()
+            .values()
+            .map(|i| i.pod_id)
+            .collect();
+        (0..capacity::INBOUND_LISTENERS)
+            .find(|id| !used.contains(id) && !taken_in_kernel.contains(id))
+            .ok_or_else(|| AppError::NoSlot {
+                pod: name.into(),
+                max: capacity::INBOUND_LISTENERS,
+            })
+    }
+
+    fn unenroll(&mut self, uid: &str) {
+        let Some(p) = self.pods.remove(uid) else {
+            return;
+        };
+        if let Err(e) = self.datapath.unenroll(p.ctx.netns.cookie(), p.pod_id) {
+            tracing::error!(pod = %p.spec.name, "unenroll incomplete: {e}");
+        }
+        for t in p.accept_tasks {
+            t.abort();
+        }
+        tracing::info!(pod = %p.spec.name, namespace = %p.spec.namespace, "unenrolled");
+    }
+
+    /// Remove kernel entries a previous agent left for pods no longer configured. Runs
+    /// once, when no configured pod is failing: a failing pod's entry cannot be told apart
+    /// from a stale one, and keeping it keeps that pod fail-closed.
+    fn sweep_stale(&mut self) -> Result<(), AppError> {
+        if self.swept || !self.failed.is_empty() {
+            return Ok(());
+        }
+        let live: BTreeSet<u64> = self.pods.values().map(|p| p.ctx.netns.cookie()).collect();
+        for (cookie, info) in self.datapath.enrolled() {
+            if !live.contains(&cookie) {
+                tracing::info!(
+                    netns_cookie = cookie,
+                    "removing stale enrollment left by a previous agent"
+                );
+                self.datapath.unenroll(cookie, info.pod_id)?;
+            }
+        }
+        self.swept = true;
+        Ok(())
+    }
+
+    fn write_status(&self, path: Option<&PathBuf>, ready: bool) -> Result<(), AppError> {
+        let Some(path) = path else { return Ok(()) };
+        let stats = self.datapath.stats();
+        let names = [
+            (Stat::Captured, "captured"),
+            (Stat::OrigMapFull, "orig_map_full"),
+            (Stat::InboundAssigned, "inbound_assigned"),
+            (Stat::InboundStrictDrop, "inbound_strict_drop"),
+            (Stat::InboundNoListener, "inbound_no_listener"),
+            (Stat::BindRefused, "bind_refused"),
+            (Stat::FastPathHit, "fast_path_hit"),
+            (Stat::FastPathMiss, "fast_path_miss"),
+        ];
+        debug_assert_eq!(names.len(), STATS_LEN as usize);
+        let status = Status {
+            node: &self.settings.node,
+            ready,
+            generation: self.generation,
+            enrolled: self.pods.values().map(|p| p.spec.name.as_str()).collect(),
+            failed: self
+                .failed
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.clone()))
+                .collect(),
+            stats: names
+                .iter()
+                .map(|(s, n)| (*n, stats[*s as usize]))
+                .collect(),
+        };
+        let text = serde_json::to_string_pretty(&status).unwrap_or_default();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|source| AppError::Status {
+                path: path.clone(),
+                source,
+            })
+    }
+
+    /// Stop accepting, let open connections finish (bounded), leave pins in place so
+    /// enrolled pods stay fail-closed until the next agent starts.
+    async fn shutdown(mut self, status_file: Option<&PathBuf>) -> Result<(), AppError> {
+        tracing::info!(
+            open = self.conns.active(),
+            "shutting down: draining connections"
+        );
+        for p in self.pods.values_mut() {
+            for t in p.accept_tasks.drain(..) {
+                t.abort();
+            }
+        }
+        let left = self
+            .conns
+            .drain(Duration::from_secs(config::DRAIN_TIMEOUT_SECS))
+            .await;
+        if left > 0 {
+            tracing::warn!(
+                open = left,
+                "drain timed out; closing remaining connections"
+            );
+        }
+        self.write_status(status_file, false)?;
+        tracing::info!(
+            "stopped; capture stays in force until the next agent or `selvedge uninstall`"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,243 @@
+//! The local configuration file (`selvedge run --config FILE`) and the agent's resolved
+//! settings. Parsing and validation are pure; reading the file is the caller's job.
+//!
+//! ```yaml
+//! workloads:
+//!   - uid: 6c1f…            # stable identity of the pod (Kubernetes UID)
+//!     name: web-0
+//!     namespace: shop
+//!     serviceAccount: web
+//!     node: node-1          # workloads on other nodes are peers, not enrolled here
+//!     ips: [198.18.1.10]
+//!     netns: /run/netns/web-0   # required for workloads on this node
+//!     mtlsMode: PERMISSIVE  # or STRICT: plaintext SYNs are dropped in the kernel
+//!     labels: {app: web}
+//! ```
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+};
+
+use serde::Deserialize;
+
+/// Environment variables that mirror the `run` flags (clap reads them).
+pub const ENV_CONFIG: &str = "SELVEDGE_CONFIG";
+pub const ENV_NODE: &str = "SELVEDGE_NODE";
+pub const ENV_PIN_DIR: &str = "SELVEDGE_PIN_DIR";
+pub const ENV_CGROUP: &str = "SELVEDGE_CGROUP";
+pub const ENV_FAST_PATH: &str = "SELVEDGE_FAST_PATH";
+pub const ENV_LOG_FORMAT: &str = "SELVEDGE_LOG_FORMAT";
+
+/// Where pins live unless told otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/selvedge";
+/// How often the config file is checked for changes.
+pub const RELOAD_INTERVAL_MS: u64 = 500;
+/// How long SIGTERM waits for open connections before exiting.
+pub const DRAIN_TIMEOUT_SECS: u64 = 10;
+/// Upstream connect timeout for proxied connections.
+pub const CONNECT_TIMEOUT_SECS: u64 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    #[error("config: workload #{index} ({uid}): {problem}")]
+    Workload {
+        index: usize,
+        uid: String,
+        problem: String,
+    },
+}
+
+/// `mtlsMode` of a workload: what inbound plaintext gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsMode {
+    /// Plaintext inbound is accepted (through the agent).
+    #[default]
+    Permissive,
+    /// Plaintext inbound SYNs are dropped in the kernel.
+    Strict,
+}
+
+/// One workload (pod) as the file describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    pub node: String,
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// Network namespace file of a local workload (e.g. `/run/netns/NAME`, `/proc/PID/ns/net`).
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    #[serde(default)]
+    pub mtls_mode: MtlsMode,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_service_account() -> String {
+    "default".into()
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+}
+
+impl LocalConfig {
+    /// Parse and validate. `path` is only used in messages.
+    pub fn parse(text: &str, path: &std::path::Path) -> Result<Self, ConfigError> {
+        let cfg: LocalConfig = if text.trim().is_empty() {
+            LocalConfig::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            })?
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut uids = BTreeSet::new();
+        let mut netns = BTreeSet::new();
+        for (index, w) in self.workloads.iter().enumerate() {
+            let bad = |problem: String| ConfigError::Workload {
+                index,
+                uid: w.uid.clone(),
+                problem,
+            };
+            if w.uid.is_empty() {
+                return Err(bad("uid is empty".into()));
+            }
+            if !uids.insert(&w.uid) {
+                return Err(bad("uid appears twice".into()));
+            }
+            if w.name.is_empty() || w.node.is_empty() {
+                return Err(bad("name and node must not be empty".into()));
+            }
+            if let Some(ns) = &w.netns {
+                if !ns.is_absolute() {
+                    return Err(bad(format!(
+                        "netns {} is not an absolute path",
+                        ns.display()
+                    )));
+                }
+                if !netns.insert(ns) {
+                    return Err(bad(format!(
+                        "netns {} is used by another workload",
+                        ns.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The workloads this node must enroll: on `node` and with a netns.
+    pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads.iter().filter(move |w| w.node == node)
+    }
+}
+
+/// Everything `selvedge run` resolved from flags, env and defaults; logged once at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: PathBuf,
+    pub node: String,
+    pub pin_dir: PathBuf,
+    /// The cgroup (v2) whose processes are captured: the one holding the pods.
+    pub cgroup: PathBuf,
+    pub fast_path: bool,
+    pub bpf_object: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn parse(s: &str) -> Result<LocalConfig, ConfigError> {
+        LocalConfig::parse(s, Path::new("t.yaml"))
+    }
+
+    #[test]
+    fn parses_a_full_workload() {
+        let c = parse(
+            "workloads:\n- uid: u1\n  name: a\n  namespace: ns\n  serviceAccount: sa\n  node: n1\n  ips: [198.18.1.10]\n  netns: /run/netns/a\n  mtlsMode: STRICT\n  labels: {app: a}\n",
+        )
+        .unwrap();
+        let w = &c.workloads[0];
+        assert_eq!(w.mtls_mode, MtlsMode::Strict);
+        assert_eq!(w.service_account, "sa");
+        assert_eq!(w.ips, vec!["198.18.1.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(c.local_workloads("n1").count(), 1);
+        assert_eq!(c.local_workloads("n2").count(), 0);
+    }
+
+    #[test]
+    fn defaults_and_empty_file() {
+        assert_eq!(parse("").unwrap(), LocalConfig::default());
+        let c = parse("workloads:\n- {uid: u, name: a, node: n}\n").unwrap();
+        assert_eq!(c.workloads[0].namespace, "default");
+        assert_eq!(c.workloads[0].mtls_mode, MtlsMode::Permissive);
+    }
+
+    #[test]
+    fn rejects_bad_input_with_the_reason() {
+        let dup = parse("workloads:\n- {uid: u, name: a, node: n}\n- {uid: u, name: b, node: n}\n")
+            .unwrap_err();
+        assert!(dup.to_string().contains("uid appears twice"), "{dup}");
+        let rel = parse("workloads:\n- {uid: u, name: a, node: n, netns: rel/path}\n").unwrap_err();
+        assert!(rel.to_string().contains("absolute"), "{rel}");
+        let unknown = parse("workloads:\n- {uid: u, name: a, node: n, bogus: 1}\n").unwrap_err();
+        assert!(unknown.to_string().contains("bogus"), "{unknown}");
+        let mode =
+            parse("workloads:\n- {uid: u, name: a, node: n, mtlsMode: SOMETIMES}\n").unwrap_err();
+        assert!(mode.to_string().contains("SOMETIMES"), "{mode}");
+        let ip = parse("workloads:\n- {uid: u, name: a, node: n, ips: [not-an-ip]}\n").unwrap_err();
+        assert!(matches!(ip, ConfigError::Parse { .. }));
+    }
+
+    #[test]
+    fn shared_netns_is_rejected() {
+        let e = parse("workloads:\n- {uid: u, name: a, node: n, netns: /x}\n- {uid: v, name: b, node: n, netns: /x}\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("used by another workload"), "{e}");
+    }
+}

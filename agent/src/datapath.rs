@@ -1,0 +1,447 @@
+//! The kernel side: load the eBPF object, attach and pin its programs, and read and write
+//! its maps. This is the only module that imports aya.
+//!
+//! # Pins (`<pin-dir>` defaults to `/sys/fs/bpf/selvedge`)
+//! * `maps/SV_*` — every map, pinned by name: a restarted agent re-adopts them, so
+//!   enrollment survives restarts and capture stays in force (fail closed) meanwhile;
+//! * `links/<program>` — the cgroup links (connect, getpeername, bind, sockops);
+//! * `links/pod-<netns cookie>` — each enrolled pod's `sk_lookup` link.
+//!
+//! Links are replaced atomically on start (new link pinned beside the old one, then renamed
+//! over it), so capture never has a gap and a new agent always runs its own programs.
+
+mod logs;
+mod pins;
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, SockHash, SockMap},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps},
+    Ebpf, EbpfLoader,
+};
+use parking_lot::Mutex;
+use selvedge_common::{
+    capacity, maps, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, ABI_VERSION, POD_FLAG_STRICT,
+    POD_SLOT_GLOBAL, SLOT_ENROLLED, SLOT_STRICT, STATS_LEN,
+};
+
+pub use pins::uninstall;
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded when the agent was built
+/// through xtask (empty otherwise; then `--bpf-object` or a file beside the binary is used).
+static EMBEDDED_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/selvedge.bpf.o"));
+
+/// Cgroup programs: (ELF function name, pin name).
+const CGROUP_SOCK_ADDR: [&str; 6] = [
+    "capture_connect4",
+    "capture_connect6",
+    "restore_peer4",
+    "restore_peer6",
+    "guard_bind4",
+    "guard_bind6",
+];
+const SOCKOPS: &str = "track_captured";
+const SK_MSG: &str = "redirect_loopback";
+const SK_LOOKUP: &str = "steer_inbound";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("eBPF object: {0}")]
+    Object(String),
+    #[error(
+        "bpffs: {dir} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`"
+    )]
+    NoBpffs { dir: PathBuf },
+    #[error("eBPF: {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("eBPF: loading the object failed (kernel too old or missing BPF features?): {}", chain(.0))]
+    Load(aya::EbpfError),
+    #[error("eBPF program {program}: {what}: {}", chain(.source))]
+    Program {
+        program: &'static str,
+        what: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {map}: {what}: {}", chain(.source))]
+    Map {
+        map: &'static str,
+        what: String,
+        source: aya::maps::MapError,
+    },
+    #[error("eBPF map {map} is missing from the object")]
+    MissingMap { map: &'static str },
+    #[error(
+        "pinned maps under {dir} were written by ABI version {found}, this agent speaks {ABI_VERSION}; \
+         run `selvedge uninstall --pin-dir {dir}` first"
+    )]
+    AbiMismatch { dir: PathBuf, found: u64 },
+    #[error("eBPF map {map} is full ({capacity} entries): pod not enrolled, it stays fail-closed")]
+    Full { map: &'static str, capacity: u32 },
+}
+
+/// An error and its sources on one line: aya's own messages omit the errno, their sources
+/// carry it.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+fn map_err(
+    map: &'static str,
+    what: impl Into<String>,
+) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    let what = what.into();
+    move |source| DatapathError::Map { map, what, source }
+}
+
+/// What the datapath is asked to do at start.
+#[derive(Debug, Clone)]
+pub struct DatapathOptions {
+    pub pin_dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub fast_path: bool,
+    pub agent_cgroup_id: u64,
+    pub bpf_object: Option<PathBuf>,
+}
+
+/// Counters the programs keep, summed over CPUs.
+pub type Stats = [u64; STATS_LEN as usize];
+
+/// Maps the proxy uses per connection; shared across tasks.
+pub struct FlowMaps {
+    orig_dst: HashMap<MapData, OrigDstKey, SockAddr>,
+    /// `SockHash::insert` takes `&mut`; inserts are one syscall each.
+    pairs: Mutex<SockHash<MapData, PairKey>>,
+    fast_path: bool,
+}
+
+impl std::fmt::Debug for FlowMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowMaps")
+            .field("fast_path", &self.fast_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FlowMaps {
+    /// The destination a captured connection was dialled to, if the kernel recorded one.
+    pub fn original_destination(&self, key: &OrigDstKey) -> Option<SockAddr> {
+        self.orig_dst.get(key, 0).ok()
+    }
+
+    /// Put the agent's end of an app<->agent loopback connection in the fast-path sockhash.
+    /// Must happen before the agent writes to it (see ebpf/src/skmsg.rs on ordering).
+    pub fn join_fast_path(&self, key: &PairKey, sock: &impl AsRawFd) -> Result<(), DatapathError> {
+        if !self.fast_path {
+            return Ok(());
+        }
+        self.pairs
+            .lock()
+            .insert(key, sock.as_raw_fd(), 0)
+            .map_err(map_err(maps::PAIRS, "insert agent socket"))
+    }
+}
+
+/// The loaded object, its control maps and the links it owns.
+pub struct Datapath {
+    pin_dir: PathBuf,
+    /// The object's bytes: each pod's `sk_lookup` instance is loaded from them.
+    object: Vec<u8>,
+    /// Keeps the programs (and the aya-log reader) of the main load alive.
+    _ebpf: Ebpf,
+    enrolled: HashMap<MapData, u64, PodInfo>,
+    slots: Array<MapData, u32>,
+    inbound: SockMap<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+    /// Keeps the sk_msg attachment alive: it is a map attachment, not a pinnable link.
+    _sk_msg_attached: bool,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// Load (re-adopting pinned maps), attach and pin everything; returns the datapath and
+    /// the per-connection maps for the proxy.
+    pub fn open(opts: &DatapathOptions) -> Result<(Self, FlowMaps), DatapathError> {
+        let object = load_object(opts.bpf_object.as_deref())?;
+        let bpffs_root = opts
+            .pin_dir
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        if !crate::sys::is_bpffs(bpffs_root) {
+            return Err(DatapathError::NoBpffs {
+                dir: opts.pin_dir.clone(),
+            });
+        }
+        let map_dir = pins::ensure_dirs(&opts.pin_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&map_dir)
+            .load(&object)
+            .map_err(DatapathError::Load)?;
+        logs::start(&mut ebpf);
+
+        let mut settings: Array<MapData, u64> = take(&mut ebpf, maps::SETTINGS)?;
+        check_abi(&settings, &opts.pin_dir)?;
+        let set = |s: &mut Array<MapData, u64>, k: Setting, v: u64| {
+            s.set(k as u32, v, 0)
+                .map_err(map_err(maps::SETTINGS, format!("set {k:?}")))
+        };
+        set(&mut settings, Setting::AbiVersion, u64::from(ABI_VERSION))?;
+        set(&mut settings, Setting::AgentCgroup, opts.agent_cgroup_id)?;
+        set(&mut settings, Setting::FastPath, u64::from(opts.fast_path))?;
+
+        let pairs: SockHash<MapData, PairKey> = take(&mut ebpf, maps::PAIRS)?;
+        let sk_msg_attached = if opts.fast_path {
+            let prog: &mut SkMsg = program(&mut ebpf, SK_MSG)?;
+            prog.load().map_err(prog_err(SK_MSG, "load"))?;
+            prog.attach(pairs.fd())
+                .map_err(prog_err(SK_MSG, "attach to the sockhash"))?;
+            true
+        } else {
+            false
+        };
+
+        // Cgroup bpf_links always coexist with other links on the same cgroup (the kernel
+        // rejects BPF_F_ALLOW_MULTI on BPF_LINK_CREATE), so `Single` is the right mode here.
+        let cgroup = std::fs::File::open(&opts.cgroup).map_err(|source| DatapathError::Io {
+            what: format!("open cgroup {}", opts.cgroup.display()),
+            source,
+        })?;
+        for name in CGROUP_SOCK_ADDR {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name, "load"))?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(prog_err(name, "attach"))?;
+            let link = prog.take_link(id).map_err(prog_err(name, "take link"))?;
+            pins::replace_link(
+                &opts.pin_dir,
+                name,
+                link.try_into().map_err(link_err(name))?,
+            )?;
+        }
+        let ops: &mut SockOps = program(&mut ebpf, SOCKOPS)?;
+        ops.load().map_err(prog_err(SOCKOPS, "load"))?;
+        let id = ops
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(prog_err(SOCKOPS, "attach"))?;
+        let link = ops.take_link(id).map_err(prog_err(SOCKOPS, "take link"))?;
+        pins::replace_link(
+            &opts.pin_dir,
+            SOCKOPS,
+            link.try_into().map_err(link_err(SOCKOPS))?,
+        )?;
+
+        let flows = FlowMaps {
+            orig_dst: take(&mut ebpf, maps::ORIG_DST)?,
+            pairs: Mutex::new(pairs),
+            fast_path: opts.fast_path,
+        };
+        let dp = Datapath {
+            pin_dir: opts.pin_dir.clone(),
+            enrolled: take(&mut ebpf, maps::ENROLLED)?,
+            slots: take(&mut ebpf, maps::SLOTS)?,
+            inbound: take(&mut ebpf, maps::INBOUND_LISTENERS)?,
+            stats: take(&mut ebpf, maps::STATS)?,
+            object,
+            _ebpf: ebpf,
+            _sk_msg_attached: sk_msg_attached,
+        };
+        Ok((dp, flows))
+    }
+
+    /// Pods enrolled in the kernel (possibly by a previous agent): netns cookie -> info.
+    pub fn enrolled(&self) -> BTreeMap<u64, PodInfo> {
+        self.enrolled.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Capture a pod: inbound steering first (it drops until the rest is in place), then
+    /// its inbound listener, then the enrollment entry that turns on outbound capture.
+    pub fn enroll(
+        &mut self,
+        netns_cookie: u64,
+        netns: BorrowedFd<'_>,
+        pod_id: u32,
+        strict: bool,
+        inbound_listener: &impl AsRawFd,
+    ) -> Result<(), DatapathError> {
+        // This pod's own sk_lookup instance, its slot baked in (the program type cannot
+        // read the netns cookie). Pinned maps are shared with the main load; the log ring of
+        // this throwaway load is shrunk to one page since sk_lookup does not log.
+        let mut instance = EbpfLoader::new()
+            .default_map_pin_directory(self.pin_dir.join("maps"))
+            .override_global(POD_SLOT_GLOBAL, &pod_id, true)
+            .map_max_entries("AYA_LOGS", 4096)
+            .load(&self.object)
+            .map_err(DatapathError::Load)?;
+        let lookup: &mut SkLookup = program(&mut instance, SK_LOOKUP)?;
+        lookup.load().map_err(prog_err(SK_LOOKUP, "load"))?;
+        let id = lookup
+            .attach(netns.as_fd())
+            .map_err(prog_err(SK_LOOKUP, "attach to pod netns"))?;
+        let link = lookup
+            .take_link(id)
+            .map_err(prog_err(SK_LOOKUP, "take link"))?;
+        pins::replace_link(
+            &self.pin_dir,
+            &pins::pod_link_name(netns_cookie),
+            link.try_into().map_err(link_err(SK_LOOKUP))?,
+        )?;
+        self.inbound
+            .set(pod_id, inbound_listener, 0)
+            .map_err(map_err(
+                maps::INBOUND_LISTENERS,
+                format!("set pod {pod_id}"),
+            ))?;
+        self.set_flags(netns_cookie, pod_id, strict)
+    }
+
+    /// Rewrite a pod's enrollment entry (e.g. its STRICT flag changed).
+    pub fn set_flags(
+        &mut self,
+        netns_cookie: u64,
+        pod_id: u32,
+        strict: bool,
+    ) -> Result<(), DatapathError> {
+        let slot = SLOT_ENROLLED | if strict { SLOT_STRICT } else { 0 };
+        self.slots
+            .set(pod_id, slot, 0)
+            .map_err(map_err(maps::SLOTS, format!("set pod {pod_id}")))?;
+        let info = PodInfo {
+            pod_id,
+            flags: if strict { POD_FLAG_STRICT } else { 0 },
+        };
+        self.enrolled.insert(netns_cookie, info, 0).map_err(|source| {
+            if matches!(&source, aya::maps::MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG)) {
+                DatapathError::Full { map: maps::ENROLLED, capacity: capacity::ENROLLED }
+            } else {
+                DatapathError::Map { map: maps::ENROLLED, what: format!("enroll netns {netns_cookie}"), source }
+            }
+        })
+    }
+
+    /// Release a pod: stop steering its inbound, then its outbound capture.
+    pub fn unenroll(&mut self, netns_cookie: u64, pod_id: u32) -> Result<(), DatapathError> {
+        pins::remove_link(&self.pin_dir, &pins::pod_link_name(netns_cookie))?;
+        match self.enrolled.remove(&netns_cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(DatapathError::Map {
+                    map: maps::ENROLLED,
+                    what: "unenroll".into(),
+                    source,
+                })
+            }
+        }
+        let _ = self.slots.set(pod_id, 0, 0);
+        let _ = self.inbound.clear_index(&pod_id);
+        Ok(())
+    }
+
+    /// Per-CPU counters summed.
+    pub fn stats(&self) -> Stats {
+        let mut out = [0u64; STATS_LEN as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.stats.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+}
+
+fn load_object(path: Option<&Path>) -> Result<Vec<u8>, DatapathError> {
+    if let Some(p) = path {
+        return std::fs::read(p).map_err(|source| DatapathError::Io {
+            what: format!("read {}", p.display()),
+            source,
+        });
+    }
+    if !EMBEDDED_OBJECT.is_empty() {
+        return Ok(EMBEDDED_OBJECT.to_vec());
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("selvedge.bpf.o")));
+    match beside {
+        Some(p) if p.exists() => std::fs::read(&p).map_err(|source| DatapathError::Io {
+            what: format!("read {}", p.display()),
+            source,
+        }),
+        _ => Err(DatapathError::Object(
+            "this binary has no eBPF object embedded and none was found beside it; \
+             build with `cargo xtask build` or pass --bpf-object"
+                .into(),
+        )),
+    }
+}
+
+fn check_abi(settings: &Array<MapData, u64>, dir: &Path) -> Result<(), DatapathError> {
+    let found = settings
+        .get(&(Setting::AbiVersion as u32), 0)
+        .map_err(map_err(maps::SETTINGS, "read ABI version"))?;
+    if found != 0 && found != u64::from(ABI_VERSION) {
+        return Err(DatapathError::AbiMismatch {
+            dir: dir.to_owned(),
+            found,
+        });
+    }
+    Ok(())
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::MissingMap { map: name })?;
+    T::try_from(map).map_err(map_err(name, "open"))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .ok_or_else(|| DatapathError::Object(format!("program {name} is missing")))?;
+    p.try_into().map_err(prog_err(name, "type"))
+}
+
+fn prog_err(
+    program: &'static str,
+    what: &'static str,
+) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
+    move |source| DatapathError::Program {
+        program,
+        what,
+        source,
+    }
+}
+
+fn link_err<E: std::fmt::Debug>(program: &'static str) -> impl FnOnce(E) -> DatapathError {
+    move |e| DatapathError::Object(format!("program {program}: link is not pinnable: {e:?}"))
+}

@@ -1,0 +1,215 @@
+//! Sockets inside pods' network namespaces.
+//!
+//! A socket belongs to the netns it was created in, for its whole life. So the agent keeps
+//! one thread per enrolled pod that has `setns`-ed into the pod's namespace and does only
+//! one thing: create sockets there on request. Everything else (accept, connect, copy)
+//! runs on the shared tokio runtime; no per-pod process, no iptables.
+
+use std::{
+    fs::File,
+    io,
+    net::SocketAddr,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    sync::mpsc,
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::oneshot;
+
+use crate::sys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InpodError {
+    #[error("pod netns {path}: cannot open: {source} (is the pod still running?)")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pod netns {path}: cannot enter: {source}")]
+    Enter {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pod netns {path}: {what}: {source}")]
+    Socket {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pod netns {path}: its socket thread has stopped")]
+    ThreadGone { path: PathBuf },
+}
+
+enum Request {
+    Listen {
+        addr: SocketAddr,
+        reply: oneshot::Sender<io::Result<Socket>>,
+    },
+    Stream {
+        ipv6: bool,
+        reply: oneshot::Sender<io::Result<Socket>>,
+    },
+}
+
+/// Handle on one pod's network namespace.
+#[derive(Debug)]
+pub struct PodNetns {
+    /// The netns file, kept open: it pins the namespace and is what `sk_lookup` attaches to.
+    file: File,
+    path: PathBuf,
+    /// The namespace's cookie, the key of the pod in every eBPF map.
+    cookie: u64,
+    /// Requests to the pod's socket thread; dropping it ends the thread.
+    tx: mpsc::Sender<Request>,
+}
+
+impl PodNetns {
+    /// Open `path`, start its socket thread and read the namespace cookie.
+    pub fn enter(path: &Path) -> Result<Self, InpodError> {
+        let file = File::open(path).map_err(|source| InpodError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let thread_file = file.try_clone().map_err(|source| InpodError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let (tx, rx) = mpsc::channel::<Request>();
+        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<u64>>();
+        let name = format!(
+            "netns-{}",
+            path.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        );
+        std::thread::Builder::new()
+            .name(name.chars().take(15).collect())
+            .spawn(move || serve(thread_file, rx, ready_tx))
+            .map_err(|source| InpodError::Enter {
+                path: path.to_owned(),
+                source,
+            })?;
+        let cookie = ready_rx
+            .recv()
+            .map_err(|_| InpodError::ThreadGone {
+                path: path.to_owned(),
+            })?
+            .map_err(|source| InpodError::Enter {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            cookie,
+            tx,
+        })
+    }
+
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// A listening socket bound to `addr` inside the pod.
+    pub async fn listen(&self, addr: SocketAddr) -> Result<tokio::net::TcpListener, InpodError> {
+        let sock = self
+            .ask(
+                |reply| Request::Listen { addr, reply },
+                format!("listen on {addr}"),
+            )
+            .await?;
+        tokio::net::TcpListener::from_std(sock.into()).map_err(|source| InpodError::Socket {
+            path: self.path.clone(),
+            what: format!("register {addr}"),
+            source,
+        })
+    }
+
+    /// An unconnected TCP socket inside the pod, ready for `connect`.
+    pub async fn stream_socket(&self, ipv6: bool) -> Result<tokio::net::TcpSocket, InpodError> {
+        let sock = self
+            .ask(
+                |reply| Request::Stream { ipv6, reply },
+                "create a socket".into(),
+            )
+            .await?;
+        Ok(tokio::net::TcpSocket::from_std_stream(
+            std::net::TcpStream::from(sock),
+        ))
+    }
+
+    async fn ask(
+        &self,
+        make: impl FnOnce(oneshot::Sender<io::Result<Socket>>) -> Request,
+        what: String,
+    ) -> Result<Socket, InpodError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| InpodError::ThreadGone {
+                path: self.path.clone(),
+            })?;
+        rx.await
+            .map_err(|_| InpodError::ThreadGone {
+                path: self.path.clone(),
+            })?
+            .map_err(|source| InpodError::Socket {
+                path: self.path.clone(),
+                what,
+                source,
+            })
+    }
+}
+
+/// The pod's socket thread: enter the namespace, report its cookie, then serve requests.
+fn serve(ns: File, rx: mpsc::Receiver<Request>, ready: mpsc::Sender<io::Result<u64>>) {
+    let entered = sys::setns_net(ns.as_fd()).and_then(|()| {
+        let probe = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        sys::netns_cookie(&probe)
+    });
+    let ok = entered.is_ok();
+    if ready.send(entered).is_err() || !ok {
+        return;
+    }
+    drop(ns);
+    for req in rx {
+        match req {
+            Request::Listen { addr, reply } => {
+                let _ = reply.send(listener(addr));
+            }
+            Request::Stream { ipv6, reply } => {
+                let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
+                let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP));
+                let _ = reply.send(s);
+            }
+        }
+    }
+}
+
+fn listener(addr: SocketAddr) -> io::Result<Socket> {
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    if let SocketAddr::V6(v6) = addr {
+        // [::]:15006 takes IPv4 too (sk_lookup hands it both families); ::1 stays v6-only.
+        s.set_only_v6(!v6.ip().is_unspecified())?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s)
+}

@@ -1,0 +1,20 @@
+//! Selvedge node agent.
+//!
+//! # Layout
+//! * [`config`]   — the local config file and the resolved settings (pure);
+//! * [`state`]    — desired enrollment and the plan towards it (pure);
+//! * [`addr`]     — std addresses <-> the kernel ABI's address form (pure);
+//! * [`sys`]      — cgroup v2, netns cookies, `setns`;
+//! * [`datapath`] — eBPF load/attach/pin and maps: the only module that imports aya;
+//! * [`inpod`]    — one thread per pod netns that creates the agent's sockets there;
+//! * [`proxy`]    — outbound (15001) and inbound (15006) proxying and the access log;
+//! * [`app`]      — wires all of the above; the run loop, reloads and shutdown.
+
+pub mod addr;
+pub mod app;
+pub mod config;
+pub mod datapath;
+pub mod inpod;
+pub mod proxy;
+pub mod state;
+pub mod sys;

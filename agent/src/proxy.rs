@@ -1,0 +1,180 @@
+//! Proxying captured connections.
+//!
+//! * `outbound`: the app's connect was redirected to 15001 in its own netns; the agent looks
+//!   up where it was going and connects there from inside the same netns.
+//! * `inbound`: a SYN from outside the pod was steered to 15006; the accepted socket's local
+//!   address is the original destination, and the agent connects to the app over `lo`.
+//!
+//! Both end in [`relay`]: bytes copied both ways with half-close carried across, and one
+//! access-log event per connection.
+
+pub mod inbound;
+pub mod outbound;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::{net::TcpStream, sync::Notify};
+
+use crate::inpod::PodNetns;
+
+/// Per-direction copy buffer: large enough for bulk transfers, small enough idle.
+const COPY_BUF: usize = 64 * 1024;
+
+/// What the proxy knows about the pod a listener serves.
+#[derive(Debug)]
+pub struct PodContext {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub netns: PodNetns,
+}
+
+/// Counts open connections so shutdown can drain them.
+#[derive(Debug, Default)]
+pub struct ConnTracker {
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+/// Held by each open connection; dropping it may wake a drain.
+#[derive(Debug)]
+pub struct ConnGuard(Arc<ConnTracker>);
+
+impl ConnTracker {
+    pub fn open(self: &Arc<Self>) -> ConnGuard {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        ConnGuard(self.clone())
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Wait until no connection is open, or `limit` passes; returns how many remain.
+    pub async fn drain(&self, limit: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.idle.notified();
+            if self.active() == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.active();
+            }
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// One proxied connection, for the access log.
+#[derive(Debug)]
+pub struct Flow<'a> {
+    pub direction: Direction,
+    pub pod: &'a PodContext,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub started: Instant,
+}
+
+impl Flow<'_> {
+    /// Log a connection refused before any byte moved.
+    pub fn refused(&self, reason: &str) {
+        tracing::warn!(
+            target: "selvedge::access",
+            direction = self.direction.as_str(),
+            pod = %self.pod.name, namespace = %self.pod.namespace,
+            src = %self.src, dst = %self.dst,
+            result = "refused", reason,
+            "connection refused"
+        );
+    }
+}
+
+/// Copy both ways until both sides are done, then log the connection.
+pub async fn relay(flow: Flow<'_>, mut downstream: TcpStream, mut upstream: TcpStream) {
+    let res = tokio::io::copy_bidirectional_with_sizes(
+        &mut downstream,
+        &mut upstream,
+        COPY_BUF,
+        COPY_BUF,
+    )
+    .await;
+    let (sent, received, result, reason) = match res {
+        Ok((to_up, to_down)) => (to_up, to_down, "ok", String::new()),
+        Err(e) => (0, 0, "error", e.to_string()),
+    };
+    tracing::info!(
+        target: "selvedge::access",
+        direction = flow.direction.as_str(),
+        pod = %flow.pod.name, namespace = %flow.pod.namespace,
+        src = %flow.src, dst = %flow.dst,
+        bytes_sent = sent, bytes_received = received,
+        duration_ms = flow.started.elapsed().as_millis() as u64,
+        result, reason = %reason,
+        "connection closed"
+    );
+}
+
+/// Connect from inside the pod's netns to `dst`, optionally from `source`.
+pub async fn connect_in_pod(
+    pod: &PodContext,
+    source: Option<SocketAddr>,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, String> {
+    let sock = pod
+        .netns
+        .stream_socket(dst.is_ipv6())
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(src) = source {
+        sock.bind(src).map_err(|e| format!("bind {src}: {e}"))?;
+    }
+    match tokio::time::timeout(timeout, sock.connect(dst)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(format!("connect {dst}: {e}")),
+        Err(_) => Err(format!(
+            "connect {dst}: timed out after {}s",
+            timeout.as_secs()
+        )),
+    }
+}
+
+/// Close with RST so the app sees a reset rather than a clean end of stream.
+pub fn reset(stream: TcpStream) {
+    // A zero linger makes close() send RST at once; it never blocks.
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}

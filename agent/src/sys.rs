@@ -1,0 +1,131 @@
+//! Thin wrappers over the few Linux interfaces the agent needs beyond std and tokio:
+//! cgroup v2 discovery, network-namespace cookies and `setns`.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+/// `SO_NETNS_COOKIE` (Linux 5.14+): the cookie of the socket's network namespace, the same
+/// value `bpf_get_netns_cookie()` returns to the programs.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` on pure-v2 hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones), read from `/proc/self/mountinfo`.
+pub fn cgroup2_mount() -> io::Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    parse_cgroup2_mount(&info).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "no cgroup2 filesystem is mounted (Selvedge needs cgroup v2)",
+        )
+    })
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> ..."
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(left.split_whitespace().nth(4)?))
+    })
+}
+
+/// The cgroup v2 id (the directory's inode number) of the cgroup this process is in:
+/// the value `bpf_get_current_cgroup_id()` returns for it.
+pub fn own_cgroup_id(mount: &Path) -> io::Result<u64> {
+    let text = std::fs::read_to_string("/proc/self/cgroup")?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "/proc/self/cgroup has no cgroup v2 entry",
+            )
+        })?;
+    cgroup_id(&mount.join(rel.trim_start_matches('/')))
+}
+
+pub fn cgroup_id(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(dir)?.ino())
+}
+
+/// Network-namespace cookie of the namespace `sock` lives in.
+pub fn netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a pointer/length pair to a live u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Move the calling thread into the network namespace `ns`.
+pub fn setns_net(ns: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd; affects only the calling thread's netns.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Is a bpffs mounted at (or above) `dir`?
+pub fn is_bpffs(dir: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: zeroed statfs is a valid out-parameter; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_hybrid_and_pure_v2_mounts() {
+        let hybrid = "30 24 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
+                      35 30 0:31 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let pure =
+            "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            parse_cgroup2_mount(pure),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            parse_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn netns_cookie_of_a_local_socket() {
+        let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = netns_cookie(&s).unwrap();
+        let b = netns_cookie(&std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        assert_ne!(a, 0);
+        assert_eq!(a, b, "same namespace, same cookie");
+    }
+}
