@@ -144,6 +144,10 @@ impl Agent {
             let changed = text != last_text;
             let retry = !self.failed.is_empty() && tokio::time::Instant::now() >= retry_at;
             if !changed && !retry {
+                // Kernel counters move without config changes: keep the status current.
+                if let Err(e) = self.write_status(status_file.as_ref(), true) {
+                    tracing::warn!("{e}");
+                }
                 continue;
             }
             last_text = text;

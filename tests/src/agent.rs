@@ -1,0 +1,265 @@
+//! One `selvedge run` per node, from the same binary users run, in the node's netns and a
+//! cgroup of its own (outside the pods' cgroup, like a DaemonSet pod).
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+};
+
+use serde::Deserialize;
+
+use crate::{
+    lab::Pod,
+    proc::{self, Place},
+    sys::{wait_for, Env},
+};
+
+#[derive(Debug, Clone, Copy)]
+pub struct AgentOptions {
+    /// The sockmap fast path (`--fast-path`).
+    pub fast_path: bool,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self { fast_path: true }
+    }
+}
+
+/// The agent's `--status-file`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Status {
+    pub ready: bool,
+    pub generation: u64,
+    pub enrolled: Vec<String>,
+    pub failed: BTreeMap<String, String>,
+    pub stats: BTreeMap<String, u64>,
+}
+
+impl Status {
+    pub fn stat(&self, name: &str) -> u64 {
+        *self
+            .stats
+            .get(name)
+            .unwrap_or_else(|| panic!("no counter {name} in status"))
+    }
+}
+
+/// Where an agent runs and keeps its files.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub node: String,
+    pub node_netns: PathBuf,
+    pub pods_cgroup: PathBuf,
+    pub agent_cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub dir: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    pub spec: AgentSpec,
+    pub opts: AgentOptions,
+    selvedge: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    pub fn config_path(&self) -> PathBuf {
+        self.spec.dir.join(format!("agent-{}.yaml", self.spec.node))
+    }
+    pub fn status_path(&self) -> PathBuf {
+        self.spec
+            .dir
+            .join(format!("agent-{}.status.json", self.spec.node))
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.spec.dir.join(format!("agent-{}.log", self.spec.node))
+    }
+    pub fn pin_dir(&self) -> &Path {
+        &self.spec.pin_dir
+    }
+
+    /// Write the config for `pods` and start the agent; returns once it reports ready.
+    pub fn start(env: &Env, spec: AgentSpec, opts: AgentOptions, pods: &[Pod]) -> Self {
+        let mut a = Agent {
+            spec,
+            opts,
+            selvedge: env.selvedge.clone(),
+            child: None,
+        };
+        a.write_config(pods);
+        let _ = std::fs::remove_file(a.status_path());
+        let mut cmd = Command::new(&a.selvedge);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(a.config_path())
+            .args(["--node", &a.spec.node])
+            .arg("--pin-dir")
+            .arg(&a.spec.pin_dir)
+            .arg("--cgroup")
+            .arg(&a.spec.pods_cgroup)
+            .arg("--status-file")
+            .arg(a.status_path())
+            .args([
+                "--log-format",
+                "json",
+                "--fast-path",
+                if opts.fast_path { "true" } else { "false" },
+            ]);
+        // Logs of successive runs of this node's agent go to one file.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(a.log_path())
+            .expect("agent log");
+        cmd.stderr(log);
+        let place = Place {
+            netns: Some(&a.spec.node_netns),
+            cgroup: Some(&a.spec.agent_cgroup),
+        };
+        let mut cmd = proc::command_in(cmd, place);
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        a.child = Some(cmd.spawn().expect("spawn selvedge"));
+        let log_path = a.log_path();
+        wait_for(
+            20,
+            &format!(
+                "agent on {} to be ready (log: {})",
+                a.spec.node,
+                log_path.display()
+            ),
+            || {
+                if let Some(c) = a.child.as_mut() {
+                    if let Ok(Some(st)) = c.try_wait() {
+                        panic!(
+                            "agent on {} exited with {st}:\n{}",
+                            a.spec.node,
+                            tail(&log_path)
+                        );
+                    }
+                }
+                a.try_status().filter(|s| s.ready)
+            },
+        );
+        a
+    }
+
+    fn write_config(&self, pods: &[Pod]) {
+        let mut y = String::from("workloads:\n");
+        for p in pods.iter().filter(|p| p.enrolled) {
+            let _ = writeln!(
+                y,
+                "- uid: uid-{name}\n  name: {name}\n  namespace: lab\n  serviceAccount: {name}\n  node: {node}\n  ips: [{ip}]\n  netns: {ns}\n  mtlsMode: {mode}",
+                name = p.name,
+                node = p.node,
+                ip = p.ip,
+                ns = p.netns.display(),
+                mode = if p.strict { "STRICT" } else { "PERMISSIVE" },
+            );
+        }
+        let tmp = self.config_path().with_extension("tmp");
+        std::fs::write(&tmp, y).expect("write config");
+        std::fs::rename(&tmp, self.config_path()).expect("install config");
+    }
+
+    /// Write a new config and wait until the agent has applied it.
+    pub fn reconfigure(&mut self, pods: &[Pod]) {
+        let before = self.status().generation;
+        self.write_config(pods);
+        wait_for(10, "agent to apply the new config", || {
+            self.try_status().filter(|s| s.generation > before)
+        });
+    }
+
+    pub fn try_status(&self) -> Option<Status> {
+        serde_json::from_str(&std::fs::read_to_string(self.status_path()).ok()?).ok()
+    }
+
+    pub fn status(&self) -> Status {
+        self.try_status()
+            .unwrap_or_else(|| panic!("agent on {} has no status", self.spec.node))
+    }
+
+    /// Wait until the status file has been refreshed (counters are re-read every tick).
+    pub fn fresh_status(&self) -> Status {
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        self.status()
+    }
+
+    /// Access-log events (`target == selvedge::access`) so far.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "selvedge::access")
+            .collect()
+    }
+
+    /// Wait (briefly) for an access-log event matching `pred`: the event is written when
+    /// the relay finishes, which may be just after the client has its answer.
+    pub fn wait_access(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_for(
+            5,
+            &format!("access log on {}: {what}", self.spec.node),
+            || self.access_log().into_iter().find(|e| pred(e)),
+        )
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM and wait: the graceful path.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("agent running");
+        proc::signal(&c, libc::SIGTERM);
+        c.wait().expect("wait for agent")
+    }
+
+    /// SIGKILL and wait: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `selvedge uninstall` for this agent's pin directory.
+    pub fn uninstall(&self) -> String {
+        let out = Command::new(&self.selvedge)
+            .args(["uninstall", "--pin-dir"])
+            .arg(&self.spec.pin_dir)
+            .output()
+            .expect("run selvedge uninstall");
+        assert!(
+            out.status.success(),
+            "uninstall failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn log_tail(&self) -> String {
+        tail(&self.log_path())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn tail(p: &Path) -> String {
+    let text = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}

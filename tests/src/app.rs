@@ -1,0 +1,117 @@
+//! Running `selvedge-lab-app` in pods and reading its one-line JSON reports.
+
+use std::{net::SocketAddr, process::Command};
+
+use serde::Deserialize;
+
+use crate::{lab::Lab, sys::wait_for};
+
+/// What `send` reports.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Transfer {
+    pub local: Option<SocketAddr>,
+    pub peer: Option<SocketAddr>,
+    pub sent: usize,
+    pub received: usize,
+    pub sent_sha256: String,
+    pub received_sha256: String,
+    pub write_error: Option<String>,
+    pub read_error: Option<String>,
+}
+
+impl Transfer {
+    /// Every byte came back, in order.
+    pub fn is_exact(&self) -> bool {
+        self.sent == self.received
+            && self.sent_sha256 == self.received_sha256
+            && self.write_error.is_none()
+            && self.read_error.is_none()
+    }
+}
+
+/// What `ask` reports: our view of the connection and the whoami server's.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Ask {
+    pub local: Option<SocketAddr>,
+    pub peer: Option<SocketAddr>,
+    pub server: Option<ServerView>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerView {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+impl Ask {
+    pub fn server(&self) -> &ServerView {
+        self.server
+            .as_ref()
+            .unwrap_or_else(|| panic!("server sent no report: {self:?}"))
+    }
+}
+
+/// A failed client run: the error the app printed.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Failure {
+    pub error: String,
+}
+
+impl Lab {
+    fn app(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.env.app);
+        c.args(args);
+        c
+    }
+
+    /// Start a server (`echo` or `whoami`) in `pod` on `port` and wait until it listens.
+    pub fn serve(&mut self, pod: &str, kind: &str, port: u16) {
+        let cmd = self.app(&[kind, &port.to_string()]);
+        self.spawn_in_pod(pod, cmd);
+        let addr = self.get(pod).addr(port);
+        // The server is up when its port accepts in its own netns (seen from inside).
+        let p = self.get(pod).clone();
+        wait_for(10, &format!("{kind} server on {addr}"), || {
+            let probe =
+                self.run_in_pod_netns_as_host(&p.name, self.app(&["bind", &port.to_string()]));
+            probe.contains("error").then_some(())
+        });
+    }
+
+    /// `ask` from `pod` to `to`: Ok(report) or Err(the connect error).
+    pub fn ask(&self, pod: &str, to: SocketAddr) -> Result<Ask, String> {
+        parse(&self.run_in_pod(pod, self.app(&["ask", &to.to_string()])))
+    }
+
+    /// `ask` from a host process inside `pod`'s netns (not in the pod's cgroup).
+    pub fn ask_as_host(&self, pod: &str, to: SocketAddr) -> Result<Ask, String> {
+        parse(&self.run_in_pod_netns_as_host(pod, self.app(&["ask", &to.to_string()])))
+    }
+
+    /// Send `bytes` to an echo server and read them back.
+    pub fn transfer(&self, pod: &str, to: SocketAddr, bytes: usize) -> Result<Transfer, String> {
+        parse(&self.run_in_pod(
+            pod,
+            self.app(&["send", &to.to_string(), &bytes.to_string()]),
+        ))
+    }
+
+    /// Try to bind `port` in `pod`: Ok(()) or Err(message).
+    pub fn bind_in_pod(&self, pod: &str, port: u16) -> Result<(), String> {
+        let out = self.run_in_pod(pod, self.app(&["bind", &port.to_string()]));
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad report {out:?}: {e}"));
+        match v.get("error") {
+            Some(e) => Err(e.as_str().unwrap_or_default().to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(out: &str) -> Result<T, String> {
+    let line = out.trim();
+    if let Ok(f) = serde_json::from_str::<Failure>(line) {
+        return Err(f.error);
+    }
+    serde_json::from_str(line).map_err(|e| panic!("bad report {line:?}: {e}"))
+}

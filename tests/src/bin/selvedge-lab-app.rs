@@ -1,0 +1,157 @@
+//! A small real application for the lab: TCP servers and clients that report what they
+//! saw as one JSON line, so tests assert on bytes and addresses, not on logs.
+//!
+//! * `echo PORT`    — echo every byte back; on the client's EOF, finish and shut down.
+//! * `whoami PORT`  — send `{"peer":..,"local":..}` as seen by the server, then close.
+//! * `send ADDR N`  — connect, write N deterministic bytes while reading the echo
+//!   concurrently, half-close, read to EOF; print sizes, hashes and socket addresses.
+//! * `ask ADDR`     — connect to a whoami server; print its view and ours.
+//! * `bind PORT`    — try to bind 0.0.0.0:PORT; print whether it worked.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or_else(|| usage());
+    match arg(0) {
+        "echo" => serve(port(arg(1)), echo),
+        "whoami" => serve(port(arg(1)), whoami),
+        "send" => send(addr(arg(1)), arg(2).parse().unwrap_or_else(|_| usage())),
+        "ask" => ask(addr(arg(1))),
+        "bind" => bind(port(arg(1))),
+        _ => usage(),
+    }
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: selvedge-lab-app echo PORT | whoami PORT | send ADDR BYTES | ask ADDR | bind PORT"
+    );
+    std::process::exit(2)
+}
+
+fn port(s: &str) -> u16 {
+    s.parse().unwrap_or_else(|_| usage())
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap_or_else(|_| usage())
+}
+
+fn serve(port: u16, handler: fn(TcpStream)) {
+    let l =
+        TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| fail(&format!("bind {port}: {e}")));
+    // Tell the harness we are listening.
+    println!("{}", json!({"listening": port}));
+    let _ = std::io::stdout().flush();
+    for s in l.incoming().flatten() {
+        std::thread::spawn(move || handler(s));
+    }
+}
+
+fn echo(mut s: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+fn whoami(mut s: TcpStream) {
+    let line = json!({"peer": s.peer_addr().ok(), "local": s.local_addr().ok()}).to_string() + "\n";
+    let _ = s.write_all(line.as_bytes());
+    let _ = s.shutdown(Shutdown::Write);
+    let _ = s.read(&mut [0u8; 1]);
+}
+
+fn fail(msg: &str) -> ! {
+    println!("{}", json!({"error": msg}));
+    std::process::exit(1)
+}
+
+fn connect(to: SocketAddr) -> TcpStream {
+    TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)
+        .unwrap_or_else(|e| fail(&format!("connect {to}: {e}")))
+}
+
+/// Deterministic payload: byte i is a function of i, so corruption and reordering show.
+fn payload(n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+fn send(to: SocketAddr, n: usize) {
+    let s = connect(to);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let (local, peer) = (s.local_addr().ok(), s.peer_addr().ok());
+    let data = payload(n);
+    let sent_sha = hex(&Sha256::digest(&data));
+    let mut w = s
+        .try_clone()
+        .unwrap_or_else(|e| fail(&format!("clone: {e}")));
+    // Write and read at once: both directions carry data simultaneously.
+    let writer = std::thread::spawn(move || {
+        let r = w.write_all(&data);
+        let _ = w.shutdown(Shutdown::Write);
+        r.map_err(|e| e.to_string())
+    });
+    let mut got = Vec::with_capacity(n);
+    let mut r = s;
+    let read = r.read_to_end(&mut got).map_err(|e| e.to_string());
+    let wrote = writer
+        .join()
+        .unwrap_or_else(|_| Err("writer panicked".into()));
+    println!(
+        "{}",
+        json!({
+            "local": local, "peer": peer, "sent": n, "received": got.len(),
+            "sent_sha256": sent_sha, "received_sha256": hex(&Sha256::digest(&got)),
+            "write_error": wrote.err(), "read_error": read.err(),
+        })
+    );
+}
+
+fn ask(to: SocketAddr) {
+    let mut s = connect(to);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let (local, peer) = (s.local_addr().ok(), s.peer_addr().ok());
+    let mut text = String::new();
+    let read = s.read_to_string(&mut text);
+    let server: serde_json::Value =
+        serde_json::from_str(text.trim()).unwrap_or(serde_json::Value::Null);
+    println!(
+        "{}",
+        json!({"local": local, "peer": peer, "server": server, "read_error": read.err().map(|e| e.to_string())})
+    );
+}
+
+fn bind(port: u16) {
+    match TcpListener::bind(("0.0.0.0", port)) {
+        Ok(_) => println!("{}", json!({"bound": port})),
+        Err(e) => println!(
+            "{}",
+            json!({"error": e.to_string(), "errno": e.raw_os_error()})
+        ),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

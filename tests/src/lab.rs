@@ -1,0 +1,469 @@
+//! Nodes, pods and the fabric between nodes; cleanup on drop (even on panic) and of
+//! leftovers from runs that were killed.
+//!
+//! ```text
+//!  fabric netns: bridge br0 ── n1 ── (node1 netns: eth0 198.19.0.1, br0 198.18.1.1) ── pods 198.18.1.10..
+//!                          └── n2 ── (node2 netns: eth0 198.19.0.2, br0 198.18.2.1) ── pods 198.18.2.10..
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use crate::{
+    agent::{Agent, AgentOptions, AgentSpec},
+    proc::{self, Place},
+    sys::{self, run, Env, CGROUP_ROOT, PIN_ROOT},
+};
+
+static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// One pod: a netns, a veth into its node's bridge, an address, a cgroup.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+    /// Whether the node's agent config enrolls it.
+    pub enrolled: bool,
+    pub strict: bool,
+}
+
+impl Pod {
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip, port))
+    }
+}
+
+#[derive(Debug)]
+struct Node {
+    index: u8,
+    netns: String,
+    /// Capture programs attach here; the node's pods are its children.
+    cgroup: PathBuf,
+    pods: u8,
+}
+
+/// A lab. Dropping it kills every process it started and removes every namespace,
+/// cgroup and pin it made.
+#[derive(Debug)]
+pub struct Lab {
+    pub env: Env,
+    pub prefix: String,
+    /// `<cgroup2>/selvedge-lab/<prefix>`.
+    root_cgroup: PathBuf,
+    /// Scratch directory for configs, logs, status files.
+    pub dir: PathBuf,
+    fabric: String,
+    nodes: BTreeMap<String, Node>,
+    pub pods: BTreeMap<String, Pod>,
+    agents: BTreeMap<String, Agent>,
+    children: Vec<Child>,
+}
+
+impl Lab {
+    /// A new empty lab for the test `name` (used only in the scratch directory's name).
+    pub fn new(name: &str) -> Self {
+        let env = sys::preflight();
+        clean_stale(&env);
+        let prefix = format!(
+            "svt-{}-{}",
+            std::process::id(),
+            LAB_SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let root_cgroup = env.cgroup2.join(CGROUP_ROOT).join(&prefix);
+        std::fs::create_dir_all(&root_cgroup)
+            .unwrap_or_else(|e| panic!("create {}: {e}", root_cgroup.display()));
+        let dir = std::env::temp_dir().join(format!("{prefix}-{name}"));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let fabric = format!("{prefix}-fab");
+        run("ip", &["netns", "add", &fabric]);
+        run(
+            "ip",
+            &["-n", &fabric, "link", "add", "br0", "type", "bridge"],
+        );
+        run("ip", &["-n", &fabric, "link", "set", "br0", "up"]);
+        Lab {
+            env,
+            prefix,
+            root_cgroup,
+            dir,
+            fabric,
+            nodes: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            agents: BTreeMap::new(),
+            children: Vec::new(),
+        }
+    }
+
+    /// Add a node: a netns routing between its pods' bridge and the fabric.
+    pub fn node(&mut self, name: &str) -> &mut Self {
+        let index = u8::try_from(self.nodes.len() + 1).expect("few nodes");
+        let ns = format!("{}-node-{name}", self.prefix);
+        run("ip", &["netns", "add", &ns]);
+        run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+        // New namespaces start with forwarding off (toolchain.md); never touch the host's.
+        self.sysctl(&ns, "net.ipv4.ip_forward", "1");
+        self.sysctl(&ns, "net.ipv4.conf.all.rp_filter", "0");
+        self.sysctl(&ns, "net.ipv4.conf.default.rp_filter", "0");
+        run("ip", &["-n", &ns, "link", "add", "br0", "type", "bridge"]);
+        run(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("198.18.{index}.1/24"),
+                "dev",
+                "br0",
+            ],
+        );
+        run("ip", &["-n", &ns, "link", "set", "br0", "up"]);
+        let fab_port = format!("n{index}");
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.fabric,
+                "link",
+                "add",
+                &fab_port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns,
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.fabric,
+                "link",
+                "set",
+                &fab_port,
+                "master",
+                "br0",
+                "up",
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("198.19.0.{index}/24"),
+                "dev",
+                "eth0",
+            ],
+        );
+        run("ip", &["-n", &ns, "link", "set", "eth0", "up"]);
+        for other in self.nodes.values() {
+            let (i, j) = (index, other.index);
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    &format!("198.18.{j}.0/24"),
+                    "via",
+                    &format!("198.19.0.{j}"),
+                ],
+            );
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &other.netns,
+                    "route",
+                    "add",
+                    &format!("198.18.{i}.0/24"),
+                    "via",
+                    &format!("198.19.0.{i}"),
+                ],
+            );
+        }
+        let cgroup = self.root_cgroup.join(name);
+        std::fs::create_dir_all(&cgroup).expect("node cgroup");
+        self.nodes.insert(
+            name.into(),
+            Node {
+                index,
+                netns: ns,
+                cgroup,
+                pods: 0,
+            },
+        );
+        self
+    }
+
+    fn sysctl(&self, ns: &str, key: &str, value: &str) {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ],
+        );
+    }
+
+    /// Add a pod on `node`; `enrolled` decides whether the node's agent meshes it.
+    pub fn pod(&mut self, node: &str, name: &str, enrolled: bool) -> &mut Self {
+        let n = self
+            .nodes
+            .get_mut(node)
+            .unwrap_or_else(|| panic!("no node {node}"));
+        n.pods += 1;
+        let ip = Ipv4Addr::new(198, 18, n.index, 9 + n.pods);
+        let ns = format!("{}-pod-{name}", self.prefix);
+        run("ip", &["netns", "add", &ns]);
+        run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+        let host_end = format!("v{}", n.pods);
+        run(
+            "ip",
+            &[
+                "-n", &n.netns, "link", "add", &host_end, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n", &n.netns, "link", "set", &host_end, "master", "br0", "up",
+            ],
+        );
+        run(
+            "ip",
+            &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        );
+        run("ip", &["-n", &ns, "link", "set", "eth0", "up"]);
+        run(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("198.18.{}.1", n.index),
+            ],
+        );
+        let cgroup = n.cgroup.join(name);
+        std::fs::create_dir_all(&cgroup).expect("pod cgroup");
+        let pod = Pod {
+            name: name.into(),
+            node: node.into(),
+            ip,
+            netns: PathBuf::from("/run/netns").join(&ns),
+            cgroup,
+            enrolled,
+            strict: false,
+        };
+        self.pods.insert(name.into(), pod);
+        self
+    }
+
+    pub fn get(&self, pod: &str) -> &Pod {
+        self.pods.get(pod).unwrap_or_else(|| panic!("no pod {pod}"))
+    }
+
+    /// Change a pod's enrollment or STRICT flag; takes effect at the next `write_config`.
+    pub fn set_pod(&mut self, pod: &str, enrolled: bool, strict: bool) {
+        let p = self
+            .pods
+            .get_mut(pod)
+            .unwrap_or_else(|| panic!("no pod {pod}"));
+        p.enrolled = enrolled;
+        p.strict = strict;
+    }
+
+    /// Start (or restart) the agent of `node`; returns once it reports ready.
+    pub fn start_agent(&mut self, node: &str, opts: AgentOptions) {
+        let n = self
+            .nodes
+            .get(node)
+            .unwrap_or_else(|| panic!("no node {node}"));
+        let spec = AgentSpec {
+            node: node.into(),
+            node_netns: PathBuf::from("/run/netns").join(&n.netns),
+            pods_cgroup: n.cgroup.clone(),
+            agent_cgroup: self.root_cgroup.join(format!("agent-{node}")),
+            pin_dir: Path::new(PIN_ROOT).join(format!("{}-{node}", self.prefix)),
+            dir: self.dir.clone(),
+        };
+        std::fs::create_dir_all(&spec.agent_cgroup).expect("agent cgroup");
+        if let Some(mut old) = self.agents.remove(node) {
+            old.kill();
+        }
+        let pods: Vec<Pod> = self.pods.values().cloned().collect();
+        let agent = Agent::start(&self.env, spec, opts, &pods);
+        self.agents.insert(node.into(), agent);
+    }
+
+    pub fn agent(&mut self, node: &str) -> &mut Agent {
+        self.agents
+            .get_mut(node)
+            .unwrap_or_else(|| panic!("no agent on {node}"))
+    }
+
+    /// Rewrite every running agent's config from the pods' current flags and wait until
+    /// each has applied it.
+    pub fn write_configs(&mut self) {
+        let pods: Vec<Pod> = self.pods.values().cloned().collect();
+        for agent in self.agents.values_mut() {
+            agent.reconfigure(&pods);
+        }
+    }
+
+    /// Start a long-running process in `pod` (netns + cgroup), e.g. a server.
+    pub fn spawn_in_pod(&mut self, pod: &str, mut cmd: Command) -> u32 {
+        let p = self.get(pod).clone();
+        let stderr = self.dir.join(format!("{pod}-{}.err", self.children.len()));
+        cmd.stderr(std::process::Stdio::inherit());
+        let child = proc::spawn(
+            cmd,
+            Place {
+                netns: Some(&p.netns),
+                cgroup: Some(&p.cgroup),
+            },
+            Some(&stderr),
+        );
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// Run a command in `pod` to completion and return its stdout.
+    pub fn run_in_pod(&self, pod: &str, cmd: Command) -> String {
+        let p = self.get(pod);
+        self.run_in(
+            Place {
+                netns: Some(&p.netns),
+                cgroup: Some(&p.cgroup),
+            },
+            cmd,
+        )
+    }
+
+    /// Run a command in `pod`'s netns but outside its cgroup: a host process entering the
+    /// pod's network (like `nsenter --net`), which Selvedge must leave alone.
+    pub fn run_in_pod_netns_as_host(&self, pod: &str, cmd: Command) -> String {
+        self.run_in(
+            Place {
+                netns: Some(&self.get(pod).netns),
+                cgroup: None,
+            },
+            cmd,
+        )
+    }
+
+    fn run_in(&self, place: Place<'_>, cmd: Command) -> String {
+        let out = proc::command_in(cmd, place).output().expect("run command");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for agent in self.agents.values_mut() {
+            agent.kill();
+        }
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        teardown(&self.env, &self.prefix);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Remove everything named with `prefix`: processes (via cgroup.kill), cgroups, pins, netns.
+fn teardown(env: &Env, prefix: &str) {
+    let root = env.cgroup2.join(CGROUP_ROOT).join(prefix);
+    if root.exists() {
+        let _ = std::fs::write(root.join("cgroup.kill"), "1");
+        remove_cgroup_tree(&root);
+    }
+    if let Ok(entries) = std::fs::read_dir(PIN_ROOT) {
+        for e in entries.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{prefix}-"))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{prefix}-")) {
+                let _ = Command::new("ip").args(["netns", "del", &name]).output();
+            }
+        }
+    }
+}
+
+/// cgroup directories are removed bottom-up, once empty of processes.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..100 {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Leftovers of labs whose process is gone (a killed test run).
+fn clean_stale(env: &Env) {
+    let mut prefixes = std::collections::BTreeSet::new();
+    let mut scan = |dir: &Path| {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let mut parts = name.splitn(4, '-');
+                if let (Some("svt"), Some(pid), Some(seq)) =
+                    (parts.next(), parts.next(), parts.next())
+                {
+                    if let Ok(pid) = pid.parse::<u32>() {
+                        if !sys::alive(pid) {
+                            prefixes.insert(format!("svt-{pid}-{seq}"));
+                        }
+                    }
+                }
+            }
+        }
+    };
+    scan(&env.cgroup2.join(CGROUP_ROOT));
+    scan(Path::new(PIN_ROOT));
+    scan(Path::new("/run/netns"));
+    for p in prefixes {
+        teardown(env, &p);
+    }
+}
