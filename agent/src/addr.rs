@@ -35,12 +35,7 @@ mod tests {
 
     #[test]
     fn round_trips_v4_and_v6() {
-        for s in [
-            "198.18.1.10:8080",
-            "[2001:db8::1]:443",
-            "127.0.0.1:15001",
-            "[::1]:1",
-        ] {
+        for s in ["198.18.1.10:8080", "[2001:db8::1]:443", "127.0.0.1:15001", "[::1]:1"] {
             let a: SocketAddr = s.parse().unwrap();
             assert_eq!(from_abi(&to_abi(a)), a, "{s}");
         }

@@ -85,14 +85,9 @@ pub struct Agent {
 impl Agent {
     /// Load and attach everything; nothing is enrolled yet.
     pub fn start(settings: Settings) -> Result<Self, AppError> {
-        let mount = sys::cgroup2_mount().map_err(|source| AppError::Cgroup {
-            what: "find cgroup2".into(),
-            source,
-        })?;
-        let agent_cgroup_id = sys::own_cgroup_id(&mount).map_err(|source| AppError::Cgroup {
-            what: "read own cgroup".into(),
-            source,
-        })?;
+        let mount = sys::cgroup2_mount().map_err(|source| AppError::Cgroup { what: "find cgroup2".into(), source })?;
+        let agent_cgroup_id =
+            sys::own_cgroup_id(&mount).map_err(|source| AppError::Cgroup { what: "read own cgroup".into(), source })?;
         let opts = DatapathOptions {
             pin_dir: settings.pin_dir.clone(),
             cgroup: settings.cgroup.clone(),
@@ -121,17 +116,10 @@ impl Agent {
         self.apply(&cfg).await?;
         self.sweep_stale()?;
         self.write_status(status_file.as_ref(), true)?;
-        tracing::info!(
-            enrolled = self.pods.len(),
-            failed = self.failed.len(),
-            "ready"
-        );
+        tracing::info!(enrolled = self.pods.len(), failed = self.failed.len(), "ready");
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|source| AppError::Cgroup {
-                what: "install SIGTERM handler".into(),
-                source,
-            })?;
+            .map_err(|source| AppError::Cgroup { what: "install SIGTERM handler".into(), source })?;
         let mut tick = tokio::time::interval(Duration::from_millis(config::RELOAD_INTERVAL_MS));
         let mut retry_at = tokio::time::Instant::now();
         loop {
@@ -173,21 +161,14 @@ impl Agent {
     /// Enroll and unenroll to match `cfg`. Per-pod failures are recorded, not fatal.
     async fn apply(&mut self, cfg: &LocalConfig) -> Result<(), AppError> {
         let desired = state::desired(cfg, &self.settings.node)?;
-        let current: BTreeMap<String, PodSpec> = self
-            .pods
-            .iter()
-            .map(|(k, v)| (k.clone(), v.spec.clone()))
-            .collect();
+        let current: BTreeMap<String, PodSpec> = self.pods.iter().map(|(k, v)| (k.clone(), v.spec.clone())).collect();
         self.failed.retain(|uid, _| desired.contains_key(uid));
         for change in state::plan(&current, &desired) {
             match change {
                 Change::Unenroll(uid) => self.unenroll(&uid),
                 Change::SetStrict(uid, strict) => {
                     if let Some(p) = self.pods.get_mut(&uid) {
-                        match self
-                            .datapath
-                            .set_flags(p.ctx.netns.cookie(), p.pod_id, strict)
-                        {
+                        match self.datapath.set_flags(p.ctx.netns.cookie(), p.pod_id, strict) {
                             Ok(()) => p.spec.strict = strict,
                             Err(e) => {
                                 tracing::error!(pod = %p.spec.name, "mtls mode not updated: {e}")
@@ -221,45 +202,20 @@ impl Agent {
         let netns = PodNetns::enter(&spec.netns)?;
         let cookie = netns.cookie();
         let pod_id = self.pod_slot(cookie, &spec.name)?;
-        let outbound4 = netns
-            .listen(SocketAddr::new(
-                IpAddr::V4(Ipv4Addr::LOCALHOST),
-                OUTBOUND_PORT,
-            ))
-            .await?;
+        let outbound4 = netns.listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT)).await?;
         // IPv6 may be disabled in the pod; IPv4 capture still works then.
-        let outbound6 = match netns
-            .listen(SocketAddr::new(
-                IpAddr::V6(Ipv6Addr::LOCALHOST),
-                OUTBOUND_PORT,
-            ))
-            .await
-        {
+        let outbound6 = match netns.listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT)).await {
             Ok(l) => Some(l),
             Err(e) => {
                 tracing::debug!(pod = %spec.name, "no IPv6 outbound listener: {e}");
                 None
             }
         };
-        let inbound = match netns
-            .listen(SocketAddr::new(
-                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-                INBOUND_PORT,
-            ))
-            .await
-        {
+        let inbound = match netns.listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), INBOUND_PORT)).await {
             Ok(l) => l,
-            Err(_) => {
-                netns
-                    .listen(SocketAddr::new(
-                        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                        INBOUND_PORT,
-                    ))
-                    .await?
-            }
+            Err(_) => netns.listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), INBOUND_PORT)).await?,
         };
-        self.datapath
-            .enroll(cookie, netns.file(), pod_id, spec.strict, &inbound)?;
+        self.datapath.enroll(cookie, netns.file(), pod_id, spec.strict, &inbound)?;
 
         let ctx = Arc::new(PodContext {
             uid: spec.uid.clone(),
@@ -268,12 +224,8 @@ impl Agent {
             netns,
         });
         let timeout = Duration::from_secs(config::CONNECT_TIMEOUT_SECS);
-        let mut accept_tasks = vec![tokio::spawn(proxy::inbound::serve(
-            inbound,
-            ctx.clone(),
-            self.conns.clone(),
-            timeout,
-        ))];
+        let mut accept_tasks =
+            vec![tokio::spawn(proxy::inbound::serve(inbound, ctx.clone(), self.conns.clone(), timeout))];
         for l in std::iter::once(outbound4).chain(outbound6) {
             accept_tasks.push(tokio::spawn(proxy::outbound::serve(
                 l,
@@ -283,15 +235,7 @@ impl Agent {
                 timeout,
             )));
         }
-        self.pods.insert(
-            spec.uid.clone(),
-            Enrolled {
-                spec: spec.clone(),
-                pod_id,
-                ctx,
-                accept_tasks,
-            },
-        );
+        self.pods.insert(spec.uid.clone(), Enrolled { spec: spec.clone(), pod_id, ctx, accept_tasks });
         Ok(())
     }
 
@@ -303,18 +247,10 @@ impl Agent {
                 return Ok(prev.pod_id);
             }
         }
-        let taken_in_kernel: BTreeSet<u32> = self
-            .datapath
-            .enrolled()
-            .values()
-            .map(|i| i.pod_id)
-            .collect();
+        let taken_in_kernel: BTreeSet<u32> = self.datapath.enrolled().values().map(|i| i.pod_id).collect();
         (0..capacity::INBOUND_LISTENERS)
             .find(|id| !used.contains(id) && !taken_in_kernel.contains(id))
-            .ok_or_else(|| AppError::NoSlot {
-                pod: name.into(),
-                max: capacity::INBOUND_LISTENERS,
-            })
+            .ok_or_else(|| AppError::NoSlot { pod: name.into(), max: capacity::INBOUND_LISTENERS })
     }
 
     fn unenroll(&mut self, uid: &str) {
@@ -340,10 +276,7 @@ impl Agent {
         let live: BTreeSet<u64> = self.pods.values().map(|p| p.ctx.netns.cookie()).collect();
         for (cookie, info) in self.datapath.enrolled() {
             if !live.contains(&cookie) {
-                tracing::info!(
-                    netns_cookie = cookie,
-                    "removing stale enrollment left by a previous agent"
-                );
+                tracing::info!(netns_cookie = cookie, "removing stale enrollment left by a previous agent");
                 self.datapath.unenroll(cookie, info.pod_id)?;
             }
         }
@@ -370,52 +303,31 @@ impl Agent {
             ready,
             generation: self.generation,
             enrolled: self.pods.values().map(|p| p.spec.name.as_str()).collect(),
-            failed: self
-                .failed
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.clone()))
-                .collect(),
-            stats: names
-                .iter()
-                .map(|(s, n)| (*n, stats[*s as usize]))
-                .collect(),
+            failed: self.failed.iter().map(|(k, v)| (k.as_str(), v.clone())).collect(),
+            stats: names.iter().map(|(s, n)| (*n, stats[*s as usize])).collect(),
         };
         let text = serde_json::to_string_pretty(&status).unwrap_or_default();
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, text)
             .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|source| AppError::Status {
-                path: path.clone(),
-                source,
-            })
+            .map_err(|source| AppError::Status { path: path.clone(), source })
     }
 
     /// Stop accepting, let open connections finish (bounded), leave pins in place so
     /// enrolled pods stay fail-closed until the next agent starts.
     async fn shutdown(mut self, status_file: Option<&PathBuf>) -> Result<(), AppError> {
-        tracing::info!(
-            open = self.conns.active(),
-            "shutting down: draining connections"
-        );
+        tracing::info!(open = self.conns.active(), "shutting down: draining connections");
         for p in self.pods.values_mut() {
             for t in p.accept_tasks.drain(..) {
                 t.abort();
             }
         }
-        let left = self
-            .conns
-            .drain(Duration::from_secs(config::DRAIN_TIMEOUT_SECS))
-            .await;
+        let left = self.conns.drain(Duration::from_secs(config::DRAIN_TIMEOUT_SECS)).await;
         if left > 0 {
-            tracing::warn!(
-                open = left,
-                "drain timed out; closing remaining connections"
-            );
+            tracing::warn!(open = left, "drain timed out; closing remaining connections");
         }
         self.write_status(status_file, false)?;
-        tracing::info!(
-            "stopped; capture stays in force until the next agent or `selvedge uninstall`"
-        );
+        tracing::info!("stopped; capture stays in force until the next agent or `selvedge uninstall`");
         Ok(())
     }
 }

@@ -54,11 +54,7 @@ pub enum ConfigError {
         source: serde_yaml_ng::Error,
     },
     #[error("config: workload #{index} ({uid}): {problem}")]
-    Workload {
-        index: usize,
-        uid: String,
-        problem: String,
-    },
+    Workload { index: usize, uid: String, problem: String },
 }
 
 /// `mtlsMode` of a workload: what inbound plaintext gets.
@@ -115,20 +111,15 @@ impl LocalConfig {
         let cfg: LocalConfig = if text.trim().is_empty() {
             LocalConfig::default()
         } else {
-            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse {
-                path: path.to_owned(),
-                source,
-            })?
+            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?
         };
         cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text, path)
     }
 
@@ -136,11 +127,7 @@ impl LocalConfig {
         let mut uids = BTreeSet::new();
         let mut netns = BTreeSet::new();
         for (index, w) in self.workloads.iter().enumerate() {
-            let bad = |problem: String| ConfigError::Workload {
-                index,
-                uid: w.uid.clone(),
-                problem,
-            };
+            let bad = |problem: String| ConfigError::Workload { index, uid: w.uid.clone(), problem };
             if w.uid.is_empty() {
                 return Err(bad("uid is empty".into()));
             }
@@ -152,16 +139,10 @@ impl LocalConfig {
             }
             if let Some(ns) = &w.netns {
                 if !ns.is_absolute() {
-                    return Err(bad(format!(
-                        "netns {} is not an absolute path",
-                        ns.display()
-                    )));
+                    return Err(bad(format!("netns {} is not an absolute path", ns.display())));
                 }
                 if !netns.insert(ns) {
-                    return Err(bad(format!(
-                        "netns {} is used by another workload",
-                        ns.display()
-                    )));
+                    return Err(bad(format!("netns {} is used by another workload", ns.display())));
                 }
             }
         }
@@ -220,15 +201,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_input_with_the_reason() {
-        let dup = parse("workloads:\n- {uid: u, name: a, node: n}\n- {uid: u, name: b, node: n}\n")
-            .unwrap_err();
+        let dup = parse("workloads:\n- {uid: u, name: a, node: n}\n- {uid: u, name: b, node: n}\n").unwrap_err();
         assert!(dup.to_string().contains("uid appears twice"), "{dup}");
         let rel = parse("workloads:\n- {uid: u, name: a, node: n, netns: rel/path}\n").unwrap_err();
         assert!(rel.to_string().contains("absolute"), "{rel}");
         let unknown = parse("workloads:\n- {uid: u, name: a, node: n, bogus: 1}\n").unwrap_err();
         assert!(unknown.to_string().contains("bogus"), "{unknown}");
-        let mode =
-            parse("workloads:\n- {uid: u, name: a, node: n, mtlsMode: SOMETIMES}\n").unwrap_err();
+        let mode = parse("workloads:\n- {uid: u, name: a, node: n, mtlsMode: SOMETIMES}\n").unwrap_err();
         assert!(mode.to_string().contains("SOMETIMES"), "{mode}");
         let ip = parse("workloads:\n- {uid: u, name: a, node: n, ips: [not-an-ip]}\n").unwrap_err();
         assert!(matches!(ip, ConfigError::Parse { .. }));

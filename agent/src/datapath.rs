@@ -26,8 +26,8 @@ use aya::{
 };
 use parking_lot::Mutex;
 use selvedge_common::{
-    capacity, maps, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, ABI_VERSION, POD_FLAG_STRICT,
-    POD_SLOT_GLOBAL, SLOT_ENROLLED, SLOT_STRICT, STATS_LEN,
+    capacity, maps, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, ABI_VERSION, POD_FLAG_STRICT, POD_SLOT_GLOBAL,
+    SLOT_ENROLLED, SLOT_STRICT, STATS_LEN,
 };
 
 pub use pins::uninstall;
@@ -37,14 +37,8 @@ pub use pins::uninstall;
 static EMBEDDED_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/selvedge.bpf.o"));
 
 /// Cgroup programs: (ELF function name, pin name).
-const CGROUP_SOCK_ADDR: [&str; 6] = [
-    "capture_connect4",
-    "capture_connect6",
-    "restore_peer4",
-    "restore_peer6",
-    "guard_bind4",
-    "guard_bind6",
-];
+const CGROUP_SOCK_ADDR: [&str; 6] =
+    ["capture_connect4", "capture_connect6", "restore_peer4", "restore_peer6", "guard_bind4", "guard_bind6"];
 const SOCKOPS: &str = "track_captured";
 const SK_MSG: &str = "redirect_loopback";
 const SK_LOOKUP: &str = "steer_inbound";
@@ -53,9 +47,7 @@ const SK_LOOKUP: &str = "steer_inbound";
 pub enum DatapathError {
     #[error("eBPF object: {0}")]
     Object(String),
-    #[error(
-        "bpffs: {dir} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`"
-    )]
+    #[error("bpffs: {dir} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
     NoBpffs { dir: PathBuf },
     #[error("eBPF: {what}: {source}")]
     Io {
@@ -66,17 +58,9 @@ pub enum DatapathError {
     #[error("eBPF: loading the object failed (kernel too old or missing BPF features?): {}", chain(.0))]
     Load(aya::EbpfError),
     #[error("eBPF program {program}: {what}: {}", chain(.source))]
-    Program {
-        program: &'static str,
-        what: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    Program { program: &'static str, what: &'static str, source: aya::programs::ProgramError },
     #[error("eBPF map {map}: {what}: {}", chain(.source))]
-    Map {
-        map: &'static str,
-        what: String,
-        source: aya::maps::MapError,
-    },
+    Map { map: &'static str, what: String, source: aya::maps::MapError },
     #[error("eBPF map {map} is missing from the object")]
     MissingMap { map: &'static str },
     #[error(
@@ -101,10 +85,7 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-fn map_err(
-    map: &'static str,
-    what: impl Into<String>,
-) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+fn map_err(map: &'static str, what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
     let what = what.into();
     move |source| DatapathError::Map { map, what, source }
 }
@@ -132,9 +113,7 @@ pub struct FlowMaps {
 
 impl std::fmt::Debug for FlowMaps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlowMaps")
-            .field("fast_path", &self.fast_path)
-            .finish_non_exhaustive()
+        f.debug_struct("FlowMaps").field("fast_path", &self.fast_path).finish_non_exhaustive()
     }
 }
 
@@ -150,10 +129,7 @@ impl FlowMaps {
         if !self.fast_path {
             return Ok(());
         }
-        self.pairs
-            .lock()
-            .insert(key, sock.as_raw_fd(), 0)
-            .map_err(map_err(maps::PAIRS, "insert agent socket"))
+        self.pairs.lock().insert(key, sock.as_raw_fd(), 0).map_err(map_err(maps::PAIRS, "insert agent socket"))
     }
 }
 
@@ -174,9 +150,7 @@ pub struct Datapath {
 
 impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Datapath")
-            .field("pin_dir", &self.pin_dir)
-            .finish_non_exhaustive()
+        f.debug_struct("Datapath").field("pin_dir", &self.pin_dir).finish_non_exhaustive()
     }
 }
 
@@ -185,28 +159,19 @@ impl Datapath {
     /// the per-connection maps for the proxy.
     pub fn open(opts: &DatapathOptions) -> Result<(Self, FlowMaps), DatapathError> {
         let object = load_object(opts.bpf_object.as_deref())?;
-        let bpffs_root = opts
-            .pin_dir
-            .ancestors()
-            .find(|p| p.exists())
-            .unwrap_or(Path::new("/"));
+        let bpffs_root = opts.pin_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
         if !crate::sys::is_bpffs(bpffs_root) {
-            return Err(DatapathError::NoBpffs {
-                dir: opts.pin_dir.clone(),
-            });
+            return Err(DatapathError::NoBpffs { dir: opts.pin_dir.clone() });
         }
         let map_dir = pins::ensure_dirs(&opts.pin_dir)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&map_dir)
-            .load(&object)
-            .map_err(DatapathError::Load)?;
+        let mut ebpf =
+            EbpfLoader::new().default_map_pin_directory(&map_dir).load(&object).map_err(DatapathError::Load)?;
         logs::start(&mut ebpf);
 
         let mut settings: Array<MapData, u64> = take(&mut ebpf, maps::SETTINGS)?;
         check_abi(&settings, &opts.pin_dir)?;
         let set = |s: &mut Array<MapData, u64>, k: Setting, v: u64| {
-            s.set(k as u32, v, 0)
-                .map_err(map_err(maps::SETTINGS, format!("set {k:?}")))
+            s.set(k as u32, v, 0).map_err(map_err(maps::SETTINGS, format!("set {k:?}")))
         };
         set(&mut settings, Setting::AbiVersion, u64::from(ABI_VERSION))?;
         set(&mut settings, Setting::AgentCgroup, opts.agent_cgroup_id)?;
@@ -216,8 +181,7 @@ impl Datapath {
         let sk_msg_attached = if opts.fast_path {
             let prog: &mut SkMsg = program(&mut ebpf, SK_MSG)?;
             prog.load().map_err(prog_err(SK_MSG, "load"))?;
-            prog.attach(pairs.fd())
-                .map_err(prog_err(SK_MSG, "attach to the sockhash"))?;
+            prog.attach(pairs.fd()).map_err(prog_err(SK_MSG, "attach to the sockhash"))?;
             true
         } else {
             false
@@ -225,34 +189,20 @@ impl Datapath {
 
         // Cgroup bpf_links always coexist with other links on the same cgroup (the kernel
         // rejects BPF_F_ALLOW_MULTI on BPF_LINK_CREATE), so `Single` is the right mode here.
-        let cgroup = std::fs::File::open(&opts.cgroup).map_err(|source| DatapathError::Io {
-            what: format!("open cgroup {}", opts.cgroup.display()),
-            source,
-        })?;
+        let cgroup = std::fs::File::open(&opts.cgroup)
+            .map_err(|source| DatapathError::Io { what: format!("open cgroup {}", opts.cgroup.display()), source })?;
         for name in CGROUP_SOCK_ADDR {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(name, "load"))?;
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(prog_err(name, "attach"))?;
+            let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(prog_err(name, "attach"))?;
             let link = prog.take_link(id).map_err(prog_err(name, "take link"))?;
-            pins::replace_link(
-                &opts.pin_dir,
-                name,
-                link.try_into().map_err(link_err(name))?,
-            )?;
+            pins::replace_link(&opts.pin_dir, name, link.try_into().map_err(link_err(name))?)?;
         }
         let ops: &mut SockOps = program(&mut ebpf, SOCKOPS)?;
         ops.load().map_err(prog_err(SOCKOPS, "load"))?;
-        let id = ops
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(prog_err(SOCKOPS, "attach"))?;
+        let id = ops.attach(&cgroup, CgroupAttachMode::Single).map_err(prog_err(SOCKOPS, "attach"))?;
         let link = ops.take_link(id).map_err(prog_err(SOCKOPS, "take link"))?;
-        pins::replace_link(
-            &opts.pin_dir,
-            SOCKOPS,
-            link.try_into().map_err(link_err(SOCKOPS))?,
-        )?;
+        pins::replace_link(&opts.pin_dir, SOCKOPS, link.try_into().map_err(link_err(SOCKOPS))?)?;
 
         let flows = FlowMaps {
             orig_dst: take(&mut ebpf, maps::ORIG_DST)?,
@@ -298,43 +248,23 @@ impl Datapath {
             .map_err(DatapathError::Load)?;
         let lookup: &mut SkLookup = program(&mut instance, SK_LOOKUP)?;
         lookup.load().map_err(prog_err(SK_LOOKUP, "load"))?;
-        let id = lookup
-            .attach(netns.as_fd())
-            .map_err(prog_err(SK_LOOKUP, "attach to pod netns"))?;
-        let link = lookup
-            .take_link(id)
-            .map_err(prog_err(SK_LOOKUP, "take link"))?;
-        pins::replace_link(
-            &self.pin_dir,
-            &pins::pod_link_name(netns_cookie),
-            link.try_into().map_err(link_err(SK_LOOKUP))?,
-        )?;
+        let id = lookup.attach(netns.as_fd()).map_err(prog_err(SK_LOOKUP, "attach to pod netns"))?;
+        let link = lookup.take_link(id).map_err(prog_err(SK_LOOKUP, "take link"))?;
+        pins::replace_link(&self.pin_dir, &pins::pod_link_name(netns_cookie), link.into())?;
         self.inbound
             .set(pod_id, inbound_listener, 0)
-            .map_err(map_err(
-                maps::INBOUND_LISTENERS,
-                format!("set pod {pod_id}"),
-            ))?;
+            .map_err(map_err(maps::INBOUND_LISTENERS, format!("set pod {pod_id}")))?;
         self.set_flags(netns_cookie, pod_id, strict)
     }
 
     /// Rewrite a pod's enrollment entry (e.g. its STRICT flag changed).
-    pub fn set_flags(
-        &mut self,
-        netns_cookie: u64,
-        pod_id: u32,
-        strict: bool,
-    ) -> Result<(), DatapathError> {
+    pub fn set_flags(&mut self, netns_cookie: u64, pod_id: u32, strict: bool) -> Result<(), DatapathError> {
         let slot = SLOT_ENROLLED | if strict { SLOT_STRICT } else { 0 };
-        self.slots
-            .set(pod_id, slot, 0)
-            .map_err(map_err(maps::SLOTS, format!("set pod {pod_id}")))?;
-        let info = PodInfo {
-            pod_id,
-            flags: if strict { POD_FLAG_STRICT } else { 0 },
-        };
+        self.slots.set(pod_id, slot, 0).map_err(map_err(maps::SLOTS, format!("set pod {pod_id}")))?;
+        let info = PodInfo { pod_id, flags: if strict { POD_FLAG_STRICT } else { 0 } };
         self.enrolled.insert(netns_cookie, info, 0).map_err(|source| {
-            if matches!(&source, aya::maps::MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG)) {
+            if matches!(&source, aya::maps::MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG))
+            {
                 DatapathError::Full { map: maps::ENROLLED, capacity: capacity::ENROLLED }
             } else {
                 DatapathError::Map { map: maps::ENROLLED, what: format!("enroll netns {netns_cookie}"), source }
@@ -347,13 +277,7 @@ impl Datapath {
         pins::remove_link(&self.pin_dir, &pins::pod_link_name(netns_cookie))?;
         match self.enrolled.remove(&netns_cookie) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(DatapathError::Map {
-                    map: maps::ENROLLED,
-                    what: "unenroll".into(),
-                    source,
-                })
-            }
+            Err(source) => return Err(DatapathError::Map { map: maps::ENROLLED, what: "unenroll".into(), source }),
         }
         let _ = self.slots.set(pod_id, 0, 0);
         let _ = self.inbound.clear_index(&pod_id);
@@ -374,22 +298,16 @@ impl Datapath {
 
 fn load_object(path: Option<&Path>) -> Result<Vec<u8>, DatapathError> {
     if let Some(p) = path {
-        return std::fs::read(p).map_err(|source| DatapathError::Io {
-            what: format!("read {}", p.display()),
-            source,
-        });
+        return std::fs::read(p).map_err(|source| DatapathError::Io { what: format!("read {}", p.display()), source });
     }
     if !EMBEDDED_OBJECT.is_empty() {
         return Ok(EMBEDDED_OBJECT.to_vec());
     }
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.join("selvedge.bpf.o")));
+    let beside = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join("selvedge.bpf.o")));
     match beside {
-        Some(p) if p.exists() => std::fs::read(&p).map_err(|source| DatapathError::Io {
-            what: format!("read {}", p.display()),
-            source,
-        }),
+        Some(p) if p.exists() => {
+            std::fs::read(&p).map_err(|source| DatapathError::Io { what: format!("read {}", p.display()), source })
+        }
         _ => Err(DatapathError::Object(
             "this binary has no eBPF object embedded and none was found beside it; \
              build with `cargo xtask build` or pass --bpf-object"
@@ -399,14 +317,9 @@ fn load_object(path: Option<&Path>) -> Result<Vec<u8>, DatapathError> {
 }
 
 fn check_abi(settings: &Array<MapData, u64>, dir: &Path) -> Result<(), DatapathError> {
-    let found = settings
-        .get(&(Setting::AbiVersion as u32), 0)
-        .map_err(map_err(maps::SETTINGS, "read ABI version"))?;
+    let found = settings.get(&(Setting::AbiVersion as u32), 0).map_err(map_err(maps::SETTINGS, "read ABI version"))?;
     if found != 0 && found != u64::from(ABI_VERSION) {
-        return Err(DatapathError::AbiMismatch {
-            dir: dir.to_owned(),
-            found,
-        });
+        return Err(DatapathError::AbiMismatch { dir: dir.to_owned(), found });
     }
     Ok(())
 }
@@ -415,9 +328,7 @@ fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(DatapathError::MissingMap { map: name })?;
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap { map: name })?;
     T::try_from(map).map_err(map_err(name, "open"))
 }
 
@@ -425,21 +336,12 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, D
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let p = ebpf
-        .program_mut(name)
-        .ok_or_else(|| DatapathError::Object(format!("program {name} is missing")))?;
+    let p = ebpf.program_mut(name).ok_or_else(|| DatapathError::Object(format!("program {name} is missing")))?;
     p.try_into().map_err(prog_err(name, "type"))
 }
 
-fn prog_err(
-    program: &'static str,
-    what: &'static str,
-) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
-    move |source| DatapathError::Program {
-        program,
-        what,
-        source,
-    }
+fn prog_err(program: &'static str, what: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
+    move |source| DatapathError::Program { program, what, source }
 }
 
 fn link_err<E: std::fmt::Debug>(program: &'static str) -> impl FnOnce(E) -> DatapathError {

@@ -45,14 +45,8 @@ pub enum InpodError {
 }
 
 enum Request {
-    Listen {
-        addr: SocketAddr,
-        reply: oneshot::Sender<io::Result<Socket>>,
-    },
-    Stream {
-        ipv6: bool,
-        reply: oneshot::Sender<io::Result<Socket>>,
-    },
+    Listen { addr: SocketAddr, reply: oneshot::Sender<io::Result<Socket>> },
+    Stream { ipv6: bool, reply: oneshot::Sender<io::Result<Socket>> },
 }
 
 /// Handle on one pod's network namespace.
@@ -70,44 +64,20 @@ pub struct PodNetns {
 impl PodNetns {
     /// Open `path`, start its socket thread and read the namespace cookie.
     pub fn enter(path: &Path) -> Result<Self, InpodError> {
-        let file = File::open(path).map_err(|source| InpodError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-        let thread_file = file.try_clone().map_err(|source| InpodError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        let file = File::open(path).map_err(|source| InpodError::Open { path: path.to_owned(), source })?;
+        let thread_file = file.try_clone().map_err(|source| InpodError::Open { path: path.to_owned(), source })?;
         let (tx, rx) = mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<u64>>();
-        let name = format!(
-            "netns-{}",
-            path.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
-        );
+        let name = format!("netns-{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
         std::thread::Builder::new()
             .name(name.chars().take(15).collect())
             .spawn(move || serve(thread_file, rx, ready_tx))
-            .map_err(|source| InpodError::Enter {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(|source| InpodError::Enter { path: path.to_owned(), source })?;
         let cookie = ready_rx
             .recv()
-            .map_err(|_| InpodError::ThreadGone {
-                path: path.to_owned(),
-            })?
-            .map_err(|source| InpodError::Enter {
-                path: path.to_owned(),
-                source,
-            })?;
-        Ok(Self {
-            file,
-            path: path.to_owned(),
-            cookie,
-            tx,
-        })
+            .map_err(|_| InpodError::ThreadGone { path: path.to_owned() })?
+            .map_err(|source| InpodError::Enter { path: path.to_owned(), source })?;
+        Ok(Self { file, path: path.to_owned(), cookie, tx })
     }
 
     pub fn cookie(&self) -> u64 {
@@ -124,12 +94,7 @@ impl PodNetns {
 
     /// A listening socket bound to `addr` inside the pod.
     pub async fn listen(&self, addr: SocketAddr) -> Result<tokio::net::TcpListener, InpodError> {
-        let sock = self
-            .ask(
-                |reply| Request::Listen { addr, reply },
-                format!("listen on {addr}"),
-            )
-            .await?;
+        let sock = self.ask(|reply| Request::Listen { addr, reply }, format!("listen on {addr}")).await?;
         tokio::net::TcpListener::from_std(sock.into()).map_err(|source| InpodError::Socket {
             path: self.path.clone(),
             what: format!("register {addr}"),
@@ -139,15 +104,8 @@ impl PodNetns {
 
     /// An unconnected TCP socket inside the pod, ready for `connect`.
     pub async fn stream_socket(&self, ipv6: bool) -> Result<tokio::net::TcpSocket, InpodError> {
-        let sock = self
-            .ask(
-                |reply| Request::Stream { ipv6, reply },
-                "create a socket".into(),
-            )
-            .await?;
-        Ok(tokio::net::TcpSocket::from_std_stream(
-            std::net::TcpStream::from(sock),
-        ))
+        let sock = self.ask(|reply| Request::Stream { ipv6, reply }, "create a socket".into()).await?;
+        Ok(tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock)))
     }
 
     async fn ask(
@@ -156,20 +114,12 @@ impl PodNetns {
         what: String,
     ) -> Result<Socket, InpodError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .map_err(|_| InpodError::ThreadGone {
-                path: self.path.clone(),
-            })?;
-        rx.await
-            .map_err(|_| InpodError::ThreadGone {
-                path: self.path.clone(),
-            })?
-            .map_err(|source| InpodError::Socket {
-                path: self.path.clone(),
-                what,
-                source,
-            })
+        self.tx.send(make(reply)).map_err(|_| InpodError::ThreadGone { path: self.path.clone() })?;
+        rx.await.map_err(|_| InpodError::ThreadGone { path: self.path.clone() })?.map_err(|source| InpodError::Socket {
+            path: self.path.clone(),
+            what,
+            source,
+        })
     }
 }
 
@@ -199,11 +149,7 @@ fn serve(ns: File, rx: mpsc::Receiver<Request>, ready: mpsc::Sender<io::Result<u
 }
 
 fn listener(addr: SocketAddr) -> io::Result<Socket> {
-    let s = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
-    )?;
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     if let SocketAddr::V6(v6) = addr {
         // [::]:15006 takes IPv4 too (sk_lookup hands it both families); ::1 stays v6-only.

@@ -50,8 +50,10 @@ struct RunArgs {
     /// cgroup2 mount point (every process on the host).
     #[arg(long, env = config::ENV_CGROUP)]
     cgroup: Option<PathBuf>,
-    /// Loopback fast path (sockmap) between apps and the agent: on or off.
-    #[arg(long, env = config::ENV_FAST_PATH, default_value_t = true, action = clap::ArgAction::Set)]
+    /// Loopback fast path (sockmap + sk_msg) between apps and the agent. Off by default:
+    /// with a socket in a sockmap, the kernel can return EAGAIN to a *blocking* read after a
+    /// spurious wakeup, which breaks blocking apps; event-loop apps are unaffected.
+    #[arg(long, env = config::ENV_FAST_PATH, default_value_t = false, action = clap::ArgAction::Set)]
     fast_path: bool,
     /// eBPF object to load instead of the one embedded in this binary.
     #[arg(long)]
@@ -74,9 +76,7 @@ enum LogFormat {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SELVEDGE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -88,8 +88,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Uninstall { pin_dir } => {
-            let n = datapath::uninstall(&pin_dir)
-                .with_context(|| format!("uninstall {}", pin_dir.display()))?;
+            let n = datapath::uninstall(&pin_dir).with_context(|| format!("uninstall {}", pin_dir.display()))?;
             println!("removed {n} pins under {}", pin_dir.display());
             Ok(())
         }
@@ -111,10 +110,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         bpf_object: args.bpf_object,
     };
     tracing::info!(?settings, "starting");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the async runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start the async runtime")?;
     rt.block_on(async move {
         let agent = Agent::start(settings)?;
         agent.run(args.status_file).await

@@ -121,13 +121,7 @@ impl Flow<'_> {
 
 /// Copy both ways until both sides are done, then log the connection.
 pub async fn relay(flow: Flow<'_>, mut downstream: TcpStream, mut upstream: TcpStream) {
-    let res = tokio::io::copy_bidirectional_with_sizes(
-        &mut downstream,
-        &mut upstream,
-        COPY_BUF,
-        COPY_BUF,
-    )
-    .await;
+    let res = tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, COPY_BUF, COPY_BUF).await;
     let (sent, received, result, reason) = match res {
         Ok((to_up, to_down)) => (to_up, to_down, "ok", String::new()),
         Err(e) => (0, 0, "error", e.to_string()),
@@ -151,11 +145,7 @@ pub async fn connect_in_pod(
     dst: SocketAddr,
     timeout: Duration,
 ) -> Result<TcpStream, String> {
-    let sock = pod
-        .netns
-        .stream_socket(dst.is_ipv6())
-        .await
-        .map_err(|e| e.to_string())?;
+    let sock = pod.netns.stream_socket(dst.is_ipv6()).await.map_err(|e| e.to_string())?;
     if let Some(src) = source {
         sock.bind(src).map_err(|e| format!("bind {src}: {e}"))?;
     }
@@ -165,10 +155,7 @@ pub async fn connect_in_pod(
             Ok(s)
         }
         Ok(Err(e)) => Err(format!("connect {dst}: {e}")),
-        Err(_) => Err(format!(
-            "connect {dst}: timed out after {}s",
-            timeout.as_secs()
-        )),
+        Err(_) => Err(format!("connect {dst}: timed out after {}s", timeout.as_secs())),
     }
 }
 

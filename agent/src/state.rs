@@ -18,12 +18,7 @@ pub struct PodSpec {
 /// The pods this node must enroll, by uid.
 pub fn desired(cfg: &LocalConfig, node: &str) -> Result<BTreeMap<String, PodSpec>, ConfigError> {
     let mut out = BTreeMap::new();
-    for (index, w) in cfg
-        .workloads
-        .iter()
-        .enumerate()
-        .filter(|(_, w)| w.node == node)
-    {
+    for (index, w) in cfg.workloads.iter().enumerate().filter(|(_, w)| w.node == node) {
         let netns = w.netns.clone().ok_or_else(|| ConfigError::Workload {
             index,
             uid: w.uid.clone(),
@@ -51,10 +46,7 @@ pub enum Change {
 
 /// Steps from `current` to `desired`: every unenroll before any enroll, so a pod that moved
 /// to a new netns is released first.
-pub fn plan(
-    current: &BTreeMap<String, PodSpec>,
-    desired: &BTreeMap<String, PodSpec>,
-) -> Vec<Change> {
+pub fn plan(current: &BTreeMap<String, PodSpec>, desired: &BTreeMap<String, PodSpec>) -> Vec<Change> {
     let mut unenroll = Vec::new();
     let mut rest = Vec::new();
     for (uid, cur) in current {
@@ -64,9 +56,7 @@ pub fn plan(
                 unenroll.push(Change::Unenroll(uid.clone()));
                 rest.push(Change::Enroll(want.clone()));
             }
-            Some(want) if want.strict != cur.strict => {
-                rest.push(Change::SetStrict(uid.clone(), want.strict))
-            }
+            Some(want) if want.strict != cur.strict => rest.push(Change::SetStrict(uid.clone(), want.strict)),
             Some(_) => {}
         }
     }
@@ -86,13 +76,7 @@ mod tests {
     use super::*;
 
     fn pod(uid: &str, netns: &str, strict: bool) -> PodSpec {
-        PodSpec {
-            uid: uid.into(),
-            name: uid.into(),
-            namespace: "ns".into(),
-            netns: netns.into(),
-            strict,
-        }
+        PodSpec { uid: uid.into(), name: uid.into(), namespace: "ns".into(), netns: netns.into(), strict }
     }
 
     fn map(pods: &[PodSpec]) -> BTreeMap<String, PodSpec> {
@@ -101,17 +85,8 @@ mod tests {
 
     #[test]
     fn plans_enroll_unenroll_and_flag_changes() {
-        let cur = map(&[
-            pod("a", "/a", false),
-            pod("b", "/b", false),
-            pod("c", "/c", false),
-        ]);
-        let want = map(&[
-            pod("a", "/a", false),
-            pod("b", "/b", true),
-            pod("c", "/c2", false),
-            pod("d", "/d", false),
-        ]);
+        let cur = map(&[pod("a", "/a", false), pod("b", "/b", false), pod("c", "/c", false)]);
+        let want = map(&[pod("a", "/a", false), pod("b", "/b", true), pod("c", "/c2", false), pod("d", "/d", false)]);
         assert_eq!(
             plan(&cur, &want),
             vec![
@@ -128,14 +103,12 @@ mod tests {
     #[test]
     fn local_workload_without_netns_is_an_error() {
         let cfg = LocalConfig::parse(
-            "workloads:\n- {uid: u, name: a, node: n1}\n- {uid: v, name: b, node: n2}\n",
+            "workloads:\n- {uid: u, name: a, node: n1}\n- {uid: v, name: b, node: n2, netns: /v}\n",
             Path::new("x"),
         )
         .unwrap();
-        assert!(
-            desired(&cfg, "n2").unwrap().is_empty(),
-            "peers on other nodes need no netns"
-        );
+        assert!(desired(&cfg, "n3").unwrap().is_empty(), "peers on other nodes need no netns");
+        assert_eq!(desired(&cfg, "n2").unwrap().len(), 1);
         let e = desired(&cfg, "n1").unwrap_err();
         assert!(e.to_string().contains("no netns"), "{e}");
     }

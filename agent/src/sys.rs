@@ -16,10 +16,7 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 pub fn cgroup2_mount() -> io::Result<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     parse_cgroup2_mount(&info).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            "no cgroup2 filesystem is mounted (Selvedge needs cgroup v2)",
-        )
+        io::Error::new(io::ErrorKind::NotFound, "no cgroup2 filesystem is mounted (Selvedge needs cgroup v2)")
     })
 }
 
@@ -41,12 +38,7 @@ pub fn own_cgroup_id(mount: &Path) -> io::Result<u64> {
     let rel = text
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                "/proc/self/cgroup has no cgroup v2 entry",
-            )
-        })?;
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "/proc/self/cgroup has no cgroup v2 entry"))?;
     cgroup_id(&mount.join(rel.trim_start_matches('/')))
 }
 
@@ -61,13 +53,7 @@ pub fn netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd, and a pointer/length pair to a live u64.
     let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
+        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -104,20 +90,10 @@ mod tests {
     fn finds_hybrid_and_pure_v2_mounts() {
         let hybrid = "30 24 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
                       35 30 0:31 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            parse_cgroup2_mount(hybrid),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        let pure =
-            "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(
-            parse_cgroup2_mount(pure),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
-        assert_eq!(
-            parse_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"),
-            None
-        );
+        assert_eq!(parse_cgroup2_mount(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        let pure = "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(parse_cgroup2_mount(pure), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(parse_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
     }
 
     #[test]

@@ -131,28 +131,17 @@ pub struct SockAddr {
 impl SockAddr {
     /// From an IPv4 address as the kernel hands it over (network order in a `u32`).
     pub const fn from_v4_raw(ip_be: u32, port: u16) -> Self {
-        Self {
-            ip: [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip_be],
-            port,
-            _pad: [0; 2],
-        }
+        Self { ip: [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip_be], port, _pad: [0; 2] }
     }
 
     /// From the kernel's four IPv6 words.
     pub const fn from_v6_raw(ip: [u32; 4], port: u16) -> Self {
-        Self {
-            ip,
-            port,
-            _pad: [0; 2],
-        }
+        Self { ip, port, _pad: [0; 2] }
     }
 
     /// The IPv4 address (network order `u32`) if this is IPv4-mapped.
     pub const fn v4_raw(&self) -> Option<u32> {
-        if self.ip[0] == 0
-            && self.ip[1] == 0
-            && self.ip[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
-        {
+        if self.ip[0] == 0 && self.ip[1] == 0 && self.ip[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) {
             Some(self.ip[3])
         } else {
             None
@@ -164,10 +153,7 @@ impl SockAddr {
         match self.v4_raw() {
             Some(v4) => v4.to_ne_bytes()[0] == 127,
             None => {
-                self.ip[0] == 0
-                    && self.ip[1] == 0
-                    && self.ip[2] == 0
-                    && self.ip[3] == u32::from_ne_bytes([0, 0, 0, 1])
+                self.ip[0] == 0 && self.ip[1] == 0 && self.ip[2] == 0 && self.ip[3] == u32::from_ne_bytes([0, 0, 0, 1])
             }
         }
     }
@@ -195,11 +181,7 @@ pub struct PairKey {
 
 impl PairKey {
     pub const fn reversed(&self) -> Self {
-        Self {
-            netns_cookie: self.netns_cookie,
-            local: self.remote,
-            remote: self.local,
-        }
+        Self { netns_cookie: self.netns_cookie, local: self.remote, remote: self.local }
     }
 }
 
@@ -237,11 +219,7 @@ mod tests {
 
     #[test]
     fn pair_reversal_swaps_ends() {
-        let k = PairKey {
-            netns_cookie: 7,
-            local: SockAddr::from_v4_raw(1, 2),
-            remote: SockAddr::from_v4_raw(3, 4),
-        };
+        let k = PairKey { netns_cookie: 7, local: SockAddr::from_v4_raw(1, 2), remote: SockAddr::from_v4_raw(3, 4) };
         assert_eq!(k.reversed().local, k.remote);
         assert_eq!(k.reversed().reversed(), k);
     }

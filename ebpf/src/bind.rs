@@ -1,9 +1,7 @@
 //! `bind()` guard: a process in an enrolled pod may not bind the agent's ports, so it can
 //! neither hijack captured traffic nor squat a port the agent needs after a restart.
 
-use aya_ebpf::{
-    helpers::generated::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
-};
+use aya_ebpf::{helpers::generated::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext};
 use selvedge_common::{Stat, RESERVED_PORTS};
 
 use crate::maps::{bump, enrolled, is_agent};

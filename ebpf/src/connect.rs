@@ -9,9 +9,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use selvedge_common::{SockAddr, Stat, OUTBOUND_PORT};
 
-use crate::maps::{
-    bump, ctx_ip6, ctx_set_ip6, ctx_u32, enrolled, is_agent, IPPROTO_TCP, ORIG_BY_COOKIE,
-};
+use crate::maps::{bump, ctx_ip6, ctx_set_ip6, ctx_u32, enrolled, is_agent, IPPROTO_TCP, ORIG_BY_COOKIE};
 
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
@@ -24,11 +22,7 @@ const LOCALHOST6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(dst) = captured_dst(
-        &ctx,
-        sa.protocol,
-        SockAddr::from_v4_raw(sa.user_ip4, port_of(sa.user_port)),
-    ) else {
+    let Some(dst) = captured_dst(&ctx, sa.protocol, SockAddr::from_v4_raw(sa.user_ip4, port_of(sa.user_port))) else {
         return ALLOW;
     };
     if !remember(&ctx, &dst) {
@@ -56,11 +50,7 @@ pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
     ctx_set_ip6!(
         sp,
         user_ip6,
-        if dst.v4_raw().is_some() {
-            SockAddr::from_v4_raw(LOCALHOST4, 0).ip
-        } else {
-            LOCALHOST6
-        }
+        if dst.v4_raw().is_some() { SockAddr::from_v4_raw(LOCALHOST4, 0).ip } else { LOCALHOST6 }
     );
     sa.user_port = u32::from(OUTBOUND_PORT.to_be());
     ALLOW
@@ -116,10 +106,7 @@ fn remember(ctx: &SockAddrContext, dst: &SockAddr) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     if ORIG_BY_COOKIE.insert(&cookie, dst, 0).is_err() {
         bump(Stat::OrigMapFull);
-        warn!(
-            ctx,
-            "selvedge: original-destination map refused an entry; connect refused"
-        );
+        warn!(ctx, "selvedge: original-destination map refused an entry; connect refused");
         return false;
     }
     bump(Stat::Captured);

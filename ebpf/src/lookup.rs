@@ -43,10 +43,7 @@ static SV_POD_SLOT: Global<u32> = Global::new(u32::MAX);
 #[sk_lookup]
 pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     let lk = ctx.lookup;
-    if ctx_u32!(lk, protocol) != IPPROTO_TCP
-        || ctx_u32!(lk, local_port) == u32::from(HBONE_PORT)
-        || from_inside(lk)
-    {
+    if ctx_u32!(lk, protocol) != IPPROTO_TCP || ctx_u32!(lk, local_port) == u32::from(HBONE_PORT) || from_inside(lk) {
         return SK_PASS;
     }
     let slot = SV_POD_SLOT.load();

@@ -6,9 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
-use selvedge_common::{
-    capacity, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, Stat, SETTINGS_LEN, STATS_LEN,
-};
+use selvedge_common::{capacity, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, Stat, SETTINGS_LEN, STATS_LEN};
 
 #[map(name = "SV_ENROLLED")]
 pub static ENROLLED: HashMap<u64, PodInfo> = HashMap::pinned(capacity::ENROLLED, 0);
@@ -73,11 +71,7 @@ pub fn enrolled(netns_cookie: u64) -> Option<PodInfo> {
 /// for ABI compatibility). Accept both placements: a real port is never 0.
 #[inline(always)]
 pub fn remote_port_host(raw: u32) -> u16 {
-    let be = if raw & 0xffff == 0 {
-        (raw >> 16) as u16
-    } else {
-        raw as u16
-    };
+    let be = if raw & 0xffff == 0 { (raw >> 16) as u16 } else { raw as u16 };
     u16::from_be(be)
 }
 

@@ -27,20 +27,8 @@ pub fn redirect_loopback(ctx: SkMsgContext) -> u32 {
     let me = PairKey {
         // SAFETY: helper allowed in sk_msg programs (kernel >= 5.15).
         netns_cookie: unsafe { bpf_get_netns_cookie(md.cast()) },
-        local: ctx_addr!(
-            md,
-            family,
-            local_ip4,
-            local_ip6,
-            ctx_u32!(md, local_port) as u16
-        ),
-        remote: ctx_addr!(
-            md,
-            family,
-            remote_ip4,
-            remote_ip6,
-            remote_port_host(ctx_u32!(md, remote_port))
-        ),
+        local: ctx_addr!(md, family, local_ip4, local_ip6, ctx_u32!(md, local_port) as u16),
+        remote: ctx_addr!(md, family, remote_ip4, remote_ip6, remote_port_host(ctx_u32!(md, remote_port))),
     };
     // SAFETY: lookup only.
     if unsafe { FALLBACK.get(&me) }.is_some() {

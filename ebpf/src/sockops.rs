@@ -4,8 +4,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
@@ -13,9 +13,7 @@ use aya_ebpf::{
 };
 use selvedge_common::{OrigDstKey, PairKey, Setting};
 
-use crate::maps::{
-    ctx_addr, ctx_u32, remote_port_host, setting, FALLBACK, ORIG_BY_COOKIE, ORIG_DST, PAIRS,
-};
+use crate::maps::{ctx_addr, ctx_u32, remote_port_host, setting, FALLBACK, ORIG_BY_COOKIE, ORIG_DST, PAIRS};
 
 /// `TCP_CLOSE` from include/net/tcp_states.h.
 const TCP_CLOSE: u32 = 7;
@@ -44,20 +42,8 @@ fn pair_key(ctx: &SockOpsContext) -> PairKey {
     PairKey {
         // SAFETY: helper allowed in sockops programs (kernel >= 5.15).
         netns_cookie: unsafe { bpf_get_netns_cookie(ops.cast()) },
-        local: ctx_addr!(
-            ops,
-            family,
-            local_ip4,
-            local_ip6,
-            ctx_u32!(ops, local_port) as u16
-        ),
-        remote: ctx_addr!(
-            ops,
-            family,
-            remote_ip4,
-            remote_ip6,
-            remote_port_host(ctx_u32!(ops, remote_port))
-        ),
+        local: ctx_addr!(ops, family, local_ip4, local_ip6, ctx_u32!(ops, local_port) as u16),
+        remote: ctx_addr!(ops, family, remote_ip4, remote_ip6, remote_port_host(ctx_u32!(ops, remote_port))),
     }
 }
 
@@ -71,11 +57,7 @@ fn on_connect(ctx: &SockOpsContext) {
         return;
     };
     let pair = pair_key(ctx);
-    let key = OrigDstKey {
-        netns_cookie: pair.netns_cookie,
-        app: pair.local,
-        _pad: 0,
-    };
+    let key = OrigDstKey { netns_cookie: pair.netns_cookie, app: pair.local, _pad: 0 };
     // An LRU map makes room rather than fail; if it still fails, the agent finds no
     // entry on accept and refuses the connection (fail closed).
     let _ = ORIG_DST.insert(&key, &dst, u64::from(BPF_ANY));
@@ -101,10 +83,6 @@ fn on_established(ctx: &SockOpsContext) {
 fn on_close(ctx: &SockOpsContext) {
     let pair = pair_key(ctx);
     let _ = ORIG_BY_COOKIE.remove(&cookie(ctx));
-    let _ = ORIG_DST.remove(&OrigDstKey {
-        netns_cookie: pair.netns_cookie,
-        app: pair.local,
-        _pad: 0,
-    });
+    let _ = ORIG_DST.remove(&OrigDstKey { netns_cookie: pair.netns_cookie, app: pair.local, _pad: 0 });
     let _ = FALLBACK.remove(&pair);
 }

@@ -23,8 +23,9 @@ pub struct AgentOptions {
 }
 
 impl Default for AgentOptions {
+    /// The agent's own default: fast path off.
     fn default() -> Self {
-        Self { fast_path: true }
+        Self { fast_path: false }
     }
 }
 
@@ -40,10 +41,7 @@ pub struct Status {
 
 impl Status {
     pub fn stat(&self, name: &str) -> u64 {
-        *self
-            .stats
-            .get(name)
-            .unwrap_or_else(|| panic!("no counter {name} in status"))
+        *self.stats.get(name).unwrap_or_else(|| panic!("no counter {name} in status"))
     }
 }
 
@@ -71,9 +69,7 @@ impl Agent {
         self.spec.dir.join(format!("agent-{}.yaml", self.spec.node))
     }
     pub fn status_path(&self) -> PathBuf {
-        self.spec
-            .dir
-            .join(format!("agent-{}.status.json", self.spec.node))
+        self.spec.dir.join(format!("agent-{}.status.json", self.spec.node))
     }
     pub fn log_path(&self) -> PathBuf {
         self.spec.dir.join(format!("agent-{}.log", self.spec.node))
@@ -84,12 +80,7 @@ impl Agent {
 
     /// Write the config for `pods` and start the agent; returns once it reports ready.
     pub fn start(env: &Env, spec: AgentSpec, opts: AgentOptions, pods: &[Pod]) -> Self {
-        let mut a = Agent {
-            spec,
-            opts,
-            selvedge: env.selvedge.clone(),
-            child: None,
-        };
+        let mut a = Agent { spec, opts, selvedge: env.selvedge.clone(), child: None };
         a.write_config(pods);
         let _ = std::fs::remove_file(a.status_path());
         let mut cmd = Command::new(&a.selvedge);
@@ -103,48 +94,23 @@ impl Agent {
             .arg(&a.spec.pods_cgroup)
             .arg("--status-file")
             .arg(a.status_path())
-            .args([
-                "--log-format",
-                "json",
-                "--fast-path",
-                if opts.fast_path { "true" } else { "false" },
-            ]);
+            .args(["--log-format", "json", "--fast-path", if opts.fast_path { "true" } else { "false" }]);
         // Logs of successive runs of this node's agent go to one file.
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(a.log_path())
-            .expect("agent log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(a.log_path()).expect("agent log");
         cmd.stderr(log);
-        let place = Place {
-            netns: Some(&a.spec.node_netns),
-            cgroup: Some(&a.spec.agent_cgroup),
-        };
+        let place = Place { netns: Some(&a.spec.node_netns), cgroup: Some(&a.spec.agent_cgroup) };
         let mut cmd = proc::command_in(cmd, place);
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null());
+        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
         a.child = Some(cmd.spawn().expect("spawn selvedge"));
         let log_path = a.log_path();
-        wait_for(
-            20,
-            &format!(
-                "agent on {} to be ready (log: {})",
-                a.spec.node,
-                log_path.display()
-            ),
-            || {
-                if let Some(c) = a.child.as_mut() {
-                    if let Ok(Some(st)) = c.try_wait() {
-                        panic!(
-                            "agent on {} exited with {st}:\n{}",
-                            a.spec.node,
-                            tail(&log_path)
-                        );
-                    }
+        wait_for(20, &format!("agent on {} to be ready (log: {})", a.spec.node, log_path.display()), || {
+            if let Some(c) = a.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("agent on {} exited with {st}:\n{}", a.spec.node, tail(&log_path));
                 }
-                a.try_status().filter(|s| s.ready)
-            },
-        );
+            }
+            a.try_status().filter(|s| s.ready)
+        });
         a
     }
 
@@ -170,9 +136,7 @@ impl Agent {
     pub fn reconfigure(&mut self, pods: &[Pod]) {
         let before = self.status().generation;
         self.write_config(pods);
-        wait_for(10, "agent to apply the new config", || {
-            self.try_status().filter(|s| s.generation > before)
-        });
+        wait_for(10, "agent to apply the new config", || self.try_status().filter(|s| s.generation > before));
     }
 
     pub fn try_status(&self) -> Option<Status> {
@@ -180,8 +144,7 @@ impl Agent {
     }
 
     pub fn status(&self) -> Status {
-        self.try_status()
-            .unwrap_or_else(|| panic!("agent on {} has no status", self.spec.node))
+        self.try_status().unwrap_or_else(|| panic!("agent on {} has no status", self.spec.node))
     }
 
     /// Wait until the status file has been refreshed (counters are re-read every tick).
@@ -201,16 +164,10 @@ impl Agent {
 
     /// Wait (briefly) for an access-log event matching `pred`: the event is written when
     /// the relay finishes, which may be just after the client has its answer.
-    pub fn wait_access(
-        &self,
-        what: &str,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        wait_for(
-            5,
-            &format!("access log on {}: {what}", self.spec.node),
-            || self.access_log().into_iter().find(|e| pred(e)),
-        )
+    pub fn wait_access(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        wait_for(5, &format!("access log on {}: {what}", self.spec.node), || {
+            self.access_log().into_iter().find(|e| pred(e))
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -239,11 +196,7 @@ impl Agent {
             .arg(&self.spec.pin_dir)
             .output()
             .expect("run selvedge uninstall");
-        assert!(
-            out.status.success(),
-            "uninstall failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "uninstall failed: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 

@@ -4,9 +4,18 @@ use std::{net::SocketAddr, process::Command};
 
 use serde::Deserialize;
 
-use crate::{lab::Lab, sys::wait_for};
+use crate::lab::Lab;
 
-/// What `send` reports.
+/// How the test client does its I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    /// Blocking socket, one thread writing and one reading.
+    Blocking,
+    /// Non-blocking socket driven by poll(2), like Go, tokio, nginx, Java NIO.
+    EventLoop,
+}
+
+/// What `send` / `send-poll` report.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Transfer {
     pub local: Option<SocketAddr>,
@@ -45,9 +54,7 @@ pub struct ServerView {
 
 impl Ask {
     pub fn server(&self) -> &ServerView {
-        self.server
-            .as_ref()
-            .unwrap_or_else(|| panic!("server sent no report: {self:?}"))
+        self.server.as_ref().unwrap_or_else(|| panic!("server sent no report: {self:?}"))
     }
 }
 
@@ -64,18 +71,18 @@ impl Lab {
         c
     }
 
-    /// Start a server (`echo` or `whoami`) in `pod` on `port` and wait until it listens.
+    /// Start a server (`echo` or `whoami`) in `pod` on `port` and wait until it says it is
+    /// listening (its first stdout line).
     pub fn serve(&mut self, pod: &str, kind: &str, port: u16) {
         let cmd = self.app(&[kind, &port.to_string()]);
-        self.spawn_in_pod(pod, cmd);
+        let pid = self.spawn_in_pod(pod, cmd);
         let addr = self.get(pod).addr(port);
-        // The server is up when its port accepts in its own netns (seen from inside).
-        let p = self.get(pod).clone();
-        wait_for(10, &format!("{kind} server on {addr}"), || {
-            let probe =
-                self.run_in_pod_netns_as_host(&p.name, self.app(&["bind", &port.to_string()]));
-            probe.contains("error").then_some(())
-        });
+        let line = self.child_first_line(pid, std::time::Duration::from_secs(30));
+        assert!(
+            line.contains("listening"),
+            "{kind} server on {addr} did not start: {line:?} {}",
+            self.child_stderr(pid)
+        );
     }
 
     /// `ask` from `pod` to `to`: Ok(report) or Err(the connect error).
@@ -90,10 +97,15 @@ impl Lab {
 
     /// Send `bytes` to an echo server and read them back.
     pub fn transfer(&self, pod: &str, to: SocketAddr, bytes: usize) -> Result<Transfer, String> {
-        parse(&self.run_in_pod(
-            pod,
-            self.app(&["send", &to.to_string(), &bytes.to_string()]),
-        ))
+        self.transfer_with(Client::Blocking, pod, to, bytes)
+    }
+
+    pub fn transfer_with(&self, client: Client, pod: &str, to: SocketAddr, bytes: usize) -> Result<Transfer, String> {
+        let mode = match client {
+            Client::Blocking => "send",
+            Client::EventLoop => "send-poll",
+        };
+        parse(&self.run_in_pod(pod, self.app(&[mode, &to.to_string(), &bytes.to_string()])))
     }
 
     /// Try to bind `port` in `pod`: Ok(()) or Err(message).

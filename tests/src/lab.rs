@@ -64,7 +64,8 @@ pub struct Lab {
     nodes: BTreeMap<String, Node>,
     pub pods: BTreeMap<String, Pod>,
     agents: BTreeMap<String, Agent>,
-    children: Vec<Child>,
+    /// Processes started in pods, with their stderr files.
+    children: Vec<(Child, PathBuf)>,
 }
 
 impl Lab {
@@ -72,22 +73,14 @@ impl Lab {
     pub fn new(name: &str) -> Self {
         let env = sys::preflight();
         clean_stale(&env);
-        let prefix = format!(
-            "svt-{}-{}",
-            std::process::id(),
-            LAB_SEQ.fetch_add(1, Ordering::SeqCst)
-        );
+        let prefix = format!("svt-{}-{}", std::process::id(), LAB_SEQ.fetch_add(1, Ordering::SeqCst));
         let root_cgroup = env.cgroup2.join(CGROUP_ROOT).join(&prefix);
-        std::fs::create_dir_all(&root_cgroup)
-            .unwrap_or_else(|e| panic!("create {}: {e}", root_cgroup.display()));
+        std::fs::create_dir_all(&root_cgroup).unwrap_or_else(|e| panic!("create {}: {e}", root_cgroup.display()));
         let dir = std::env::temp_dir().join(format!("{prefix}-{name}"));
         std::fs::create_dir_all(&dir).expect("scratch dir");
         let fabric = format!("{prefix}-fab");
         run("ip", &["netns", "add", &fabric]);
-        run(
-            "ip",
-            &["-n", &fabric, "link", "add", "br0", "type", "bridge"],
-        );
+        run("ip", &["-n", &fabric, "link", "add", "br0", "type", "bridge"]);
         run("ip", &["-n", &fabric, "link", "set", "br0", "up"]);
         Lab {
             env,
@@ -113,160 +106,48 @@ impl Lab {
         self.sysctl(&ns, "net.ipv4.conf.all.rp_filter", "0");
         self.sysctl(&ns, "net.ipv4.conf.default.rp_filter", "0");
         run("ip", &["-n", &ns, "link", "add", "br0", "type", "bridge"]);
-        run(
-            "ip",
-            &[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("198.18.{index}.1/24"),
-                "dev",
-                "br0",
-            ],
-        );
+        run("ip", &["-n", &ns, "addr", "add", &format!("198.18.{index}.1/24"), "dev", "br0"]);
         run("ip", &["-n", &ns, "link", "set", "br0", "up"]);
         let fab_port = format!("n{index}");
         run(
             "ip",
-            &[
-                "-n",
-                &self.fabric,
-                "link",
-                "add",
-                &fab_port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &ns,
-            ],
+            &["-n", &self.fabric, "link", "add", &fab_port, "type", "veth", "peer", "name", "eth0", "netns", &ns],
         );
-        run(
-            "ip",
-            &[
-                "-n",
-                &self.fabric,
-                "link",
-                "set",
-                &fab_port,
-                "master",
-                "br0",
-                "up",
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("198.19.0.{index}/24"),
-                "dev",
-                "eth0",
-            ],
-        );
+        run("ip", &["-n", &self.fabric, "link", "set", &fab_port, "master", "br0", "up"]);
+        run("ip", &["-n", &ns, "addr", "add", &format!("198.19.0.{index}/24"), "dev", "eth0"]);
         run("ip", &["-n", &ns, "link", "set", "eth0", "up"]);
         for other in self.nodes.values() {
             let (i, j) = (index, other.index);
+            run("ip", &["-n", &ns, "route", "add", &format!("198.18.{j}.0/24"), "via", &format!("198.19.0.{j}")]);
             run(
                 "ip",
-                &[
-                    "-n",
-                    &ns,
-                    "route",
-                    "add",
-                    &format!("198.18.{j}.0/24"),
-                    "via",
-                    &format!("198.19.0.{j}"),
-                ],
-            );
-            run(
-                "ip",
-                &[
-                    "-n",
-                    &other.netns,
-                    "route",
-                    "add",
-                    &format!("198.18.{i}.0/24"),
-                    "via",
-                    &format!("198.19.0.{i}"),
-                ],
+                &["-n", &other.netns, "route", "add", &format!("198.18.{i}.0/24"), "via", &format!("198.19.0.{i}")],
             );
         }
         let cgroup = self.root_cgroup.join(name);
         std::fs::create_dir_all(&cgroup).expect("node cgroup");
-        self.nodes.insert(
-            name.into(),
-            Node {
-                index,
-                netns: ns,
-                cgroup,
-                pods: 0,
-            },
-        );
+        self.nodes.insert(name.into(), Node { index, netns: ns, cgroup, pods: 0 });
         self
     }
 
     fn sysctl(&self, ns: &str, key: &str, value: &str) {
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                ns,
-                "sysctl",
-                "-qw",
-                &format!("{key}={value}"),
-            ],
-        );
+        run("ip", &["netns", "exec", ns, "sysctl", "-qw", &format!("{key}={value}")]);
     }
 
     /// Add a pod on `node`; `enrolled` decides whether the node's agent meshes it.
     pub fn pod(&mut self, node: &str, name: &str, enrolled: bool) -> &mut Self {
-        let n = self
-            .nodes
-            .get_mut(node)
-            .unwrap_or_else(|| panic!("no node {node}"));
+        let n = self.nodes.get_mut(node).unwrap_or_else(|| panic!("no node {node}"));
         n.pods += 1;
         let ip = Ipv4Addr::new(198, 18, n.index, 9 + n.pods);
         let ns = format!("{}-pod-{name}", self.prefix);
         run("ip", &["netns", "add", &ns]);
         run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
         let host_end = format!("v{}", n.pods);
-        run(
-            "ip",
-            &[
-                "-n", &n.netns, "link", "add", &host_end, "type", "veth", "peer", "name", "eth0",
-                "netns", &ns,
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "-n", &n.netns, "link", "set", &host_end, "master", "br0", "up",
-            ],
-        );
-        run(
-            "ip",
-            &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
-        );
+        run("ip", &["-n", &n.netns, "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+        run("ip", &["-n", &n.netns, "link", "set", &host_end, "master", "br0", "up"]);
+        run("ip", &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         run("ip", &["-n", &ns, "link", "set", "eth0", "up"]);
-        run(
-            "ip",
-            &[
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("198.18.{}.1", n.index),
-            ],
-        );
+        run("ip", &["-n", &ns, "route", "add", "default", "via", &format!("198.18.{}.1", n.index)]);
         let cgroup = n.cgroup.join(name);
         std::fs::create_dir_all(&cgroup).expect("pod cgroup");
         let pod = Pod {
@@ -288,20 +169,14 @@ impl Lab {
 
     /// Change a pod's enrollment or STRICT flag; takes effect at the next `write_config`.
     pub fn set_pod(&mut self, pod: &str, enrolled: bool, strict: bool) {
-        let p = self
-            .pods
-            .get_mut(pod)
-            .unwrap_or_else(|| panic!("no pod {pod}"));
+        let p = self.pods.get_mut(pod).unwrap_or_else(|| panic!("no pod {pod}"));
         p.enrolled = enrolled;
         p.strict = strict;
     }
 
     /// Start (or restart) the agent of `node`; returns once it reports ready.
     pub fn start_agent(&mut self, node: &str, opts: AgentOptions) {
-        let n = self
-            .nodes
-            .get(node)
-            .unwrap_or_else(|| panic!("no node {node}"));
+        let n = self.nodes.get(node).unwrap_or_else(|| panic!("no node {node}"));
         let spec = AgentSpec {
             node: node.into(),
             node_netns: PathBuf::from("/run/netns").join(&n.netns),
@@ -320,9 +195,7 @@ impl Lab {
     }
 
     pub fn agent(&mut self, node: &str) -> &mut Agent {
-        self.agents
-            .get_mut(node)
-            .unwrap_or_else(|| panic!("no agent on {node}"))
+        self.agents.get_mut(node).unwrap_or_else(|| panic!("no agent on {node}"))
     }
 
     /// Rewrite every running agent's config from the pods' current flags and wait until
@@ -335,45 +208,52 @@ impl Lab {
     }
 
     /// Start a long-running process in `pod` (netns + cgroup), e.g. a server.
-    pub fn spawn_in_pod(&mut self, pod: &str, mut cmd: Command) -> u32 {
+    pub fn spawn_in_pod(&mut self, pod: &str, cmd: Command) -> u32 {
         let p = self.get(pod).clone();
         let stderr = self.dir.join(format!("{pod}-{}.err", self.children.len()));
-        cmd.stderr(std::process::Stdio::inherit());
-        let child = proc::spawn(
-            cmd,
-            Place {
-                netns: Some(&p.netns),
-                cgroup: Some(&p.cgroup),
-            },
-            Some(&stderr),
-        );
+        let child = proc::spawn(cmd, Place { netns: Some(&p.netns), cgroup: Some(&p.cgroup) }, Some(&stderr));
         let pid = child.id();
-        self.children.push(child);
+        self.children.push((child, stderr));
         pid
+    }
+
+    /// The first line a process started by `spawn_in_pod` writes to stdout ("" if it exits
+    /// or stays silent for `limit`).
+    pub fn child_first_line(&mut self, pid: u32, limit: std::time::Duration) -> String {
+        let Some(out) = self.children.iter_mut().find(|(c, _)| c.id() == pid).and_then(|(c, _)| c.stdout.take()) else {
+            return String::new();
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let mut reader = std::io::BufReader::new(out);
+            let _ = std::io::BufRead::read_line(&mut reader, &mut line);
+            let _ = tx.send(line);
+            // Keep reading so the child never blocks (or dies) on a full or closed pipe.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        rx.recv_timeout(limit).unwrap_or_default()
+    }
+
+    /// What a process started by `spawn_in_pod` wrote to stderr.
+    pub fn child_stderr(&self, pid: u32) -> String {
+        self.children
+            .iter()
+            .find(|(c, _)| c.id() == pid)
+            .and_then(|(_, p)| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
     }
 
     /// Run a command in `pod` to completion and return its stdout.
     pub fn run_in_pod(&self, pod: &str, cmd: Command) -> String {
         let p = self.get(pod);
-        self.run_in(
-            Place {
-                netns: Some(&p.netns),
-                cgroup: Some(&p.cgroup),
-            },
-            cmd,
-        )
+        self.run_in(Place { netns: Some(&p.netns), cgroup: Some(&p.cgroup) }, cmd)
     }
 
     /// Run a command in `pod`'s netns but outside its cgroup: a host process entering the
     /// pod's network (like `nsenter --net`), which Selvedge must leave alone.
     pub fn run_in_pod_netns_as_host(&self, pod: &str, cmd: Command) -> String {
-        self.run_in(
-            Place {
-                netns: Some(&self.get(pod).netns),
-                cgroup: None,
-            },
-            cmd,
-        )
+        self.run_in(Place { netns: Some(&self.get(pod).netns), cgroup: None }, cmd)
     }
 
     fn run_in(&self, place: Place<'_>, cmd: Command) -> String {
@@ -387,7 +267,7 @@ impl Drop for Lab {
         for agent in self.agents.values_mut() {
             agent.kill();
         }
-        for c in &mut self.children {
+        for (c, _) in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -405,10 +285,7 @@ fn teardown(env: &Env, prefix: &str) {
     }
     if let Ok(entries) = std::fs::read_dir(PIN_ROOT) {
         for e in entries.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("{prefix}-"))
-            {
+            if e.file_name().to_string_lossy().starts_with(&format!("{prefix}-")) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
@@ -448,9 +325,7 @@ fn clean_stale(env: &Env) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let mut parts = name.splitn(4, '-');
-                if let (Some("svt"), Some(pid), Some(seq)) =
-                    (parts.next(), parts.next(), parts.next())
-                {
+                if let (Some("svt"), Some(pid), Some(seq)) = (parts.next(), parts.next(), parts.next()) {
                     if let Ok(pid) = pid.parse::<u32>() {
                         if !sys::alive(pid) {
                             prefixes.insert(format!("svt-{pid}-{seq}"));

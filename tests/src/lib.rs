@@ -18,5 +18,5 @@ pub mod proc;
 pub mod sys;
 
 pub use agent::{AgentOptions, Status};
-pub use app::{Ask, Transfer};
+pub use app::{Ask, Client, Transfer};
 pub use lab::{Lab, Pod};

@@ -21,15 +21,10 @@ pub struct Place<'a> {
 /// Prepare `cmd` to start in `place`. The files are opened here, before fork, so the
 /// child only makes two syscalls between fork and exec.
 pub fn command_in(mut cmd: Command, place: Place<'_>) -> Command {
-    let netns = place
-        .netns
-        .map(|p| File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display())));
+    let netns = place.netns.map(|p| File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display())));
     let procs = place.cgroup.map(|c| {
         let p = c.join("cgroup.procs");
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&p)
-            .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
+        std::fs::OpenOptions::new().write(true).open(&p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
     });
     // SAFETY: the closure only calls async-signal-safe syscalls (setns, write) on fds opened
     // before fork, and owns those files so they stay open until exec.
@@ -60,8 +55,7 @@ pub fn spawn(cmd: Command, place: Place<'_>, stderr_to: Option<&Path>) -> Child 
         let f = File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
         cmd.stderr(f);
     }
-    cmd.spawn()
-        .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()))
+    cmd.spawn().unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()))
 }
 
 /// Send `sig` to `child` if it is still running.

@@ -24,23 +24,20 @@ pub struct Env {
 pub fn preflight() -> Env {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        panic!("lab tests need root (they create network namespaces, cgroups and load eBPF); run `sudo cargo xtask test`");
+        panic!(
+            "lab tests need root (they create network namespaces, cgroups and load eBPF); run `sudo cargo xtask test`"
+        );
     }
     let selvedge = binary("SELVEDGE_BIN", "selvedge");
     let app = binary("SELVEDGE_LAB_APP", "selvedge-lab-app");
-    let cgroup2 = cgroup2_mount()
-        .unwrap_or_else(|| panic!("no cgroup v2 filesystem is mounted; the lab needs one"));
+    let cgroup2 = cgroup2_mount().unwrap_or_else(|| panic!("no cgroup v2 filesystem is mounted; the lab needs one"));
     if !Path::new("/sys/fs/bpf").exists() || !is_bpffs(Path::new("/sys/fs/bpf")) {
         panic!("/sys/fs/bpf is not a bpf filesystem; run `cargo xtask setup` (it mounts one)");
     }
     if Command::new("ip").arg("-V").output().is_err() {
         panic!("`ip` (iproute2) is not installed; run `cargo xtask setup`");
     }
-    Env {
-        selvedge,
-        app,
-        cgroup2,
-    }
+    Env { selvedge, app, cgroup2 }
 }
 
 /// A binary built by `cargo xtask build`: from its env var, else beside the test binary.
@@ -51,12 +48,7 @@ fn binary(var: &str, name: &str) -> PathBuf {
         return p;
     }
     let exe = std::env::current_exe().expect("current exe");
-    let candidates = exe
-        .ancestors()
-        .skip(1)
-        .take(3)
-        .map(|d| d.join(name))
-        .collect::<Vec<_>>();
+    let candidates = exe.ancestors().skip(1).take(3).map(|d| d.join(name)).collect::<Vec<_>>();
     candidates.iter().find(|p| p.exists()).cloned().unwrap_or_else(|| {
         panic!("{name} not found (looked beside the test binary and in ${var}); run the lab through `cargo xtask test`")
     })
@@ -85,21 +77,16 @@ fn is_bpffs(dir: &Path) -> bool {
 
 /// Run a command that must succeed (lab plumbing); panic with its stderr otherwise.
 pub fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
 }
 
 /// Is process `pid` alive?
 pub fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    // A zombie (exited, not yet reaped) still has /proc/PID; its state is 'Z'.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
 }
 
 /// Poll `f` until it returns `Some`, or panic after `secs` with `what`.
@@ -109,10 +96,7 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}"
-        );
+        assert!(std::time::Instant::now() < deadline, "timed out after {secs}s waiting for {what}");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

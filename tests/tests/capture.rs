@@ -13,9 +13,7 @@ const AGENT_DELIVERY: &str = "127.0.0.6";
 fn two_nodes(name: &str) -> Lab {
     let mut lab = Lab::new(name);
     lab.node("n1").node("n2");
-    lab.pod("n1", "a", true)
-        .pod("n1", "b", true)
-        .pod("n1", "c", false);
+    lab.pod("n1", "a", true).pod("n1", "b", true).pod("n1", "c", false);
     lab.pod("n2", "d", true).pod("n2", "e", false);
     lab.start_agent("n1", AgentOptions::default());
     lab.start_agent("n2", AgentOptions::default());
@@ -30,43 +28,19 @@ fn outbound_and_inbound_capture_on_one_node() {
     let before = lab.agent("n1").status();
 
     let r = lab.ask("a", b).expect("a reaches b through the agent");
-    assert_eq!(
-        r.local.unwrap().ip().to_string(),
-        "127.0.0.1",
-        "a's socket is connected to the agent: {r:?}"
-    );
-    assert_eq!(
-        r.peer,
-        Some(b),
-        "getpeername gives a back the address it dialled"
-    );
-    assert_eq!(
-        r.server().local,
-        b,
-        "the server sees the original destination as its local address"
-    );
-    assert_eq!(
-        r.server().peer.ip().to_string(),
-        AGENT_DELIVERY,
-        "inbound went through b's agent"
-    );
+    assert_eq!(r.local.unwrap().ip().to_string(), "127.0.0.1", "a's socket is connected to the agent: {r:?}");
+    assert_eq!(r.peer, Some(b), "getpeername gives a back the address it dialled");
+    assert_eq!(r.server().local, b, "the server sees the original destination as its local address");
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY, "inbound went through b's agent");
 
     let after = lab.agent("n1").fresh_status();
-    assert!(
-        after.stat("captured") > before.stat("captured"),
-        "connect4 counted the capture"
-    );
-    assert!(
-        after.stat("inbound_assigned") > before.stat("inbound_assigned"),
-        "sk_lookup steered the SYN"
-    );
+    assert!(after.stat("captured") > before.stat("captured"), "connect4 counted the capture");
+    assert!(after.stat("inbound_assigned") > before.stat("inbound_assigned"), "sk_lookup steered the SYN");
     let n1 = lab.agent("n1");
     n1.wait_access("a's outbound leg", |e| {
         e["direction"] == "outbound" && e["pod"] == "a" && e["dst"] == b.to_string()
     });
-    n1.wait_access("b's inbound leg", |e| {
-        e["direction"] == "inbound" && e["pod"] == "b" && e["dst"] == b.to_string()
-    });
+    n1.wait_access("b's inbound leg", |e| e["direction"] == "inbound" && e["pod"] == "b" && e["dst"] == b.to_string());
 }
 
 #[test]
@@ -79,15 +53,9 @@ fn capture_across_two_nodes() {
     let r = lab.ask("a", d).expect("a reaches d on the other node");
     assert_eq!(r.local.unwrap().ip().to_string(), "127.0.0.1", "{r:?}");
     assert_eq!(r.peer, Some(d));
-    assert_eq!(
-        r.server().peer.ip().to_string(),
-        AGENT_DELIVERY,
-        "d's agent delivered it"
-    );
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY, "d's agent delivered it");
 
-    lab.agent("n1").wait_access("outbound leg to d", |e| {
-        e["direction"] == "outbound" && e["dst"] == d.to_string()
-    });
+    lab.agent("n1").wait_access("outbound leg to d", |e| e["direction"] == "outbound" && e["dst"] == d.to_string());
     let from_a = format!("{a}:");
     lab.agent("n2").wait_access("inbound leg from a", |e| {
         e["direction"] == "inbound" && e["src"].as_str().is_some_and(|s| s.starts_with(&from_a))
@@ -108,9 +76,7 @@ fn unenrolled_pods_and_host_processes_are_untouched() {
     assert_eq!(r.server().peer.ip(), c, "e saw c itself");
 
     // A host process that enters an enrolled pod's netns is not the pod: not captured.
-    let r = lab
-        .ask_as_host("a", e)
-        .expect("host process in a's netns reaches e");
+    let r = lab.ask_as_host("a", e).expect("host process in a's netns reaches e");
     assert_eq!(r.local.unwrap().ip(), a, "not redirected to the agent");
     assert_eq!(r.server().peer.ip(), a);
 }
@@ -125,11 +91,7 @@ fn enrollment_follows_config_changes_live() {
     lab.set_pod("c", true, false);
     lab.write_configs();
     let r = lab.ask("c", e).expect("c reaches e once enrolled");
-    assert_eq!(
-        r.local.unwrap().ip().to_string(),
-        "127.0.0.1",
-        "c is captured after the config change: {r:?}"
-    );
+    assert_eq!(r.local.unwrap().ip().to_string(), "127.0.0.1", "c is captured after the config change: {r:?}");
     assert!(lab.agent("n1").status().enrolled.contains(&"c".to_string()));
 
     lab.set_pod("c", false, false);

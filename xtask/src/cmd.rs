@@ -7,9 +7,7 @@ use anyhow::{bail, Context as _};
 /// Run to completion with inherited output; error if it fails.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("+ {}", show(cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start {}", show(cmd)))?;
+    let status = cmd.status().with_context(|| format!("could not start {}", show(cmd)))?;
     if !status.success() {
         bail!("`{}` failed ({status})", show(cmd));
     }
@@ -19,9 +17,7 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 /// Run quietly and return stdout, or None if it could not run or failed.
 pub fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 pub fn show(cmd: &Command) -> String {

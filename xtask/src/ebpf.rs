@@ -36,38 +36,26 @@ pub fn route() -> Option<Route> {
 }
 
 fn nightly_has_rust_src() -> bool {
-    let Some(sysroot) =
-        cmd::output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
+    let Some(sysroot) = cmd::output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
     else {
         return false;
     };
-    Path::new(sysroot.trim())
-        .join("lib/rustlib/src/rust/library/core")
-        .exists()
+    Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core").exists()
 }
 
 /// `bpf-linker` on PATH or in cargo's bin directory.
 pub fn bpf_linker() -> Option<PathBuf> {
     let from_path = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("bpf-linker"))
-                .collect::<Vec<_>>()
-        })
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("bpf-linker")).collect::<Vec<_>>())
         .unwrap_or_default();
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
-    from_path
-        .into_iter()
-        .chain(cargo_home.map(|c| c.join("bin/bpf-linker")))
-        .find(|p| p.exists())
+    from_path.into_iter().chain(cargo_home.map(|c| c.join("bin/bpf-linker"))).find(|p| p.exists())
 }
 
 pub fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
 }
 
 /// Build the object; returns its path.
@@ -86,22 +74,13 @@ pub fn build(root: &Path) -> anyhow::Result<PathBuf> {
         .env_remove("RUSTC_WRAPPER");
     match route {
         Route::Nightly => {
-            c.env_remove("RUSTC")
-                .args(["+nightly", "build", "-Z", "build-std=core"]);
+            c.env_remove("RUSTC").args(["+nightly", "build", "-Z", "build-std=core"]);
         }
         Route::Debian => {
-            c.env("RUSTC", DEBIAN_RUSTC)
-                .env("RUSTC_BOOTSTRAP", "1")
-                .arg("build");
+            c.env("RUSTC", DEBIAN_RUSTC).env("RUSTC_BOOTSTRAP", "1").arg("build");
         }
     }
-    c.args([
-        "--release",
-        "--target",
-        "bpfel-unknown-none",
-        "--target-dir",
-    ])
-    .arg(&target);
+    c.args(["--release", "--target", "bpfel-unknown-none", "--target-dir"]).arg(&target);
     cmd::run(&mut c).context("building the eBPF programs")?;
     let built = target.join("bpfel-unknown-none/release/selvedge-ebpf");
     let object = target.join("selvedge.bpf.o");

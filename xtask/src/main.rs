@@ -74,17 +74,9 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::BuildEbpf => ebpf::build(&root).map(|_| ()),
         Task::Build { release } => tasks::build(&root, release).map(|_| ()),
-        Task::Test {
-            no_setup,
-            cargo_test_args,
-        } => tasks::test(&root, !no_setup, &cargo_test_args),
+        Task::Test { no_setup, cargo_test_args } => tasks::test(&root, !no_setup, &cargo_test_args),
         Task::Demo { keep } => tasks::demo(&root, keep),
-        Task::Load {
-            config,
-            node,
-            uninstall,
-            run_args,
-        } => tasks::load(&root, &config, node, uninstall, &run_args),
+        Task::Load { config, node, uninstall, run_args } => tasks::load(&root, &config, node, uninstall, &run_args),
     }
 }
 

@@ -15,12 +15,7 @@ const BASE_PACKAGES: &[&str] = &["iproute2", "util-linux", "procps", "bpftool", 
 /// The Debian eBPF route: rustc-web with a prebuilt `core` for bpfel-unknown-none.
 const DEBIAN_ROUTE_PACKAGES: &[&str] = &["rustc-web", "libstd-rust-web-dev-bpf"];
 /// What `cargo install bpf-linker` links against (LLVM 22, as rustc-web 1.96 uses).
-const LINKER_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "zlib1g-dev",
-];
+const LINKER_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -47,27 +42,17 @@ pub fn run() -> anyhow::Result<()> {
     install_bpf_linker()?;
     mount_bpffs()?;
     check_cgroup2()?;
-    eprintln!(
-        "setup: ok (eBPF route: {:?})",
-        ebpf::route().unwrap_or(Route::Debian)
-    );
+    eprintln!("setup: ok (eBPF route: {:?})", ebpf::route().unwrap_or(Route::Debian));
     Ok(())
 }
 
 /// The programs use helpers from kernel 5.15 (netns cookies in sockops/sk_msg).
 fn check_kernel() -> anyhow::Result<()> {
-    let release =
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").context("read kernel version")?;
-    let mut parts = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|p| p.parse::<u32>().ok());
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").context("read kernel version")?;
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     if (major, minor) < (5, 15) {
-        bail!(
-            "kernel {} is too old: Selvedge needs 5.15 or newer",
-            release.trim()
-        );
+        bail!("kernel {} is too old: Selvedge needs 5.15 or newer", release.trim());
     }
     Ok(())
 }
@@ -78,25 +63,15 @@ fn installed(pkg: &str) -> bool {
 }
 
 fn install_packages(wanted: &[&str]) -> anyhow::Result<()> {
-    if Command::new("dpkg-query")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        bail!(
-            "not a Debian/Ubuntu system (no dpkg); install by hand: {}",
-            wanted.join(" ")
-        );
+    if Command::new("dpkg-query").arg("--version").output().is_err() {
+        bail!("not a Debian/Ubuntu system (no dpkg); install by hand: {}", wanted.join(" "));
     }
     let missing: Vec<&str> = wanted.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !cmd::is_root() {
-        bail!(
-            "missing packages: {}; run `sudo cargo xtask setup` or apt-get install them",
-            missing.join(" ")
-        );
+        bail!("missing packages: {}; run `sudo cargo xtask setup` or apt-get install them", missing.join(" "));
     }
     cmd::run(Command::new("apt-get").args(["update", "-q"]))?;
     cmd::run(
@@ -114,20 +89,15 @@ fn install_bpf_linker() -> anyhow::Result<()> {
     }
     // bpf-linker 0.13's build script finds LLVM through LLVM_PREFIX; llvm-sys through
     // LLVM_SYS_221_PREFIX. Both point at Debian's LLVM 22.
-    cmd::run(
-        Command::new("cargo")
-            .env("LLVM_PREFIX", LLVM_PREFIX)
-            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-            ]),
-    )
+    cmd::run(Command::new("cargo").env("LLVM_PREFIX", LLVM_PREFIX).env("LLVM_SYS_221_PREFIX", LLVM_PREFIX).args([
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ]))
     .context("installing bpf-linker")
 }
 
@@ -136,10 +106,7 @@ fn mount_bpffs() -> anyhow::Result<()> {
     let mounted = std::fs::read_to_string("/proc/self/mounts")
         .unwrap_or_default()
         .lines()
-        .any(|l| {
-            l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
-                && l.split_whitespace().nth(2) == Some("bpf")
-        });
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf"));
     if mounted {
         return Ok(());
     }
@@ -152,10 +119,7 @@ fn mount_bpffs() -> anyhow::Result<()> {
 
 fn check_cgroup2() -> anyhow::Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
-    {
+    if mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("cgroup2")) {
         return Ok(());
     }
     bail!("no cgroup v2 hierarchy is mounted; boot with systemd.unified_cgroup_hierarchy=1 or mount cgroup2")

@@ -37,31 +37,16 @@ pub fn test(root: &Path, with_setup: bool, extra: &[String]) -> anyhow::Result<(
     if !cmd::is_root() {
         bail!("the lab tests need root (network namespaces, cgroups, eBPF); run `sudo cargo xtask test` — they are never skipped");
     }
-    cmd::run(
-        Command::new("cargo")
-            .current_dir(root)
-            .args(["fmt", "--all", "--check"]),
-    )?;
-    cmd::run(
-        Command::new("cargo")
-            .current_dir(root.join("ebpf"))
-            .args(["fmt", "--check"]),
-    )?;
+    cmd::run(Command::new("cargo").current_dir(root).args(["fmt", "--all", "--check"]))?;
+    cmd::run(Command::new("cargo").current_dir(root.join("ebpf")).args(["fmt", "--check"]))?;
     let object = ebpf::build(root)?;
-    cmd::run(cargo(root, &object).args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    cmd::run(cargo(root, &object).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     let bin = build(root, false)?;
     cmd::run(
         cargo(root, &object)
             .env("SELVEDGE_BIN", bin.join("selvedge"))
             .env("SELVEDGE_LAB_APP", bin.join("selvedge-lab-app"))
-            .args(["test", "--workspace"])
+            .args(["test", "--workspace", "--no-fail-fast"])
             .args(extra),
     )
 }
@@ -73,30 +58,20 @@ pub fn demo(root: &Path, keep: bool) -> anyhow::Result<()> {
     }
     let bin = build(root, false)?;
     let mut c = Command::new(bin.join("selvedge-lab"));
-    c.arg("demo")
-        .env("SELVEDGE_BIN", bin.join("selvedge"))
-        .env("SELVEDGE_LAB_APP", bin.join("selvedge-lab-app"));
+    c.arg("demo").env("SELVEDGE_BIN", bin.join("selvedge")).env("SELVEDGE_LAB_APP", bin.join("selvedge-lab-app"));
     if keep {
         c.arg("--keep");
     }
     cmd::run(&mut c)
 }
 
-pub fn load(
-    root: &Path,
-    config: &Path,
-    node: Option<String>,
-    uninstall: bool,
-    extra: &[String],
-) -> anyhow::Result<()> {
+pub fn load(root: &Path, config: &Path, node: Option<String>, uninstall: bool, extra: &[String]) -> anyhow::Result<()> {
     setup::run()?;
     let bin = build(root, false)?;
     let selvedge = bin.join("selvedge");
     let node = match node {
         Some(n) => n,
-        None => cmd::output(&mut Command::new("hostname"))
-            .map(|s| s.trim().to_string())
-            .context("hostname")?,
+        None => cmd::output(&mut Command::new("hostname")).map(|s| s.trim().to_string()).context("hostname")?,
     };
     // Ctrl-C reaches the agent too (same process group): it drains and exits.
     let status = Command::new(&selvedge)

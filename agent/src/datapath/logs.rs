@@ -41,9 +41,7 @@ pub(super) fn start(ebpf: &mut Ebpf) {
     };
     // SAFETY: the logger owns its ring-buffer fd and lives inside the AsyncFd, so the fd
     // stays open for as long as it is registered.
-    let Ok(mut fd) =
-        (unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) })
-    else {
+    let Ok(mut fd) = (unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }) else {
         tracing::warn!("eBPF logs unavailable: cannot poll the log ring buffer");
         return;
     };

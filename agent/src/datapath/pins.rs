@@ -48,10 +48,7 @@ pub(super) fn remove_link(pin_dir: &Path, name: &str) -> Result<(), DatapathErro
     match std::fs::remove_file(&p) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(DatapathError::Io {
-            what: format!("remove {}", p.display()),
-            source: e,
-        }),
+        Err(e) => Err(DatapathError::Io { what: format!("remove {}", p.display()), source: e }),
     }
 }
 
@@ -66,8 +63,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<usize, DatapathError> {
         };
         for entry in entries {
             let entry = entry.map_err(io_err(format!("list {}", dir.display())))?;
-            std::fs::remove_file(entry.path())
-                .map_err(io_err(format!("remove {}", entry.path().display())))?;
+            std::fs::remove_file(entry.path()).map_err(io_err(format!("remove {}", entry.path().display())))?;
             removed += 1;
         }
         std::fs::remove_dir(&dir).map_err(io_err(format!("remove {}", dir.display())))?;
@@ -75,12 +71,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<usize, DatapathError> {
     match std::fs::remove_dir(pin_dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(DatapathError::Io {
-                what: format!("remove {}", pin_dir.display()),
-                source: e,
-            })
-        }
+        Err(e) => return Err(DatapathError::Io { what: format!("remove {}", pin_dir.display()), source: e }),
     }
     Ok(removed)
 }

@@ -17,11 +17,7 @@ use crate::addr;
 /// `sk_lookup` recognises as "from inside the pod" and leaves alone (Istio uses the same).
 pub const DELIVERY_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
 
-async fn deliver(
-    pod: &PodContext,
-    app: SocketAddr,
-    timeout: Duration,
-) -> Result<tokio::net::TcpStream, String> {
+async fn deliver(pod: &PodContext, app: SocketAddr, timeout: Duration) -> Result<tokio::net::TcpStream, String> {
     let source = match app {
         SocketAddr::V4(_) => Some(SocketAddr::from((DELIVERY_SOURCE_V4, 0))),
         // IPv6 has no spare loopback addresses; the pod's own address is used, and
@@ -31,12 +27,7 @@ async fn deliver(
     connect_in_pod(pod, source, app, timeout).await
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    pod: Arc<PodContext>,
-    conns: Arc<ConnTracker>,
-    timeout: Duration,
-) {
+pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, conns: Arc<ConnTracker>, timeout: Duration) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -55,25 +46,14 @@ pub async fn serve(
     }
 }
 
-async fn handle(
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    pod: &PodContext,
-    timeout: Duration,
-) {
+async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, timeout: Duration) {
     let started = Instant::now();
     let peer = addr::canonical(peer);
     let Ok(local) = stream.local_addr().map(addr::canonical) else {
         reset(stream);
         return;
     };
-    let flow = Flow {
-        direction: Direction::Inbound,
-        pod,
-        src: peer,
-        dst: local,
-        started,
-    };
+    let flow = Flow { direction: Direction::Inbound, pod, src: peer, dst: local, started };
     if RESERVED_PORTS.contains(&local.port()) {
         // Delivering to the agent's own port would loop back into this listener.
         flow.refused("destination is a port reserved for the agent");

@@ -5,6 +5,9 @@
 //! * `whoami PORT`  — send `{"peer":..,"local":..}` as seen by the server, then close.
 //! * `send ADDR N`  — connect, write N deterministic bytes while reading the echo
 //!   concurrently, half-close, read to EOF; print sizes, hashes and socket addresses.
+//!   A blocking client: one thread writes, one reads.
+//! * `send-poll ADDR N` — the same as an event loop (non-blocking socket + poll(2)), the
+//!   way Go, tokio, nginx or Java NIO programs do I/O.
 //! * `ask ADDR`     — connect to a whoami server; print its view and ours.
 //! * `bind PORT`    — try to bind 0.0.0.0:PORT; print whether it worked.
 
@@ -26,6 +29,7 @@ fn main() {
         "echo" => serve(port(arg(1)), echo),
         "whoami" => serve(port(arg(1)), whoami),
         "send" => send(addr(arg(1)), arg(2).parse().unwrap_or_else(|_| usage())),
+        "send-poll" => send_poll(addr(arg(1)), arg(2).parse().unwrap_or_else(|_| usage())),
         "ask" => ask(addr(arg(1))),
         "bind" => bind(port(arg(1))),
         _ => usage(),
@@ -33,9 +37,7 @@ fn main() {
 }
 
 fn usage() -> ! {
-    eprintln!(
-        "usage: selvedge-lab-app echo PORT | whoami PORT | send ADDR BYTES | ask ADDR | bind PORT"
-    );
+    eprintln!("usage: selvedge-lab-app echo PORT | whoami PORT | send ADDR BYTES | ask ADDR | bind PORT");
     std::process::exit(2)
 }
 
@@ -48,8 +50,7 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 fn serve(port: u16, handler: fn(TcpStream)) {
-    let l =
-        TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| fail(&format!("bind {port}: {e}")));
+    let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| fail(&format!("bind {port}: {e}")));
     // Tell the harness we are listening.
     println!("{}", json!({"listening": port}));
     let _ = std::io::stdout().flush();
@@ -86,15 +87,12 @@ fn fail(msg: &str) -> ! {
 }
 
 fn connect(to: SocketAddr) -> TcpStream {
-    TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)
-        .unwrap_or_else(|e| fail(&format!("connect {to}: {e}")))
+    TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).unwrap_or_else(|e| fail(&format!("connect {to}: {e}")))
 }
 
 /// Deterministic payload: byte i is a function of i, so corruption and reordering show.
 fn payload(n: usize) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect()
+    (0..n).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
 }
 
 fn send(to: SocketAddr, n: usize) {
@@ -103,9 +101,7 @@ fn send(to: SocketAddr, n: usize) {
     let (local, peer) = (s.local_addr().ok(), s.peer_addr().ok());
     let data = payload(n);
     let sent_sha = hex(&Sha256::digest(&data));
-    let mut w = s
-        .try_clone()
-        .unwrap_or_else(|e| fail(&format!("clone: {e}")));
+    let mut w = s.try_clone().unwrap_or_else(|e| fail(&format!("clone: {e}")));
     // Write and read at once: both directions carry data simultaneously.
     let writer = std::thread::spawn(move || {
         let r = w.write_all(&data);
@@ -115,9 +111,7 @@ fn send(to: SocketAddr, n: usize) {
     let mut got = Vec::with_capacity(n);
     let mut r = s;
     let read = r.read_to_end(&mut got).map_err(|e| e.to_string());
-    let wrote = writer
-        .join()
-        .unwrap_or_else(|_| Err("writer panicked".into()));
+    let wrote = writer.join().unwrap_or_else(|_| Err("writer panicked".into()));
     println!(
         "{}",
         json!({
@@ -128,14 +122,72 @@ fn send(to: SocketAddr, n: usize) {
     );
 }
 
+fn send_poll(to: SocketAddr, n: usize) {
+    use std::os::fd::AsRawFd;
+    let mut s = connect(to);
+    let (local, peer) = (s.local_addr().ok(), s.peer_addr().ok());
+    s.set_nonblocking(true).unwrap_or_else(|e| fail(&format!("nonblocking: {e}")));
+    let data = payload(n);
+    let (mut off, mut got, mut shut) = (0usize, Vec::with_capacity(n), false);
+    let (mut write_error, mut read_error) = (None, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if !shut && off == data.len() {
+            let _ = s.shutdown(Shutdown::Write);
+            shut = true;
+        }
+        let events = libc::POLLIN | if shut { 0 } else { libc::POLLOUT };
+        let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 1000) };
+        if std::time::Instant::now() > deadline {
+            read_error = Some("timed out".to_string());
+            break;
+        }
+        if rc <= 0 {
+            continue;
+        }
+        if !shut && pfd.revents & (libc::POLLOUT | libc::POLLERR) != 0 {
+            match s.write(&data[off..]) {
+                Ok(w) => off += w,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    write_error = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(r) => got.extend_from_slice(&buf[..r]),
+                // Spurious readiness is normal for an event loop: poll again.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    read_error = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+    }
+    println!(
+        "{}",
+        json!({
+            "local": local, "peer": peer, "sent": off, "received": got.len(),
+            "sent_sha256": hex(&Sha256::digest(&data)), "received_sha256": hex(&Sha256::digest(&got)),
+            "write_error": write_error, "read_error": read_error,
+        })
+    );
+}
+
 fn ask(to: SocketAddr) {
     let mut s = connect(to);
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let (local, peer) = (s.local_addr().ok(), s.peer_addr().ok());
     let mut text = String::new();
     let read = s.read_to_string(&mut text);
-    let server: serde_json::Value =
-        serde_json::from_str(text.trim()).unwrap_or(serde_json::Value::Null);
+    let server: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or(serde_json::Value::Null);
     println!(
         "{}",
         json!({"local": local, "peer": peer, "server": server, "read_error": read.err().map(|e| e.to_string())})
@@ -145,10 +197,7 @@ fn ask(to: SocketAddr) {
 fn bind(port: u16) {
     match TcpListener::bind(("0.0.0.0", port)) {
         Ok(_) => println!("{}", json!({"bound": port})),
-        Err(e) => println!(
-            "{}",
-            json!({"error": e.to_string(), "errno": e.raw_os_error()})
-        ),
+        Err(e) => println!("{}", json!({"error": e.to_string(), "errno": e.raw_os_error()})),
     }
 }
 

@@ -35,33 +35,16 @@ struct Flow {
 }
 
 const FLOWS: [Flow; 3] = [
-    Flow {
-        from: "frontend",
-        to: "api",
-        port: 8080,
-        bytes: 64 * 1024,
-    },
-    Flow {
-        from: "frontend",
-        to: "db",
-        port: 5432,
-        bytes: 1024 * 1024,
-    },
-    Flow {
-        from: "api",
-        to: "db",
-        port: 5432,
-        bytes: 4096,
-    },
+    Flow { from: "frontend", to: "api", port: 8080, bytes: 64 * 1024 },
+    Flow { from: "frontend", to: "db", port: 5432, bytes: 1024 * 1024 },
+    Flow { from: "api", to: "db", port: 5432, bytes: 4096 },
 ];
 
 fn demo(keep: bool) {
     println!("Selvedge demo: two nodes, three meshed pods, one agent per node\n");
     let mut lab = Lab::new("demo");
     lab.node("node-1").node("node-2");
-    lab.pod("node-1", "frontend", true)
-        .pod("node-1", "api", true)
-        .pod("node-2", "db", true);
+    lab.pod("node-1", "frontend", true).pod("node-1", "api", true).pod("node-2", "db", true);
     for (name, p) in &lab.pods {
         println!("  pod {name:<9} {:<14} on {}", p.ip.to_string(), p.node);
     }
@@ -106,9 +89,7 @@ fn demo(keep: bool) {
     }
     let n1 = lab.agent("node-1").fresh_status();
     let n2 = lab.agent("node-2").fresh_status();
-    println!(
-        "\nKernel counters (connect4 captures / SYNs steered by sk_lookup / fast-path sends):"
-    );
+    println!("\nKernel counters (connect4 captures / SYNs steered by sk_lookup / fast-path sends):");
     for (node, s) in [("node-1", &n1), ("node-2", &n2)] {
         println!(
             "  {node}: captured {}  inbound steered {}  fast-path hits {}",
@@ -129,32 +110,18 @@ fn demo(keep: bool) {
 }
 
 fn src_is(e: &serde_json::Value, ip: std::net::Ipv4Addr) -> bool {
-    e["src"]
-        .as_str()
-        .and_then(|s| s.parse::<SocketAddr>().ok())
-        .is_some_and(|a| a.ip() == ip)
+    e["src"].as_str().and_then(|s| s.parse::<SocketAddr>().ok()).is_some_and(|a| a.ip() == ip)
 }
 
 fn look_around(lab: &mut Lab) {
     let a1 = lab.agent("node-1");
-    let (pins, log1, cfg1) = (
-        a1.pin_dir().display().to_string(),
-        a1.log_path(),
-        a1.config_path(),
-    );
+    let (pins, log1, cfg1) = (a1.pin_dir().display().to_string(), a1.log_path(), a1.config_path());
     let log2 = lab.agent("node-2").log_path();
     let fe = lab.get("frontend").clone();
     let db = lab.get("db").addr(5432);
     println!("\nThe lab stays up until Ctrl-C. To look around:");
-    println!(
-        "  agent logs:        {}  {}",
-        log1.display(),
-        log2.display()
-    );
-    println!(
-        "  node-1 config:     {} (edit it: the agent applies changes live)",
-        cfg1.display()
-    );
+    println!("  agent logs:        {}  {}", log1.display(), log2.display());
+    println!("  node-1 config:     {} (edit it: the agent applies changes live)", cfg1.display());
     println!("  pinned eBPF state: ls {pins}/links {pins}/maps; bpftool map dump pinned {pins}/maps/SV_ENROLLED");
     println!("  programs:          bpftool prog show | grep -E 'capture|restore|guard|track|redirect|steer'");
     println!(

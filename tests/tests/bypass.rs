@@ -1,0 +1,93 @@
+//! No way around the agent: direct connects to a meshed pod are steered to its agent,
+//! the agent's ports cannot be taken, IPv4-mapped IPv6 is captured like IPv4, and dialling
+//! the agent's own listener does not loop.
+
+use selvedge_tests::{AgentOptions, Lab};
+
+const PORT: u16 = 8080;
+const AGENT_DELIVERY: &str = "127.0.0.6";
+/// EPERM, what the bind guard's refusal looks like to the app.
+const EPERM: &str = "os error 1";
+
+fn lab(name: &str) -> Lab {
+    let mut lab = Lab::new(name);
+    lab.node("n1").node("n2");
+    lab.pod("n1", "a", true).pod("n1", "c", false);
+    lab.pod("n2", "d", true);
+    lab.start_agent("n1", AgentOptions::default());
+    lab.start_agent("n2", AgentOptions::default());
+    lab.serve("d", "whoami", PORT);
+    lab
+}
+
+#[test]
+fn direct_connects_to_a_meshed_pod_go_through_its_agent() {
+    let lab = lab("direct");
+    let d = lab.get("d").addr(PORT);
+    let c = lab.get("c").ip;
+    let a = lab.get("a").ip;
+
+    // From a pod that is not meshed at all.
+    let r = lab.ask("c", d).expect("c reaches d");
+    assert_eq!(r.local.unwrap().ip(), c, "c itself is not captured");
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY, "d's agent took it: {r:?}");
+
+    // From a host process inside a meshed pod's netns (skipping that pod's capture).
+    let r = lab.ask_as_host("a", d).expect("host process reaches d");
+    assert_eq!(r.local.unwrap().ip(), a);
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY, "d's agent took it: {r:?}");
+}
+
+#[test]
+fn pods_cannot_bind_the_agent_ports() {
+    let mut lab = lab("bind");
+    for port in [15001, 15006, 15008] {
+        let err = lab.bind_in_pod("a", port).expect_err("an enrolled pod must not bind the agent's port");
+        assert!(err.contains(EPERM), "port {port}: {err}");
+    }
+    lab.bind_in_pod("a", 15002).expect("other ports stay free");
+    lab.bind_in_pod("c", 15001).expect("an unenrolled pod is untouched");
+    let s = lab.agent("n1").fresh_status();
+    assert!(s.stat("bind_refused") >= 3, "refusals counted: {:?}", s.stats);
+}
+
+#[test]
+fn ipv4_mapped_ipv6_connects_are_captured() {
+    let lab = lab("mapped");
+    let d = lab.get("d");
+    let mapped: std::net::SocketAddr = format!("[::ffff:{}]:{PORT}", d.ip).parse().unwrap();
+
+    let r = lab.ask("a", mapped).expect("a reaches d over an IPv6 socket");
+    assert_eq!(r.local.unwrap().ip().to_string(), "::ffff:127.0.0.1", "redirected to the agent: {r:?}");
+    assert_eq!(r.peer, Some(mapped), "getpeername6 gives back the mapped address dialled");
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
+}
+
+#[test]
+fn dialling_the_agent_listener_directly_does_not_loop() {
+    let mut lab = lab("loop");
+    let d = lab.get("d").addr(PORT);
+    let before = lab.agent("n1").fresh_status().stat("captured");
+
+    // 127.0.0.1:15001 is loopback: not captured, it reaches the agent's listener itself,
+    // which finds no original destination and resets instead of guessing. (The reset may
+    // even beat connect() returning.)
+    match lab.ask("a", "127.0.0.1:15001".parse().unwrap()) {
+        Ok(r) => assert!(r.server.is_none(), "nothing answers behind it: {r:?}"),
+        Err(e) => assert!(e.contains("reset"), "{e}"),
+    }
+    lab.agent("n1").wait_access("refusal", |e| e["result"] == "refused" && e["pod"] == "a");
+
+    // The inbound listener from outside the pod: steered to itself, refused, no loop.
+    let a15006 = lab.get("a").addr(15006);
+    match lab.ask("c", a15006) {
+        Ok(r) => assert!(r.server.is_none(), "{r:?}"),
+        Err(e) => assert!(e.contains("reset"), "{e}"),
+    }
+
+    // The agent is healthy and counted exactly one capture for the next real connection.
+    let r = lab.ask("a", d).expect("a still reaches d");
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
+    let after = lab.agent("n1").fresh_status().stat("captured");
+    assert_eq!(after - before, 1, "only the real connection was captured");
+}

@@ -1,0 +1,77 @@
+//! Fail closed: once enrolled, a pod's traffic never goes around the agent — not while the
+//! agent is down, restarting or stopped — and STRICT pods refuse plaintext in the kernel.
+
+use selvedge_tests::{AgentOptions, Lab};
+
+const PORT: u16 = 8080;
+const AGENT_DELIVERY: &str = "127.0.0.6";
+
+fn lab(name: &str) -> Lab {
+    let mut lab = Lab::new(name);
+    lab.node("n1").node("n2");
+    lab.pod("n1", "a", true).pod("n1", "c", false);
+    lab.pod("n2", "d", true);
+    lab.start_agent("n1", AgentOptions::default());
+    lab.start_agent("n2", AgentOptions::default());
+    lab.serve("a", "whoami", PORT);
+    lab.serve("d", "whoami", PORT);
+    lab
+}
+
+#[test]
+fn crashed_agent_fails_closed_and_a_restart_recovers() {
+    let mut lab = lab("crash");
+    let (a, d) = (lab.get("a").addr(PORT), lab.get("d").addr(PORT));
+    lab.ask("a", d).expect("works with the agent up");
+
+    lab.agent("n1").kill();
+    let err = lab.ask("a", d).expect_err("with the agent down, a's connect must fail, not go direct");
+    assert!(err.contains("refused"), "{err}");
+    lab.ask("c", a).expect_err("inbound to an enrolled pod is dropped while its agent is down");
+
+    // Same pods, same namespaces: only the agent comes back.
+    lab.start_agent("n1", AgentOptions::default());
+    let r = lab.ask("a", d).expect("outbound works again after the restart");
+    assert_eq!(r.local.unwrap().ip().to_string(), "127.0.0.1", "and is captured: {r:?}");
+    let r = lab.ask("c", a).expect("inbound works again");
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
+}
+
+#[test]
+fn stopped_agent_keeps_pods_closed_until_uninstall() {
+    let mut lab = lab("stop");
+    let d = lab.get("d").addr(PORT);
+    let a_ip = lab.get("a").ip;
+    let status = lab.agent("n1").stop();
+    assert!(status.success(), "SIGTERM drains and exits cleanly: {status}");
+    assert!(lab.agent("n1").pin_dir().join("maps").exists(), "pins outlive the agent");
+    lab.ask("a", d).expect_err("still fail-closed after a clean stop");
+
+    let out = lab.agent("n1").uninstall();
+    assert!(out.contains("removed"), "{out}");
+    assert!(!lab.agent("n1").pin_dir().exists(), "every pin is gone");
+    let r = lab.ask("a", d).expect("after uninstall a is plain networking again");
+    assert_eq!(r.local.unwrap().ip(), a_ip, "no capture left: {r:?}");
+}
+
+#[test]
+fn strict_pods_drop_plaintext_in_the_kernel() {
+    let mut lab = lab("strict");
+    let d = lab.get("d").addr(PORT);
+    lab.set_pod("d", true, true);
+    lab.write_configs();
+    let before = lab.agent("n2").fresh_status().stat("inbound_strict_drop");
+
+    lab.ask("c", d).expect_err("plaintext from an unmeshed pod is dropped");
+    // A meshed client's connect() completes locally (to its agent); the agent's plaintext
+    // SYN to d is then dropped, so the app never gets an answer from d.
+    let r = lab.ask("a", d).expect("a's connect is accepted by its own agent");
+    assert!(r.server.is_none(), "plaintext from a meshed pod is dropped too (no mTLS yet): {r:?}");
+    let after = lab.agent("n2").fresh_status().stat("inbound_strict_drop");
+    assert!(after > before, "the kernel counted the drops");
+
+    lab.set_pod("d", true, false);
+    lab.write_configs();
+    let r = lab.ask("c", d).expect("PERMISSIVE accepts plaintext again");
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
+}

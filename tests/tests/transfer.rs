@@ -1,0 +1,54 @@
+//! Byte-exact transfers through the agents: 1 B to 16 MiB, both directions at once (the
+//! client writes while the echo comes back), half-close (the client shuts down its write
+//! side and still reads everything), same node and across nodes.
+//!
+//! The sockmap fast path is tested with event-loop clients only: with a socket in a
+//! sockmap, the kernel's `tcp_bpf_recvmsg` returns EAGAIN to a *blocking* read after any
+//! spurious wakeup (e.g. its own FIN being acknowledged), which event loops absorb and
+//! blocking programs do not — which is why the fast path is off by default.
+
+use selvedge_tests::{AgentOptions, Client, Lab};
+
+const PORT: u16 = 7000;
+const SIZES: [usize; 6] = [1, 1000, 65_536, 1 << 20, 4 << 20, 16 << 20];
+
+fn run(name: &str, fast_path: bool, clients: &[Client]) -> Lab {
+    let mut lab = Lab::new(name);
+    lab.node("n1").node("n2");
+    lab.pod("n1", "a", true).pod("n1", "b", true).pod("n1", "c", false);
+    lab.pod("n2", "d", true);
+    lab.start_agent("n1", AgentOptions { fast_path });
+    lab.start_agent("n2", AgentOptions { fast_path });
+    lab.serve("b", "echo", PORT);
+    lab.serve("d", "echo", PORT);
+    for &client in clients {
+        for (from, to) in [("a", "b"), ("a", "d"), ("c", "b")] {
+            let dst = lab.get(to).addr(PORT);
+            for size in SIZES {
+                let t = lab
+                    .transfer_with(client, from, dst, size)
+                    .unwrap_or_else(|e| panic!("{client:?} {from}->{to} {size} B: {e}"));
+                assert!(t.is_exact(), "{client:?} {from}->{to} {size} B not byte-exact (fast path {fast_path}): {t:?}");
+                if from == "a" {
+                    let local = t.local.expect("local address");
+                    assert_eq!(local.ip().to_string(), "127.0.0.1", "went through the agent");
+                }
+            }
+        }
+    }
+    lab
+}
+
+#[test]
+fn byte_exact_without_fast_path() {
+    let mut lab = run("bytes-plain", false, &[Client::Blocking, Client::EventLoop]);
+    let s = lab.agent("n1").fresh_status();
+    assert_eq!(s.stat("fast_path_hit"), 0, "the switch keeps the fast path off: {:?}", s.stats);
+}
+
+#[test]
+fn byte_exact_with_fast_path() {
+    let mut lab = run("bytes-fast", true, &[Client::EventLoop]);
+    let s = lab.agent("n1").fresh_status();
+    assert!(s.stat("fast_path_hit") > 0, "the sockmap fast path carried data: {:?}", s.stats);
+}
