@@ -4,12 +4,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd,
     path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
-use selvedge_common::{capacity, Stat, INBOUND_PORT, OUTBOUND_PORT, STATS_LEN};
+use selvedge_common::{Stat, INBOUND_PORT, OUTBOUND_PORT, STATS_LEN};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
@@ -36,7 +37,7 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
-    #[error("pod {pod}: no free pod slot ({max} pods per node)")]
+    #[error("pod {pod}: no free pod slot ({max} pods per node, see --max-pods); its inbound stays closed")]
     NoSlot { pod: String, max: u32 },
     #[error("status file {path}: {source}")]
     Status {
@@ -56,12 +57,20 @@ struct Enrolled {
     accept_tasks: Vec<JoinHandle<()>>,
 }
 
+/// A configured pod that is not enrolled, and why.
+#[derive(Debug)]
+struct Failed {
+    reason: String,
+    /// Set when its netns was reached and closed (`Datapath::close_pod`), to release later.
+    closed: Option<u64>,
+}
+
 /// What `--status-file` holds, rewritten after every change.
 #[derive(Debug, Serialize)]
 struct Status<'a> {
     node: &'a str,
     ready: bool,
-    /// Incremented each time a config is applied.
+    /// Incremented each time a new (changed, valid) config is applied.
     generation: u64,
     enrolled: Vec<&'a str>,
     failed: BTreeMap<&'a str, String>,
@@ -75,8 +84,8 @@ pub struct Agent {
     flows: Arc<FlowMaps>,
     conns: Arc<ConnTracker>,
     pods: BTreeMap<String, Enrolled>,
-    /// Pods the config wants but that could not be enrolled, with the reason.
-    failed: BTreeMap<String, String>,
+    /// Pods the config wants but that could not be enrolled.
+    failed: BTreeMap<String, Failed>,
     generation: u64,
     /// Whether stale kernel entries from a previous agent have been swept.
     swept: bool,
@@ -94,6 +103,7 @@ impl Agent {
             fast_path: settings.fast_path,
             agent_cgroup_id,
             bpf_object: settings.bpf_object.clone(),
+            max_pods: settings.max_pods,
         };
         let (datapath, flows) = Datapath::open(&opts)?;
         tracing::info!(pin_dir = %settings.pin_dir.display(), cgroup = %settings.cgroup.display(), "eBPF programs attached");
@@ -114,6 +124,7 @@ impl Agent {
         let mut last_text = std::fs::read_to_string(&self.settings.config).ok();
         let cfg = LocalConfig::load(&self.settings.config)?;
         self.apply(&cfg).await?;
+        self.applied_new_config();
         self.sweep_stale()?;
         self.write_status(status_file.as_ref(), true)?;
         tracing::info!(enrolled = self.pods.len(), failed = self.failed.len(), "ready");
@@ -138,13 +149,20 @@ impl Agent {
                 }
                 continue;
             }
+            // Parse the text just read (not the file again) so what is applied is what is
+            // remembered. Only a changed config counts as a new generation; a retry of
+            // failed pods re-applies the current one.
+            let parsed = match &text {
+                Some(t) => LocalConfig::parse(t, &self.settings.config),
+                None => LocalConfig::load(&self.settings.config),
+            };
             last_text = text;
-            match LocalConfig::load(&self.settings.config) {
-                Ok(cfg) => {
-                    if let Err(e) = self.apply(&cfg).await {
-                        tracing::error!("config not applied: {e}");
-                    }
-                }
+            match parsed {
+                Ok(cfg) => match self.apply(&cfg).await {
+                    Ok(()) if changed => self.applied_new_config(),
+                    Ok(()) => {}
+                    Err(e) => tracing::error!("config not applied: {e}"),
+                },
                 Err(e) => tracing::error!("config not applied, keeping the previous one: {e}"),
             }
             retry_at = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -162,7 +180,14 @@ impl Agent {
     async fn apply(&mut self, cfg: &LocalConfig) -> Result<(), AppError> {
         let desired = state::desired(cfg, &self.settings.node)?;
         let current: BTreeMap<String, PodSpec> = self.pods.iter().map(|(k, v)| (k.clone(), v.spec.clone())).collect();
-        self.failed.retain(|uid, _| desired.contains_key(uid));
+        let gone: Vec<String> = self.failed.keys().filter(|uid| !desired.contains_key(*uid)).cloned().collect();
+        for uid in gone {
+            if let Some(Failed { closed: Some(cookie), .. }) = self.failed.remove(&uid) {
+                if let Err(e) = self.datapath.release_closed_pod(cookie) {
+                    tracing::error!(uid = %uid, "closed pod not released: {e}");
+                }
+            }
+        }
         for change in state::plan(&current, &desired) {
             match change {
                 Change::Unenroll(uid) => self.unenroll(&uid),
@@ -170,24 +195,17 @@ impl Agent {
                     if let Some(p) = self.pods.get_mut(&uid) {
                         match self.datapath.set_flags(p.ctx.netns.cookie(), p.pod_id, strict) {
                             Ok(()) => p.spec.strict = strict,
-                            Err(e) => {
-                                tracing::error!(pod = %p.spec.name, "mtls mode not updated: {e}")
-                            }
+                            Err(e) => tracing::error!(pod = %p.spec.name, "mtls mode not updated: {e}"),
                         }
                     }
                 }
-                Change::Enroll(spec) => match self.enroll(&spec).await {
-                    Ok(()) => {
-                        self.failed.remove(&spec.uid);
-                        tracing::info!(pod = %spec.name, namespace = %spec.namespace, strict = spec.strict, "enrolled");
-                    }
-                    Err(e) => {
-                        tracing::error!(pod = %spec.name, namespace = %spec.namespace, "not enrolled: {e}");
-                        self.failed.insert(spec.uid.clone(), e.to_string());
-                    }
-                },
+                Change::Enroll(spec) => self.try_enroll(&spec).await,
             }
         }
+        Ok(())
+    }
+
+    fn applied_new_config(&mut self) {
         self.generation += 1;
         tracing::info!(
             generation = self.generation,
@@ -195,11 +213,46 @@ impl Agent {
             failed = self.failed.len(),
             "config applied"
         );
-        Ok(())
     }
 
-    async fn enroll(&mut self, spec: &PodSpec) -> Result<(), AppError> {
-        let netns = PodNetns::enter(&spec.netns)?;
+    /// Enroll, or record why not; a pod whose netns was reached stays closed on failure.
+    async fn try_enroll(&mut self, spec: &PodSpec) {
+        let netns = match PodNetns::enter(&spec.netns) {
+            Ok(n) => n,
+            Err(e) => return self.record_failure(spec, e.into(), None),
+        };
+        let cookie = netns.cookie();
+        let ns_fd = netns.file().try_clone_to_owned();
+        match self.enroll(spec, netns).await {
+            Ok(()) => {
+                self.failed.remove(&spec.uid);
+                tracing::info!(pod = %spec.name, namespace = %spec.namespace, strict = spec.strict, "enrolled");
+            }
+            Err(e) => {
+                let closed = match ns_fd {
+                    Ok(fd) => match self.datapath.close_pod(cookie, fd.as_fd()) {
+                        Ok(()) => Some(cookie),
+                        Err(close) => {
+                            tracing::error!(pod = %spec.name, "could not keep the pod closed: {close}");
+                            None
+                        }
+                    },
+                    Err(dup) => {
+                        tracing::error!(pod = %spec.name, "could not keep the pod closed: {dup}");
+                        None
+                    }
+                };
+                self.record_failure(spec, e, closed);
+            }
+        }
+    }
+
+    fn record_failure(&mut self, spec: &PodSpec, e: AppError, closed: Option<u64>) {
+        tracing::error!(pod = %spec.name, namespace = %spec.namespace, closed = closed.is_some(), "not enrolled: {e}");
+        self.failed.insert(spec.uid.clone(), Failed { reason: e.to_string(), closed });
+    }
+
+    async fn enroll(&mut self, spec: &PodSpec, netns: PodNetns) -> Result<(), AppError> {
         let cookie = netns.cookie();
         let pod_id = self.pod_slot(cookie, &spec.name)?;
         let outbound4 = netns.listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT)).await?;
@@ -248,9 +301,10 @@ impl Agent {
             }
         }
         let taken_in_kernel: BTreeSet<u32> = self.datapath.enrolled().values().map(|i| i.pod_id).collect();
-        (0..capacity::INBOUND_LISTENERS)
+        let max = self.datapath.max_pods();
+        (0..max)
             .find(|id| !used.contains(id) && !taken_in_kernel.contains(id))
-            .ok_or_else(|| AppError::NoSlot { pod: name.into(), max: capacity::INBOUND_LISTENERS })
+            .ok_or_else(|| AppError::NoSlot { pod: name.into(), max })
     }
 
     fn unenroll(&mut self, uid: &str) {
@@ -303,7 +357,7 @@ impl Agent {
             ready,
             generation: self.generation,
             enrolled: self.pods.values().map(|p| p.spec.name.as_str()).collect(),
-            failed: self.failed.iter().map(|(k, v)| (k.as_str(), v.clone())).collect(),
+            failed: self.failed.iter().map(|(k, v)| (k.as_str(), v.reason.clone())).collect(),
             stats: names.iter().map(|(s, n)| (*n, stats[*s as usize])).collect(),
         };
         let text = serde_json::to_string_pretty(&status).unwrap_or_default();

@@ -29,6 +29,7 @@ pub const ENV_PIN_DIR: &str = "SELVEDGE_PIN_DIR";
 pub const ENV_CGROUP: &str = "SELVEDGE_CGROUP";
 pub const ENV_FAST_PATH: &str = "SELVEDGE_FAST_PATH";
 pub const ENV_LOG_FORMAT: &str = "SELVEDGE_LOG_FORMAT";
+pub const ENV_MAX_PODS: &str = "SELVEDGE_MAX_PODS";
 
 /// Where pins live unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/selvedge";
@@ -165,6 +166,8 @@ pub struct Settings {
     pub cgroup: PathBuf,
     pub fast_path: bool,
     pub bpf_object: Option<PathBuf>,
+    /// Per-pod map capacity when the maps are first created.
+    pub max_pods: u32,
 }
 
 #[cfg(test)]

@@ -42,6 +42,8 @@ const CGROUP_SOCK_ADDR: [&str; 6] =
 const SOCKOPS: &str = "track_captured";
 const SK_MSG: &str = "redirect_loopback";
 const SK_LOOKUP: &str = "steer_inbound";
+/// Slot baked into a closed pod's `sk_lookup`: out of range, so it reads no flags and drops.
+const NO_SLOT: u32 = u32::MAX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -68,8 +70,8 @@ pub enum DatapathError {
          run `selvedge uninstall --pin-dir {dir}` first"
     )]
     AbiMismatch { dir: PathBuf, found: u64 },
-    #[error("eBPF map {map} is full ({capacity} entries): pod not enrolled, it stays fail-closed")]
-    Full { map: &'static str, capacity: u32 },
+    #[error("eBPF map {map} is full: pod not enrolled (its inbound stays closed); raise --max-pods")]
+    Full { map: &'static str },
 }
 
 /// An error and its sources on one line: aya's own messages omit the errno, their sources
@@ -98,6 +100,8 @@ pub struct DatapathOptions {
     pub fast_path: bool,
     pub agent_cgroup_id: u64,
     pub bpf_object: Option<PathBuf>,
+    /// Capacity of the per-pod maps when they are created (pinned maps keep theirs).
+    pub max_pods: u32,
 }
 
 /// Counters the programs keep, summed over CPUs.
@@ -164,8 +168,14 @@ impl Datapath {
             return Err(DatapathError::NoBpffs { dir: opts.pin_dir.clone() });
         }
         let map_dir = pins::ensure_dirs(&opts.pin_dir)?;
-        let mut ebpf =
-            EbpfLoader::new().default_map_pin_directory(&map_dir).load(&object).map_err(DatapathError::Load)?;
+        let max_pods = opts.max_pods.clamp(1, capacity::INBOUND_LISTENERS);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&map_dir)
+            .map_max_entries(maps::ENROLLED, max_pods)
+            .map_max_entries(maps::SLOTS, max_pods)
+            .map_max_entries(maps::INBOUND_LISTENERS, max_pods)
+            .load(&object)
+            .map_err(DatapathError::Load)?;
         logs::start(&mut ebpf);
 
         let mut settings: Array<MapData, u64> = take(&mut ebpf, maps::SETTINGS)?;
@@ -237,12 +247,40 @@ impl Datapath {
         strict: bool,
         inbound_listener: &impl AsRawFd,
     ) -> Result<(), DatapathError> {
-        // This pod's own sk_lookup instance, its slot baked in (the program type cannot
-        // read the netns cookie). Pinned maps are shared with the main load; the log ring of
-        // this throwaway load is shrunk to one page since sk_lookup does not log.
+        self.attach_lookup(netns_cookie, netns, pod_id)?;
+        self.inbound
+            .set(pod_id, inbound_listener, 0)
+            .map_err(map_err(maps::INBOUND_LISTENERS, format!("set pod {pod_id}")))?;
+        self.set_flags(netns_cookie, pod_id, strict)
+    }
+
+    /// Keep a pod that could not be enrolled closed: its own `sk_lookup` instance with no
+    /// slot drops every inbound SYN from outside the pod. A later successful enrollment
+    /// replaces it.
+    pub fn close_pod(&mut self, netns_cookie: u64, netns: BorrowedFd<'_>) -> Result<(), DatapathError> {
+        self.attach_lookup(netns_cookie, netns, NO_SLOT)
+    }
+
+    /// Remove what `close_pod` attached.
+    pub fn release_closed_pod(&mut self, netns_cookie: u64) -> Result<(), DatapathError> {
+        pins::remove_link(&self.pin_dir, &pins::pod_link_name(netns_cookie))
+    }
+
+    /// How many pods the per-pod maps hold, as the kernel has them (pinned maps keep the
+    /// size they were created with, possibly by an earlier agent).
+    pub fn max_pods(&self) -> u32 {
+        let pin = self.pin_dir.join("maps").join(maps::SLOTS);
+        aya::maps::MapInfo::from_pin(&pin).map(|i| i.max_entries()).unwrap_or(0)
+    }
+
+    /// Load this pod's own sk_lookup instance with `slot` baked in (the program type cannot
+    /// read the netns cookie), attach it to the pod's netns and pin the link. Pinned maps
+    /// are shared with the main load; this load's log ring is shrunk to one page since
+    /// sk_lookup does not log.
+    fn attach_lookup(&mut self, netns_cookie: u64, netns: BorrowedFd<'_>, slot: u32) -> Result<(), DatapathError> {
         let mut instance = EbpfLoader::new()
             .default_map_pin_directory(self.pin_dir.join("maps"))
-            .override_global(POD_SLOT_GLOBAL, &pod_id, true)
+            .override_global(POD_SLOT_GLOBAL, &slot, true)
             .map_max_entries("AYA_LOGS", 4096)
             .load(&self.object)
             .map_err(DatapathError::Load)?;
@@ -250,11 +288,7 @@ impl Datapath {
         lookup.load().map_err(prog_err(SK_LOOKUP, "load"))?;
         let id = lookup.attach(netns.as_fd()).map_err(prog_err(SK_LOOKUP, "attach to pod netns"))?;
         let link = lookup.take_link(id).map_err(prog_err(SK_LOOKUP, "take link"))?;
-        pins::replace_link(&self.pin_dir, &pins::pod_link_name(netns_cookie), link.into())?;
-        self.inbound
-            .set(pod_id, inbound_listener, 0)
-            .map_err(map_err(maps::INBOUND_LISTENERS, format!("set pod {pod_id}")))?;
-        self.set_flags(netns_cookie, pod_id, strict)
+        pins::replace_link(&self.pin_dir, &pins::pod_link_name(netns_cookie), link.into())
     }
 
     /// Rewrite a pod's enrollment entry (e.g. its STRICT flag changed).
@@ -265,7 +299,7 @@ impl Datapath {
         self.enrolled.insert(netns_cookie, info, 0).map_err(|source| {
             if matches!(&source, aya::maps::MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG))
             {
-                DatapathError::Full { map: maps::ENROLLED, capacity: capacity::ENROLLED }
+                DatapathError::Full { map: maps::ENROLLED }
             } else {
                 DatapathError::Map { map: maps::ENROLLED, what: format!("enroll netns {netns_cookie}"), source }
             }

@@ -55,6 +55,12 @@ struct RunArgs {
     /// spurious wakeup, which breaks blocking apps; event-loop apps are unaffected.
     #[arg(long, env = config::ENV_FAST_PATH, default_value_t = false, action = clap::ArgAction::Set)]
     fast_path: bool,
+    /// How many pods the per-pod eBPF maps hold, set when the maps are first created
+    /// (pinned maps keep their size across restarts). A pod beyond it is reported as
+    /// failed and kept closed (inbound dropped) until a slot frees up.
+    #[arg(long, env = config::ENV_MAX_PODS, default_value_t = selvedge_common::capacity::INBOUND_LISTENERS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(selvedge_common::capacity::INBOUND_LISTENERS)))]
+    max_pods: u32,
     /// eBPF object to load instead of the one embedded in this binary.
     #[arg(long)]
     bpf_object: Option<PathBuf>,
@@ -108,6 +114,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup,
         fast_path: args.fast_path,
         bpf_object: args.bpf_object,
+        max_pods: args.max_pods,
     };
     tracing::info!(?settings, "starting");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start the async runtime")?;

@@ -20,12 +20,14 @@ use crate::{
 pub struct AgentOptions {
     /// The sockmap fast path (`--fast-path`).
     pub fast_path: bool,
+    /// `--max-pods`, when set.
+    pub max_pods: Option<u32>,
 }
 
 impl Default for AgentOptions {
     /// The agent's own default: fast path off.
     fn default() -> Self {
-        Self { fast_path: false }
+        Self { fast_path: false, max_pods: None }
     }
 }
 
@@ -95,6 +97,9 @@ impl Agent {
             .arg("--status-file")
             .arg(a.status_path())
             .args(["--log-format", "json", "--fast-path", if opts.fast_path { "true" } else { "false" }]);
+        if let Some(n) = opts.max_pods {
+            cmd.args(["--max-pods", &n.to_string()]);
+        }
         // Logs of successive runs of this node's agent go to one file.
         let log = std::fs::OpenOptions::new().create(true).append(true).open(a.log_path()).expect("agent log");
         cmd.stderr(log);

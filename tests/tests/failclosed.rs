@@ -75,3 +75,28 @@ fn strict_pods_drop_plaintext_in_the_kernel() {
     let r = lab.ask("c", d).expect("PERMISSIVE accepts plaintext again");
     assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
 }
+
+#[test]
+fn a_full_map_is_reported_and_the_pod_stays_closed() {
+    let mut lab = Lab::new("full");
+    lab.node("n1");
+    lab.pod("n1", "a", true).pod("n1", "b", true).pod("n1", "c", false);
+    lab.start_agent("n1", AgentOptions { max_pods: Some(1), ..AgentOptions::default() });
+    lab.serve("b", "whoami", PORT);
+    let b = lab.get("b").addr(PORT);
+
+    // One slot: a (first by uid) gets it; b is reported, with the reason, and kept closed.
+    let s = lab.agent("n1").status();
+    assert_eq!(s.enrolled, vec!["a".to_string()]);
+    let reason = s.failed.get("uid-b").unwrap_or_else(|| panic!("b reported as failed: {s:?}"));
+    assert!(reason.contains("slot"), "{reason}");
+    lab.ask("c", b).expect_err("b's inbound is dropped, not delivered unmeshed");
+
+    // Free the slot: b is enrolled in the same config change and works through its agent.
+    lab.set_pod("a", false, false);
+    lab.write_configs();
+    let s = lab.agent("n1").status();
+    assert_eq!(s.enrolled, vec!["b".to_string()], "{s:?}");
+    let r = lab.ask("c", b).expect("b is reachable once enrolled");
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
+}

@@ -17,8 +17,8 @@ fn run(name: &str, fast_path: bool, clients: &[Client]) -> Lab {
     lab.node("n1").node("n2");
     lab.pod("n1", "a", true).pod("n1", "b", true).pod("n1", "c", false);
     lab.pod("n2", "d", true);
-    lab.start_agent("n1", AgentOptions { fast_path });
-    lab.start_agent("n2", AgentOptions { fast_path });
+    lab.start_agent("n1", AgentOptions { fast_path, ..AgentOptions::default() });
+    lab.start_agent("n2", AgentOptions { fast_path, ..AgentOptions::default() });
     lab.serve("b", "echo", PORT);
     lab.serve("d", "echo", PORT);
     for &client in clients {
