@@ -67,6 +67,7 @@ fn ipv4_mapped_ipv6_connects_are_captured() {
 fn dialling_the_agent_listener_directly_does_not_loop() {
     let mut lab = lab("loop");
     let d = lab.get("d").addr(PORT);
+    let a15006 = lab.get("a").addr(15006);
     let before = lab.agent("n1").fresh_status().stat("captured");
 
     // 127.0.0.1:15001 is loopback: not captured, it reaches the agent's listener itself,
@@ -76,14 +77,21 @@ fn dialling_the_agent_listener_directly_does_not_loop() {
         Ok(r) => assert!(r.server.is_none(), "nothing answers behind it: {r:?}"),
         Err(e) => assert!(e.contains("reset"), "{e}"),
     }
-    lab.agent("n1").wait_access("refusal", |e| e["result"] == "refused" && e["pod"] == "a");
-
-    // The inbound listener from outside the pod: steered to itself, refused, no loop.
-    let a15006 = lab.get("a").addr(15006);
+    // The inbound listener, dialled from outside the pod: steered to itself; the agent
+    // must refuse rather than deliver to its own port (which would come straight back).
     match lab.ask("c", a15006) {
         Ok(r) => assert!(r.server.is_none(), "{r:?}"),
         Err(e) => assert!(e.contains("reset"), "{e}"),
     }
+    let agent = lab.agent("n1");
+    agent.wait_access("outbound refusal", |e| e["result"] == "refused" && e["direction"] == "outbound");
+    agent.wait_access("inbound refusal", |e| e["result"] == "refused" && e["dst"] == a15006.to_string());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Each was handled exactly once: no connection chasing its own tail.
+    let log = agent.access_log();
+    let to_15006 = log.iter().filter(|e| e["dst"] == a15006.to_string()).count();
+    let outbound_refused = log.iter().filter(|e| e["direction"] == "outbound" && e["result"] == "refused").count();
+    assert_eq!((to_15006, outbound_refused), (1, 1), "{log:#?}");
 
     // The agent is healthy and counted exactly one capture for the next real connection.
     let r = lab.ask("a", d).expect("a still reaches d");
