@@ -13,6 +13,8 @@ pub enum Client {
     Blocking,
     /// Non-blocking socket driven by poll(2), like Go, tokio, nginx, Java NIO.
     EventLoop,
+    /// An event loop that writes half, pauses this many milliseconds, writes the rest.
+    EventLoopSplit(u64),
 }
 
 /// What `send` / `send-poll` report.
@@ -101,11 +103,14 @@ impl Lab {
     }
 
     pub fn transfer_with(&self, client: Client, pod: &str, to: SocketAddr, bytes: usize) -> Result<Transfer, String> {
-        let mode = match client {
-            Client::Blocking => "send",
-            Client::EventLoop => "send-poll",
+        let (to, bytes) = (to.to_string(), bytes.to_string());
+        let args: Vec<String> = match client {
+            Client::Blocking => vec!["send".into(), to, bytes],
+            Client::EventLoop => vec!["send-poll".into(), to, bytes],
+            Client::EventLoopSplit(ms) => vec!["send-split".into(), to, bytes, ms.to_string()],
         };
-        parse(&self.run_in_pod(pod, self.app(&[mode, &to.to_string(), &bytes.to_string()])))
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        parse(&self.run_in_pod(pod, self.app(&args)))
     }
 
     /// Try to bind `port` in `pod`: Ok(()) or Err(message).

@@ -207,6 +207,12 @@ impl Lab {
         }
     }
 
+    /// Give `pod` one more address (like a pod IP that appears late).
+    pub fn add_address(&self, pod: &str, ip: Ipv4Addr) {
+        let ns = self.get(pod).netns.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        run("ip", &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+    }
+
     /// Start a long-running process in `pod` (netns + cgroup), e.g. a server.
     pub fn spawn_in_pod(&mut self, pod: &str, cmd: Command) -> u32 {
         let p = self.get(pod).clone();

@@ -8,6 +8,8 @@
 //!   A blocking client: one thread writes, one reads.
 //! * `send-poll ADDR N` — the same as an event loop (non-blocking socket + poll(2)), the
 //!   way Go, tokio, nginx or Java NIO programs do I/O.
+//! * `send-split ADDR N MS` — like `send-poll`, but writes the first half, pauses MS
+//!   milliseconds, then writes the rest.
 //! * `ask ADDR`     — connect to a whoami server; print its view and ours.
 //! * `bind PORT`    — try to bind 0.0.0.0:PORT; print whether it worked.
 
@@ -29,7 +31,12 @@ fn main() {
         "echo" => serve(port(arg(1)), echo),
         "whoami" => serve(port(arg(1)), whoami),
         "send" => send(addr(arg(1)), arg(2).parse().unwrap_or_else(|_| usage())),
-        "send-poll" => send_poll(addr(arg(1)), arg(2).parse().unwrap_or_else(|_| usage())),
+        "send-poll" => send_poll(addr(arg(1)), arg(2).parse().unwrap_or_else(|_| usage()), None),
+        "send-split" => {
+            let n: usize = arg(2).parse().unwrap_or_else(|_| usage());
+            let ms: u64 = arg(3).parse().unwrap_or_else(|_| usage());
+            send_poll(addr(arg(1)), n, Some((n / 2, Duration::from_millis(ms))))
+        }
         "ask" => ask(addr(arg(1))),
         "bind" => bind(port(arg(1))),
         _ => usage(),
@@ -122,13 +129,22 @@ fn send(to: SocketAddr, n: usize) {
     );
 }
 
-fn send_poll(to: SocketAddr, n: usize) {
+/// `pause`: after writing this many bytes, sleep this long before writing the rest.
+fn send_poll(to: SocketAddr, n: usize, mut pause: Option<(usize, Duration)>) {
     use std::os::fd::AsRawFd;
+    let data = payload(n);
     let mut s = connect(to);
+    let mut off = 0usize;
+    if let Some((at, _)) = pause {
+        // Write the first part the moment connect() returns (a small, blocking write).
+        match s.write(&data[..at]) {
+            Ok(w) => off = w,
+            Err(e) => fail(&format!("first write: {e}")),
+        }
+    }
     let (local, peer) = (s.local_addr().ok(), s.peer_addr().ok());
     s.set_nonblocking(true).unwrap_or_else(|e| fail(&format!("nonblocking: {e}")));
-    let data = payload(n);
-    let (mut off, mut got, mut shut) = (0usize, Vec::with_capacity(n), false);
+    let (mut got, mut shut) = (Vec::with_capacity(n), false);
     let (mut write_error, mut read_error) = (None, None);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut buf = vec![0u8; 64 * 1024];
@@ -136,6 +152,12 @@ fn send_poll(to: SocketAddr, n: usize) {
         if !shut && off == data.len() {
             let _ = s.shutdown(Shutdown::Write);
             shut = true;
+        }
+        if let Some((at, wait)) = pause {
+            if off >= at {
+                std::thread::sleep(wait);
+                pause = None;
+            }
         }
         let events = libc::POLLIN | if shut { 0 } else { libc::POLLOUT };
         let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events, revents: 0 };
@@ -149,7 +171,11 @@ fn send_poll(to: SocketAddr, n: usize) {
             continue;
         }
         if !shut && pfd.revents & (libc::POLLOUT | libc::POLLERR) != 0 {
-            match s.write(&data[off..]) {
+            let end = match pause {
+                Some((at, _)) => at.max(off),
+                None => data.len(),
+            };
+            match s.write(&data[off..end]) {
                 Ok(w) => off += w,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => {
