@@ -30,6 +30,7 @@ pub const ENV_CGROUP: &str = "SELVEDGE_CGROUP";
 pub const ENV_FAST_PATH: &str = "SELVEDGE_FAST_PATH";
 pub const ENV_LOG_FORMAT: &str = "SELVEDGE_LOG_FORMAT";
 pub const ENV_MAX_PODS: &str = "SELVEDGE_MAX_PODS";
+pub const ENV_STATUS_FILE: &str = "SELVEDGE_STATUS_FILE";
 
 /// Where pins live unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/selvedge";

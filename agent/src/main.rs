@@ -64,9 +64,9 @@ struct RunArgs {
     /// eBPF object to load instead of the one embedded in this binary.
     #[arg(long)]
     bpf_object: Option<PathBuf>,
-    /// Write a JSON status (ready, enrolled pods, kernel counters) to this file after
-    /// every change.
-    #[arg(long)]
+    /// Keep a JSON status (ready, config generation, enrolled and failed pods with the
+    /// reason, kernel counters) in this file, rewritten atomically every half second.
+    #[arg(long, env = config::ENV_STATUS_FILE)]
     status_file: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = config::ENV_LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]

@@ -99,7 +99,9 @@ impl Direction {
 #[derive(Debug)]
 pub struct Flow<'a> {
     pub direction: Direction,
-    pub pod: &'a PodContext,
+    /// The pod whose listener accepted the connection.
+    pub pod: &'a str,
+    pub namespace: &'a str,
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub started: Instant,
@@ -111,7 +113,7 @@ impl Flow<'_> {
         tracing::warn!(
             target: "selvedge::access",
             direction = self.direction.as_str(),
-            pod = %self.pod.name, namespace = %self.pod.namespace,
+            pod = %self.pod, namespace = %self.namespace,
             src = %self.src, dst = %self.dst,
             result = "refused", reason,
             "connection refused"
@@ -129,7 +131,7 @@ pub async fn relay(flow: Flow<'_>, mut downstream: TcpStream, mut upstream: TcpS
     tracing::info!(
         target: "selvedge::access",
         direction = flow.direction.as_str(),
-        pod = %flow.pod.name, namespace = %flow.pod.namespace,
+        pod = %flow.pod, namespace = %flow.namespace,
         src = %flow.src, dst = %flow.dst,
         bytes_sent = sent, bytes_received = received,
         duration_ms = flow.started.elapsed().as_millis() as u64,
@@ -164,4 +166,62 @@ pub fn reset(stream: TcpStream) {
     // A zero linger makes close() send RST at once; it never blocks.
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (c, l.accept().await.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn relay_copies_both_ways_and_carries_half_close() {
+        let (mut app, downstream) = pair().await;
+        let (upstream, mut server) = pair().await;
+        let flow = Flow {
+            direction: Direction::Outbound,
+            pod: "a",
+            namespace: "ns",
+            src: app.local_addr().unwrap(),
+            dst: server.local_addr().unwrap(),
+            started: Instant::now(),
+        };
+        let relayed = tokio::spawn(async move { relay(flow, downstream, upstream).await });
+
+        app.write_all(b"hello").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello", "the app's half-close reached the server after its bytes");
+
+        // The other direction still flows after the first one closed.
+        server.write_all(b"world").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        app.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"world");
+        relayed.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_open_connections() {
+        let conns = Arc::new(ConnTracker::default());
+        let guard = conns.open();
+        assert_eq!(conns.drain(Duration::from_millis(50)).await, 1, "times out with one open");
+        let waiter = {
+            let conns = conns.clone();
+            tokio::spawn(async move { conns.drain(Duration::from_secs(5)).await })
+        };
+        drop(guard);
+        assert_eq!(waiter.await.unwrap(), 0, "returns once the last one closes");
+    }
 }

@@ -2,6 +2,7 @@
 //! neither hijack captured traffic nor squat a port the agent needs after a restart.
 
 use aya_ebpf::{helpers::generated::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_log_ebpf::warn;
 use selvedge_common::{Stat, RESERVED_PORTS};
 
 use crate::maps::{bump, enrolled, is_agent};
@@ -29,5 +30,6 @@ fn verdict(ctx: &SockAddrContext) -> i32 {
         return 1;
     }
     bump(Stat::BindRefused);
+    warn!(ctx, "selvedge: refused bind of agent port {} by a process in an enrolled pod", port);
     0
 }

@@ -158,13 +158,20 @@ impl Agent {
         self.status()
     }
 
+    /// Every structured log event so far.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).collect()
+    }
+
     /// Access-log events (`target == selvedge::access`) so far.
     pub fn access_log(&self) -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["target"] == "selvedge::access")
-            .collect()
+        self.events().into_iter().filter(|v| v["target"] == "selvedge::access").collect()
+    }
+
+    /// Wait (briefly) for any log event matching `pred`.
+    pub fn wait_event(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        wait_for(5, &format!("log event on {}: {what}", self.spec.node), || self.events().into_iter().find(|e| pred(e)))
     }
 
     /// Wait (briefly) for an access-log event matching `pred`: the event is written when

@@ -49,6 +49,8 @@ fn pods_cannot_bind_the_agent_ports() {
     lab.bind_in_pod("c", 15001).expect("an unenrolled pod is untouched");
     let s = lab.agent("n1").fresh_status();
     assert!(s.stat("bind_refused") >= 3, "refusals counted: {:?}", s.stats);
+    // The kernel's own record of it reaches the agent's log (aya-log -> tracing).
+    lab.agent("n1").wait_event("a kernel-side log record", |e| e["target"] == "selvedge::ebpf");
 }
 
 #[test]

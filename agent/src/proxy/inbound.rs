@@ -53,7 +53,14 @@ async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContex
         reset(stream);
         return;
     };
-    let flow = Flow { direction: Direction::Inbound, pod, src: peer, dst: local, started };
+    let flow = Flow {
+        direction: Direction::Inbound,
+        pod: &pod.name,
+        namespace: &pod.namespace,
+        src: peer,
+        dst: local,
+        started,
+    };
     if RESERVED_PORTS.contains(&local.port()) {
         // Delivering to the agent's own port would loop back into this listener.
         flow.refused("destination is a port reserved for the agent");

@@ -52,13 +52,21 @@ async fn handle(
     let key = OrigDstKey { netns_cookie: cookie, app, _pad: 0 };
     let Some(orig) = flows.original_destination(&key) else {
         // Not a connection the kernel captured (or its record was lost): never guess.
-        let flow = Flow { direction: Direction::Outbound, pod, src: peer, dst: peer, started };
+        let flow = Flow {
+            direction: Direction::Outbound,
+            pod: &pod.name,
+            namespace: &pod.namespace,
+            src: peer,
+            dst: peer,
+            started,
+        };
         flow.refused("no original destination recorded for this connection");
         reset(stream);
         return;
     };
     let dst = addr::from_abi(&orig);
-    let flow = Flow { direction: Direction::Outbound, pod, src: peer, dst, started };
+    let flow =
+        Flow { direction: Direction::Outbound, pod: &pod.name, namespace: &pod.namespace, src: peer, dst, started };
     if let Ok(local) = stream.local_addr() {
         let pair = PairKey { netns_cookie: cookie, local: addr::to_abi(local), remote: app };
         if let Err(e) = flows.join_fast_path(&pair, &stream) {

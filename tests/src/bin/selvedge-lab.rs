@@ -89,7 +89,7 @@ fn demo(keep: bool) {
     }
     let n1 = lab.agent("node-1").fresh_status();
     let n2 = lab.agent("node-2").fresh_status();
-    println!("\nKernel counters (connect4 captures / SYNs steered by sk_lookup / fast-path sends):");
+    println!("\nKernel counters (connect4 captures / SYNs steered by sk_lookup / fast-path sends; the fast path is off by default):");
     for (node, s) in [("node-1", &n1), ("node-2", &n2)] {
         println!(
             "  {node}: captured {}  inbound steered {}  fast-path hits {}",
@@ -128,9 +128,9 @@ fn look_around(lab: &mut Lab) {
         "  a pod's view:      ip netns exec {} ss -tlnp   (the agent's 15001/15006 listeners)",
         fe.netns.file_name().unwrap_or_default().to_string_lossy()
     );
+    // A throwaway shell joins the pod's cgroup (never the user's own: teardown kills it).
     println!(
-        "  talk as frontend:  the pod's processes live in cgroup {}; e.g. `echo $$ > {}/cgroup.procs; ip netns exec {} nc {} {}`",
-        fe.cgroup.display(),
+        "  talk as frontend:  sh -c 'echo $$ > {}/cgroup.procs; exec ip netns exec {} python3 -c \"import socket; print(socket.create_connection((\\\"{}\\\", {})).getpeername())\"'",
         fe.cgroup.display(),
         fe.netns.file_name().unwrap_or_default().to_string_lossy(),
         db.ip(),
