@@ -20,7 +20,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{net::TcpStream, sync::Notify};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Notify,
+};
 
 use crate::inpod::PodNetns;
 
@@ -118,6 +121,37 @@ impl Flow<'_> {
             result = "refused", reason,
             "connection refused"
         );
+    }
+}
+
+/// Accept forever (until the task is aborted), each connection in its own task counted
+/// by `conns`. Accept errors (e.g. out of file descriptors) are logged and retried after a
+/// short pause instead of spinning.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    pod: &str,
+    direction: Direction,
+    conns: Arc<ConnTracker>,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(pod, direction = direction.as_str(), "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let guard = conns.open();
+        let conn = handle(stream, peer);
+        tokio::spawn(async move {
+            let _guard = guard;
+            conn.await;
+        });
     }
 }
 

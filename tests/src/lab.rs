@@ -95,6 +95,18 @@ impl Lab {
         }
     }
 
+    /// The common fixture: node n1 with a meshed pod `a` and an unmeshed pod `c`, node n2
+    /// with a meshed pod `d`, agents running on both with default options.
+    pub fn two_nodes(name: &str) -> Self {
+        let mut lab = Lab::new(name);
+        lab.node("n1").node("n2");
+        lab.pod("n1", "a", true).pod("n1", "c", false);
+        lab.pod("n2", "d", true);
+        lab.start_agent("n1", AgentOptions::default());
+        lab.start_agent("n2", AgentOptions::default());
+        lab
+    }
+
     /// Add a node: a netns routing between its pods' bridge and the fabric.
     pub fn node(&mut self, name: &str) -> &mut Self {
         let index = u8::try_from(self.nodes.len() + 1).expect("few nodes");

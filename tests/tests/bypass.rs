@@ -2,7 +2,7 @@
 //! the agent's ports cannot be taken, IPv4-mapped IPv6 is captured like IPv4, and dialling
 //! the agent's own listener does not loop.
 
-use selvedge_tests::{AgentOptions, Lab};
+use selvedge_tests::Lab;
 
 const PORT: u16 = 8080;
 const AGENT_DELIVERY: &str = "127.0.0.6";
@@ -10,12 +10,7 @@ const AGENT_DELIVERY: &str = "127.0.0.6";
 const EPERM: &str = "os error 1";
 
 fn lab(name: &str) -> Lab {
-    let mut lab = Lab::new(name);
-    lab.node("n1").node("n2");
-    lab.pod("n1", "a", true).pod("n1", "c", false);
-    lab.pod("n2", "d", true);
-    lab.start_agent("n1", AgentOptions::default());
-    lab.start_agent("n2", AgentOptions::default());
+    let mut lab = Lab::two_nodes(name);
     lab.serve("d", "whoami", PORT);
     lab
 }

@@ -7,12 +7,7 @@ const PORT: u16 = 8080;
 const AGENT_DELIVERY: &str = "127.0.0.6";
 
 fn lab(name: &str) -> Lab {
-    let mut lab = Lab::new(name);
-    lab.node("n1").node("n2");
-    lab.pod("n1", "a", true).pod("n1", "c", false);
-    lab.pod("n2", "d", true);
-    lab.start_agent("n1", AgentOptions::default());
-    lab.start_agent("n2", AgentOptions::default());
+    let mut lab = Lab::two_nodes(name);
     lab.serve("a", "whoami", PORT);
     lab.serve("d", "whoami", PORT);
     lab

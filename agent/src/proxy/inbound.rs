@@ -10,7 +10,7 @@ use std::{
 use selvedge_common::RESERVED_PORTS;
 use tokio::net::TcpListener;
 
-use super::{connect_in_pod, relay, reset, ConnTracker, Direction, Flow, PodContext};
+use super::{accept_loop, connect_in_pod, relay, reset, ConnTracker, Direction, Flow, PodContext};
 use crate::addr;
 
 /// Source of the agent's connections to the app: a loopback address, which the pod's
@@ -27,23 +27,14 @@ async fn deliver(pod: &PodContext, app: SocketAddr, timeout: Duration) -> Result
     connect_in_pod(pod, source, app, timeout).await
 }
 
+/// Serve one inbound listener until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, conns: Arc<ConnTracker>, timeout: Duration) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(pod = %pod.name, "inbound accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let guard = conns.open();
+    let name = pod.name.clone();
+    accept_loop(listener, &name, Direction::Inbound, conns, move |stream, peer| {
         let pod = pod.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            handle(stream, peer, &pod, timeout).await;
-        });
-    }
+        async move { handle(stream, peer, &pod, timeout).await }
+    })
+    .await
 }
 
 async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, timeout: Duration) {

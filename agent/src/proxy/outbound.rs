@@ -10,7 +10,7 @@ use std::{
 use selvedge_common::{OrigDstKey, PairKey};
 use tokio::net::TcpListener;
 
-use super::{connect_in_pod, relay, reset, ConnTracker, Direction, Flow, PodContext};
+use super::{accept_loop, connect_in_pod, relay, reset, ConnTracker, Direction, Flow, PodContext};
 use crate::{addr, datapath::FlowMaps};
 
 /// Serve one outbound listener until the task is aborted.
@@ -21,22 +21,12 @@ pub async fn serve(
     conns: Arc<ConnTracker>,
     timeout: Duration,
 ) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(pod = %pod.name, "outbound accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let guard = conns.open();
+    let name = pod.name.clone();
+    accept_loop(listener, &name, Direction::Outbound, conns, move |stream, peer| {
         let (pod, flows) = (pod.clone(), flows.clone());
-        tokio::spawn(async move {
-            let _guard = guard;
-            handle(stream, peer, &pod, &flows, timeout).await;
-        });
-    }
+        async move { handle(stream, peer, &pod, &flows, timeout).await }
+    })
+    .await
 }
 
 async fn handle(
