@@ -37,6 +37,8 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot install the SIGTERM handler: {0}")]
+    Signal(#[source] std::io::Error),
     #[error("pod {pod}: no free pod slot ({max} pods per node, see --max-pods); its inbound stays closed")]
     NoSlot { pod: String, max: u32 },
     #[error("status file {path}: {source}")]
@@ -121,16 +123,19 @@ impl Agent {
 
     /// Serve until SIGTERM/SIGINT, then drain.
     pub async fn run(mut self, status_file: Option<PathBuf>) -> Result<(), AppError> {
-        let mut last_text = std::fs::read_to_string(&self.settings.config).ok();
-        let cfg = LocalConfig::load(&self.settings.config)?;
+        let path = self.settings.config.clone();
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| config::ConfigError::Read { path: path.clone(), source })?;
+        let cfg = LocalConfig::parse(&text, &path)?;
+        let mut last_text = Some(text);
         self.apply(&cfg).await?;
         self.applied_new_config();
         self.sweep_stale()?;
         self.write_status(status_file.as_ref(), true)?;
         tracing::info!(enrolled = self.pods.len(), failed = self.failed.len(), "ready");
 
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|source| AppError::Cgroup { what: "install SIGTERM handler".into(), source })?;
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(AppError::Signal)?;
         let mut tick = tokio::time::interval(Duration::from_millis(config::RELOAD_INTERVAL_MS));
         let mut retry_at = tokio::time::Instant::now();
         loop {

@@ -148,8 +148,6 @@ pub struct Datapath {
     slots: Array<MapData, u32>,
     inbound: SockMap<MapData>,
     stats: PerCpuArray<MapData, u64>,
-    /// Keeps the sk_msg attachment alive: it is a map attachment, not a pinnable link.
-    _sk_msg_attached: bool,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -188,14 +186,13 @@ impl Datapath {
         set(&mut settings, Setting::FastPath, u64::from(opts.fast_path))?;
 
         let pairs: SockHash<MapData, PairKey> = take(&mut ebpf, maps::PAIRS)?;
-        let sk_msg_attached = if opts.fast_path {
+        if opts.fast_path {
+            // A map attachment, not a pinnable link: the program (kept in `_ebpf`) owns it,
+            // so it lives as long as this agent. With the agent gone, sends fall back to TCP.
             let prog: &mut SkMsg = program(&mut ebpf, SK_MSG)?;
             prog.load().map_err(prog_err(SK_MSG, "load"))?;
             prog.attach(pairs.fd()).map_err(prog_err(SK_MSG, "attach to the sockhash"))?;
-            true
-        } else {
-            false
-        };
+        }
 
         // Cgroup bpf_links always coexist with other links on the same cgroup (the kernel
         // rejects BPF_F_ALLOW_MULTI on BPF_LINK_CREATE), so `Single` is the right mode here.
@@ -227,7 +224,6 @@ impl Datapath {
             stats: take(&mut ebpf, maps::STATS)?,
             object,
             _ebpf: ebpf,
-            _sk_msg_attached: sk_msg_attached,
         };
         Ok((dp, flows))
     }
