@@ -14,6 +14,7 @@ pub mod addr;
 pub mod app;
 pub mod config;
 pub mod datapath;
+pub mod identity;
 pub mod inpod;
 pub mod proxy;
 pub mod state;

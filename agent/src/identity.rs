@@ -1,0 +1,20 @@
+//! Workload identity: SPIFFE IDs, the certificate authorities that issue X.509-SVIDs, and
+//! the per-service-account certificates the agent keeps current.
+//!
+//! # Layout
+//! * `spiffe.rs` — [`SpiffeId`]: `spiffe://<trust-domain>/ns/<namespace>/sa/<account>`;
+//! * `ca.rs`     — the built-in CA (`selvedge ca init`) and SVID issuance;
+//! * `svid.rs`   — [`Svid`]: a certificate chain and its private key, parsed once;
+//! * `manager.rs`— one SVID per service account on the node, renewed at half-life, kept
+//!   while renewal fails, dropped at expiry (traffic is then refused, never sent plain).
+
+mod ca;
+mod manager;
+mod spiffe;
+mod svid;
+
+pub use ca::{svid_params, BuiltinCa, CaError};
+pub use manager::{BuiltinSource, CertSource, CertStatus, IdentityError, IdentityManager, IssueFuture};
+
+pub use spiffe::{SpiffeError, SpiffeId};
+pub use svid::{identity_of, Svid, SvidError};

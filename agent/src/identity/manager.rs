@@ -1,0 +1,308 @@
+//! One SVID per service account that has a workload on this node.
+//!
+//! * issued when the first workload of that account is enrolled, with a P-256 key the agent
+//!   generates (it never leaves the agent);
+//! * renewed from half its lifetime on; if renewal fails the valid certificate is kept and
+//!   renewal retried;
+//! * at expiry it is dropped: handshakes for that identity then fail and its traffic is
+//!   refused — never sent without mTLS.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use parking_lot::RwLock;
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls::{crypto::CryptoProvider, RootCertStore};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use super::{BuiltinCa, SpiffeId, Svid};
+
+/// How often the manager looks for certificates to renew or drop.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Wait between failed renewal attempts.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+
+pub type IssueFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<CertificateDer<'static>>, String>> + Send + 'a>>;
+
+/// Where certificates come from.
+pub trait CertSource: Send + Sync + 'static {
+    /// A chain (leaf first) for `id` over the public key of `key`.
+    fn issue<'a>(&'a self, id: &'a SpiffeId, key: &'a KeyPair) -> IssueFuture<'a>;
+    /// The trust bundle peers are verified against.
+    fn roots(&self) -> Vec<CertificateDer<'static>>;
+}
+
+/// The built-in CA as a source, issuing certificates of a fixed lifetime.
+#[derive(Debug)]
+pub struct BuiltinSource {
+    pub ca: BuiltinCa,
+    pub lifetime: Duration,
+}
+
+impl CertSource for BuiltinSource {
+    fn issue<'a>(&'a self, id: &'a SpiffeId, key: &'a KeyPair) -> IssueFuture<'a> {
+        Box::pin(async move { self.ca.issue(id, key, self.lifetime).map_err(|e| e.to_string()) })
+    }
+
+    fn roots(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.ca.root()]
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("no valid certificate for {id}: {reason}")]
+    Unavailable { id: SpiffeId, reason: String },
+    #[error("trust bundle: {0}")]
+    Roots(String),
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    svid: Option<Arc<Svid>>,
+    /// Enrolled workloads using this identity; the entry goes when it drops to zero.
+    users: usize,
+    last_error: Option<String>,
+    retry_at: Option<SystemTime>,
+}
+
+/// What `certs` in the status / config dump shows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertStatus {
+    pub identity: String,
+    pub not_after: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+pub struct IdentityManager {
+    source: Arc<dyn CertSource>,
+    provider: Arc<CryptoProvider>,
+    trust_domain: String,
+    roots: Arc<RootCertStore>,
+    entries: RwLock<BTreeMap<SpiffeId, Entry>>,
+}
+
+impl std::fmt::Debug for IdentityManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityManager").field("trust_domain", &self.trust_domain).finish_non_exhaustive()
+    }
+}
+
+impl IdentityManager {
+    pub fn new(
+        source: Arc<dyn CertSource>,
+        provider: Arc<CryptoProvider>,
+        trust_domain: &str,
+    ) -> Result<Arc<Self>, IdentityError> {
+        let mut roots = RootCertStore::empty();
+        for r in source.roots() {
+            roots.add(r).map_err(|e| IdentityError::Roots(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(IdentityError::Roots("the certificate source has no roots".into()));
+        }
+        Ok(Arc::new(Self {
+            source,
+            provider,
+            trust_domain: trust_domain.into(),
+            roots: Arc::new(roots),
+            entries: RwLock::new(BTreeMap::new()),
+        }))
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
+    }
+
+    pub fn provider(&self) -> Arc<CryptoProvider> {
+        self.provider.clone()
+    }
+
+    /// Start using `id` (a workload of that account is enrolled): issue its certificate
+    /// now if there is none.
+    pub async fn acquire(&self, id: &SpiffeId) -> Result<Arc<Svid>, IdentityError> {
+        self.entries.write().entry(id.clone()).or_default().users += 1;
+        if let Some(svid) = self.current(id) {
+            return Ok(svid);
+        }
+        self.renew(id).await;
+        self.current(id).ok_or_else(|| IdentityError::Unavailable { id: id.clone(), reason: self.last_error(id) })
+    }
+
+    /// Stop using `id`; its certificate is forgotten when no workload uses it.
+    pub fn release(&self, id: &SpiffeId) {
+        let mut entries = self.entries.write();
+        if let Some(e) = entries.get_mut(id) {
+            e.users = e.users.saturating_sub(1);
+            if e.users == 0 {
+                entries.remove(id);
+            }
+        }
+    }
+
+    /// The valid certificate for `id`, if any (none once expired).
+    pub fn current(&self, id: &SpiffeId) -> Option<Arc<Svid>> {
+        let entries = self.entries.read();
+        let svid = entries.get(id)?.svid.clone()?;
+        (!svid.expired(SystemTime::now())).then_some(svid)
+    }
+
+    fn last_error(&self, id: &SpiffeId) -> String {
+        self.entries.read().get(id).and_then(|e| e.last_error.clone()).unwrap_or_else(|| "not issued".into())
+    }
+
+    /// Issue a fresh certificate for `id`; on failure keep the old one and note the error.
+    async fn renew(&self, id: &SpiffeId) {
+        let result = match KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256) {
+            Ok(key) => match self.source.issue(id, &key).await {
+                Ok(chain) => {
+                    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+                    Svid::new(chain, der, &self.provider).map_err(|e| e.to_string()).and_then(|svid| {
+                        if &svid.id == id {
+                            Ok(svid)
+                        } else {
+                            Err(format!("issued certificate is for {}, not {id}", svid.id))
+                        }
+                    })
+                }
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(format!("generate key: {e}")),
+        };
+        let mut entries = self.entries.write();
+        let Some(entry) = entries.get_mut(id) else { return };
+        match result {
+            Ok(svid) => {
+                tracing::info!(identity = %id, valid_for_s = svid.not_after.duration_since(SystemTime::now()).unwrap_or_default().as_secs(), "certificate issued");
+                entry.svid = Some(Arc::new(svid));
+                entry.last_error = None;
+                entry.retry_at = None;
+            }
+            Err(e) => {
+                tracing::warn!(identity = %id, "certificate not renewed (keeping the current one while valid): {e}");
+                entry.last_error = Some(e);
+                entry.retry_at = Some(SystemTime::now() + RETRY_AFTER);
+            }
+        }
+    }
+
+    /// One pass: renew what is past half-life (or missing), drop what has expired.
+    pub async fn refresh(&self) {
+        let now = SystemTime::now();
+        let due: Vec<SpiffeId> = {
+            let mut entries = self.entries.write();
+            for (id, e) in entries.iter_mut() {
+                if e.svid.as_ref().is_some_and(|s| s.expired(now)) {
+                    tracing::error!(identity = %id, "certificate expired; this identity's traffic is refused until renewal succeeds");
+                    e.svid = None;
+                }
+            }
+            entries
+                .iter()
+                .filter(|(_, e)| e.retry_at.is_none_or(|t| now >= t))
+                .filter(|(_, e)| e.svid.as_ref().is_none_or(|s| now >= s.renew_at()))
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for id in due {
+            self.renew(&id).await;
+        }
+    }
+
+    /// Run [`refresh`](Self::refresh) forever.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(CHECK_EVERY).await;
+            self.refresh().await;
+        }
+    }
+
+    pub fn status(&self) -> Vec<CertStatus> {
+        self.entries
+            .read()
+            .iter()
+            .map(|(id, e)| CertStatus {
+                identity: id.to_string(),
+                not_after: e
+                    .svid
+                    .as_ref()
+                    .and_then(|s| s.not_after.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs()),
+                last_error: e.last_error.clone(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    /// A source that signs with the built-in CA but can be told to fail.
+    struct Flaky {
+        inner: BuiltinSource,
+        fail: AtomicBool,
+    }
+
+    impl CertSource for Flaky {
+        fn issue<'a>(&'a self, id: &'a SpiffeId, key: &'a KeyPair) -> IssueFuture<'a> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Box::pin(async { Err("CA unreachable".to_string()) });
+            }
+            self.inner.issue(id, key)
+        }
+        fn roots(&self) -> Vec<CertificateDer<'static>> {
+            self.inner.roots()
+        }
+    }
+
+    fn source(lifetime: Duration) -> Arc<Flaky> {
+        let dir = std::env::temp_dir().join(format!("selvedge-mgr-{}-{}", std::process::id(), lifetime.as_millis()));
+        let _ = std::fs::remove_dir_all(&dir);
+        BuiltinCa::init(&dir, "td").unwrap();
+        let ca = BuiltinCa::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        Arc::new(Flaky { inner: BuiltinSource { ca, lifetime }, fail: AtomicBool::new(false) })
+    }
+
+    #[tokio::test]
+    async fn issues_renews_keeps_on_failure_and_drops_at_expiry() {
+        // Valid for 4 s from issue: past half-life after 2 s.
+        let src = source(Duration::from_secs(4));
+        let mgr =
+            IdentityManager::new(src.clone(), Arc::new(rustls::crypto::aws_lc_rs::default_provider()), "td").unwrap();
+        let id = SpiffeId::new("td", "ns", "sa").unwrap();
+        let first = mgr.acquire(&id).await.unwrap();
+        mgr.refresh().await;
+        assert!(Arc::ptr_eq(&first, &mgr.current(&id).unwrap()), "not renewed before half-life");
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        mgr.refresh().await;
+        let second = mgr.current(&id).unwrap();
+        assert!(!Arc::ptr_eq(&first, &second), "renewed past half-life");
+
+        src.fail.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        mgr.refresh().await;
+        let kept = mgr.current(&id).expect("the valid certificate is kept while renewal fails");
+        assert!(Arc::ptr_eq(&kept, &second));
+        assert!(mgr.status()[0].last_error.as_deref() == Some("CA unreachable"));
+
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        mgr.refresh().await;
+        assert!(mgr.current(&id).is_none(), "dropped at expiry: no certificate, no traffic");
+
+        mgr.release(&id);
+        assert!(mgr.status().is_empty());
+    }
+}
