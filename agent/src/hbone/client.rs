@@ -1,0 +1,159 @@
+//! HBONE client: tunnels are HTTP/2 streams on pooled mTLS connections.
+//!
+//! Pool key: (source pod, source identity, destination identity, destination IP). The
+//! source *pod* is part of the key because the agent's sockets live in each pod's network
+//! namespace: two pods sharing a service account must not share an outer connection, or one
+//! pod's traffic would leave from the other's address.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use h2::{client::SendRequest, RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+use parking_lot::Mutex;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
+use crate::{
+    identity::{IdentityManager, SpiffeId},
+    tls,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("connect to {0}: {1}")]
+    Dial(SocketAddr, String),
+    #[error("TLS to {0}: {1}")]
+    Tls(SocketAddr, String),
+    #[error("HTTP/2 to {0}: {1}")]
+    H2(SocketAddr, h2::Error),
+    #[error("{0} answered {1} to CONNECT")]
+    Status(SocketAddr, StatusCode),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The source pod (its netns cookie): sockets are created in its netns.
+    pub src_pod: u64,
+    pub src: SpiffeId,
+    pub dst: SpiffeId,
+    /// The destination pod's HBONE address (`<pod IP>:15008`).
+    pub dst_addr: SocketAddr,
+}
+
+/// A tunnel ready to carry bytes.
+#[derive(Debug)]
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    ids: Arc<IdentityManager>,
+    conns: Mutex<HashMap<PoolKey, SendRequest<Bytes>>>,
+}
+
+impl Pool {
+    pub fn new(ids: Arc<IdentityManager>) -> Self {
+        Self { ids, conns: Mutex::new(HashMap::new()) }
+    }
+
+    /// Open a CONNECT stream to `target` through the pooled connection for `key`, dialling
+    /// a new one with `dial` when there is none (or the pooled one has gone away).
+    pub async fn open<D, F>(
+        &self,
+        key: &PoolKey,
+        target: SocketAddr,
+        source: SocketAddr,
+        dial: D,
+    ) -> Result<Tunnel, TunnelError>
+    where
+        D: Fn() -> F,
+        F: std::future::Future<Output = std::io::Result<TcpStream>>,
+    {
+        let pooled = self.conns.lock().get(key).cloned();
+        if let Some(sender) = pooled {
+            match stream(sender, key.dst_addr, target, source).await {
+                Ok(t) => return Ok(t),
+                Err(e) => {
+                    tracing::debug!(dst = %key.dst_addr, "pooled HBONE connection unusable, dialling anew: {e}");
+                    self.conns.lock().remove(key);
+                }
+            }
+        }
+        let sender = self.connect(key, dial).await?;
+        self.conns.lock().insert(key.clone(), sender.clone());
+        stream(sender, key.dst_addr, target, source).await
+    }
+
+    async fn connect<D, F>(&self, key: &PoolKey, dial: D) -> Result<SendRequest<Bytes>, TunnelError>
+    where
+        D: Fn() -> F,
+        F: std::future::Future<Output = std::io::Result<TcpStream>>,
+    {
+        let to = key.dst_addr;
+        let tcp = dial().await.map_err(|e| TunnelError::Dial(to, e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let cfg = tls::client_config(&self.ids, &key.src, &key.dst).map_err(|e| TunnelError::Tls(to, e.to_string()))?;
+        let name = ServerName::IpAddress(to.ip().into());
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(cfg).connect(name, tcp))
+            .await
+            .map_err(|_| TunnelError::Tls(to, "handshake timed out".into()))?
+            .map_err(|e| TunnelError::Tls(to, e.to_string()))?;
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| TunnelError::H2(to, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(dst = %to, "HBONE connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Pooled connections (for status).
+    pub fn len(&self) -> usize {
+        self.conns.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One CONNECT stream; a non-200 answer is an error (the caller resets the app).
+async fn stream(
+    sender: SendRequest<Bytes>,
+    to: SocketAddr,
+    target: SocketAddr,
+    source: SocketAddr,
+) -> Result<Tunnel, TunnelError> {
+    let mut ready = sender.ready().await.map_err(|e| TunnelError::H2(to, e))?;
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .header("forwarded", format!("for={}", forwarded_for(source)))
+        .body(())
+        .map_err(|e| TunnelError::Dial(to, e.to_string()))?;
+    let (response, send) = ready.send_request(req, false).map_err(|e| TunnelError::H2(to, e))?;
+    let response = response.await.map_err(|e| TunnelError::H2(to, e))?;
+    if response.status() != StatusCode::OK {
+        return Err(TunnelError::Status(to, response.status()));
+    }
+    Ok(Tunnel { send, recv: response.into_body() })
+}
+
+/// RFC 7239 node: IPv6 in quotes and brackets.
+fn forwarded_for(source: SocketAddr) -> String {
+    match source {
+        SocketAddr::V4(v4) => v4.ip().to_string(),
+        SocketAddr::V6(v6) => format!("\"[{}]\"", v6.ip()),
+    }
+}

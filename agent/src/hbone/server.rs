@@ -1,0 +1,174 @@
+//! The HBONE listener inside one pod (port 15008). For each TLS connection: finish the
+//! handshake in bounded time, take the client's identity from its verified certificate,
+//! then serve CONNECT streams whose target is this pod, delivering each to the app.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use selvedge_common::RESERVED_PORTS;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use super::{splice, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
+use crate::{addr, identity::SpiffeId, tls};
+
+/// What the server needs from the agent, for one pod.
+pub trait Upstream: Send + Sync + 'static {
+    /// Connect to the app at `target` inside this pod.
+    fn connect(&self, target: SocketAddr) -> impl std::future::Future<Output = Result<TcpStream, String>> + Send;
+    /// Record one finished (or refused) tunnelled connection.
+    fn log(&self, record: Record<'_>);
+}
+
+/// One inbound HBONE connection, for the access log.
+#[derive(Debug)]
+pub struct Record<'a> {
+    pub peer: SocketAddr,
+    pub target: Option<SocketAddr>,
+    /// The verified client identity (the source principal).
+    pub principal: Option<&'a SpiffeId>,
+    pub status: u16,
+    pub reason: &'a str,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// How one pod's HBONE listener is set up.
+#[derive(Clone)]
+pub struct ServerOptions {
+    pub tls: TlsAcceptor,
+    pub trust_domain: Arc<str>,
+    /// Normally [`HANDSHAKE_TIMEOUT`](super::HANDSHAKE_TIMEOUT).
+    pub handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions").field("trust_domain", &self.trust_domain).finish_non_exhaustive()
+    }
+}
+
+/// Serve `listener` until the task is aborted.
+pub async fn serve<U: Upstream>(listener: TcpListener, opts: ServerOptions, upstream: Arc<U>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("hbone accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (opts, up) = (opts.clone(), upstream.clone());
+        tokio::spawn(async move { connection(tcp, addr::canonical(peer), opts, up).await });
+    }
+}
+
+async fn connection<U: Upstream>(tcp: TcpStream, peer: SocketAddr, opts: ServerOptions, up: Arc<U>) {
+    let refuse = |reason: &str| {
+        up.log(Record { peer, target: None, principal: None, status: 0, reason, bytes_in: 0, bytes_out: 0 });
+    };
+    let Ok(local) = tcp.local_addr().map(addr::canonical) else { return };
+    let _ = tcp.set_nodelay(true);
+    let stream = match tokio::time::timeout(opts.handshake_timeout, opts.tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return refuse(&format!("TLS handshake failed: {e}")),
+        Err(_) => return refuse("TLS handshake timed out"),
+    };
+    let principal = match tls::peer_identity(stream.get_ref().1.peer_certificates(), &opts.trust_domain) {
+        Ok(id) => Arc::new(id),
+        Err(e) => return refuse(&format!("client certificate rejected: {e}")),
+    };
+    let mut conn = match h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .handshake::<_, Bytes>(stream)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return refuse(&format!("HTTP/2 handshake failed: {e}")),
+    };
+    while let Some(next) = conn.accept().await {
+        let Ok((req, respond)) = next else { break };
+        let (up, principal) = (up.clone(), principal.clone());
+        tokio::spawn(async move { serve_stream(req, respond, peer, local, &principal, &*up).await });
+    }
+}
+
+/// Check a CONNECT request; Ok(target) or Err((status, reason)).
+pub fn check_target(req: &Request<h2::RecvStream>, local: SocketAddr) -> Result<SocketAddr, (StatusCode, String)> {
+    if req.method() != Method::CONNECT {
+        return Err((StatusCode::METHOD_NOT_ALLOWED, format!("method {} is not CONNECT", req.method())));
+    }
+    let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or_default();
+    let target: SocketAddr = authority
+        .parse()
+        .map_err(|_| (StatusCode::BAD_REQUEST, format!("CONNECT target {authority:?} is not an IP:port")))?;
+    let target = addr::canonical(target);
+    if target.ip() != local.ip() {
+        // A tunnel reaches the pod whose identity it presented, never another one.
+        return Err((StatusCode::BAD_REQUEST, format!("CONNECT target {target} is not the workload behind {local}")));
+    }
+    if RESERVED_PORTS.contains(&target.port()) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("CONNECT target port {} is reserved for the agent", target.port()),
+        ));
+    }
+    Ok(target)
+}
+
+async fn serve_stream<U: Upstream>(
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    principal: &SpiffeId,
+    up: &U,
+) {
+    let reply = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
+        let resp = Response::builder().status(status).body(()).unwrap_or_default();
+        respond.send_response(resp, status != StatusCode::OK)
+    };
+    let record = |target, status: StatusCode, reason, bytes_in, bytes_out| Record {
+        peer,
+        target,
+        principal: Some(principal),
+        status: status.as_u16(),
+        reason,
+        bytes_in,
+        bytes_out,
+    };
+    let target = match check_target(&req, local) {
+        Ok(t) => t,
+        Err((status, reason)) => {
+            let _ = reply(&mut respond, status);
+            return up.log(record(None, status, reason.as_str(), 0, 0));
+        }
+    };
+    let app = match up.connect(target).await {
+        Ok(s) => s,
+        Err(reason) => {
+            let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            return up.log(record(Some(target), StatusCode::SERVICE_UNAVAILABLE, reason.as_str(), 0, 0));
+        }
+    };
+    let send = match reply(&mut respond, StatusCode::OK) {
+        Ok(s) => s,
+        Err(e) => {
+            let reason = format!("stream gone: {e}");
+            return up.log(record(Some(target), StatusCode::OK, reason.as_str(), 0, 0));
+        }
+    };
+    let recv = req.into_body();
+    match splice(app, send, recv).await {
+        Ok((to_client, to_app)) => up.log(record(Some(target), StatusCode::OK, "", to_app, to_client)),
+        Err(e) => {
+            let reason = e.to_string();
+            up.log(record(Some(target), StatusCode::OK, reason.as_str(), 0, 0))
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! In-process tests of the HBONE client and server: real TLS 1.3 and HTTP/2 on loopback,
+//! certificates from a real built-in CA, no eBPF.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use parking_lot::Mutex;
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::{
+    client::{Pool, PoolKey, TunnelError},
+    server::{self, Record, ServerOptions, Upstream},
+};
+use crate::{
+    identity::{svid_params, BuiltinCa, BuiltinSource, IdentityManager, SpiffeId},
+    tls,
+};
+
+const TD: &str = "lab.local";
+
+fn id(ns: &str, sa: &str) -> SpiffeId {
+    SpiffeId::new(TD, ns, sa).unwrap()
+}
+
+fn ca(name: &str) -> BuiltinCa {
+    let dir = std::env::temp_dir().join(format!("selvedge-hbone-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    BuiltinCa::init(&dir, TD).unwrap();
+    let ca = BuiltinCa::load(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    ca
+}
+
+fn manager(ca: BuiltinCa) -> Arc<IdentityManager> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    IdentityManager::new(Arc::new(BuiltinSource { ca, lifetime: Duration::from_secs(3600) }), provider, TD).unwrap()
+}
+
+/// Delivers to a loopback echo server and keeps every record.
+#[derive(Default)]
+struct Recorder {
+    echo: Mutex<Option<SocketAddr>>,
+    records: Mutex<Vec<(u16, String, Option<String>)>>,
+}
+
+impl Upstream for Recorder {
+    async fn connect(&self, target: SocketAddr) -> Result<TcpStream, String> {
+        let echo = self.echo.lock().ok_or("no app")?;
+        // The target's IP is this listener's (checked by the server); the app is the echo.
+        assert_eq!(target.ip(), echo.ip());
+        TcpStream::connect(echo).await.map_err(|e| e.to_string())
+    }
+
+    fn log(&self, r: Record<'_>) {
+        self.records.lock().push((r.status, r.reason.to_string(), r.principal.map(|p| p.to_string())));
+    }
+}
+
+struct Fixture {
+    /// The root the agent's manager issues from, held by the test too (to sign bad certs).
+    ca: BuiltinCa,
+    ids: Arc<IdentityManager>,
+    server_id: SpiffeId,
+    server: SocketAddr,
+    echo: SocketAddr,
+    up: Arc<Recorder>,
+}
+
+async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// The same root loaded twice: once for the agent's manager, once for the test.
+fn shared_ca() -> (BuiltinCa, BuiltinCa) {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("selvedge-hbone-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    BuiltinCa::init(&dir, TD).unwrap();
+    let pair = (BuiltinCa::load(&dir).unwrap(), BuiltinCa::load(&dir).unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+    pair
+}
+
+async fn fixture(handshake_timeout: Duration) -> Fixture {
+    let (for_agent, for_test) = shared_ca();
+    let ids = manager(for_agent);
+    let server_id = id("shop", "db");
+    ids.acquire(&server_id).await.unwrap();
+    ids.acquire(&id("shop", "web")).await.unwrap();
+    let up = Arc::new(Recorder::default());
+    let echo = echo_server().await;
+    *up.echo.lock() = Some(echo);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let opts = ServerOptions {
+        tls: TlsAcceptor::from(tls::server_config(&ids, &server_id).unwrap()),
+        trust_domain: TD.into(),
+        handshake_timeout,
+    };
+    tokio::spawn(server::serve(listener, opts, up.clone()));
+    Fixture { ca: for_test, ids, server_id, server, echo, up }
+}
+
+fn key(f: &Fixture, src: SpiffeId, dst: SpiffeId) -> PoolKey {
+    PoolKey { src_pod: 1, src, dst, dst_addr: f.server }
+}
+
+async fn open(pool: &Pool, k: &PoolKey, target: SocketAddr) -> Result<super::client::Tunnel, TunnelError> {
+    let to = k.dst_addr;
+    pool.open(k, target, "127.0.0.1:1".parse().unwrap(), || TcpStream::connect(to)).await
+}
+
+/// Send `data` through a tunnel, half-close, read everything back.
+async fn round_trip(t: super::client::Tunnel, data: &[u8]) -> Vec<u8> {
+    let super::client::Tunnel { mut send, mut recv } = t;
+    send.send_data(Bytes::copy_from_slice(data), true).unwrap();
+    let mut got = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.unwrap();
+        recv.flow_control().release_capacity(chunk.len()).unwrap();
+        got.extend_from_slice(&chunk);
+    }
+    got
+}
+
+async fn records_settle(up: &Recorder, n: usize) -> Vec<(u16, String, Option<String>)> {
+    for _ in 0..100 {
+        if up.records.lock().len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    up.records.lock().clone()
+}
+
+#[tokio::test]
+async fn tunnels_bytes_with_verified_identities_and_pools_connections() {
+    let f = fixture(Duration::from_secs(5)).await;
+    let pool = Pool::new(f.ids.clone());
+    let k = key(&f, id("shop", "web"), f.server_id.clone());
+    let target = SocketAddr::new(f.server.ip(), f.echo.port());
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    for _ in 0..3 {
+        let t = open(&pool, &k, target).await.unwrap();
+        assert_eq!(round_trip(t, &payload).await, payload);
+    }
+    assert_eq!(pool.len(), 1, "three tunnels shared one pooled connection");
+    let recs = records_settle(&f.up, 3).await;
+    assert!(
+        recs.iter().all(|(s, _, p)| *s == 200 && p.as_deref() == Some("spiffe://lab.local/ns/shop/sa/web")),
+        "{recs:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_with_another_identity_is_refused() {
+    let f = fixture(Duration::from_secs(5)).await;
+    let pool = Pool::new(f.ids.clone());
+    let k = key(&f, id("shop", "web"), id("shop", "not-db"));
+    let err = open(&pool, &k, SocketAddr::new(f.server.ip(), f.echo.port())).await.unwrap_err();
+    assert!(matches!(err, TunnelError::Tls(..)), "{err}");
+    assert!(err.to_string().contains("not-db"), "names the identity it expected: {err}");
+}
+
+#[tokio::test]
+async fn targets_other_than_this_workload_are_refused() {
+    let f = fixture(Duration::from_secs(5)).await;
+    let pool = Pool::new(f.ids.clone());
+    let k = key(&f, id("shop", "web"), f.server_id.clone());
+    for (target, why) in [
+        ("127.0.0.2:8080", "another pod's address (tunnel-target spoofing)"),
+        ("127.0.0.1:15001", "the agent's own port"),
+    ] {
+        let err = open(&pool, &k, target.parse().unwrap()).await.unwrap_err();
+        assert!(matches!(err, TunnelError::Status(_, StatusCode::BAD_REQUEST)), "{why}: {err}");
+    }
+}
+
+/// A raw HTTP/2 client on an mTLS connection, for requests the pool would never send.
+async fn raw_h2(f: &Fixture) -> h2::client::SendRequest<Bytes> {
+    let cfg = tls::client_config(&f.ids, &id("shop", "web"), &f.server_id).unwrap();
+    let tcp = TcpStream::connect(f.server).await.unwrap();
+    let tls = TlsConnector::from(cfg).connect(ServerName::IpAddress(f.server.ip().into()), tcp).await.unwrap();
+    let (sender, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn status_of(sender: &h2::client::SendRequest<Bytes>, req: Request<()>) -> StatusCode {
+    let mut s = sender.clone().ready().await.unwrap();
+    let (resp, _send) = s.send_request(req, false).unwrap();
+    resp.await.unwrap().status()
+}
+
+#[tokio::test]
+async fn non_connect_and_malformed_targets_get_errors() {
+    let f = fixture(Duration::from_secs(5)).await;
+    let sender = raw_h2(&f).await;
+    let get = Request::builder().method(Method::GET).uri(format!("https://{}/", f.server)).body(()).unwrap();
+    assert_eq!(status_of(&sender, get).await, StatusCode::METHOD_NOT_ALLOWED);
+    let bad = Request::builder().method(Method::CONNECT).uri("not-an-address:80").body(()).unwrap();
+    assert_eq!(status_of(&sender, bad).await, StatusCode::BAD_REQUEST);
+    let recs = records_settle(&f.up, 2).await;
+    assert!(recs.iter().any(|(s, r, _)| *s == 405 && r.contains("not CONNECT")), "{recs:?}");
+    assert!(recs.iter().any(|(s, r, _)| *s == 400 && r.contains("not an IP:port")), "{recs:?}");
+}
+
+#[tokio::test]
+async fn a_flood_of_streams_is_bounded() {
+    let f = fixture(Duration::from_secs(5)).await;
+    let sender = raw_h2(&f).await;
+    let target = SocketAddr::new(f.server.ip(), f.echo.port());
+    let connect = || Request::builder().method(Method::CONNECT).uri(target.to_string()).body(()).unwrap();
+    // Hold the maximum number of open streams.
+    let mut open = Vec::new();
+    for _ in 0..super::MAX_STREAMS {
+        let mut s = sender.clone().ready().await.unwrap();
+        let (resp, send) = s.send_request(connect(), false).unwrap();
+        open.push((resp.await.unwrap(), send));
+    }
+    // One more must wait: the server advertised the limit and holds it.
+    let waiting = tokio::time::timeout(Duration::from_millis(300), async {
+        let mut s = sender.clone().ready().await.unwrap();
+        let (resp, _send) = s.send_request(connect(), false).unwrap();
+        resp.await
+    })
+    .await;
+    assert!(waiting.is_err(), "stream 101 was served while 100 were open");
+    // Finishing one frees a slot.
+    let (_, mut send) = open.pop().unwrap();
+    send.send_reset(h2::Reason::CANCEL);
+    let mut s = tokio::time::timeout(Duration::from_secs(5), sender.clone().ready()).await.unwrap().unwrap();
+    let (resp, _send) = s.send_request(connect(), false).unwrap();
+    assert_eq!(tokio::time::timeout(Duration::from_secs(5), resp).await.unwrap().unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_handshake_that_never_finishes_is_dropped() {
+    let f = fixture(Duration::from_millis(300)).await;
+    let mut idle = TcpStream::connect(f.server).await.unwrap();
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(3), idle.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "the server closed the silent connection: {closed:?}");
+    let recs = records_settle(&f.up, 1).await;
+    assert!(recs.iter().any(|(_, r, _)| r.contains("timed out")), "{recs:?}");
+}
+
+#[tokio::test]
+async fn close_notify_right_after_client_hello_is_handled() {
+    let f = fixture(Duration::from_secs(5)).await;
+    // A rustls client that sends its ClientHello and then a close_notify alert.
+    let cfg = tls::client_config(&f.ids, &id("shop", "web"), &f.server_id).unwrap();
+    let mut conn = rustls::ClientConnection::new(cfg, ServerName::IpAddress(f.server.ip().into())).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    conn.send_close_notify();
+    conn.write_tls(&mut hello).unwrap();
+    let mut tcp = TcpStream::connect(f.server).await.unwrap();
+    tcp.write_all(&hello).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut rest)).await.expect("server closes");
+    // The server is unharmed: a real tunnel still works.
+    let pool = Pool::new(f.ids.clone());
+    let k = key(&f, id("shop", "web"), f.server_id.clone());
+    let t = open(&pool, &k, SocketAddr::new(f.server.ip(), f.echo.port())).await.unwrap();
+    assert_eq!(round_trip(t, b"still here").await, b"still here");
+}
+
+/// Connect with a hand-made client certificate and report what the server logged.
+async fn with_client_cert(f: &Fixture, chain: Vec<CertificateDer<'static>>, key: &KeyPair) -> String {
+    let verifier = tls::SpiffeServerVerifier::new(&f.ids, f.server_id.clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(f.ids.provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+        .unwrap();
+    cfg.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
+    cfg.enable_sni = false;
+    let before = f.up.records.lock().len();
+    let tcp = TcpStream::connect(f.server).await.unwrap();
+    if let Ok(mut s) = TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(f.server.ip().into()), tcp).await
+    {
+        // TLS 1.3: a rejected client certificate surfaces on the first read.
+        let _ = s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut [0u8; 64])).await;
+    }
+    let recs = records_settle(&f.up, before + 1).await;
+    recs.get(before).map(|r| r.1.clone()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn bad_client_certificates_are_refused() {
+    let f = fixture(Duration::from_secs(5)).await;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let web = id("shop", "web");
+    let sign = |p: rcgen::CertificateParams| vec![f.ca.sign(&p, &key).unwrap()];
+
+    // Signed by a root the server does not trust (even with the same trust-domain name).
+    let stranger = ca("stranger").issue(&web, &key, Duration::from_secs(600)).unwrap();
+    let r = with_client_cert(&f, stranger, &key).await;
+    assert!(r.contains("TLS handshake failed"), "unknown root: {r}");
+
+    let mut expired = svid_params(&web).unwrap();
+    expired.not_before = time::OffsetDateTime::now_utc() - Duration::from_secs(7200);
+    expired.not_after = time::OffsetDateTime::now_utc() - Duration::from_secs(3600);
+    let r = with_client_cert(&f, sign(expired), &key).await;
+    assert!(r.contains("TLS handshake failed"), "expired: {r}");
+
+    let mut two = svid_params(&web).unwrap();
+    two.subject_alt_names.push(rcgen::SanType::URI("spiffe://lab.local/ns/shop/sa/admin".try_into().unwrap()));
+    let r = with_client_cert(&f, sign(two), &key).await;
+    assert!(r.contains("2 URI SANs"), "two URI SANs: {r}");
+
+    let mut none = svid_params(&web).unwrap();
+    none.subject_alt_names.clear();
+    let r = with_client_cert(&f, sign(none), &key).await;
+    assert!(r.contains("0 URI SANs"), "no URI SAN: {r}");
+
+    let other_td = svid_params(&SpiffeId::new("elsewhere.local", "shop", "web").unwrap()).unwrap();
+    let r = with_client_cert(&f, sign(other_td), &key).await;
+    assert!(r.contains("not in trust domain"), "another trust domain: {r}");
+
+    // The same path with a good certificate gets through the handshake (its CONNECT-less
+    // connection then ends with the HTTP/2 preface only, logged as such or not at all).
+    let good = with_client_cert(&f, sign(svid_params(&web).unwrap()), &key).await;
+    assert!(!good.contains("rejected") && !good.contains("TLS handshake failed"), "good certificate: {good}");
+}
