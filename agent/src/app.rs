@@ -10,17 +10,20 @@ use std::{
     time::Duration,
 };
 
-use selvedge_common::{Stat, INBOUND_PORT, OUTBOUND_PORT, STATS_LEN};
+use selvedge_common::{Stat, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, STATS_LEN};
 use serde::Serialize;
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::{
     config::{self, LocalConfig, Settings},
     datapath::{Datapath, DatapathError, DatapathOptions, FlowMaps},
+    hbone,
+    identity::{BuiltinCa, BuiltinSource, IdentityManager},
     inpod::{InpodError, PodNetns},
-    proxy::{self, ConnTracker, PodContext},
+    proxy::{self, ConnTracker, Mesh, PodContext},
     state::{self, Change, PodSpec},
-    sys,
+    sys, tls,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,12 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    #[error("certificate authority {dir}: {detail}")]
+    Ca { dir: PathBuf, detail: String },
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsSetupError),
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(#[source] std::io::Error),
     #[error("pod {pod}: no free pod slot ({max} pods per node, see --max-pods); its inbound stays closed")]
@@ -84,6 +93,8 @@ pub struct Agent {
     settings: Settings,
     datapath: Datapath,
     flows: Arc<FlowMaps>,
+    /// Identities, the HBONE pool and the directory of meshed workloads.
+    mesh: Arc<Mesh>,
     conns: Arc<ConnTracker>,
     pods: BTreeMap<String, Enrolled>,
     /// Pods the config wants but that could not be enrolled.
@@ -107,12 +118,26 @@ impl Agent {
             bpf_object: settings.bpf_object.clone(),
             max_pods: settings.max_pods,
         };
+        let ca = BuiltinCa::load(&settings.ca_dir).map_err(|e| AppError::Ca {
+            dir: settings.ca_dir.clone(),
+            detail: format!("{e}; create one with `selvedge ca init --dir {}`", settings.ca_dir.display()),
+        })?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let source = Arc::new(BuiltinSource { ca, lifetime: settings.cert_lifetime });
+        let ids = IdentityManager::new(source, provider, &settings.trust_domain)?;
+        tokio::spawn(ids.clone().run());
+        let mesh = Arc::new(Mesh {
+            directory: parking_lot::RwLock::new(Arc::new(state::Directory::new())),
+            pool: hbone::client::Pool::new(ids.clone()),
+            ids,
+        });
         let (datapath, flows) = Datapath::open(&opts)?;
         tracing::info!(pin_dir = %settings.pin_dir.display(), cgroup = %settings.cgroup.display(), "eBPF programs attached");
         Ok(Self {
             settings,
             datapath,
             flows: Arc::new(flows),
+            mesh,
             conns: Arc::new(ConnTracker::default()),
             pods: BTreeMap::new(),
             failed: BTreeMap::new(),
@@ -183,7 +208,13 @@ impl Agent {
 
     /// Enroll and unenroll to match `cfg`. Per-pod failures are recorded, not fatal.
     async fn apply(&mut self, cfg: &LocalConfig) -> Result<(), AppError> {
-        let desired = state::desired(cfg, &self.settings.node)?;
+        let mesh = state::Mesh {
+            node: &self.settings.node,
+            trust_domain: &self.settings.trust_domain,
+            root_namespace: &self.settings.root_namespace,
+        };
+        let desired = state::desired(cfg, &mesh)?;
+        *self.mesh.directory.write() = Arc::new(state::directory(cfg, &self.settings.trust_domain)?);
         let current: BTreeMap<String, PodSpec> = self.pods.iter().map(|(k, v)| (k.clone(), v.spec.clone())).collect();
         let gone: Vec<String> = self.failed.keys().filter(|uid| !desired.contains_key(*uid)).cloned().collect();
         for uid in gone {
@@ -196,10 +227,13 @@ impl Agent {
         for change in state::plan(&current, &desired) {
             match change {
                 Change::Unenroll(uid) => self.unenroll(&uid),
-                Change::SetStrict(uid, strict) => {
+                Change::SetMtls(uid, mtls) => {
                     if let Some(p) = self.pods.get_mut(&uid) {
-                        match self.datapath.set_flags(p.ctx.netns.cookie(), p.pod_id, strict) {
-                            Ok(()) => p.spec.strict = strict,
+                        match self.datapath.set_flags(p.ctx.netns.cookie(), p.pod_id, mtls.kernel_strict()) {
+                            Ok(()) => {
+                                *p.ctx.mtls.write() = mtls.clone();
+                                p.spec.mtls = mtls;
+                            }
                             Err(e) => tracing::error!(pod = %p.spec.name, "mtls mode not updated: {e}"),
                         }
                     }
@@ -231,7 +265,7 @@ impl Agent {
         match self.enroll(spec, netns).await {
             Ok(()) => {
                 self.failed.remove(&spec.uid);
-                tracing::info!(pod = %spec.name, namespace = %spec.namespace, strict = spec.strict, "enrolled");
+                tracing::info!(pod = %spec.name, namespace = %spec.namespace, identity = %spec.identity, strict = spec.mtls.kernel_strict(), "enrolled");
             }
             Err(e) => {
                 let closed = match ns_fd {
@@ -260,41 +294,74 @@ impl Agent {
     async fn enroll(&mut self, spec: &PodSpec, netns: PodNetns) -> Result<(), AppError> {
         let cookie = netns.cookie();
         let pod_id = self.pod_slot(cookie, &spec.name)?;
-        let outbound4 = netns.listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT)).await?;
-        // IPv6 may be disabled in the pod; IPv4 capture still works then.
-        let outbound6 = match netns.listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT)).await {
-            Ok(l) => Some(l),
+        // No certificate, no enrollment: the pod stays closed rather than unauthenticated.
+        self.mesh.ids.acquire(&spec.identity).await?;
+        let listeners = self.open_listeners(&netns, &spec.name).await;
+        let (outbound, inbound, hbone) = match listeners {
+            Ok(l) => l,
             Err(e) => {
-                tracing::debug!(pod = %spec.name, "no IPv6 outbound listener: {e}");
-                None
+                self.mesh.ids.release(&spec.identity);
+                return Err(e);
             }
         };
-        let inbound = match netns.listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), INBOUND_PORT)).await {
-            Ok(l) => l,
-            Err(_) => netns.listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), INBOUND_PORT)).await?,
-        };
-        self.datapath.enroll(cookie, netns.file(), pod_id, spec.strict, &inbound)?;
+        if let Err(e) = self.datapath.enroll(cookie, netns.file(), pod_id, spec.mtls.kernel_strict(), &inbound) {
+            self.mesh.ids.release(&spec.identity);
+            return Err(e.into());
+        }
 
         let ctx = Arc::new(PodContext {
             uid: spec.uid.clone(),
             name: spec.name.clone(),
             namespace: spec.namespace.clone(),
+            identity: spec.identity.clone(),
+            ips: spec.ips.clone(),
             netns,
+            mtls: parking_lot::RwLock::new(spec.mtls.clone()),
         });
         let timeout = Duration::from_secs(config::CONNECT_TIMEOUT_SECS);
-        let mut accept_tasks =
-            vec![tokio::spawn(proxy::inbound::serve(inbound, ctx.clone(), self.conns.clone(), timeout))];
-        for l in std::iter::once(outbound4).chain(outbound6) {
+        let hbone_opts = hbone::server::ServerOptions {
+            tls: tokio_rustls::TlsAcceptor::from(tls::server_config(&self.mesh.ids, &spec.identity)?),
+            trust_domain: self.settings.trust_domain.as_str().into(),
+            handshake_timeout: hbone::HANDSHAKE_TIMEOUT,
+        };
+        let upstream = Arc::new(proxy::inbound::HboneUpstream { pod: ctx.clone(), conns: self.conns.clone(), timeout });
+        let mut accept_tasks = vec![
+            tokio::spawn(proxy::inbound::serve(inbound, ctx.clone(), self.conns.clone(), timeout)),
+            tokio::spawn(hbone::server::serve(hbone, hbone_opts, upstream)),
+        ];
+        for l in outbound {
             accept_tasks.push(tokio::spawn(proxy::outbound::serve(
                 l,
                 ctx.clone(),
                 self.flows.clone(),
+                self.mesh.clone(),
                 self.conns.clone(),
                 timeout,
             )));
         }
         self.pods.insert(spec.uid.clone(), Enrolled { spec: spec.clone(), pod_id, ctx, accept_tasks });
         Ok(())
+    }
+
+    /// The agent's listeners inside a pod: outbound 15001 (IPv4, and IPv6 when the pod has
+    /// it), inbound 15006 and HBONE 15008 (dual-stack when possible).
+    async fn open_listeners(
+        &self,
+        netns: &PodNetns,
+        pod: &str,
+    ) -> Result<(Vec<TcpListener>, TcpListener, TcpListener), AppError> {
+        let mut outbound = vec![netns.listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT)).await?];
+        match netns.listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT)).await {
+            Ok(l) => outbound.push(l),
+            Err(e) => tracing::debug!(pod, "no IPv6 outbound listener: {e}"),
+        }
+        let any = |port| async move {
+            match netns.listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)).await {
+                Ok(l) => Ok(l),
+                Err(_) => netns.listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)).await,
+            }
+        };
+        Ok((outbound, any(INBOUND_PORT).await?, any(HBONE_PORT).await?))
     }
 
     /// Reuse the slot a previous agent gave this netns, else the lowest free one.
@@ -322,6 +389,7 @@ impl Agent {
         for t in p.accept_tasks {
             t.abort();
         }
+        self.mesh.ids.release(&p.spec.identity);
         tracing::info!(pod = %p.spec.name, namespace = %p.spec.namespace, "unenrolled");
     }
 

@@ -10,8 +10,10 @@
 //!     node: node-1          # workloads on other nodes are peers, not enrolled here
 //!     ips: [198.18.1.10]
 //!     netns: /run/netns/web-0   # required for workloads on this node
-//!     mtlsMode: PERMISSIVE  # or STRICT: plaintext SYNs are dropped in the kernel
 //!     labels: {app: web}
+//! peerAuthentications:      # Istio security.istio.io/v1 PeerAuthentication documents
+//!   - metadata: {name: default, namespace: shop}
+//!     spec: {mtls: {mode: STRICT}}
 //! ```
 
 use std::{
@@ -31,6 +33,14 @@ pub const ENV_FAST_PATH: &str = "SELVEDGE_FAST_PATH";
 pub const ENV_LOG_FORMAT: &str = "SELVEDGE_LOG_FORMAT";
 pub const ENV_MAX_PODS: &str = "SELVEDGE_MAX_PODS";
 pub const ENV_STATUS_FILE: &str = "SELVEDGE_STATUS_FILE";
+pub const ENV_TRUST_DOMAIN: &str = "SELVEDGE_TRUST_DOMAIN";
+pub const ENV_ROOT_NAMESPACE: &str = "SELVEDGE_ROOT_NAMESPACE";
+pub const ENV_CA_DIR: &str = "SELVEDGE_CA_DIR";
+pub const ENV_CERT_LIFETIME: &str = "SELVEDGE_CERT_LIFETIME";
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+pub const DEFAULT_CA_DIR: &str = "/var/lib/selvedge/ca";
 
 /// Where pins live unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/selvedge";
@@ -57,17 +67,8 @@ pub enum ConfigError {
     },
     #[error("config: workload #{index} ({uid}): {problem}")]
     Workload { index: usize, uid: String, problem: String },
-}
-
-/// `mtlsMode` of a workload: what inbound plaintext gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum MtlsMode {
-    /// Plaintext inbound is accepted (through the agent).
-    #[default]
-    Permissive,
-    /// Plaintext inbound SYNs are dropped in the kernel.
-    Strict,
+    #[error("config: {0}")]
+    PeerAuth(#[from] crate::policy::PeerAuthError),
 }
 
 /// One workload (pod) as the file describes it.
@@ -87,8 +88,6 @@ pub struct Workload {
     #[serde(default)]
     pub netns: Option<PathBuf>,
     #[serde(default)]
-    pub mtls_mode: MtlsMode,
-    #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
 
@@ -102,9 +101,12 @@ fn default_service_account() -> String {
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct LocalConfig {
     #[serde(default)]
     pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub peer_authentications: Vec<crate::policy::PeerAuthentication>,
 }
 
 impl LocalConfig {
@@ -148,6 +150,9 @@ impl LocalConfig {
                 }
             }
         }
+        for p in &self.peer_authentications {
+            p.validate()?;
+        }
         Ok(())
     }
 
@@ -169,6 +174,13 @@ pub struct Settings {
     pub bpf_object: Option<PathBuf>,
     /// Per-pod map capacity when the maps are first created.
     pub max_pods: u32,
+    pub trust_domain: String,
+    /// Where mesh-wide `PeerAuthentication`s live.
+    pub root_namespace: String,
+    /// The built-in CA's directory (`selvedge ca init`).
+    pub ca_dir: PathBuf,
+    /// Lifetime of the SVIDs the built-in CA issues.
+    pub cert_lifetime: std::time::Duration,
 }
 
 #[cfg(test)]
@@ -184,11 +196,11 @@ mod tests {
     #[test]
     fn parses_a_full_workload() {
         let c = parse(
-            "workloads:\n- uid: u1\n  name: a\n  namespace: ns\n  serviceAccount: sa\n  node: n1\n  ips: [198.18.1.10]\n  netns: /run/netns/a\n  mtlsMode: STRICT\n  labels: {app: a}\n",
+            "workloads:\n- uid: u1\n  name: a\n  namespace: ns\n  serviceAccount: sa\n  node: n1\n  ips: [198.18.1.10]\n  netns: /run/netns/a\n  labels: {app: a}\npeerAuthentications:\n- metadata: {name: d, namespace: ns}\n  spec: {mtls: {mode: STRICT}}\n",
         )
         .unwrap();
         let w = &c.workloads[0];
-        assert_eq!(w.mtls_mode, MtlsMode::Strict);
+        assert_eq!(c.peer_authentications.len(), 1);
         assert_eq!(w.service_account, "sa");
         assert_eq!(w.ips, vec!["198.18.1.10".parse::<IpAddr>().unwrap()]);
         assert_eq!(c.local_workloads("n1").count(), 1);
@@ -200,7 +212,6 @@ mod tests {
         assert_eq!(parse("").unwrap(), LocalConfig::default());
         let c = parse("workloads:\n- {uid: u, name: a, node: n}\n").unwrap();
         assert_eq!(c.workloads[0].namespace, "default");
-        assert_eq!(c.workloads[0].mtls_mode, MtlsMode::Permissive);
     }
 
     #[test]
@@ -211,8 +222,9 @@ mod tests {
         assert!(rel.to_string().contains("absolute"), "{rel}");
         let unknown = parse("workloads:\n- {uid: u, name: a, node: n, bogus: 1}\n").unwrap_err();
         assert!(unknown.to_string().contains("bogus"), "{unknown}");
-        let mode = parse("workloads:\n- {uid: u, name: a, node: n, mtlsMode: SOMETIMES}\n").unwrap_err();
-        assert!(mode.to_string().contains("SOMETIMES"), "{mode}");
+        let pa = parse("peerAuthentications:\n- metadata: {name: x, namespace: n}\n  spec: {portLevelMtls: {\"80\": {mode: STRICT}}}\n")
+            .unwrap_err();
+        assert!(pa.to_string().contains("portLevelMtls needs spec.selector"), "{pa}");
         let ip = parse("workloads:\n- {uid: u, name: a, node: n, ips: [not-an-ip]}\n").unwrap_err();
         assert!(matches!(ip, ConfigError::Parse { .. }));
     }

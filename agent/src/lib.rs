@@ -17,6 +17,7 @@ pub mod datapath;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
+pub mod policy;
 pub mod proxy;
 pub mod state;
 pub mod sys;

@@ -33,6 +33,22 @@ enum Command {
         #[arg(long, env = config::ENV_PIN_DIR, default_value = config::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// The built-in certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a root (root-cert.pem, and root-key.pem readable by root only) in DIR. Every
+    /// agent that should trust the others loads the same directory (`run --ca-dir`).
+    /// Refuses to overwrite an existing root.
+    Init {
+        #[arg(long, env = config::ENV_CA_DIR, default_value = config::DEFAULT_CA_DIR)]
+        dir: PathBuf,
+        #[arg(long, env = config::ENV_TRUST_DOMAIN, default_value = config::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -71,6 +87,21 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = config::ENV_LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// SPIFFE trust domain of this mesh: identities are spiffe://<TD>/ns/<ns>/sa/<sa>.
+    #[arg(long, env = config::ENV_TRUST_DOMAIN, default_value = config::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Namespace whose selector-less PeerAuthentication applies mesh-wide.
+    #[arg(long, env = config::ENV_ROOT_NAMESPACE, default_value = config::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
+    /// Built-in CA directory (from `selvedge ca init`); the agent signs its workloads'
+    /// certificates with it. All agents of a mesh share the same root.
+    #[arg(long, env = config::ENV_CA_DIR, default_value = config::DEFAULT_CA_DIR)]
+    ca_dir: PathBuf,
+    /// Lifetime, in seconds, of the workload certificates the built-in CA issues; they are
+    /// renewed at half-life.
+    #[arg(long, env = config::ENV_CERT_LIFETIME, default_value_t = 24 * 3600,
+          value_parser = clap::value_parser!(u64).range(10..))]
+    cert_lifetime_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -93,6 +124,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Ca(CaCommand::Init { dir, trust_domain }) => {
+            selvedge::identity::SpiffeId::new(&trust_domain, "default", "default")
+                .with_context(|| format!("trust domain {trust_domain:?}"))?;
+            let cert = selvedge::identity::BuiltinCa::init(&dir, &trust_domain)?;
+            println!("root written: {} (trust domain {trust_domain})", cert.display());
+            Ok(())
+        }
         Command::Uninstall { pin_dir } => {
             let n = datapath::uninstall(&pin_dir).with_context(|| format!("uninstall {}", pin_dir.display()))?;
             println!("removed {n} pins under {}", pin_dir.display());
@@ -115,8 +153,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         fast_path: args.fast_path,
         bpf_object: args.bpf_object,
         max_pods: args.max_pods,
+        trust_domain: args.trust_domain,
+        root_namespace: args.root_namespace,
+        ca_dir: args.ca_dir,
+        cert_lifetime: std::time::Duration::from_secs(args.cert_lifetime_secs),
     };
     tracing::info!(?settings, "starting");
+    // One crypto provider for the whole process, installed explicitly.
+    if rustls::crypto::aws_lc_rs::default_provider().install_default().is_err() {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start the async runtime")?;
     rt.block_on(async move {
         let agent = Agent::start(settings)?;

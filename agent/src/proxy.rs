@@ -5,8 +5,9 @@
 //! * `inbound`: a SYN from outside the pod was steered to 15006; the accepted socket's local
 //!   address is the original destination, and the agent connects to the app over `lo`.
 //!
-//! Both end in [`relay`]: bytes copied both ways with half-close carried across, and one
-//! access-log event per connection.
+//! Outbound to a meshed destination goes through an HBONE tunnel (`crate::hbone`); to
+//! anything else, plain TCP. Plaintext copies end in [`relay`]: bytes both ways with
+//! half-close carried across. Every connection produces one access-log event.
 
 pub mod inbound;
 pub mod outbound;
@@ -25,7 +26,13 @@ use tokio::{
     sync::Notify,
 };
 
-use crate::inpod::PodNetns;
+use crate::{
+    hbone::client::Pool,
+    identity::{IdentityManager, SpiffeId},
+    inpod::PodNetns,
+    policy::WorkloadMtls,
+    state::Directory,
+};
 
 /// Per-direction copy buffer: large enough for bulk transfers, small enough idle.
 const COPY_BUF: usize = 64 * 1024;
@@ -36,7 +43,20 @@ pub struct PodContext {
     pub uid: String,
     pub name: String,
     pub namespace: String,
+    pub identity: SpiffeId,
+    pub ips: Vec<std::net::IpAddr>,
     pub netns: PodNetns,
+    /// Which inbound ports refuse plaintext; changes live with PeerAuthentication.
+    pub mtls: parking_lot::RwLock<WorkloadMtls>,
+}
+
+/// Node-wide state the outbound path consults per connection.
+#[derive(Debug)]
+pub struct Mesh {
+    /// Meshed workloads by IP (replaced whole on each config change).
+    pub directory: parking_lot::RwLock<Arc<Directory>>,
+    pub pool: Pool,
+    pub ids: Arc<IdentityManager>,
 }
 
 /// Counts open connections so shutdown can drain them.
@@ -108,9 +128,32 @@ pub struct Flow<'a> {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub started: Instant,
+    /// `mutual_tls` for HBONE, `none` for plaintext.
+    pub security: &'static str,
+    /// Verified identities (never taken from anything but a certificate).
+    pub src_identity: Option<&'a SpiffeId>,
+    pub dst_identity: Option<&'a SpiffeId>,
 }
 
-impl Flow<'_> {
+fn id_str(id: Option<&SpiffeId>) -> String {
+    id.map(ToString::to_string).unwrap_or_else(|| "unknown".into())
+}
+
+impl<'a> Flow<'a> {
+    pub fn new(direction: Direction, pod: &'a PodContext, src: SocketAddr, dst: SocketAddr) -> Self {
+        Flow {
+            direction,
+            pod: &pod.name,
+            namespace: &pod.namespace,
+            src,
+            dst,
+            started: Instant::now(),
+            security: "none",
+            src_identity: None,
+            dst_identity: None,
+        }
+    }
+
     /// Log a connection refused before any byte moved.
     pub fn refused(&self, reason: &str) {
         tracing::warn!(
@@ -118,8 +161,27 @@ impl Flow<'_> {
             direction = self.direction.as_str(),
             pod = %self.pod, namespace = %self.namespace,
             src = %self.src, dst = %self.dst,
+            security = self.security,
+            src_identity = %id_str(self.src_identity), dst_identity = %id_str(self.dst_identity),
             result = "refused", reason,
             "connection refused"
+        );
+    }
+
+    /// Log a finished connection.
+    pub fn closed(&self, sent: u64, received: u64, error: Option<String>) {
+        tracing::info!(
+            target: "selvedge::access",
+            direction = self.direction.as_str(),
+            pod = %self.pod, namespace = %self.namespace,
+            src = %self.src, dst = %self.dst,
+            security = self.security,
+            src_identity = %id_str(self.src_identity), dst_identity = %id_str(self.dst_identity),
+            bytes_sent = sent, bytes_received = received,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            result = if error.is_some() { "error" } else { "ok" },
+            reason = %error.unwrap_or_default(),
+            "connection closed"
         );
     }
 }
@@ -157,21 +219,10 @@ pub async fn accept_loop<F, Fut>(
 
 /// Copy both ways until both sides are done, then log the connection.
 pub async fn relay(flow: Flow<'_>, mut downstream: TcpStream, mut upstream: TcpStream) {
-    let res = tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, COPY_BUF, COPY_BUF).await;
-    let (sent, received, result, reason) = match res {
-        Ok((to_up, to_down)) => (to_up, to_down, "ok", String::new()),
-        Err(e) => (0, 0, "error", e.to_string()),
-    };
-    tracing::info!(
-        target: "selvedge::access",
-        direction = flow.direction.as_str(),
-        pod = %flow.pod, namespace = %flow.namespace,
-        src = %flow.src, dst = %flow.dst,
-        bytes_sent = sent, bytes_received = received,
-        duration_ms = flow.started.elapsed().as_millis() as u64,
-        result, reason = %reason,
-        "connection closed"
-    );
+    match tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, COPY_BUF, COPY_BUF).await {
+        Ok((to_up, to_down)) => flow.closed(to_up, to_down, None),
+        Err(e) => flow.closed(0, 0, Some(e.to_string())),
+    }
 }
 
 /// Connect from inside the pod's netns to `dst`, optionally from `source`.
@@ -228,6 +279,9 @@ mod tests {
             src: app.local_addr().unwrap(),
             dst: server.local_addr().unwrap(),
             started: Instant::now(),
+            security: "none",
+            src_identity: None,
+            dst_identity: None,
         };
         let relayed = tokio::spawn(async move { relay(flow, downstream, upstream).await });
 

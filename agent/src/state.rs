@@ -1,9 +1,21 @@
 //! Desired enrollment state and the plan that moves the kernel towards it. Pure: the
 //! caller (`app`) carries the plan out.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
-use crate::config::{ConfigError, LocalConfig, MtlsMode};
+use crate::{
+    config::{ConfigError, LocalConfig},
+    identity::SpiffeId,
+    policy::{resolve_mtls, WorkloadMtls},
+};
+
+/// Mesh-wide facts the config is read against.
+#[derive(Debug, Clone)]
+pub struct Mesh<'a> {
+    pub node: &'a str,
+    pub trust_domain: &'a str,
+    pub root_namespace: &'a str,
+}
 
 /// What enrolling one local pod needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,27 +23,76 @@ pub struct PodSpec {
     pub uid: String,
     pub name: String,
     pub namespace: String,
+    pub identity: SpiffeId,
+    pub ips: Vec<IpAddr>,
     pub netns: PathBuf,
-    pub strict: bool,
+    /// Which inbound ports refuse plaintext (PeerAuthentication).
+    pub mtls: WorkloadMtls,
+}
+
+/// Any meshed workload, local or not, as a destination: its identity for HBONE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    pub namespace: String,
+    pub node: String,
+    pub identity: SpiffeId,
+}
+
+/// Meshed workloads by IP: who answers on an address, and as whom.
+pub type Directory = BTreeMap<IpAddr, Peer>;
+
+fn identity_of(cfg: &LocalConfig, index: usize, td: &str) -> Result<SpiffeId, ConfigError> {
+    let w = &cfg.workloads[index];
+    SpiffeId::new(td, &w.namespace, &w.service_account).map_err(|e| ConfigError::Workload {
+        index,
+        uid: w.uid.clone(),
+        problem: e.to_string(),
+    })
 }
 
 /// The pods this node must enroll, by uid.
-pub fn desired(cfg: &LocalConfig, node: &str) -> Result<BTreeMap<String, PodSpec>, ConfigError> {
+pub fn desired(cfg: &LocalConfig, mesh: &Mesh<'_>) -> Result<BTreeMap<String, PodSpec>, ConfigError> {
     let mut out = BTreeMap::new();
-    for (index, w) in cfg.workloads.iter().enumerate().filter(|(_, w)| w.node == node) {
+    for (index, w) in cfg.workloads.iter().enumerate().filter(|(_, w)| w.node == mesh.node) {
         let netns = w.netns.clone().ok_or_else(|| ConfigError::Workload {
             index,
             uid: w.uid.clone(),
-            problem: format!("runs on this node ({node}) but has no netns path"),
+            problem: format!("runs on this node ({}) but has no netns path", mesh.node),
         })?;
         let spec = PodSpec {
             uid: w.uid.clone(),
             name: w.name.clone(),
             namespace: w.namespace.clone(),
+            identity: identity_of(cfg, index, mesh.trust_domain)?,
+            ips: w.ips.clone(),
             netns,
-            strict: w.mtls_mode == MtlsMode::Strict,
+            mtls: resolve_mtls(&cfg.peer_authentications, mesh.root_namespace, &w.namespace, &w.labels),
         };
         out.insert(w.uid.clone(), spec);
+    }
+    Ok(out)
+}
+
+/// Every workload in the config, by each of its IPs.
+pub fn directory(cfg: &LocalConfig, trust_domain: &str) -> Result<Directory, ConfigError> {
+    let mut out = Directory::new();
+    for (index, w) in cfg.workloads.iter().enumerate() {
+        let peer = Peer {
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            node: w.node.clone(),
+            identity: identity_of(cfg, index, trust_domain)?,
+        };
+        for ip in &w.ips {
+            if out.insert(ip.to_canonical(), peer.clone()).is_some() {
+                return Err(ConfigError::Workload {
+                    index,
+                    uid: w.uid.clone(),
+                    problem: format!("IP {ip} is used by another workload"),
+                });
+            }
+        }
     }
     Ok(out)
 }
@@ -40,8 +101,8 @@ pub fn desired(cfg: &LocalConfig, node: &str) -> Result<BTreeMap<String, PodSpec
 pub enum Change {
     Unenroll(String),
     Enroll(PodSpec),
-    /// Same pod, same netns: only its kernel flags change.
-    SetStrict(String, bool),
+    /// Same pod, same netns: only its inbound mTLS rule changes.
+    SetMtls(String, WorkloadMtls),
 }
 
 /// Steps from `current` to `desired`: every unenroll before any enroll, so a pod that moved
@@ -52,11 +113,11 @@ pub fn plan(current: &BTreeMap<String, PodSpec>, desired: &BTreeMap<String, PodS
     for (uid, cur) in current {
         match desired.get(uid) {
             None => unenroll.push(Change::Unenroll(uid.clone())),
-            Some(want) if want.netns != cur.netns => {
+            Some(want) if want.netns != cur.netns || want.identity != cur.identity || want.ips != cur.ips => {
                 unenroll.push(Change::Unenroll(uid.clone()));
                 rest.push(Change::Enroll(want.clone()));
             }
-            Some(want) if want.strict != cur.strict => rest.push(Change::SetStrict(uid.clone(), want.strict)),
+            Some(want) if want.mtls != cur.mtls => rest.push(Change::SetMtls(uid.clone(), want.mtls.clone())),
             Some(_) => {}
         }
     }
@@ -76,8 +137,18 @@ mod tests {
     use super::*;
 
     fn pod(uid: &str, netns: &str, strict: bool) -> PodSpec {
-        PodSpec { uid: uid.into(), name: uid.into(), namespace: "ns".into(), netns: netns.into(), strict }
+        PodSpec {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "ns".into(),
+            identity: SpiffeId::new("td", "ns", uid).unwrap(),
+            ips: vec![],
+            netns: netns.into(),
+            mtls: WorkloadMtls { strict, ..WorkloadMtls::default() },
+        }
     }
+
+    const MESH: Mesh<'static> = Mesh { node: "n1", trust_domain: "td", root_namespace: "istio-system" };
 
     fn map(pods: &[PodSpec]) -> BTreeMap<String, PodSpec> {
         pods.iter().map(|p| (p.uid.clone(), p.clone())).collect()
@@ -91,7 +162,7 @@ mod tests {
             plan(&cur, &want),
             vec![
                 Change::Unenroll("c".into()),
-                Change::SetStrict("b".into(), true),
+                Change::SetMtls("b".into(), WorkloadMtls { strict: true, ..WorkloadMtls::default() }),
                 Change::Enroll(pod("c", "/c2", false)),
                 Change::Enroll(pod("d", "/d", false)),
             ]
@@ -107,9 +178,34 @@ mod tests {
             Path::new("x"),
         )
         .unwrap();
-        assert!(desired(&cfg, "n3").unwrap().is_empty(), "peers on other nodes need no netns");
-        assert_eq!(desired(&cfg, "n2").unwrap().len(), 1);
-        let e = desired(&cfg, "n1").unwrap_err();
+        let on = |node| Mesh { node, ..MESH };
+        assert!(desired(&cfg, &on("n3")).unwrap().is_empty(), "peers on other nodes need no netns");
+        assert_eq!(desired(&cfg, &on("n2")).unwrap().len(), 1);
+        let e = desired(&cfg, &on("n1")).unwrap_err();
         assert!(e.to_string().contains("no netns"), "{e}");
+    }
+
+    #[test]
+    fn identities_mtls_and_the_directory_come_from_the_config() {
+        let cfg = LocalConfig::parse(
+            "workloads:\n\
+             - {uid: u, name: a, namespace: shop, serviceAccount: web, node: n1, netns: /a, ips: [198.18.1.10], labels: {app: a}}\n\
+             - {uid: v, name: b, namespace: shop, serviceAccount: db, node: n2, ips: [198.18.2.10]}\n\
+             peerAuthentications:\n\
+             - metadata: {name: a, namespace: shop}\n  spec: {selector: {matchLabels: {app: a}}, mtls: {mode: STRICT}}\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        let pods = desired(&cfg, &MESH).unwrap();
+        assert_eq!(pods["u"].identity.to_string(), "spiffe://td/ns/shop/sa/web");
+        assert!(pods["u"].mtls.kernel_strict());
+        let dir = directory(&cfg, "td").unwrap();
+        assert_eq!(dir[&"198.18.2.10".parse::<IpAddr>().unwrap()].identity.to_string(), "spiffe://td/ns/shop/sa/db");
+        let bad = LocalConfig::parse(
+            "workloads:\n- {uid: u, name: a, namespace: Shop!, node: n1, netns: /a}\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert!(desired(&bad, &MESH).is_err(), "a namespace that cannot be a SPIFFE ID is an error");
     }
 }

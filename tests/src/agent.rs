@@ -22,12 +22,14 @@ pub struct AgentOptions {
     pub fast_path: bool,
     /// `--max-pods`, when set.
     pub max_pods: Option<u32>,
+    /// `--cert-lifetime-secs`, when set.
+    pub cert_lifetime_secs: Option<u64>,
 }
 
 impl Default for AgentOptions {
     /// The agent's own default: fast path off.
     fn default() -> Self {
-        Self { fast_path: false, max_pods: None }
+        Self { fast_path: false, max_pods: None, cert_lifetime_secs: None }
     }
 }
 
@@ -56,6 +58,8 @@ pub struct AgentSpec {
     pub agent_cgroup: PathBuf,
     pub pin_dir: PathBuf,
     pub dir: PathBuf,
+    /// The lab's certificate authority, shared by every agent.
+    pub ca_dir: PathBuf,
 }
 
 #[derive(Debug)]
@@ -100,6 +104,10 @@ impl Agent {
         if let Some(n) = opts.max_pods {
             cmd.args(["--max-pods", &n.to_string()]);
         }
+        if let Some(n) = opts.cert_lifetime_secs {
+            cmd.args(["--cert-lifetime-secs", &n.to_string()]);
+        }
+        cmd.arg("--ca-dir").arg(&a.spec.ca_dir);
         // Logs of successive runs of this node's agent go to one file.
         let log = std::fs::OpenOptions::new().create(true).append(true).open(a.log_path()).expect("agent log");
         cmd.stderr(log);
@@ -124,12 +132,19 @@ impl Agent {
         for p in pods.iter().filter(|p| p.enrolled) {
             let _ = writeln!(
                 y,
-                "- uid: uid-{name}\n  name: {name}\n  namespace: lab\n  serviceAccount: {name}\n  node: {node}\n  ips: [{ip}]\n  netns: {ns}\n  mtlsMode: {mode}",
+                "- uid: uid-{name}\n  name: {name}\n  namespace: lab\n  serviceAccount: {name}\n  node: {node}\n  ips: [{ip}]\n  netns: {ns}\n  labels: {{app: {name}}}",
                 name = p.name,
                 node = p.node,
                 ip = p.ip,
                 ns = p.netns.display(),
-                mode = if p.strict { "STRICT" } else { "PERMISSIVE" },
+            );
+        }
+        y.push_str("peerAuthentications:\n");
+        for p in pods.iter().filter(|p| p.strict) {
+            let _ = writeln!(
+                y,
+                "- metadata: {{name: strict-{name}, namespace: lab}}\n  spec: {{selector: {{matchLabels: {{app: {name}}}}}, mtls: {{mode: STRICT}}}}",
+                name = p.name,
             );
         }
         let tmp = self.config_path().with_extension("tmp");

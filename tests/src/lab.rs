@@ -78,6 +78,12 @@ impl Lab {
         std::fs::create_dir_all(&root_cgroup).unwrap_or_else(|e| panic!("create {}: {e}", root_cgroup.display()));
         let dir = std::env::temp_dir().join(format!("{prefix}-{name}"));
         std::fs::create_dir_all(&dir).expect("scratch dir");
+        let ca = Command::new(&env.selvedge)
+            .args(["ca", "init", "--dir"])
+            .arg(dir.join("ca"))
+            .output()
+            .expect("run selvedge ca init");
+        assert!(ca.status.success(), "selvedge ca init: {}", String::from_utf8_lossy(&ca.stderr));
         let fabric = format!("{prefix}-fab");
         run("ip", &["netns", "add", &fabric]);
         run("ip", &["-n", &fabric, "link", "add", "br0", "type", "bridge"]);
@@ -196,6 +202,7 @@ impl Lab {
             agent_cgroup: self.root_cgroup.join(format!("agent-{node}")),
             pin_dir: Path::new(PIN_ROOT).join(format!("{}-{node}", self.prefix)),
             dir: self.dir.clone(),
+            ca_dir: self.dir.join("ca"),
         };
         std::fs::create_dir_all(&spec.agent_cgroup).expect("agent cgroup");
         if let Some(mut old) = self.agents.remove(node) {

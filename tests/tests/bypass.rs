@@ -17,10 +17,11 @@ fn lab(name: &str) -> Lab {
 
 #[test]
 fn direct_connects_to_a_meshed_pod_go_through_its_agent() {
-    let lab = lab("direct");
+    let mut lab = lab("direct");
     let d = lab.get("d").addr(PORT);
     let c = lab.get("c").ip;
     let a = lab.get("a").ip;
+    let steered = lab.agent("n2").fresh_status().stat("inbound_assigned");
 
     // From a pod that is not meshed at all.
     let r = lab.ask("c", d).expect("c reaches d");
@@ -31,6 +32,8 @@ fn direct_connects_to_a_meshed_pod_go_through_its_agent() {
     let r = lab.ask_as_host("a", d).expect("host process reaches d");
     assert_eq!(r.local.unwrap().ip(), a);
     assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY, "d's agent took it: {r:?}");
+    let now = lab.agent("n2").fresh_status().stat("inbound_assigned");
+    assert!(now >= steered + 2, "sk_lookup steered both plaintext SYNs to the agent ({steered} -> {now})");
 }
 
 #[test]

@@ -3,7 +3,9 @@
 //! Proof of capture, per testing.md: the app dialled a remote address but its socket is
 //! connected to the agent over loopback (`local` is 127.0.0.1) while `getpeername` still
 //! shows what it dialled; the server sees the agent's delivery address 127.0.0.6 as its
-//! peer instead of the client; and the agents' counters and access logs record it.
+//! peer instead of the client; and the agents' counters and access logs record it. Between
+//! meshed pods the legs are joined by an mTLS (HBONE) tunnel, and the destination's agent
+//! logs the client's verified SPIFFE ID.
 
 use selvedge_tests::{AgentOptions, Lab};
 
@@ -35,12 +37,16 @@ fn outbound_and_inbound_capture_on_one_node() {
 
     let after = lab.agent("n1").fresh_status();
     assert!(after.stat("captured") > before.stat("captured"), "connect4 counted the capture");
-    assert!(after.stat("inbound_assigned") > before.stat("inbound_assigned"), "sk_lookup steered the SYN");
     let n1 = lab.agent("n1");
-    n1.wait_access("a's outbound leg", |e| {
-        e["direction"] == "outbound" && e["pod"] == "a" && e["dst"] == b.to_string()
+    n1.wait_access("a's outbound leg, over mTLS", |e| {
+        e["direction"] == "outbound" && e["pod"] == "a" && e["dst"] == b.to_string() && e["security"] == "mutual_tls"
     });
-    n1.wait_access("b's inbound leg", |e| e["direction"] == "inbound" && e["pod"] == "b" && e["dst"] == b.to_string());
+    n1.wait_access("b's inbound leg, from a's verified identity", |e| {
+        e["direction"] == "inbound"
+            && e["pod"] == "b"
+            && e["dst"] == b.to_string()
+            && e["src_identity"] == "spiffe://cluster.local/ns/lab/sa/a"
+    });
 }
 
 #[test]
@@ -57,8 +63,12 @@ fn capture_across_two_nodes() {
 
     lab.agent("n1").wait_access("outbound leg to d", |e| e["direction"] == "outbound" && e["dst"] == d.to_string());
     let from_a = format!("{a}:");
-    lab.agent("n2").wait_access("inbound leg from a", |e| {
-        e["direction"] == "inbound" && e["src"].as_str().is_some_and(|s| s.starts_with(&from_a))
+    lab.agent("n2").wait_access("inbound leg from a, over mTLS, with a's identity", |e| {
+        e["direction"] == "inbound"
+            && e["src"].as_str().is_some_and(|s| s.starts_with(&from_a))
+            && e["security"] == "mutual_tls"
+            && e["src_identity"] == "spiffe://cluster.local/ns/lab/sa/a"
+            && e["dst_identity"] == "spiffe://cluster.local/ns/lab/sa/d"
     });
 }
 

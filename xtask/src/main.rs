@@ -68,7 +68,15 @@ enum Task {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    // The error chain is the message; a backtrace of xtask itself would only bury it.
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let root = workspace_root();
     match Cli::parse().task {
         Task::Setup => setup::run(),

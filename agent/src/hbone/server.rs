@@ -15,6 +15,9 @@ use crate::{addr, identity::SpiffeId, tls};
 
 /// What the server needs from the agent, for one pod.
 pub trait Upstream: Send + Sync + 'static {
+    /// Held for the life of one tunnelled connection (e.g. to let shutdown drain it).
+    type Guard: Send;
+    fn begin(&self) -> Self::Guard;
     /// Connect to the app at `target` inside this pod.
     fn connect(&self, target: SocketAddr) -> impl std::future::Future<Output = Result<TcpStream, String>> + Send;
     /// Record one finished (or refused) tunnelled connection.
@@ -129,6 +132,7 @@ async fn serve_stream<U: Upstream>(
     principal: &SpiffeId,
     up: &U,
 ) {
+    let _guard = up.begin();
     let reply = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
         let resp = Response::builder().status(status).body(()).unwrap_or_default();
         respond.send_response(resp, status != StatusCode::OK)

@@ -51,6 +51,10 @@ struct Recorder {
 }
 
 impl Upstream for Recorder {
+    type Guard = ();
+
+    fn begin(&self) {}
+
     async fn connect(&self, target: SocketAddr) -> Result<TcpStream, String> {
         let echo = self.echo.lock().ok_or("no app")?;
         // The target's IP is this listener's (checked by the server); the app is the echo.

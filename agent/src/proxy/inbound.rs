@@ -1,11 +1,7 @@
 //! Inbound plaintext: a SYN steered to the pod's 15006 by `sk_lookup`; the accepted
 //! socket's local address is where the client was going. Deliver it to the app over `lo`.
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use selvedge_common::RESERVED_PORTS;
 use tokio::net::TcpListener;
@@ -17,7 +13,7 @@ use crate::addr;
 /// `sk_lookup` recognises as "from inside the pod" and leaves alone (Istio uses the same).
 pub const DELIVERY_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
 
-async fn deliver(pod: &PodContext, app: SocketAddr, timeout: Duration) -> Result<tokio::net::TcpStream, String> {
+pub async fn deliver(pod: &PodContext, app: SocketAddr, timeout: Duration) -> Result<tokio::net::TcpStream, String> {
     let source = match app {
         SocketAddr::V4(_) => Some(SocketAddr::from((DELIVERY_SOURCE_V4, 0))),
         // IPv6 has no spare loopback addresses; the pod's own address is used, and
@@ -38,20 +34,19 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, conns: Arc<ConnT
 }
 
 async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, timeout: Duration) {
-    let started = Instant::now();
     let peer = addr::canonical(peer);
     let Ok(local) = stream.local_addr().map(addr::canonical) else {
         reset(stream);
         return;
     };
-    let flow = Flow {
-        direction: Direction::Inbound,
-        pod: &pod.name,
-        namespace: &pod.namespace,
-        src: peer,
-        dst: local,
-        started,
-    };
+    let flow = Flow::new(Direction::Inbound, pod, peer, local);
+    if pod.mtls.read().strict_for(local.port()) {
+        // PeerAuthentication STRICT: the kernel drops plaintext for all-STRICT pods; a pod
+        // with some plaintext ports gets it refused here, port by port.
+        flow.refused("plaintext refused: PeerAuthentication STRICT for this port");
+        reset(stream);
+        return;
+    }
     if RESERVED_PORTS.contains(&local.port()) {
         // Delivering to the agent's own port would loop back into this listener.
         flow.refused("destination is a port reserved for the agent");
@@ -64,6 +59,39 @@ async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContex
         Err(reason) => {
             flow.refused(&reason);
             reset(stream);
+        }
+    }
+}
+
+/// The pod's side of its HBONE listener: deliver each tunnel to the app like plaintext
+/// inbound, and log it with the verified source identity.
+#[derive(Debug)]
+pub struct HboneUpstream {
+    pub pod: Arc<PodContext>,
+    pub conns: Arc<ConnTracker>,
+    pub timeout: Duration,
+}
+
+impl crate::hbone::server::Upstream for HboneUpstream {
+    type Guard = super::ConnGuard;
+
+    fn begin(&self) -> Self::Guard {
+        self.conns.open()
+    }
+
+    async fn connect(&self, target: SocketAddr) -> Result<tokio::net::TcpStream, String> {
+        deliver(&self.pod, target, self.timeout).await
+    }
+
+    fn log(&self, r: crate::hbone::server::Record<'_>) {
+        let mut flow = Flow::new(Direction::Inbound, &self.pod, r.peer, r.target.unwrap_or(r.peer));
+        flow.security = "mutual_tls";
+        flow.src_identity = r.principal;
+        flow.dst_identity = Some(&self.pod.identity);
+        if r.status == 200 {
+            flow.closed(r.bytes_in, r.bytes_out, (!r.reason.is_empty()).then(|| r.reason.to_string()));
+        } else {
+            flow.refused(r.reason);
         }
     }
 }

@@ -1,62 +1,50 @@
-//! Outbound: accept on the pod's 15001, find the original destination, connect to it
-//! from inside the pod.
+//! Outbound: accept on the pod's 15001, find the original destination, and carry the
+//! connection there from inside the pod — through an HBONE tunnel when the destination is a
+//! meshed workload, as plain TCP otherwise.
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use selvedge_common::{OrigDstKey, PairKey};
-use tokio::net::TcpListener;
+use selvedge_common::{OrigDstKey, PairKey, HBONE_PORT};
+use tokio::net::{TcpListener, TcpStream};
 
-use super::{accept_loop, connect_in_pod, relay, reset, ConnTracker, Direction, Flow, PodContext};
-use crate::{addr, datapath::FlowMaps};
+use super::{accept_loop, connect_in_pod, relay, reset, ConnTracker, Direction, Flow, Mesh, PodContext};
+use crate::{addr, datapath::FlowMaps, hbone, state::Peer};
 
 /// Serve one outbound listener until the task is aborted.
 pub async fn serve(
     listener: TcpListener,
     pod: Arc<PodContext>,
     flows: Arc<FlowMaps>,
+    mesh: Arc<Mesh>,
     conns: Arc<ConnTracker>,
     timeout: Duration,
 ) {
     let name = pod.name.clone();
     accept_loop(listener, &name, Direction::Outbound, conns, move |stream, peer| {
-        let (pod, flows) = (pod.clone(), flows.clone());
-        async move { handle(stream, peer, &pod, &flows, timeout).await }
+        let (pod, flows, mesh) = (pod.clone(), flows.clone(), mesh.clone());
+        async move { handle(stream, peer, &pod, &flows, &mesh, timeout).await }
     })
     .await
 }
 
 async fn handle(
-    stream: tokio::net::TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     pod: &PodContext,
     flows: &FlowMaps,
+    mesh: &Mesh,
     timeout: Duration,
 ) {
-    let started = Instant::now();
     let cookie = pod.netns.cookie();
     let app = addr::to_abi(peer);
     let key = OrigDstKey { netns_cookie: cookie, app, _pad: 0 };
     let Some(orig) = flows.original_destination(&key) else {
         // Not a connection the kernel captured (or its record was lost): never guess.
-        let flow = Flow {
-            direction: Direction::Outbound,
-            pod: &pod.name,
-            namespace: &pod.namespace,
-            src: peer,
-            dst: peer,
-            started,
-        };
-        flow.refused("no original destination recorded for this connection");
+        Flow::new(Direction::Outbound, pod, peer, peer).refused("no original destination recorded for this connection");
         reset(stream);
         return;
     };
     let dst = addr::from_abi(&orig);
-    let flow =
-        Flow { direction: Direction::Outbound, pod: &pod.name, namespace: &pod.namespace, src: peer, dst, started };
     if let Ok(local) = stream.local_addr() {
         let pair = PairKey { netns_cookie: cookie, local: addr::to_abi(local), remote: app };
         if let Err(e) = flows.join_fast_path(&pair, &stream) {
@@ -64,10 +52,57 @@ async fn handle(
         }
     }
     let _ = stream.set_nodelay(true);
-    match connect_in_pod(pod, None, dst, timeout).await {
-        Ok(upstream) => relay(flow, stream, upstream).await,
-        Err(reason) => {
-            flow.refused(&reason);
+    let meshed = mesh.directory.read().get(&dst.ip().to_canonical()).cloned();
+    match meshed {
+        Some(peer_workload) => tunnel(stream, peer, dst, pod, &peer_workload, mesh, timeout).await,
+        None => {
+            let flow = Flow::new(Direction::Outbound, pod, peer, dst);
+            match connect_in_pod(pod, None, dst, timeout).await {
+                Ok(upstream) => relay(flow, stream, upstream).await,
+                Err(reason) => {
+                    flow.refused(&reason);
+                    reset(stream);
+                }
+            }
+        }
+    }
+}
+
+/// Through HBONE to the destination pod's agent: mTLS with our pod's identity, expecting
+/// the destination's. Any failure resets the app's connection — never a plaintext retry.
+async fn tunnel(
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    pod: &PodContext,
+    to: &Peer,
+    mesh: &Mesh,
+    timeout: Duration,
+) {
+    let mut flow = Flow::new(Direction::Outbound, pod, peer, dst);
+    flow.security = "mutual_tls";
+    flow.src_identity = Some(&pod.identity);
+    flow.dst_identity = Some(&to.identity);
+    let key = hbone::client::PoolKey {
+        src_pod: pod.netns.cookie(),
+        src: pod.identity.clone(),
+        dst: to.identity.clone(),
+        dst_addr: SocketAddr::new(dst.ip(), HBONE_PORT),
+    };
+    let source = SocketAddr::new(pod.ips.first().copied().unwrap_or(peer.ip()), 0);
+    let dial = || async {
+        let sock = pod.netns.stream_socket(key.dst_addr.is_ipv6()).await.map_err(std::io::Error::other)?;
+        tokio::time::timeout(timeout, sock.connect(key.dst_addr))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+    };
+    match mesh.pool.open(&key, dst, source, dial).await {
+        Ok(t) => match hbone::splice(stream, t.send, t.recv).await {
+            Ok((sent, received)) => flow.closed(sent, received, None),
+            Err(e) => flow.closed(0, 0, Some(e.to_string())),
+        },
+        Err(e) => {
+            flow.refused(&e.to_string());
             reset(stream);
         }
     }
