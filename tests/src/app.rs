@@ -6,6 +6,12 @@ use serde::Deserialize;
 
 use crate::lab::Lab;
 
+/// The bytes `send` writes: byte i is a function of i, so corruption and reordering show,
+/// and tests can look for them on the wire.
+pub fn payload(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+}
+
 /// How the test client does its I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Client {

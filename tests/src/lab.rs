@@ -226,6 +226,27 @@ impl Lab {
         }
     }
 
+    /// Capture every packet crossing the fabric (the links between nodes) while `f` runs;
+    /// returns the raw capture file's bytes.
+    pub fn capture_fabric<T>(&mut self, f: impl FnOnce(&Lab) -> T) -> (T, Vec<u8>) {
+        let file = self.dir.join(format!("fabric-{}.pcap", self.children.len()));
+        let ns = PathBuf::from("/run/netns").join(&self.fabric);
+        let mut cmd = Command::new("tcpdump");
+        // -U: write each packet as it arrives, so nothing is lost in a buffer on SIGINT.
+        cmd.args(["-i", "br0", "-U", "-s", "0", "-w"]).arg(&file);
+        let child = proc::spawn(cmd, Place { netns: Some(&ns), cgroup: None }, Some(&self.dir.join("tcpdump.err")));
+        // tcpdump says "listening on" once the capture is live.
+        crate::sys::wait_for(10, "tcpdump to start", || {
+            std::fs::read_to_string(self.dir.join("tcpdump.err")).ok().filter(|t| t.contains("listening on"))
+        });
+        let out = f(self);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        proc::signal(&child, libc::SIGINT);
+        let mut child = child;
+        let _ = child.wait();
+        (out, std::fs::read(&file).unwrap_or_default())
+    }
+
     /// Give `pod` one more address (like a pod IP that appears late).
     pub fn add_address(&self, pod: &str, ip: Ipv4Addr) {
         let ns = self.get(pod).netns.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -97,10 +97,7 @@ fn connect(to: SocketAddr) -> TcpStream {
     TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).unwrap_or_else(|e| fail(&format!("connect {to}: {e}")))
 }
 
-/// Deterministic payload: byte i is a function of i, so corruption and reordering show.
-fn payload(n: usize) -> Vec<u8> {
-    (0..n).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
-}
+use selvedge_tests::app::payload;
 
 fn send(to: SocketAddr, n: usize) {
     let s = connect(to);
