@@ -41,7 +41,7 @@ const FLOWS: [Flow; 3] = [
 ];
 
 fn demo(keep: bool) {
-    println!("Selvedge demo: two nodes, three meshed pods, one agent per node\n");
+    println!("Selvedge demo: two nodes, three meshed pods, one agent per node, mutual TLS between them\n");
     let mut lab = Lab::new("demo");
     lab.node("node-1").node("node-2");
     lab.pod("node-1", "frontend", true).pod("node-1", "api", true).pod("node-2", "db", true);
@@ -54,7 +54,8 @@ fn demo(keep: bool) {
     lab.serve("api", "echo", 8080);
     lab.serve("db", "echo", 5432);
 
-    println!("Connections (each app sends N bytes and reads them back through the echo server):\n");
+    println!("Connections (each app sends N bytes and reads them back through the echo server;");
+    println!("the second line is what the destination's agent verified from the client's certificate):\n");
     println!(
         "  {:<10} {:<26} {:<34} {:>9} {:>9}  result",
         "from", "to", "handled by (outbound -> inbound)", "sent", "received"
@@ -86,13 +87,23 @@ fn demo(keep: bool) {
             outbound["bytes_sent"].as_u64().unwrap_or_default(),
             inbound["bytes_received"].as_u64().unwrap_or_default(),
         );
+        // The identities the destination's agent verified from the client's certificate.
+        let security = if inbound["security"] == "mutual_tls" { "mutual TLS" } else { "PLAINTEXT" };
+        all_ok &= inbound["security"] == "mutual_tls";
+        println!(
+            "  {:<10} {security}: {} -> {}",
+            "",
+            inbound["src_identity"].as_str().unwrap_or("?"),
+            inbound["dst_identity"].as_str().unwrap_or("?")
+        );
     }
     let n1 = lab.agent("node-1").fresh_status();
     let n2 = lab.agent("node-2").fresh_status();
-    println!("\nKernel counters (connect4 captures / SYNs steered by sk_lookup / fast-path sends; the fast path is off by default):");
+    println!("\nKernel counters (connects captured / plaintext SYNs steered by sk_lookup — meshed traffic arrives on");
+    println!("HBONE port 15008 instead / fast-path sends, off by default):");
     for (node, s) in [("node-1", &n1), ("node-2", &n2)] {
         println!(
-            "  {node}: captured {}  inbound steered {}  fast-path hits {}",
+            "  {node}: captured {}  plaintext steered {}  fast-path hits {}",
             s.stat("captured"),
             s.stat("inbound_assigned"),
             s.stat("fast_path_hit")
