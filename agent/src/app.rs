@@ -127,7 +127,7 @@ impl Agent {
         let ids = IdentityManager::new(source, provider, &settings.trust_domain)?;
         tokio::spawn(ids.clone().run());
         let mesh = Arc::new(Mesh {
-            directory: parking_lot::RwLock::new(Arc::new(state::Directory::new())),
+            directory: parking_lot::RwLock::new(Arc::new(state::Directory::default())),
             pool: hbone::client::Pool::new(ids.clone()),
             ids,
         });

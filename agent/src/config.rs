@@ -11,6 +11,12 @@
 //!     ips: [198.18.1.10]
 //!     netns: /run/netns/web-0   # required for workloads on this node
 //!     labels: {app: web}
+//! services:                 # virtual IPs resolved by the agent to workloads
+//!   - name: db
+//!     namespace: shop
+//!     vips: [198.19.100.10]
+//!     ports: [{port: 5432, targetPort: 5432}]
+//!     selector: {app: db}     # workloads in the service's namespace with these labels
 //! peerAuthentications:      # Istio security.istio.io/v1 PeerAuthentication documents
 //!   - metadata: {name: default, namespace: shop}
 //!     spec: {mtls: {mode: STRICT}}
@@ -69,6 +75,8 @@ pub enum ConfigError {
     Workload { index: usize, uid: String, problem: String },
     #[error("config: {0}")]
     PeerAuth(#[from] crate::policy::PeerAuthError),
+    #[error("config: service {namespace}/{name}: {problem}")]
+    Service { namespace: String, name: String, problem: String },
 }
 
 /// One workload (pod) as the file describes it.
@@ -98,6 +106,29 @@ fn default_service_account() -> String {
     "default".into()
 }
 
+/// One port of a service: what clients dial on the VIP, and where endpoints listen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    pub port: u16,
+    /// Defaults to `port`.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+}
+
+/// A service: virtual IPs that stand for the workloads its selector picks.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,6 +136,8 @@ fn default_service_account() -> String {
 pub struct LocalConfig {
     #[serde(default)]
     pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub services: Vec<Service>,
     #[serde(default)]
     pub peer_authentications: Vec<crate::policy::PeerAuthentication>,
 }
@@ -152,6 +185,30 @@ impl LocalConfig {
         }
         for p in &self.peer_authentications {
             p.validate()?;
+        }
+        let mut vips = BTreeSet::new();
+        for svc in &self.services {
+            let bad = |problem: String| ConfigError::Service {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                problem,
+            };
+            if svc.vips.is_empty() || svc.ports.is_empty() {
+                return Err(bad("needs at least one VIP and one port".into()));
+            }
+            if svc.selector.is_empty() {
+                return Err(bad("needs a selector (an empty one would select every workload)".into()));
+            }
+            for vip in &svc.vips {
+                for p in &svc.ports {
+                    if p.port == 0 || p.target_port == Some(0) {
+                        return Err(bad("port 0 is not a port".into()));
+                    }
+                    if !vips.insert((*vip, p.port)) {
+                        return Err(bad(format!("{vip}:{} is used by another service", p.port)));
+                    }
+                }
+            }
         }
         Ok(())
     }

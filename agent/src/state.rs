@@ -1,7 +1,12 @@
 //! Desired enrollment state and the plan that moves the kernel towards it. Pure: the
 //! caller (`app`) carries the plan out.
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::atomic::{AtomicUsize, Ordering},
+};
 
 use crate::{
     config::{ConfigError, LocalConfig},
@@ -39,8 +44,34 @@ pub struct Peer {
     pub identity: SpiffeId,
 }
 
-/// Meshed workloads by IP: who answers on an address, and as whom.
-pub type Directory = BTreeMap<IpAddr, Peer>;
+/// A service's endpoints for one VIP port.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    /// `namespace/name`, for logs.
+    pub name: String,
+    /// Endpoint addresses (workload IP, target port), in a stable order.
+    pub endpoints: Vec<SocketAddr>,
+    /// Round-robin cursor.
+    next: AtomicUsize,
+}
+
+impl ServiceEntry {
+    /// The next endpoint, round-robin; None when the service has none.
+    pub fn pick(&self) -> Option<SocketAddr> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        Some(self.endpoints[i])
+    }
+}
+
+/// Who answers on an address: meshed workloads by IP (and as whom), services by VIP:port.
+#[derive(Debug, Default)]
+pub struct Directory {
+    pub workloads: BTreeMap<IpAddr, Peer>,
+    pub services: BTreeMap<SocketAddr, ServiceEntry>,
+}
 
 fn identity_of(cfg: &LocalConfig, index: usize, td: &str) -> Result<SpiffeId, ConfigError> {
     let w = &cfg.workloads[index];
@@ -74,9 +105,9 @@ pub fn desired(cfg: &LocalConfig, mesh: &Mesh<'_>) -> Result<BTreeMap<String, Po
     Ok(out)
 }
 
-/// Every workload in the config, by each of its IPs.
+/// Every workload in the config, by each of its IPs, and every service's VIP ports.
 pub fn directory(cfg: &LocalConfig, trust_domain: &str) -> Result<Directory, ConfigError> {
-    let mut out = Directory::new();
+    let mut out = Directory::default();
     for (index, w) in cfg.workloads.iter().enumerate() {
         let peer = Peer {
             name: w.name.clone(),
@@ -85,12 +116,31 @@ pub fn directory(cfg: &LocalConfig, trust_domain: &str) -> Result<Directory, Con
             identity: identity_of(cfg, index, trust_domain)?,
         };
         for ip in &w.ips {
-            if out.insert(ip.to_canonical(), peer.clone()).is_some() {
+            if out.workloads.insert(ip.to_canonical(), peer.clone()).is_some() {
                 return Err(ConfigError::Workload {
                     index,
                     uid: w.uid.clone(),
                     problem: format!("IP {ip} is used by another workload"),
                 });
+            }
+        }
+    }
+    for svc in &cfg.services {
+        let selected: Vec<IpAddr> = cfg
+            .workloads
+            .iter()
+            .filter(|w| w.namespace == svc.namespace && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            .flat_map(|w| w.ips.iter().copied())
+            .collect();
+        for vip in &svc.vips {
+            for p in &svc.ports {
+                let target = p.target_port.unwrap_or(p.port);
+                let entry = ServiceEntry {
+                    name: format!("{}/{}", svc.namespace, svc.name),
+                    endpoints: selected.iter().map(|ip| SocketAddr::new(*ip, target)).collect(),
+                    next: AtomicUsize::new(0),
+                };
+                out.services.insert(SocketAddr::new(vip.to_canonical(), p.port), entry);
             }
         }
     }
@@ -186,6 +236,32 @@ mod tests {
     }
 
     #[test]
+    fn services_resolve_round_robin_to_selected_workloads() {
+        let cfg = LocalConfig::parse(
+            "workloads:\n\
+             - {uid: a, name: a, namespace: shop, node: n, ips: [198.18.1.10], labels: {app: db}}\n\
+             - {uid: b, name: b, namespace: shop, node: n, ips: [198.18.1.11], labels: {app: db}}\n\
+             - {uid: c, name: c, namespace: other, node: n, ips: [198.18.1.12], labels: {app: db}}\n\
+             services:\n\
+             - {name: db, namespace: shop, vips: [198.19.100.10], ports: [{port: 80, targetPort: 8080}], selector: {app: db}}\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        let dir = directory(&cfg, "td").unwrap();
+        let svc = &dir.services[&"198.19.100.10:80".parse().unwrap()];
+        assert_eq!(svc.name, "shop/db");
+        let picks: Vec<SocketAddr> = (0..4).map(|_| svc.pick().unwrap()).collect();
+        assert_eq!(picks[0], "198.18.1.10:8080".parse().unwrap());
+        assert_eq!(picks[1], "198.18.1.11:8080".parse().unwrap());
+        assert_eq!(picks[2], picks[0], "round robin; the other namespace's workload is not selected");
+        let bad = LocalConfig::parse(
+            "services:\n- {name: x, vips: [198.19.0.1], ports: [{port: 80}], selector: {}}\n",
+            Path::new("x"),
+        );
+        assert!(bad.unwrap_err().to_string().contains("selector"));
+    }
+
+    #[test]
     fn identities_mtls_and_the_directory_come_from_the_config() {
         let cfg = LocalConfig::parse(
             "workloads:\n\
@@ -200,7 +276,10 @@ mod tests {
         assert_eq!(pods["u"].identity.to_string(), "spiffe://td/ns/shop/sa/web");
         assert!(pods["u"].mtls.kernel_strict());
         let dir = directory(&cfg, "td").unwrap();
-        assert_eq!(dir[&"198.18.2.10".parse::<IpAddr>().unwrap()].identity.to_string(), "spiffe://td/ns/shop/sa/db");
+        assert_eq!(
+            dir.workloads[&"198.18.2.10".parse::<IpAddr>().unwrap()].identity.to_string(),
+            "spiffe://td/ns/shop/sa/db"
+        );
         let bad = LocalConfig::parse(
             "workloads:\n- {uid: u, name: a, namespace: Shop!, node: n1, netns: /a}\n",
             Path::new("x"),

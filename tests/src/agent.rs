@@ -11,7 +11,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    lab::Pod,
+    lab::{LabService, Pod},
     proc::{self, Place},
     sys::{wait_for, Env},
 };
@@ -85,9 +85,9 @@ impl Agent {
     }
 
     /// Write the config for `pods` and start the agent; returns once it reports ready.
-    pub fn start(env: &Env, spec: AgentSpec, opts: AgentOptions, pods: &[Pod]) -> Self {
+    pub fn start(env: &Env, spec: AgentSpec, opts: AgentOptions, pods: &[Pod], services: &[LabService]) -> Self {
         let mut a = Agent { spec, opts, selvedge: env.selvedge.clone(), child: None };
-        a.write_config(pods);
+        a.write_config(pods, services);
         let _ = std::fs::remove_file(a.status_path());
         let mut cmd = Command::new(&a.selvedge);
         cmd.arg("run")
@@ -127,16 +127,25 @@ impl Agent {
         a
     }
 
-    fn write_config(&self, pods: &[Pod]) {
+    fn write_config(&self, pods: &[Pod], services: &[LabService]) {
         let mut y = String::from("workloads:\n");
         for p in pods.iter().filter(|p| p.enrolled) {
             let _ = writeln!(
                 y,
-                "- uid: uid-{name}\n  name: {name}\n  namespace: lab\n  serviceAccount: {name}\n  node: {node}\n  ips: [{ip}]\n  netns: {ns}\n  labels: {{app: {name}}}",
+                "- uid: uid-{name}\n  name: {name}\n  namespace: lab\n  serviceAccount: {name}\n  node: {node}\n  ips: [{ip}]\n  netns: {ns}\n  labels: {{app: {name}, role: {role}}}",
                 name = p.name,
+                role = p.role,
                 node = p.node,
                 ip = p.ip,
                 ns = p.netns.display(),
+            );
+        }
+        y.push_str("services:\n");
+        for svc in services {
+            let _ = writeln!(
+                y,
+                "- {{name: {}, namespace: lab, vips: [{}], ports: [{{port: {}, targetPort: {}}}], selector: {{role: {}}}}}",
+                svc.name, svc.vip, svc.port, svc.target_port, svc.role
             );
         }
         y.push_str("peerAuthentications:\n");
@@ -153,9 +162,9 @@ impl Agent {
     }
 
     /// Write a new config and wait until the agent has applied it.
-    pub fn reconfigure(&mut self, pods: &[Pod]) {
+    pub fn reconfigure(&mut self, pods: &[Pod], services: &[LabService]) {
         let before = self.status().generation;
-        self.write_config(pods);
+        self.write_config(pods, services);
         wait_for(10, "agent to apply the new config", || self.try_status().filter(|s| s.generation > before));
     }
 

@@ -33,6 +33,18 @@ pub struct Pod {
     /// Whether the node's agent config enrolls it.
     pub enrolled: bool,
     pub strict: bool,
+    /// The `role` label (services select on it); defaults to the pod's name.
+    pub role: String,
+}
+
+/// A service in the agents' config: a VIP:port standing for the pods with `role`.
+#[derive(Debug, Clone)]
+pub struct LabService {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub target_port: u16,
+    pub role: String,
 }
 
 impl Pod {
@@ -63,6 +75,7 @@ pub struct Lab {
     fabric: String,
     nodes: BTreeMap<String, Node>,
     pub pods: BTreeMap<String, Pod>,
+    pub services: Vec<LabService>,
     agents: BTreeMap<String, Agent>,
     /// Processes started in pods, with their stderr files.
     children: Vec<(Child, PathBuf)>,
@@ -96,6 +109,7 @@ impl Lab {
             fabric,
             nodes: BTreeMap::new(),
             pods: BTreeMap::new(),
+            services: Vec::new(),
             agents: BTreeMap::new(),
             children: Vec::new(),
         }
@@ -176,6 +190,7 @@ impl Lab {
             cgroup,
             enrolled,
             strict: false,
+            role: name.into(),
         };
         self.pods.insert(name.into(), pod);
         self
@@ -183,6 +198,11 @@ impl Lab {
 
     pub fn get(&self, pod: &str) -> &Pod {
         self.pods.get(pod).unwrap_or_else(|| panic!("no pod {pod}"))
+    }
+
+    /// Set a pod's `role` label (takes effect at the next agent start or `write_configs`).
+    pub fn set_role(&mut self, pod: &str, role: &str) {
+        self.pods.get_mut(pod).unwrap_or_else(|| panic!("no pod {pod}")).role = role.into();
     }
 
     /// Change a pod's enrollment or STRICT flag; takes effect at the next `write_config`.
@@ -209,7 +229,7 @@ impl Lab {
             old.kill();
         }
         let pods: Vec<Pod> = self.pods.values().cloned().collect();
-        let agent = Agent::start(&self.env, spec, opts, &pods);
+        let agent = Agent::start(&self.env, spec, opts, &pods, &self.services);
         self.agents.insert(node.into(), agent);
     }
 
@@ -222,7 +242,7 @@ impl Lab {
     pub fn write_configs(&mut self) {
         let pods: Vec<Pod> = self.pods.values().cloned().collect();
         for agent in self.agents.values_mut() {
-            agent.reconfigure(&pods);
+            agent.reconfigure(&pods, &self.services);
         }
     }
 

@@ -19,4 +19,4 @@ pub mod sys;
 
 pub use agent::{AgentOptions, Status};
 pub use app::{Ask, Client, Transfer};
-pub use lab::{Lab, Pod};
+pub use lab::{Lab, LabService, Pod};

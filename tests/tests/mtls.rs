@@ -1,7 +1,7 @@
 //! Mutual TLS between meshed pods, observed from outside: what crosses the link between
 //! nodes, who the destination agent says connected, and what survives certificate rotation.
 
-use selvedge_tests::{app::payload, AgentOptions, Client, Lab};
+use selvedge_tests::{app::payload, AgentOptions, Client, Lab, LabService};
 
 const PORT: u16 = 7000;
 /// TLS 1.3 application data travels in records whose header starts 0x17 0x03 0x03.
@@ -64,4 +64,37 @@ fn rotating_certificates_does_not_break_a_long_transfer() {
     // New connections after the rotations use the new certificates.
     let t = lab.transfer("a", d, 4096).expect("a fresh connection after rotation");
     assert!(t.is_exact());
+}
+
+#[test]
+fn a_service_vip_is_resolved_by_the_agent_to_meshed_endpoints() {
+    let mut lab = Lab::new("service");
+    lab.node("n1").node("n2");
+    lab.pod("n1", "a", true).pod("n1", "c", false);
+    lab.pod("n2", "d1", true).pod("n2", "d2", true);
+    lab.set_role("d1", "db");
+    lab.set_role("d2", "db");
+    // The VIP is on no interface and no route: only a captured connection can reach it.
+    let vip: std::net::Ipv4Addr = "198.19.100.10".parse().unwrap();
+    lab.services.push(LabService { name: "db".into(), vip, port: 80, target_port: 8080, role: "db".into() });
+    lab.start_agent("n1", AgentOptions::default());
+    lab.start_agent("n2", AgentOptions::default());
+    lab.serve("d1", "whoami", 8080);
+    lab.serve("d2", "whoami", 8080);
+    let service = std::net::SocketAddr::from((vip, 80));
+
+    let mut reached = std::collections::BTreeSet::new();
+    for _ in 0..2 {
+        let r = lab.ask("a", service).expect("a reaches the service");
+        assert_eq!(r.peer, Some(service), "the app still sees the VIP it dialled");
+        assert_eq!(r.server().peer.ip().to_string(), "127.0.0.6", "delivered by the endpoint's agent");
+        reached.insert(r.server().local);
+    }
+    let expected = [lab.get("d1").addr(8080), lab.get("d2").addr(8080)].into_iter().collect();
+    assert_eq!(reached, expected, "round robin over both endpoints, on the target port");
+    lab.agent("n2").wait_access("an inbound leg over mTLS from a", |e| {
+        e["security"] == "mutual_tls" && e["src_identity"] == "spiffe://cluster.local/ns/lab/sa/a"
+    });
+
+    lab.ask("c", service).expect_err("an unmeshed pod cannot reach a VIP that exists only in the mesh");
 }

@@ -44,7 +44,7 @@ async fn handle(
         reset(stream);
         return;
     };
-    let dst = addr::from_abi(&orig);
+    let mut dst = addr::from_abi(&orig);
     if let Ok(local) = stream.local_addr() {
         let pair = PairKey { netns_cookie: cookie, local: addr::to_abi(local), remote: app };
         if let Err(e) = flows.join_fast_path(&pair, &stream) {
@@ -52,7 +52,21 @@ async fn handle(
         }
     }
     let _ = stream.set_nodelay(true);
-    let meshed = mesh.directory.read().get(&dst.ip().to_canonical()).cloned();
+    let directory = mesh.directory.read().clone();
+    // A service VIP stands for its endpoints: the agent picks one (the VIP itself is routed
+    // nowhere; only captured connections can reach it).
+    if let Some(svc) = directory.services.get(&addr::canonical(dst)) {
+        match svc.pick() {
+            Some(endpoint) => dst = endpoint,
+            None => {
+                Flow::new(Direction::Outbound, pod, peer, dst)
+                    .refused(&format!("service {} has no endpoints", svc.name));
+                reset(stream);
+                return;
+            }
+        }
+    }
+    let meshed = directory.workloads.get(&dst.ip().to_canonical()).cloned();
     match meshed {
         Some(peer_workload) => tunnel(stream, peer, dst, pod, &peer_workload, mesh, timeout).await,
         None => {
