@@ -210,6 +210,16 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Freeze the agent (SIGSTOP): the kernel keeps completing handshakes on its listeners,
+    /// but it accepts and reads nothing until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        proc::signal(self.child.as_ref().expect("agent running"), libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        proc::signal(self.child.as_ref().expect("agent running"), libc::SIGCONT);
+    }
+
     /// SIGTERM and wait: the graceful path.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("agent running");

@@ -233,6 +233,11 @@ impl Lab {
         self.agents.insert(node.into(), agent);
     }
 
+    /// Thaw a paused agent (usable while other threads hold `&Lab`).
+    pub fn agents_resume(&self, node: &str) {
+        self.agents.get(node).unwrap_or_else(|| panic!("no agent on {node}")).resume();
+    }
+
     pub fn agent(&mut self, node: &str) -> &mut Agent {
         self.agents.get_mut(node).unwrap_or_else(|| panic!("no agent on {node}"))
     }

@@ -59,9 +59,10 @@ fn byte_exact_with_fast_path() {
 /// serves redirected data before queued TCP data, so the second write would overtake the
 /// first unless the app's socket stays on TCP after its first miss.
 ///
-/// To hold the agent between "socket in the sockhash" and "first read", its upstream
-/// connect is made slow: the destination address does not exist yet and is added to a pod
-/// while the agent's ARP resolution retries (about a second).
+/// Made deterministic: the agent is frozen (SIGSTOP) while the app connects and writes its
+/// first half, so that write surely misses; once thawed, the agent joins the sockhash and
+/// then waits about a second in its upstream connect (the destination address does not
+/// exist yet and is added while ARP retries) while the app's second half arrives.
 #[test]
 fn fast_path_never_reorders_when_the_app_writes_first() {
     let mut lab = Lab::new("bytes-order");
@@ -69,25 +70,22 @@ fn fast_path_never_reorders_when_the_app_writes_first() {
     lab.pod("n1", "a", true).pod("n1", "e", false);
     lab.start_agent("n1", AgentOptions { fast_path: true, ..AgentOptions::default() });
     lab.serve("e", "echo", PORT);
-    // The app's first write must beat the agent's sockhash insert (it almost always does:
-    // it writes the moment connect() returns). Repeat until that happened at least once.
-    for attempt in 0..5u8 {
-        let misses_before = lab.agent("n1").fresh_status().stat("fast_path_miss");
-        let late = std::net::Ipv4Addr::new(198, 18, 1, 99 - attempt);
-        let dst = std::net::SocketAddr::from((late, PORT));
-        let t = std::thread::scope(|s| {
-            let client = s.spawn(|| lab.transfer_with(Client::EventLoopSplit(300), "a", dst, 8 * 1024));
-            std::thread::sleep(std::time::Duration::from_millis(150));
-            lab.add_address("e", late);
-            client.join().expect("client thread")
-        })
-        .expect("transfer completes once the address exists");
-        assert!(t.is_exact(), "bytes reordered or lost through the fast path: {t:?}");
-        let s = lab.agent("n1").fresh_status();
-        if s.stat("fast_path_miss") > misses_before {
-            assert!(s.stat("fast_path_hit") > 0, "the agent->app direction used the fast path: {:?}", s.stats);
-            return;
-        }
-    }
-    panic!("the app never wrote before the agent's socket joined the sockhash; the case was not exercised");
+    let misses_before = lab.agent("n1").fresh_status().stat("fast_path_miss");
+    let late: std::net::Ipv4Addr = "198.18.1.99".parse().unwrap();
+    let dst = std::net::SocketAddr::from((late, PORT));
+    lab.agent("n1").pause();
+    let t = std::thread::scope(|s| {
+        let lab = &lab;
+        let client = s.spawn(move || lab.transfer_with(Client::EventLoopSplit(400), "a", dst, 8 * 1024));
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        lab.agents_resume("n1");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        lab.add_address("e", late);
+        client.join().expect("client thread")
+    })
+    .expect("transfer completes once the address exists");
+    assert!(t.is_exact(), "bytes reordered or lost through the fast path: {t:?}");
+    let s = lab.agent("n1").fresh_status();
+    assert!(s.stat("fast_path_miss") > misses_before, "the first write went over TCP: {:?}", s.stats);
+    assert!(s.stat("fast_path_hit") > 0, "and later sends used the fast path: {:?}", s.stats);
 }
