@@ -16,10 +16,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::{
-    config::{self, LocalConfig, Settings},
+    config::{self, CertSourceConfig, LocalConfig, Settings},
     datapath::{Datapath, DatapathError, DatapathOptions, FlowMaps},
     hbone,
-    identity::{BuiltinCa, BuiltinSource, IdentityManager},
+    identity::{BuiltinCa, BuiltinSource, CertSource, FilesSource, IdentityManager},
     inpod::{InpodError, PodNetns},
     proxy::{self, ConnTracker, Mesh, PodContext},
     state::{self, Change, PodSpec},
@@ -118,12 +118,19 @@ impl Agent {
             bpf_object: settings.bpf_object.clone(),
             max_pods: settings.max_pods,
         };
-        let ca = BuiltinCa::load(&settings.ca_dir).map_err(|e| AppError::Ca {
-            dir: settings.ca_dir.clone(),
-            detail: format!("{e}; create one with `selvedge ca init --dir {}`", settings.ca_dir.display()),
-        })?;
+        let source: Arc<dyn CertSource> = match &settings.certs {
+            CertSourceConfig::Builtin { ca_dir, lifetime } => {
+                let ca = BuiltinCa::load(ca_dir).map_err(|e| AppError::Ca {
+                    dir: ca_dir.clone(),
+                    detail: format!("{e}; create one with `selvedge ca init --dir {}`", ca_dir.display()),
+                })?;
+                Arc::new(BuiltinSource { ca, lifetime: *lifetime })
+            }
+            CertSourceConfig::Files { dir } => {
+                Arc::new(FilesSource::new(dir).map_err(|detail| AppError::Ca { dir: dir.clone(), detail })?)
+            }
+        };
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let source = Arc::new(BuiltinSource { ca, lifetime: settings.cert_lifetime });
         let ids = IdentityManager::new(source, provider, &settings.trust_domain)?;
         tokio::spawn(ids.clone().run());
         let mesh = Arc::new(Mesh {

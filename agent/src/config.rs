@@ -47,6 +47,17 @@ pub const ENV_CERT_LIFETIME: &str = "SELVEDGE_CERT_LIFETIME";
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 pub const DEFAULT_CA_DIR: &str = "/var/lib/selvedge/ca";
+pub const ENV_CERT_SOURCE: &str = "SELVEDGE_CERT_SOURCE";
+pub const ENV_CERT_DIR: &str = "SELVEDGE_CERT_DIR";
+
+/// Where workload certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertSourceConfig {
+    /// The built-in CA in this directory signs certificates of this lifetime.
+    Builtin { ca_dir: PathBuf, lifetime: std::time::Duration },
+    /// Watched files (SPIRE, cert-manager): see `identity::FilesSource` for the layout.
+    Files { dir: PathBuf },
+}
 
 /// Where pins live unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/selvedge";
@@ -234,10 +245,7 @@ pub struct Settings {
     pub trust_domain: String,
     /// Where mesh-wide `PeerAuthentication`s live.
     pub root_namespace: String,
-    /// The built-in CA's directory (`selvedge ca init`).
-    pub ca_dir: PathBuf,
-    /// Lifetime of the SVIDs the built-in CA issues.
-    pub cert_lifetime: std::time::Duration,
+    pub certs: CertSourceConfig,
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ enum Command {
     /// file and proxy their traffic. Config changes apply live. On SIGTERM the agent
     /// drains and exits; pins stay, so enrolled pods stay fail-closed (their connects are
     /// refused) until an agent runs again or `selvedge uninstall` removes everything.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Detach every program and remove every pin under the pin directory. Enrolled pods
     /// go back to unmeshed networking. Stop the agent first.
     Uninstall {
@@ -93,15 +93,28 @@ struct RunArgs {
     /// Namespace whose selector-less PeerAuthentication applies mesh-wide.
     #[arg(long, env = config::ENV_ROOT_NAMESPACE, default_value = config::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
-    /// Built-in CA directory (from `selvedge ca init`); the agent signs its workloads'
-    /// certificates with it. All agents of a mesh share the same root.
+    /// Where workload certificates come from: `builtin` (the agent signs them with the CA in
+    /// --ca-dir) or `files` (watched files under --cert-dir, e.g. from SPIRE or
+    /// cert-manager: root-cert.pem, and <namespace>/<serviceAccount>/{cert-chain,key}.pem).
+    #[arg(long, env = config::ENV_CERT_SOURCE, value_enum, default_value_t = CertSourceKind::Builtin)]
+    cert_source: CertSourceKind,
+    /// Built-in CA directory (from `selvedge ca init`). All agents of a mesh share the root.
     #[arg(long, env = config::ENV_CA_DIR, default_value = config::DEFAULT_CA_DIR)]
     ca_dir: PathBuf,
+    /// Certificate directory for `--cert-source files`.
+    #[arg(long, env = config::ENV_CERT_DIR, required_if_eq("cert_source", "files"))]
+    cert_dir: Option<PathBuf>,
     /// Lifetime, in seconds, of the workload certificates the built-in CA issues; they are
     /// renewed at half-life.
     #[arg(long, env = config::ENV_CERT_LIFETIME, default_value_t = 24 * 3600,
           value_parser = clap::value_parser!(u64).range(10..))]
     cert_lifetime_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CertSourceKind {
+    Builtin,
+    Files,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -123,7 +136,7 @@ fn init_tracing(format: LogFormat) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Ca(CaCommand::Init { dir, trust_domain }) => {
             selvedge::identity::SpiffeId::new(&trust_domain, "default", "default")
                 .with_context(|| format!("trust domain {trust_domain:?}"))?;
@@ -155,8 +168,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_pods: args.max_pods,
         trust_domain: args.trust_domain,
         root_namespace: args.root_namespace,
-        ca_dir: args.ca_dir,
-        cert_lifetime: std::time::Duration::from_secs(args.cert_lifetime_secs),
+        certs: match (args.cert_source, args.cert_dir) {
+            (CertSourceKind::Files, Some(dir)) => config::CertSourceConfig::Files { dir },
+            (CertSourceKind::Files, None) => anyhow::bail!("--cert-source files needs --cert-dir"),
+            (CertSourceKind::Builtin, _) => config::CertSourceConfig::Builtin {
+                ca_dir: args.ca_dir,
+                lifetime: std::time::Duration::from_secs(args.cert_lifetime_secs),
+            },
+        },
     };
     tracing::info!(?settings, "starting");
     // One crypto provider for the whole process, installed explicitly.

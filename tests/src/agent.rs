@@ -16,7 +16,7 @@ use crate::{
     sys::{wait_for, Env},
 };
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AgentOptions {
     /// The sockmap fast path (`--fast-path`).
     pub fast_path: bool,
@@ -24,12 +24,14 @@ pub struct AgentOptions {
     pub max_pods: Option<u32>,
     /// `--cert-lifetime-secs`, when set.
     pub cert_lifetime_secs: Option<u64>,
+    /// `--cert-source files --cert-dir DIR`, when set (else the lab's built-in CA).
+    pub cert_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
     /// The agent's own default: fast path off.
     fn default() -> Self {
-        Self { fast_path: false, max_pods: None, cert_lifetime_secs: None }
+        Self { fast_path: false, max_pods: None, cert_lifetime_secs: None, cert_dir: None }
     }
 }
 
@@ -86,7 +88,7 @@ impl Agent {
 
     /// Write the config for `pods` and start the agent; returns once it reports ready.
     pub fn start(env: &Env, spec: AgentSpec, opts: AgentOptions, pods: &[Pod], services: &[LabService]) -> Self {
-        let mut a = Agent { spec, opts, selvedge: env.selvedge.clone(), child: None };
+        let mut a = Agent { spec, opts: opts.clone(), selvedge: env.selvedge.clone(), child: None };
         a.write_config(pods, services);
         let _ = std::fs::remove_file(a.status_path());
         let mut cmd = Command::new(&a.selvedge);
@@ -107,7 +109,14 @@ impl Agent {
         if let Some(n) = opts.cert_lifetime_secs {
             cmd.args(["--cert-lifetime-secs", &n.to_string()]);
         }
-        cmd.arg("--ca-dir").arg(&a.spec.ca_dir);
+        match &opts.cert_dir {
+            Some(dir) => {
+                cmd.args(["--cert-source", "files", "--cert-dir"]).arg(dir);
+            }
+            None => {
+                cmd.arg("--ca-dir").arg(&a.spec.ca_dir);
+            }
+        }
         // Logs of successive runs of this node's agent go to one file.
         let log = std::fs::OpenOptions::new().create(true).append(true).open(a.log_path()).expect("agent log");
         cmd.stderr(log);

@@ -272,6 +272,25 @@ impl Lab {
         (out, std::fs::read(&file).unwrap_or_default())
     }
 
+    /// Write certificate files for `pods` the way an external issuer (SPIRE, cert-manager)
+    /// would, signed by the lab's CA; returns the directory (`--cert-source files`).
+    pub fn write_cert_files(&self, pods: &[&str], lifetime: std::time::Duration) -> PathBuf {
+        use selvedge::identity::{new_key, BuiltinCa, SpiffeId};
+        let ca = BuiltinCa::load(&self.dir.join("ca")).expect("lab CA");
+        let dir = self.dir.join("certs");
+        std::fs::create_dir_all(&dir).expect("cert dir");
+        std::fs::copy(self.dir.join("ca/root-cert.pem"), dir.join("root-cert.pem")).expect("bundle");
+        for pod in pods {
+            let id = SpiffeId::new("cluster.local", "lab", pod).expect("identity");
+            let d = dir.join("lab").join(pod);
+            std::fs::create_dir_all(&d).expect("identity dir");
+            let key = new_key().expect("key");
+            std::fs::write(d.join("cert-chain.pem"), ca.issue_pem(&id, &key, lifetime).expect("sign")).expect("chain");
+            std::fs::write(d.join("key.pem"), key.serialize_pem()).expect("key file");
+        }
+        dir
+    }
+
     /// Give `pod` one more address (like a pod IP that appears late).
     pub fn add_address(&self, pod: &str, ip: Ipv4Addr) {
         let ns = self.get(pod).netns.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

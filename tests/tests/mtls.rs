@@ -47,7 +47,7 @@ fn rotating_certificates_does_not_break_a_long_transfer() {
     lab.pod("n2", "d", true);
     // 10 s certificates, renewed every 5 s.
     let opts = AgentOptions { cert_lifetime_secs: Some(10), ..AgentOptions::default() };
-    lab.start_agent("n1", opts);
+    lab.start_agent("n1", opts.clone());
     lab.start_agent("n2", opts);
     lab.serve("d", "echo", PORT);
     let d = lab.get("d").addr(PORT);
@@ -97,4 +97,22 @@ fn a_service_vip_is_resolved_by_the_agent_to_meshed_endpoints() {
     });
 
     lab.ask("c", service).expect_err("an unmeshed pod cannot reach a VIP that exists only in the mesh");
+}
+
+#[test]
+fn an_agent_fed_from_certificate_files_meshes_with_a_ca_fed_one() {
+    let mut lab = Lab::new("files");
+    lab.node("n1").node("n2");
+    lab.pod("n1", "a", true);
+    lab.pod("n2", "d", true);
+    let certs = lab.write_cert_files(&["a"], std::time::Duration::from_secs(3600));
+    lab.start_agent("n1", AgentOptions { cert_dir: Some(certs), ..AgentOptions::default() });
+    lab.start_agent("n2", AgentOptions::default());
+    lab.serve("d", "echo", PORT);
+    let d = lab.get("d").addr(PORT);
+    let t = lab.transfer("a", d, 100_000).expect("a -> d");
+    assert!(t.is_exact());
+    lab.agent("n2").wait_access("a's identity from its file certificate", |e| {
+        e["security"] == "mutual_tls" && e["src_identity"] == "spiffe://cluster.local/ns/lab/sa/a"
+    });
 }

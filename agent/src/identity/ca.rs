@@ -123,6 +123,15 @@ impl BuiltinCa {
         Ok(vec![cert.der().clone()])
     }
 
+    /// The same as [`issue`](Self::issue), as PEM (for writing certificate files).
+    pub fn issue_pem(&self, id: &SpiffeId, key: &KeyPair, lifetime: Duration) -> Result<String, CaError> {
+        let mut params = svid_params(id)?;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + lifetime;
+        Ok(params.signed_by(key, &self.issuer).map_err(cert_err(format!("sign {id}")))?.pem())
+    }
+
     /// Sign arbitrary parameters (tests use it to make deliberately bad certificates).
     pub fn sign(&self, params: &CertificateParams, key: &KeyPair) -> Result<CertificateDer<'static>, CaError> {
         Ok(params.signed_by(key, &self.issuer).map_err(cert_err("sign"))?.der().clone())

@@ -27,14 +27,35 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Wait between failed renewal attempts.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 
-pub type IssueFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<CertificateDer<'static>>, String>> + Send + 'a>>;
+/// A certificate chain (leaf first) and its private key.
+#[derive(Debug)]
+pub struct Issued {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+pub type IssueFuture<'a> = Pin<Box<dyn Future<Output = Result<Issued, String>> + Send + 'a>>;
 
 /// Where certificates come from.
 pub trait CertSource: Send + Sync + 'static {
-    /// A chain (leaf first) for `id` over the public key of `key`.
-    fn issue<'a>(&'a self, id: &'a SpiffeId, key: &'a KeyPair) -> IssueFuture<'a>;
+    /// A certificate for `id`. Sources that sign (built-in CA, Istio CA) generate the key
+    /// here, in the agent; file sources read the one they were given.
+    fn issue<'a>(&'a self, id: &'a SpiffeId) -> IssueFuture<'a>;
     /// The trust bundle peers are verified against.
     fn roots(&self) -> Vec<CertificateDer<'static>>;
+    /// Whether `svid` should be replaced now: by default from half-life on.
+    fn renew_due(&self, _id: &SpiffeId, svid: &Svid, now: SystemTime) -> bool {
+        now >= svid.renew_at()
+    }
+}
+
+/// A fresh P-256 key, generated in the agent.
+pub fn new_key() -> Result<KeyPair, String> {
+    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| format!("generate key: {e}"))
+}
+
+pub fn key_der(key: &KeyPair) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
 }
 
 /// The built-in CA as a source, issuing certificates of a fixed lifetime.
@@ -45,8 +66,12 @@ pub struct BuiltinSource {
 }
 
 impl CertSource for BuiltinSource {
-    fn issue<'a>(&'a self, id: &'a SpiffeId, key: &'a KeyPair) -> IssueFuture<'a> {
-        Box::pin(async move { self.ca.issue(id, key, self.lifetime).map_err(|e| e.to_string()) })
+    fn issue<'a>(&'a self, id: &'a SpiffeId) -> IssueFuture<'a> {
+        Box::pin(async move {
+            let key = new_key()?;
+            let chain = self.ca.issue(id, &key, self.lifetime).map_err(|e| e.to_string())?;
+            Ok(Issued { chain, key: key_der(&key) })
+        })
     }
 
     fn roots(&self) -> Vec<CertificateDer<'static>> {
@@ -162,21 +187,17 @@ impl IdentityManager {
 
     /// Issue a fresh certificate for `id`; on failure keep the old one and note the error.
     async fn renew(&self, id: &SpiffeId) {
-        let result = match KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256) {
-            Ok(key) => match self.source.issue(id, &key).await {
-                Ok(chain) => {
-                    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-                    Svid::new(chain, der, &self.provider).map_err(|e| e.to_string()).and_then(|svid| {
-                        if &svid.id == id {
-                            Ok(svid)
-                        } else {
-                            Err(format!("issued certificate is for {}, not {id}", svid.id))
-                        }
-                    })
-                }
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(format!("generate key: {e}")),
+        let result = match self.source.issue(id).await {
+            Ok(issued) => {
+                Svid::new(issued.chain, issued.key, &self.provider).map_err(|e| e.to_string()).and_then(|svid| {
+                    if &svid.id == id {
+                        Ok(svid)
+                    } else {
+                        Err(format!("the certificate is for {}, not {id}", svid.id))
+                    }
+                })
+            }
+            Err(e) => Err(e),
         };
         let mut entries = self.entries.write();
         let Some(entry) = entries.get_mut(id) else { return };
@@ -209,7 +230,7 @@ impl IdentityManager {
             entries
                 .iter()
                 .filter(|(_, e)| e.retry_at.is_none_or(|t| now >= t))
-                .filter(|(_, e)| e.svid.as_ref().is_none_or(|s| now >= s.renew_at()))
+                .filter(|(id, e)| e.svid.as_ref().is_none_or(|s| self.source.renew_due(id, s, now)))
                 .map(|(id, _)| id.clone())
                 .collect()
         };
@@ -256,11 +277,11 @@ mod tests {
     }
 
     impl CertSource for Flaky {
-        fn issue<'a>(&'a self, id: &'a SpiffeId, key: &'a KeyPair) -> IssueFuture<'a> {
+        fn issue<'a>(&'a self, id: &'a SpiffeId) -> IssueFuture<'a> {
             if self.fail.load(Ordering::SeqCst) {
                 return Box::pin(async { Err("CA unreachable".to_string()) });
             }
-            self.inner.issue(id, key)
+            self.inner.issue(id)
         }
         fn roots(&self) -> Vec<CertificateDer<'static>> {
             self.inner.roots()
