@@ -119,6 +119,39 @@ impl Lab {
         parse(&self.run_in_pod(pod, self.app(&args)))
     }
 
+    /// An HBONE request from `pod` to `to`'s listener, presenting `cert` as `identity`:
+    /// Ok(HTTP status) or Err(why it ended).
+    pub fn hbone_probe(
+        &self,
+        pod: &str,
+        to: SocketAddr,
+        identity: &str,
+        cert: &str,
+        method: &str,
+        target: SocketAddr,
+    ) -> Result<u16, String> {
+        let ca = self.dir.join("ca");
+        let out = self.run_in_pod(
+            pod,
+            self.app(&[
+                "hbone-probe",
+                &to.to_string(),
+                &ca.to_string_lossy(),
+                identity,
+                cert,
+                method,
+                &target.to_string(),
+            ]),
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad report {out:?}: {e}"));
+        match (v.get("status").and_then(|s| s.as_u64()), v.get("error")) {
+            (Some(s), _) => Ok(u16::try_from(s).unwrap_or(0)),
+            (None, Some(e)) => Err(e.as_str().unwrap_or_default().to_string()),
+            _ => panic!("bad report {out:?}"),
+        }
+    }
+
     /// Try to bind `port` in `pod`: Ok(()) or Err(message).
     pub fn bind_in_pod(&self, pod: &str, port: u16) -> Result<(), String> {
         let out = self.run_in_pod(pod, self.app(&["bind", &port.to_string()]));

@@ -6,6 +6,7 @@
 //! * [`agent`]  — one `selvedge run` per node: generated config, status, stop/restart;
 //! * [`proc`]   — spawning processes inside a netns and cgroup;
 //! * [`app`]    — running `selvedge-lab-app` in pods and parsing what it reports;
+//! * [`probe`]  — an HBONE client presenting chosen (bad) certificates, for refusal tests;
 //! * [`sys`]    — preflight checks and small helpers.
 //!
 //! Addresses come from 198.18.0.0/15 only: pods of node *i* in 198.18.*i*.0/24, the fabric
@@ -14,6 +15,7 @@
 pub mod agent;
 pub mod app;
 pub mod lab;
+pub mod probe;
 pub mod proc;
 pub mod sys;
 

@@ -116,3 +116,32 @@ fn an_agent_fed_from_certificate_files_meshes_with_a_ca_fed_one() {
         e["security"] == "mutual_tls" && e["src_identity"] == "spiffe://cluster.local/ns/lab/sa/a"
     });
 }
+
+#[test]
+fn a_real_agent_refuses_bad_certificates_spoofed_targets_and_other_methods() {
+    let mut lab = Lab::new("hostile");
+    lab.node("n1").node("n2");
+    lab.pod("n1", "c", false);
+    lab.pod("n2", "d", true).pod("n2", "e", true);
+    lab.start_agent("n2", AgentOptions::default());
+    lab.serve("d", "whoami", 8080);
+    let hbone = lab.get("d").addr(15008);
+    let app = lab.get("d").addr(8080);
+    let as_c = "spiffe://cluster.local/ns/lab/sa/c";
+    let probe = |cert: &str, method: &str, target| lab.hbone_probe("c", hbone, as_c, cert, method, target);
+
+    assert_eq!(probe("good", "CONNECT", app), Ok(200), "a good certificate for d's own address is served");
+    for bad in ["expired", "unknown-root", "two-sans", "no-san", "other-td"] {
+        let r = probe(bad, "CONNECT", app);
+        assert!(r.is_err(), "{bad}: the connection must not be served: {r:?}");
+    }
+    // A valid certificate cannot turn d's listener into a tunnel to e (or anywhere else).
+    assert_eq!(probe("good", "CONNECT", lab.get("e").addr(8080)), Ok(400), "tunnel-target spoofing");
+    assert_eq!(probe("good", "GET", app), Ok(405), "only CONNECT");
+
+    let refusals = lab.agent("n2").access_log().into_iter().filter(|e| e["result"] == "refused").count();
+    assert!(refusals >= 7, "each refusal is logged with its reason ({refusals})");
+    lab.agent("n2").wait_access("the spoofed target, named", |e| {
+        e["result"] == "refused" && e["reason"].as_str().is_some_and(|r| r.contains("not the workload behind"))
+    });
+}

@@ -12,6 +12,9 @@
 //!   milliseconds, then writes the rest.
 //! * `ask ADDR`     — connect to a whoami server; print its view and ours.
 //! * `bind PORT`    — try to bind 0.0.0.0:PORT; print whether it worked.
+//! * `hbone-probe HBONE_ADDR CA_DIR SPIFFE_ID CERT METHOD TARGET` — an HBONE client
+//!   presenting CERT (good, expired, two-sans, no-san, other-td, unknown-root) as SPIFFE_ID;
+//!   prints the HTTP status or the error.
 
 use std::{
     io::{Read, Write},
@@ -39,6 +42,7 @@ fn main() {
         }
         "ask" => ask(addr(arg(1))),
         "bind" => bind(port(arg(1))),
+        "hbone-probe" => hbone_probe(&args[1..]),
         _ => usage(),
     }
 }
@@ -221,6 +225,20 @@ fn bind(port: u16) {
     match TcpListener::bind(("0.0.0.0", port)) {
         Ok(_) => println!("{}", json!({"bound": port})),
         Err(e) => println!("{}", json!({"error": e.to_string(), "errno": e.raw_os_error()})),
+    }
+}
+
+fn hbone_probe(a: &[String]) {
+    let [hbone, ca, id, cert, method, target] = a else { usage() };
+    let who: selvedge::identity::SpiffeId = id.parse().unwrap_or_else(|_| usage());
+    let cert = selvedge_tests::probe::Cert::parse(cert).unwrap_or_else(|| usage());
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap_or_else(|e| fail(&e.to_string()));
+    let out =
+        rt.block_on(selvedge_tests::probe::probe(addr(hbone), std::path::Path::new(ca), &who, cert, method, target));
+    match out {
+        Ok(status) => println!("{}", json!({"status": status})),
+        Err(e) => println!("{}", json!({"error": e})),
     }
 }
 
