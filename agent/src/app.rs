@@ -19,7 +19,7 @@ use crate::{
     config::{self, CertSourceConfig, LocalConfig, Settings},
     datapath::{Datapath, DatapathError, DatapathOptions, FlowMaps},
     hbone,
-    identity::{BuiltinCa, BuiltinSource, CertSource, FilesSource, IdentityManager},
+    identity::{BuiltinCa, BuiltinSource, CertSource, FilesSource, IdentityManager, IstioCaSource},
     inpod::{InpodError, PodNetns},
     proxy::{self, ConnTracker, Mesh, PodContext},
     state::{self, Change, PodSpec},
@@ -118,6 +118,7 @@ impl Agent {
             bpf_object: settings.bpf_object.clone(),
             max_pods: settings.max_pods,
         };
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let source: Arc<dyn CertSource> = match &settings.certs {
             CertSourceConfig::Builtin { ca_dir, lifetime } => {
                 let ca = BuiltinCa::load(ca_dir).map_err(|e| AppError::Ca {
@@ -129,8 +130,11 @@ impl Agent {
             CertSourceConfig::Files { dir } => {
                 Arc::new(FilesSource::new(dir).map_err(|detail| AppError::Ca { dir: dir.clone(), detail })?)
             }
+            CertSourceConfig::Istio(cfg) => Arc::new(
+                IstioCaSource::new(cfg.clone(), provider.clone())
+                    .map_err(|detail| AppError::Ca { dir: cfg.root_file.clone(), detail })?,
+            ),
         };
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let ids = IdentityManager::new(source, provider, &settings.trust_domain)?;
         tokio::spawn(ids.clone().run());
         let mesh = Arc::new(Mesh {

@@ -49,6 +49,10 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 pub const DEFAULT_CA_DIR: &str = "/var/lib/selvedge/ca";
 pub const ENV_CERT_SOURCE: &str = "SELVEDGE_CERT_SOURCE";
 pub const ENV_CERT_DIR: &str = "SELVEDGE_CERT_DIR";
+pub const ENV_ISTIO_CA_ADDR: &str = "SELVEDGE_ISTIO_CA_ADDR";
+pub const ENV_ISTIO_CA_SERVER_NAME: &str = "SELVEDGE_ISTIO_CA_SERVER_NAME";
+pub const ENV_ISTIO_CA_ROOT: &str = "SELVEDGE_ISTIO_CA_ROOT";
+pub const ENV_ISTIO_CA_TOKEN: &str = "SELVEDGE_ISTIO_CA_TOKEN";
 
 /// Where workload certificates come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +61,8 @@ pub enum CertSourceConfig {
     Builtin { ca_dir: PathBuf, lifetime: std::time::Duration },
     /// Watched files (SPIRE, cert-manager): see `identity::FilesSource` for the layout.
     Files { dir: PathBuf },
+    /// The Istio CA API (istiod, istio-csr).
+    Istio(crate::identity::IstioCaConfig),
 }
 
 /// Where pins live unless told otherwise.

@@ -94,8 +94,9 @@ struct RunArgs {
     #[arg(long, env = config::ENV_ROOT_NAMESPACE, default_value = config::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
     /// Where workload certificates come from: `builtin` (the agent signs them with the CA in
-    /// --ca-dir) or `files` (watched files under --cert-dir, e.g. from SPIRE or
-    /// cert-manager: root-cert.pem, and <namespace>/<serviceAccount>/{cert-chain,key}.pem).
+    /// --ca-dir), `files` (watched files under --cert-dir, e.g. from SPIRE or cert-manager:
+    /// root-cert.pem, and <namespace>/<serviceAccount>/{cert-chain,key}.pem) or `istio`
+    /// (the Istio CA API of istiod or istio-csr, see --istio-ca-*).
     #[arg(long, env = config::ENV_CERT_SOURCE, value_enum, default_value_t = CertSourceKind::Builtin)]
     cert_source: CertSourceKind,
     /// Built-in CA directory (from `selvedge ca init`). All agents of a mesh share the root.
@@ -104,6 +105,19 @@ struct RunArgs {
     /// Certificate directory for `--cert-source files`.
     #[arg(long, env = config::ENV_CERT_DIR, required_if_eq("cert_source", "files"))]
     cert_dir: Option<PathBuf>,
+    /// Istio CA address (HOST:PORT, e.g. istiod.istio-system.svc:15012) for `--cert-source istio`.
+    #[arg(long, env = config::ENV_ISTIO_CA_ADDR, required_if_eq("cert_source", "istio"))]
+    istio_ca_addr: Option<String>,
+    /// Name on the CA's serving certificate (default: the host of --istio-ca-addr).
+    #[arg(long, env = config::ENV_ISTIO_CA_SERVER_NAME)]
+    istio_ca_server_name: Option<String>,
+    /// PEM file with the mesh root: verifies the CA and is the trust bundle for peers.
+    #[arg(long, env = config::ENV_ISTIO_CA_ROOT, required_if_eq("cert_source", "istio"))]
+    istio_ca_root: Option<PathBuf>,
+    /// File holding the bearer token for the CA (re-read on every request; e.g. a
+    /// projected service-account token with audience istio-ca).
+    #[arg(long, env = config::ENV_ISTIO_CA_TOKEN, required_if_eq("cert_source", "istio"))]
+    istio_ca_token: Option<PathBuf>,
     /// Lifetime, in seconds, of the workload certificates the built-in CA issues; they are
     /// renewed at half-life.
     #[arg(long, env = config::ENV_CERT_LIFETIME, default_value_t = 24 * 3600,
@@ -115,6 +129,7 @@ struct RunArgs {
 enum CertSourceKind {
     Builtin,
     Files,
+    Istio,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -152,8 +167,36 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+fn cert_source(args: &RunArgs) -> anyhow::Result<config::CertSourceConfig> {
+    let lifetime = std::time::Duration::from_secs(args.cert_lifetime_secs);
+    Ok(match args.cert_source {
+        CertSourceKind::Builtin => config::CertSourceConfig::Builtin { ca_dir: args.ca_dir.clone(), lifetime },
+        CertSourceKind::Files => config::CertSourceConfig::Files {
+            dir: args.cert_dir.clone().context("--cert-source files needs --cert-dir")?,
+        },
+        CertSourceKind::Istio => {
+            use std::net::ToSocketAddrs as _;
+            let addr = args.istio_ca_addr.clone().context("--cert-source istio needs --istio-ca-addr")?;
+            let host = addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(&addr).to_string();
+            let resolved = addr
+                .to_socket_addrs()
+                .with_context(|| format!("resolve --istio-ca-addr {addr}"))?
+                .next()
+                .with_context(|| format!("--istio-ca-addr {addr} resolves to nothing"))?;
+            config::CertSourceConfig::Istio(selvedge::identity::IstioCaConfig {
+                addr: resolved,
+                server_name: args.istio_ca_server_name.clone().unwrap_or(host),
+                root_file: args.istio_ca_root.clone().context("--cert-source istio needs --istio-ca-root")?,
+                token_file: args.istio_ca_token.clone().context("--cert-source istio needs --istio-ca-token")?,
+                lifetime,
+            })
+        }
+    })
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format);
+    let certs = cert_source(&args)?;
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => selvedge::sys::cgroup2_mount().context("find the cgroup v2 mount")?,
@@ -168,14 +211,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_pods: args.max_pods,
         trust_domain: args.trust_domain,
         root_namespace: args.root_namespace,
-        certs: match (args.cert_source, args.cert_dir) {
-            (CertSourceKind::Files, Some(dir)) => config::CertSourceConfig::Files { dir },
-            (CertSourceKind::Files, None) => anyhow::bail!("--cert-source files needs --cert-dir"),
-            (CertSourceKind::Builtin, _) => config::CertSourceConfig::Builtin {
-                ca_dir: args.ca_dir,
-                lifetime: std::time::Duration::from_secs(args.cert_lifetime_secs),
-            },
-        },
+        certs,
     };
     tracing::info!(?settings, "starting");
     // One crypto provider for the whole process, installed explicitly.

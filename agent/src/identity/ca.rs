@@ -49,6 +49,7 @@ fn cert_err(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> CaError {
 /// A loaded root that can sign SVIDs.
 pub struct BuiltinCa {
     root: CertificateDer<'static>,
+    root_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -100,7 +101,7 @@ impl BuiltinCa {
             .map_err(cert_err(format!("parse {}", dir.join(ROOT_CERT).display())))?;
         let root = rustls_pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| CaError::Cert { what: format!("{e}"), source: rcgen::Error::CouldNotParseCertificate })?;
-        Ok(Self { root, issuer })
+        Ok(Self { root, root_pem: cert_pem, issuer })
     }
 
     pub fn root(&self) -> CertificateDer<'static> {
@@ -130,6 +131,23 @@ impl BuiltinCa {
         params.not_before = now - BACKDATE;
         params.not_after = now + lifetime;
         Ok(params.signed_by(key, &self.issuer).map_err(cert_err(format!("sign {id}")))?.pem())
+    }
+
+    /// Sign a PKCS#10 request as-is (what a test CA server does with an agent's CSR);
+    /// returns the certificate as PEM.
+    pub fn sign_csr(&self, csr_pem: &str, lifetime: Duration) -> Result<String, CaError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(cert_err("parse CSR"))?;
+        let now = time::OffsetDateTime::now_utc();
+        csr.params.not_before = now - BACKDATE;
+        csr.params.not_after = now + lifetime;
+        csr.params.is_ca = IsCa::ExplicitNoCa;
+        csr.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        Ok(csr.signed_by(&self.issuer).map_err(cert_err("sign CSR"))?.pem())
+    }
+
+    /// The root as PEM.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
     }
 
     /// Sign arbitrary parameters (tests use it to make deliberately bad certificates).
