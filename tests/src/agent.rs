@@ -161,8 +161,9 @@ impl Agent {
         for p in pods.iter().filter(|p| p.strict) {
             let _ = writeln!(
                 y,
-                "- metadata: {{name: strict-{name}, namespace: lab}}\n  spec: {{selector: {{matchLabels: {{app: {name}}}}}, mtls: {{mode: STRICT}}}}",
+                "- metadata: {{name: strict-{name}, namespace: lab}}\n  spec: {{selector: {{matchLabels: {{app: {name}}}}}, mtls: {{mode: STRICT}}, portLevelMtls: {{{ports}}}}}",
                 name = p.name,
+                ports = p.permissive_ports.iter().map(|port| format!("\"{port}\": {{mode: PERMISSIVE}}")).collect::<Vec<_>>().join(", "),
             );
         }
         let tmp = self.config_path().with_extension("tmp");

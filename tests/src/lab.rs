@@ -35,6 +35,8 @@ pub struct Pod {
     pub strict: bool,
     /// The `role` label (services select on it); defaults to the pod's name.
     pub role: String,
+    /// With `strict`: ports left PERMISSIVE by `portLevelMtls`.
+    pub permissive_ports: Vec<u16>,
 }
 
 /// A service in the agents' config: a VIP:port standing for the pods with `role`.
@@ -191,6 +193,7 @@ impl Lab {
             enrolled,
             strict: false,
             role: name.into(),
+            permissive_ports: Vec::new(),
         };
         self.pods.insert(name.into(), pod);
         self
@@ -198,6 +201,13 @@ impl Lab {
 
     pub fn get(&self, pod: &str) -> &Pod {
         self.pods.get(pod).unwrap_or_else(|| panic!("no pod {pod}"))
+    }
+
+    /// Make `pod` STRICT except on `ports` (PeerAuthentication `portLevelMtls`).
+    pub fn set_strict_except(&mut self, pod: &str, ports: &[u16]) {
+        let p = self.pods.get_mut(pod).unwrap_or_else(|| panic!("no pod {pod}"));
+        p.strict = true;
+        p.permissive_ports = ports.to_vec();
     }
 
     /// Set a pod's `role` label (takes effect at the next agent start or `write_configs`).

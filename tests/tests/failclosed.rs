@@ -94,3 +94,26 @@ fn a_full_map_is_reported_and_the_pod_stays_closed() {
     let r = lab.ask("c", b).expect("b is reachable once enrolled");
     assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
 }
+
+#[test]
+fn strict_ports_are_refused_by_the_agent_when_the_kernel_must_pass_plaintext() {
+    let mut lab = lab("strict-ports");
+    lab.serve("d", "whoami", 9090);
+    // STRICT, but port 9090 PERMISSIVE: the kernel cannot drop per port, so it passes
+    // plaintext to the agent, which must refuse it on every port but 9090.
+    lab.set_strict_except("d", &[9090]);
+    lab.write_configs();
+    let (d8080, d9090) = (lab.get("d").addr(PORT), lab.get("d").addr(9090));
+
+    match lab.ask("c", d8080) {
+        Ok(r) => assert!(r.server.is_none(), "plaintext to a STRICT port never reaches the app: {r:?}"),
+        Err(e) => assert!(e.contains("reset"), "{e}"),
+    }
+    lab.agent("n2").wait_access("the refusal, with its reason", |e| {
+        e["result"] == "refused" && e["reason"].as_str().is_some_and(|r| r.contains("STRICT"))
+    });
+    let r = lab.ask("c", d9090).expect("the PERMISSIVE port takes plaintext");
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
+    let r = lab.ask("a", d8080).expect("mTLS reaches the STRICT port");
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
+}
