@@ -10,12 +10,13 @@ use std::{
     time::Duration,
 };
 
-use selvedge_common::{Stat, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, STATS_LEN};
+use selvedge_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::{
+    admin::{self, AdminState},
     config::{self, CertSourceConfig, LocalConfig, Settings},
     datapath::{Datapath, DatapathError, DatapathOptions, FlowMaps},
     hbone,
@@ -25,6 +26,8 @@ use crate::{
     state::{self, Change, PodSpec},
     sys, tls,
 };
+
+mod dump;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -46,6 +49,8 @@ pub enum AppError {
     Identity(#[from] crate::identity::IdentityError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsSetupError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(#[source] std::io::Error),
     #[error("pod {pod}: no free pod slot ({max} pods per node, see --max-pods); its inbound stays closed")]
@@ -95,6 +100,12 @@ pub struct Agent {
     flows: Arc<FlowMaps>,
     /// Identities, the HBONE pool and the directory of meshed workloads.
     mesh: Arc<Mesh>,
+    /// What the admin, metrics and readiness endpoints serve.
+    admin: Arc<AdminState>,
+    /// Ticks of the run loop, to do the occasional heavier refresh.
+    ticks: u64,
+    /// The config last applied (for the config dump).
+    last_config: LocalConfig,
     conns: Arc<ConnTracker>,
     pods: BTreeMap<String, Enrolled>,
     /// Pods the config wants but that could not be enrolled.
@@ -106,7 +117,7 @@ pub struct Agent {
 
 impl Agent {
     /// Load and attach everything; nothing is enrolled yet.
-    pub fn start(settings: Settings) -> Result<Self, AppError> {
+    pub fn start(settings: Settings, set_log_level: admin::SetLogLevel) -> Result<Self, AppError> {
         let mount = sys::cgroup2_mount().map_err(|source| AppError::Cgroup { what: "find cgroup2".into(), source })?;
         let agent_cgroup_id =
             sys::own_cgroup_id(&mount).map_err(|source| AppError::Cgroup { what: "read own cgroup".into(), source })?;
@@ -141,6 +152,15 @@ impl Agent {
             directory: parking_lot::RwLock::new(Arc::new(state::Directory::default())),
             pool: hbone::client::Pool::new(ids.clone()),
             ids,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+        });
+        let admin = Arc::new(AdminState {
+            snapshot: parking_lot::RwLock::new(serde_json::Value::Null),
+            ready: std::sync::atomic::AtomicBool::new(false),
+            not_ready: parking_lot::RwLock::new("starting".into()),
+            metrics: mesh.metrics.clone(),
+            set_log_level,
+            quit: tokio::sync::Notify::new(),
         });
         let (datapath, flows) = Datapath::open(&opts)?;
         tracing::info!(pin_dir = %settings.pin_dir.display(), cgroup = %settings.cgroup.display(), "eBPF programs attached");
@@ -149,6 +169,9 @@ impl Agent {
             datapath,
             flows: Arc::new(flows),
             mesh,
+            admin,
+            ticks: 0,
+            last_config: LocalConfig::default(),
             conns: Arc::new(ConnTracker::default()),
             pods: BTreeMap::new(),
             failed: BTreeMap::new(),
@@ -159,6 +182,10 @@ impl Agent {
 
     /// Serve until SIGTERM/SIGINT, then drain.
     pub async fn run(mut self, status_file: Option<PathBuf>) -> Result<(), AppError> {
+        let s = &self.settings;
+        for (listener, which) in admin::bind(s.admin_addr, s.metrics_addr, s.readiness_addr).await? {
+            tokio::spawn(admin::serve(listener, which, self.admin.clone()));
+        }
         let path = self.settings.config.clone();
         let text = std::fs::read_to_string(&path)
             .map_err(|source| config::ConfigError::Read { path: path.clone(), source })?;
@@ -167,8 +194,9 @@ impl Agent {
         self.apply(&cfg).await?;
         self.applied_new_config();
         self.sweep_stale()?;
+        self.refresh_observability();
         self.write_status(status_file.as_ref(), true)?;
-        tracing::info!(enrolled = self.pods.len(), failed = self.failed.len(), "ready");
+        tracing::info!(enrolled = self.pods.len(), failed = self.failed.len(), "started");
 
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(AppError::Signal)?;
@@ -178,8 +206,10 @@ impl Agent {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
+                _ = self.admin.quit.notified() => break,
                 _ = tick.tick() => {}
             }
+            self.refresh_observability();
             let text = std::fs::read_to_string(&self.settings.config).ok();
             let changed = text != last_text;
             let retry = !self.failed.is_empty() && tokio::time::Instant::now() >= retry_at;
@@ -226,6 +256,7 @@ impl Agent {
         };
         let desired = state::desired(cfg, &mesh)?;
         *self.mesh.directory.write() = Arc::new(state::directory(cfg, &self.settings.trust_domain)?);
+        self.last_config = cfg.clone();
         let current: BTreeMap<String, PodSpec> = self.pods.iter().map(|(k, v)| (k.clone(), v.spec.clone())).collect();
         let gone: Vec<String> = self.failed.keys().filter(|uid| !desired.contains_key(*uid)).cloned().collect();
         for uid in gone {
@@ -335,9 +366,14 @@ impl Agent {
             trust_domain: self.settings.trust_domain.as_str().into(),
             handshake_timeout: hbone::HANDSHAKE_TIMEOUT,
         };
-        let upstream = Arc::new(proxy::inbound::HboneUpstream { pod: ctx.clone(), conns: self.conns.clone(), timeout });
+        let upstream = Arc::new(proxy::inbound::HboneUpstream {
+            pod: ctx.clone(),
+            mesh: self.mesh.clone(),
+            conns: self.conns.clone(),
+            timeout,
+        });
         let mut accept_tasks = vec![
-            tokio::spawn(proxy::inbound::serve(inbound, ctx.clone(), self.conns.clone(), timeout)),
+            tokio::spawn(proxy::inbound::serve(inbound, ctx.clone(), self.mesh.clone(), self.conns.clone(), timeout)),
             tokio::spawn(hbone::server::serve(hbone, hbone_opts, upstream)),
         ];
         for l in outbound {
@@ -416,6 +452,7 @@ impl Agent {
             if !live.contains(&cookie) {
                 tracing::info!(netns_cookie = cookie, "removing stale enrollment left by a previous agent");
                 self.datapath.unenroll(cookie, info.pod_id)?;
+                self.mesh.metrics.drift(1);
             }
         }
         self.swept = true;
@@ -424,25 +461,13 @@ impl Agent {
 
     fn write_status(&self, path: Option<&PathBuf>, ready: bool) -> Result<(), AppError> {
         let Some(path) = path else { return Ok(()) };
-        let stats = self.datapath.stats();
-        let names = [
-            (Stat::Captured, "captured"),
-            (Stat::OrigMapFull, "orig_map_full"),
-            (Stat::InboundAssigned, "inbound_assigned"),
-            (Stat::InboundStrictDrop, "inbound_strict_drop"),
-            (Stat::InboundNoListener, "inbound_no_listener"),
-            (Stat::BindRefused, "bind_refused"),
-            (Stat::FastPathHit, "fast_path_hit"),
-            (Stat::FastPathMiss, "fast_path_miss"),
-        ];
-        debug_assert_eq!(names.len(), STATS_LEN as usize);
         let status = Status {
             node: &self.settings.node,
             ready,
             generation: self.generation,
             enrolled: self.pods.values().map(|p| p.spec.name.as_str()).collect(),
             failed: self.failed.iter().map(|(k, v)| (k.as_str(), v.reason.clone())).collect(),
-            stats: names.iter().map(|(s, n)| (*n, stats[*s as usize])).collect(),
+            stats: self.datapath.named_stats().into_iter().collect(),
         };
         let text = serde_json::to_string_pretty(&status).unwrap_or_default();
         let tmp = path.with_extension("tmp");

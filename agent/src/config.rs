@@ -252,6 +252,10 @@ pub struct Settings {
     /// Where mesh-wide `PeerAuthentication`s live.
     pub root_namespace: String,
     pub certs: CertSourceConfig,
+    /// Admin API (loopback only), metrics and readiness listeners.
+    pub admin_addr: std::net::SocketAddr,
+    pub metrics_addr: std::net::SocketAddr,
+    pub readiness_addr: std::net::SocketAddr,
 }
 
 #[cfg(test)]

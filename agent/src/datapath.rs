@@ -26,8 +26,8 @@ use aya::{
 };
 use parking_lot::Mutex;
 use selvedge_common::{
-    capacity, maps, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, ABI_VERSION, POD_FLAG_STRICT, POD_SLOT_GLOBAL,
-    SLOT_ENROLLED, SLOT_STRICT, STATS_LEN,
+    capacity, maps, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, Stat, ABI_VERSION, POD_FLAG_STRICT,
+    POD_SLOT_GLOBAL, SLOT_ENROLLED, SLOT_STRICT, STATS_LEN,
 };
 
 pub use pins::uninstall;
@@ -312,6 +312,58 @@ impl Datapath {
         let _ = self.slots.set(pod_id, 0, 0);
         let _ = self.inbound.clear_index(&pod_id);
         Ok(())
+    }
+
+    /// Kernel counters with their names (the names dashboards and the status file use).
+    pub fn named_stats(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats();
+        [
+            (Stat::Captured, "captured"),
+            (Stat::OrigMapFull, "orig_map_full"),
+            (Stat::InboundAssigned, "inbound_assigned"),
+            (Stat::InboundStrictDrop, "inbound_strict_drop"),
+            (Stat::InboundNoListener, "inbound_no_listener"),
+            (Stat::BindRefused, "bind_refused"),
+            (Stat::FastPathHit, "fast_path_hit"),
+            (Stat::FastPathMiss, "fast_path_miss"),
+        ]
+        .into_iter()
+        .map(|(stat, name)| (name, s[stat as usize]))
+        .collect()
+    }
+
+    /// Entries and capacity of the maps the agent holds (walks them: call occasionally).
+    pub fn occupancy(&self, flows: &FlowMaps) -> Vec<(&'static str, u64, u64)> {
+        let cap = |name: &str| {
+            aya::maps::MapInfo::from_pin(self.pin_dir.join("maps").join(name))
+                .map(|i| u64::from(i.max_entries()))
+                .unwrap_or(0)
+        };
+        let enrolled = self.enrolled.keys().filter(Result::is_ok).count() as u64;
+        let slots = self.slots.iter().filter(|v| matches!(v, Ok(x) if *x != 0)).count() as u64;
+        let inbound = self.inbound.indices().filter(Result::is_ok).count() as u64;
+        let orig = flows.orig_dst.keys().filter(Result::is_ok).count() as u64;
+        let pairs = flows.pairs.lock().keys().filter(Result::is_ok).count() as u64;
+        vec![
+            (maps::ENROLLED, enrolled, cap(maps::ENROLLED)),
+            (maps::SLOTS, slots, cap(maps::SLOTS)),
+            (maps::INBOUND_LISTENERS, inbound, cap(maps::INBOUND_LISTENERS)),
+            (maps::ORIG_DST, orig, cap(maps::ORIG_DST)),
+            (maps::PAIRS, pairs, cap(maps::PAIRS)),
+        ]
+    }
+
+    /// The pinned links (attachments) present now.
+    pub fn links(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.pin_dir.join("links"))
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
     }
 
     /// Per-CPU counters summed.

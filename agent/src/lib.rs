@@ -11,12 +11,15 @@
 //! * [`app`]      — wires all of the above; the run loop, reloads and shutdown.
 
 pub mod addr;
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod datapath;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
+pub mod inspect;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod state;

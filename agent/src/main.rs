@@ -36,6 +36,38 @@ enum Command {
     /// The built-in certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The agent at a glance: readiness, enrolled and failed workloads, kernel counters.
+    Status(InspectArgs),
+    /// Enrolled workloads (and those that failed, with the reason).
+    Workloads(InspectArgs),
+    /// Services: VIPs and their endpoints.
+    Services(InspectArgs),
+    /// Policies and the workloads they select.
+    Policies(InspectArgs),
+    /// Workload certificates: identity, expiry, last renewal error.
+    Certs(InspectArgs),
+    /// Open proxied connections.
+    Connections(InspectArgs),
+    /// eBPF state from the kernel: pinned links, maps with entry counts.
+    Bpf(InspectArgs),
+}
+
+/// The inspection commands read the running agent's admin API.
+#[derive(Debug, clap::Args)]
+struct InspectArgs {
+    /// Admin API address (loopback, in the agent's network namespace).
+    #[arg(long, env = "SELVEDGE_ADMIN", default_value = selvedge::admin::DEFAULT_ADMIN)]
+    admin: std::net::SocketAddr,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Table,
+    Json,
+    Yaml,
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,9 +116,20 @@ struct RunArgs {
     /// reason, kernel counters) in this file, rewritten atomically every half second.
     #[arg(long, env = config::ENV_STATUS_FILE)]
     status_file: Option<PathBuf>,
-    /// Log format.
+    /// Log format. The level is SELVEDGE_LOG (an EnvFilter, default info) and can be
+    /// changed at runtime with the admin API's /logging?level=….
     #[arg(long, env = config::ENV_LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Admin API: /config_dump, /connections, /logging, /quitquitquit. Loopback only.
+    #[arg(long, env = "SELVEDGE_ADMIN_ADDR", default_value = selvedge::admin::DEFAULT_ADMIN)]
+    admin_addr: std::net::SocketAddr,
+    /// Prometheus metrics (/metrics, /stats/prometheus).
+    #[arg(long, env = "SELVEDGE_METRICS_ADDR", default_value = selvedge::admin::DEFAULT_METRICS)]
+    metrics_addr: std::net::SocketAddr,
+    /// Readiness (/healthz/ready): ready once programs are attached, local workloads
+    /// enrolled and their certificates present.
+    #[arg(long, env = "SELVEDGE_READINESS_ADDR", default_value = selvedge::admin::DEFAULT_READINESS)]
+    readiness_addr: std::net::SocketAddr,
     /// SPIFFE trust domain of this mesh: identities are spiffe://<TD>/ns/<ns>/sa/<sa>.
     #[arg(long, env = config::ENV_TRUST_DOMAIN, default_value = config::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -138,14 +181,31 @@ enum LogFormat {
     Json,
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SELVEDGE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+/// Logs to stderr; returns the function that changes the filter at runtime.
+fn init_tracing(format: LogFormat) -> selvedge::admin::SetLogLevel {
+    use tracing_subscriber::{fmt, prelude::*, reload, EnvFilter};
+    let initial = EnvFilter::try_from_env("SELVEDGE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(initial);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).init(),
+        LogFormat::Json => registry.with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr)).init(),
     }
+    Box::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| format!("bad log filter {level:?}: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    })
+}
+
+fn inspect(view: selvedge::inspect::View, args: &InspectArgs) -> anyhow::Result<()> {
+    use selvedge::inspect::{show, Output};
+    let output = match args.output {
+        OutputFormat::Table => Output::Table,
+        OutputFormat::Json => Output::Json,
+        OutputFormat::Yaml => Output::Yaml,
+    };
+    print!("{}", show(args.admin, view, output)?);
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -159,6 +219,13 @@ fn main() -> anyhow::Result<()> {
             println!("root written: {} (trust domain {trust_domain})", cert.display());
             Ok(())
         }
+        Command::Status(a) => inspect(selvedge::inspect::View::Status, &a),
+        Command::Workloads(a) => inspect(selvedge::inspect::View::Workloads, &a),
+        Command::Services(a) => inspect(selvedge::inspect::View::Services, &a),
+        Command::Policies(a) => inspect(selvedge::inspect::View::Policies, &a),
+        Command::Certs(a) => inspect(selvedge::inspect::View::Certs, &a),
+        Command::Connections(a) => inspect(selvedge::inspect::View::Connections, &a),
+        Command::Bpf(a) => inspect(selvedge::inspect::View::Bpf, &a),
         Command::Uninstall { pin_dir } => {
             let n = datapath::uninstall(&pin_dir).with_context(|| format!("uninstall {}", pin_dir.display()))?;
             println!("removed {n} pins under {}", pin_dir.display());
@@ -195,7 +262,7 @@ fn cert_source(args: &RunArgs) -> anyhow::Result<config::CertSourceConfig> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    init_tracing(args.log_format);
+    let set_log_level = init_tracing(args.log_format);
     let certs = cert_source(&args)?;
     let cgroup = match args.cgroup {
         Some(c) => c,
@@ -212,6 +279,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         trust_domain: args.trust_domain,
         root_namespace: args.root_namespace,
         certs,
+        admin_addr: args.admin_addr,
+        metrics_addr: args.metrics_addr,
+        readiness_addr: args.readiness_addr,
     };
     tracing::info!(?settings, "starting");
     // One crypto provider for the whole process, installed explicitly.
@@ -220,7 +290,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start the async runtime")?;
     rt.block_on(async move {
-        let agent = Agent::start(settings)?;
+        let agent = Agent::start(settings, set_log_level)?;
         agent.run(args.status_file).await
     })?;
     Ok(())

@@ -30,6 +30,7 @@ use crate::{
     hbone::client::Pool,
     identity::{IdentityManager, SpiffeId},
     inpod::PodNetns,
+    metrics::{ConnMetrics, LiveConnection, Metrics, TcpLabels, UNKNOWN},
     policy::WorkloadMtls,
     state::Directory,
 };
@@ -57,6 +58,18 @@ pub struct Mesh {
     pub directory: parking_lot::RwLock<Arc<Directory>>,
     pub pool: Pool,
     pub ids: Arc<IdentityManager>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Mesh {
+    /// The workload behind an address, by the directory.
+    pub fn workload_at(&self, ip: std::net::IpAddr) -> Option<WorkloadName> {
+        self.directory
+            .read()
+            .workloads
+            .get(&ip.to_canonical())
+            .map(|p| WorkloadName { name: p.name.clone(), namespace: p.namespace.clone() })
+    }
 }
 
 /// Counts open connections so shutdown can drain them.
@@ -118,7 +131,55 @@ impl Direction {
     }
 }
 
-/// One proxied connection, for the access log.
+/// Why a connection was refused: a stable code for metrics and logs (append-only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    NoOriginalDestination,
+    NoEndpoints,
+    UpstreamUnreachable,
+    TunnelFailed,
+    PlaintextStrict,
+    ReservedPort,
+    TlsHandshake,
+    BadClientCertificate,
+    BadTarget,
+    MethodNotAllowed,
+}
+
+impl Refusal {
+    pub fn code(self) -> &'static str {
+        match self {
+            Refusal::NoOriginalDestination => "no_original_destination",
+            Refusal::NoEndpoints => "no_endpoints",
+            Refusal::UpstreamUnreachable => "upstream_unreachable",
+            Refusal::TunnelFailed => "tunnel_failed",
+            Refusal::PlaintextStrict => "plaintext_strict",
+            Refusal::ReservedPort => "reserved_port",
+            Refusal::TlsHandshake => "tls_handshake",
+            Refusal::BadClientCertificate => "bad_client_certificate",
+            Refusal::BadTarget => "bad_target",
+            Refusal::MethodNotAllowed => "method_not_allowed",
+        }
+    }
+
+    /// Envoy-style response flags, as Istio dashboards expect them.
+    fn response_flags(self) -> &'static str {
+        match self {
+            Refusal::NoOriginalDestination | Refusal::NoEndpoints => "NR",
+            Refusal::UpstreamUnreachable | Refusal::TunnelFailed => "UF",
+            _ => "DENY",
+        }
+    }
+}
+
+/// A workload's name and namespace, for labels.
+#[derive(Debug, Clone, Default)]
+pub struct WorkloadName {
+    pub name: String,
+    pub namespace: String,
+}
+
+/// One proxied connection: what the access log and the metrics say about it.
 #[derive(Debug)]
 pub struct Flow<'a> {
     pub direction: Direction,
@@ -133,14 +194,27 @@ pub struct Flow<'a> {
     /// Verified identities (never taken from anything but a certificate).
     pub src_identity: Option<&'a SpiffeId>,
     pub dst_identity: Option<&'a SpiffeId>,
+    /// The workloads at either end, where known.
+    pub src_workload: Option<WorkloadName>,
+    pub dst_workload: Option<WorkloadName>,
+    /// The service dialled, when the destination was a service VIP.
+    pub service: Option<String>,
+    metrics: Option<&'a Metrics>,
+    /// Counter handles and the `/connections` entry, once opened.
+    conn: Option<(ConnMetrics, u64)>,
 }
 
 fn id_str(id: Option<&SpiffeId>) -> String {
-    id.map(ToString::to_string).unwrap_or_else(|| "unknown".into())
+    id.map(ToString::to_string).unwrap_or_else(|| UNKNOWN.into())
 }
 
 impl<'a> Flow<'a> {
     pub fn new(direction: Direction, pod: &'a PodContext, src: SocketAddr, dst: SocketAddr) -> Self {
+        let me = WorkloadName { name: pod.name.clone(), namespace: pod.namespace.clone() };
+        let (src_workload, dst_workload) = match direction {
+            Direction::Outbound => (Some(me), None),
+            Direction::Inbound => (None, Some(me)),
+        };
         Flow {
             direction,
             pod: &pod.name,
@@ -151,11 +225,70 @@ impl<'a> Flow<'a> {
             security: "none",
             src_identity: None,
             dst_identity: None,
+            src_workload,
+            dst_workload,
+            service: None,
+            metrics: None,
+            conn: None,
         }
     }
 
-    /// Log a connection refused before any byte moved.
-    pub fn refused(&self, reason: &str) {
+    /// Report to `metrics` (flows without it only log: in-process tests).
+    pub fn with_metrics(mut self, metrics: &'a Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn labels(&self, response_flags: &'static str) -> TcpLabels {
+        let name = |w: &Option<WorkloadName>| w.as_ref().map(|w| w.name.clone()).unwrap_or_else(|| UNKNOWN.into());
+        let ns = |w: &Option<WorkloadName>| w.as_ref().map(|w| w.namespace.clone()).unwrap_or_else(|| UNKNOWN.into());
+        TcpLabels {
+            reporter: match self.direction {
+                Direction::Outbound => "source",
+                Direction::Inbound => "destination",
+            },
+            source_workload: name(&self.src_workload),
+            source_workload_namespace: ns(&self.src_workload),
+            source_principal: id_str(self.src_identity),
+            destination_workload: name(&self.dst_workload),
+            destination_workload_namespace: ns(&self.dst_workload),
+            destination_principal: id_str(self.dst_identity),
+            destination_service: self.service.clone().unwrap_or_else(|| UNKNOWN.into()),
+            request_protocol: "tcp",
+            response_flags,
+            connection_security_policy: self.security,
+        }
+    }
+
+    /// The connection is through: count it as opened (its labels are final now).
+    pub fn opened(&mut self) {
+        if let Some(m) = self.metrics {
+            let counters = m.open(&self.labels("-"));
+            let id = m.track(LiveConnection {
+                id: 0,
+                direction: self.direction.as_str(),
+                pod: self.pod.to_string(),
+                namespace: self.namespace.to_string(),
+                src: self.src.to_string(),
+                dst: self.dst.to_string(),
+                security: self.security,
+                src_identity: id_str(self.src_identity),
+                dst_identity: id_str(self.dst_identity),
+                opened_unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or_default(),
+            });
+            self.conn = Some((counters, id));
+        }
+    }
+
+    /// Log (and count) a connection refused before any byte moved.
+    pub fn refused(&self, why: Refusal, detail: &str) {
+        if let Some(m) = self.metrics {
+            m.denied(why.code());
+            m.open(&self.labels(why.response_flags())).close(0, 0);
+        }
         tracing::warn!(
             target: "selvedge::access",
             direction = self.direction.as_str(),
@@ -163,13 +296,18 @@ impl<'a> Flow<'a> {
             src = %self.src, dst = %self.dst,
             security = self.security,
             src_identity = %id_str(self.src_identity), dst_identity = %id_str(self.dst_identity),
-            result = "refused", reason,
+            service = %self.service.as_deref().unwrap_or(UNKNOWN),
+            result = "refused", reason_code = why.code(), reason = detail,
             "connection refused"
         );
     }
 
-    /// Log a finished connection.
+    /// Log (and count) a finished connection.
     pub fn closed(&self, sent: u64, received: u64, error: Option<String>) {
+        if let (Some((c, id)), Some(m)) = (&self.conn, self.metrics) {
+            c.close(sent, received);
+            m.untrack(*id);
+        }
         tracing::info!(
             target: "selvedge::access",
             direction = self.direction.as_str(),
@@ -177,6 +315,7 @@ impl<'a> Flow<'a> {
             src = %self.src, dst = %self.dst,
             security = self.security,
             src_identity = %id_str(self.src_identity), dst_identity = %id_str(self.dst_identity),
+            service = %self.service.as_deref().unwrap_or(UNKNOWN),
             bytes_sent = sent, bytes_received = received,
             duration_ms = self.started.elapsed().as_millis() as u64,
             result = if error.is_some() { "error" } else { "ok" },
@@ -218,7 +357,8 @@ pub async fn accept_loop<F, Fut>(
 }
 
 /// Copy both ways until both sides are done, then log the connection.
-pub async fn relay(flow: Flow<'_>, mut downstream: TcpStream, mut upstream: TcpStream) {
+pub async fn relay(mut flow: Flow<'_>, mut downstream: TcpStream, mut upstream: TcpStream) {
+    flow.opened();
     match tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, COPY_BUF, COPY_BUF).await {
         Ok((to_up, to_down)) => flow.closed(to_up, to_down, None),
         Err(e) => flow.closed(0, 0, Some(e.to_string())),
@@ -282,6 +422,11 @@ mod tests {
             security: "none",
             src_identity: None,
             dst_identity: None,
+            src_workload: None,
+            dst_workload: None,
+            service: None,
+            metrics: None,
+            conn: None,
         };
         let relayed = tokio::spawn(async move { relay(flow, downstream, upstream).await });
 

@@ -49,6 +49,8 @@ pub struct Peer {
 pub struct ServiceEntry {
     /// `namespace/name`, for logs.
     pub name: String,
+    /// `name.namespace.svc.cluster.local`, Istio's `destination_service`.
+    pub fqdn: String,
     /// Endpoint addresses (workload IP, target port), in a stable order.
     pub endpoints: Vec<SocketAddr>,
     /// Round-robin cursor.
@@ -137,6 +139,7 @@ pub fn directory(cfg: &LocalConfig, trust_domain: &str) -> Result<Directory, Con
                 let target = p.target_port.unwrap_or(p.port);
                 let entry = ServiceEntry {
                     name: format!("{}/{}", svc.namespace, svc.name),
+                    fqdn: format!("{}.{}.svc.cluster.local", svc.name, svc.namespace),
                     endpoints: selected.iter().map(|ip| SocketAddr::new(*ip, target)).collect(),
                     next: AtomicUsize::new(0),
                 };

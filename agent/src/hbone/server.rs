@@ -24,9 +24,27 @@ pub trait Upstream: Send + Sync + 'static {
     fn log(&self, record: Record<'_>);
 }
 
+/// How an inbound HBONE connection or stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Served (200); `reason` holds a copy error, if any.
+    Served,
+    /// TLS or HTTP/2 handshake failed or timed out.
+    Handshake,
+    /// The client certificate verified but is not an acceptable SVID.
+    Certificate,
+    /// 400: the target is not this workload (or not an address, or an agent port).
+    BadTarget,
+    /// 405: not CONNECT.
+    Method,
+    /// 503: the app could not be reached.
+    Unavailable,
+}
+
 /// One inbound HBONE connection, for the access log.
 #[derive(Debug)]
 pub struct Record<'a> {
+    pub outcome: Outcome,
     pub peer: SocketAddr,
     pub target: Option<SocketAddr>,
     /// The verified client identity (the source principal).
@@ -69,19 +87,19 @@ pub async fn serve<U: Upstream>(listener: TcpListener, opts: ServerOptions, upst
 }
 
 async fn connection<U: Upstream>(tcp: TcpStream, peer: SocketAddr, opts: ServerOptions, up: Arc<U>) {
-    let refuse = |reason: &str| {
-        up.log(Record { peer, target: None, principal: None, status: 0, reason, bytes_in: 0, bytes_out: 0 });
+    let refuse = |outcome, reason: &str| {
+        up.log(Record { outcome, peer, target: None, principal: None, status: 0, reason, bytes_in: 0, bytes_out: 0 });
     };
     let Ok(local) = tcp.local_addr().map(addr::canonical) else { return };
     let _ = tcp.set_nodelay(true);
     let stream = match tokio::time::timeout(opts.handshake_timeout, opts.tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return refuse(&format!("TLS handshake failed: {e}")),
-        Err(_) => return refuse("TLS handshake timed out"),
+        Ok(Err(e)) => return refuse(Outcome::Handshake, &format!("TLS handshake failed: {e}")),
+        Err(_) => return refuse(Outcome::Handshake, "TLS handshake timed out"),
     };
     let principal = match tls::peer_identity(stream.get_ref().1.peer_certificates(), &opts.trust_domain) {
         Ok(id) => Arc::new(id),
-        Err(e) => return refuse(&format!("client certificate rejected: {e}")),
+        Err(e) => return refuse(Outcome::Certificate, &format!("client certificate rejected: {e}")),
     };
     let mut conn = match h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -92,7 +110,7 @@ async fn connection<U: Upstream>(tcp: TcpStream, peer: SocketAddr, opts: ServerO
         .await
     {
         Ok(c) => c,
-        Err(e) => return refuse(&format!("HTTP/2 handshake failed: {e}")),
+        Err(e) => return refuse(Outcome::Handshake, &format!("HTTP/2 handshake failed: {e}")),
     };
     while let Some(next) = conn.accept().await {
         let Ok((req, respond)) = next else { break };
@@ -138,6 +156,12 @@ async fn serve_stream<U: Upstream>(
         respond.send_response(resp, status != StatusCode::OK)
     };
     let record = |target, status: StatusCode, reason, bytes_in, bytes_out| Record {
+        outcome: match status {
+            StatusCode::OK => Outcome::Served,
+            StatusCode::METHOD_NOT_ALLOWED => Outcome::Method,
+            StatusCode::SERVICE_UNAVAILABLE => Outcome::Unavailable,
+            _ => Outcome::BadTarget,
+        },
         peer,
         target,
         principal: Some(principal),

@@ -6,8 +6,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use selvedge_common::RESERVED_PORTS;
 use tokio::net::TcpListener;
 
-use super::{accept_loop, connect_in_pod, relay, reset, ConnTracker, Direction, Flow, PodContext};
-use crate::addr;
+use super::{accept_loop, connect_in_pod, relay, reset, ConnTracker, Direction, Flow, Mesh, PodContext, Refusal};
+use crate::{addr, hbone::server::Outcome};
 
 /// Source of the agent's connections to the app: a loopback address, which the pod's
 /// `sk_lookup` recognises as "from inside the pod" and leaves alone (Istio uses the same).
@@ -24,32 +24,40 @@ pub async fn deliver(pod: &PodContext, app: SocketAddr, timeout: Duration) -> Re
 }
 
 /// Serve one inbound listener until the task is aborted.
-pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, conns: Arc<ConnTracker>, timeout: Duration) {
+pub async fn serve(
+    listener: TcpListener,
+    pod: Arc<PodContext>,
+    mesh: Arc<Mesh>,
+    conns: Arc<ConnTracker>,
+    timeout: Duration,
+) {
     let name = pod.name.clone();
     accept_loop(listener, &name, Direction::Inbound, conns, move |stream, peer| {
-        let pod = pod.clone();
-        async move { handle(stream, peer, &pod, timeout).await }
+        let (pod, mesh) = (pod.clone(), mesh.clone());
+        async move { handle(stream, peer, &pod, &mesh, timeout).await }
     })
     .await
 }
 
-async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, timeout: Duration) {
+async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, mesh: &Mesh, timeout: Duration) {
     let peer = addr::canonical(peer);
     let Ok(local) = stream.local_addr().map(addr::canonical) else {
         reset(stream);
         return;
     };
-    let flow = Flow::new(Direction::Inbound, pod, peer, local);
+    let mut flow = Flow::new(Direction::Inbound, pod, peer, local).with_metrics(&mesh.metrics);
+    // Plaintext: the source workload is known only by address, never its principal.
+    flow.src_workload = mesh.workload_at(peer.ip());
     if pod.mtls.read().strict_for(local.port()) {
         // PeerAuthentication STRICT: the kernel drops plaintext for all-STRICT pods; a pod
         // with some plaintext ports gets it refused here, port by port.
-        flow.refused("plaintext refused: PeerAuthentication STRICT for this port");
+        flow.refused(Refusal::PlaintextStrict, "plaintext refused: PeerAuthentication STRICT for this port");
         reset(stream);
         return;
     }
     if RESERVED_PORTS.contains(&local.port()) {
         // Delivering to the agent's own port would loop back into this listener.
-        flow.refused("destination is a port reserved for the agent");
+        flow.refused(Refusal::ReservedPort, "destination is a port reserved for the agent");
         reset(stream);
         return;
     }
@@ -57,7 +65,7 @@ async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContex
     match deliver(pod, local, timeout).await {
         Ok(app) => relay(flow, stream, app).await,
         Err(reason) => {
-            flow.refused(&reason);
+            flow.refused(Refusal::UpstreamUnreachable, &reason);
             reset(stream);
         }
     }
@@ -68,6 +76,7 @@ async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContex
 #[derive(Debug)]
 pub struct HboneUpstream {
     pub pod: Arc<PodContext>,
+    pub mesh: Arc<Mesh>,
     pub conns: Arc<ConnTracker>,
     pub timeout: Duration,
 }
@@ -84,14 +93,24 @@ impl crate::hbone::server::Upstream for HboneUpstream {
     }
 
     fn log(&self, r: crate::hbone::server::Record<'_>) {
-        let mut flow = Flow::new(Direction::Inbound, &self.pod, r.peer, r.target.unwrap_or(r.peer));
+        let mut flow = Flow::new(Direction::Inbound, &self.pod, r.peer, r.target.unwrap_or(r.peer))
+            .with_metrics(&self.mesh.metrics);
         flow.security = "mutual_tls";
         flow.src_identity = r.principal;
         flow.dst_identity = Some(&self.pod.identity);
-        if r.status == 200 {
-            flow.closed(r.bytes_in, r.bytes_out, (!r.reason.is_empty()).then(|| r.reason.to_string()));
-        } else {
-            flow.refused(r.reason);
-        }
+        flow.src_workload = self.mesh.workload_at(r.peer.ip());
+        let why = match r.outcome {
+            Outcome::Served => {
+                // Reported when the stream ends (opened and closed together).
+                flow.opened();
+                return flow.closed(r.bytes_in, r.bytes_out, (!r.reason.is_empty()).then(|| r.reason.to_string()));
+            }
+            Outcome::Handshake => Refusal::TlsHandshake,
+            Outcome::Certificate => Refusal::BadClientCertificate,
+            Outcome::BadTarget => Refusal::BadTarget,
+            Outcome::Method => Refusal::MethodNotAllowed,
+            Outcome::Unavailable => Refusal::UpstreamUnreachable,
+        };
+        flow.refused(why, r.reason);
     }
 }

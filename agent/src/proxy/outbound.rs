@@ -7,7 +7,9 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use selvedge_common::{OrigDstKey, PairKey, HBONE_PORT};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{accept_loop, connect_in_pod, relay, reset, ConnTracker, Direction, Flow, Mesh, PodContext};
+use super::{
+    accept_loop, connect_in_pod, relay, reset, ConnTracker, Direction, Flow, Mesh, PodContext, Refusal, WorkloadName,
+};
 use crate::{addr, datapath::FlowMaps, hbone, state::Peer};
 
 /// Serve one outbound listener until the task is aborted.
@@ -40,7 +42,9 @@ async fn handle(
     let key = OrigDstKey { netns_cookie: cookie, app, _pad: 0 };
     let Some(orig) = flows.original_destination(&key) else {
         // Not a connection the kernel captured (or its record was lost): never guess.
-        Flow::new(Direction::Outbound, pod, peer, peer).refused("no original destination recorded for this connection");
+        Flow::new(Direction::Outbound, pod, peer, peer)
+            .with_metrics(&mesh.metrics)
+            .refused(Refusal::NoOriginalDestination, "no original destination recorded for this connection");
         reset(stream);
         return;
     };
@@ -55,45 +59,49 @@ async fn handle(
     let directory = mesh.directory.read().clone();
     // A service VIP stands for its endpoints: the agent picks one (the VIP itself is routed
     // nowhere; only captured connections can reach it).
+    let mut service = None;
     if let Some(svc) = directory.services.get(&addr::canonical(dst)) {
+        service = Some(svc.fqdn.clone());
         match svc.pick() {
             Some(endpoint) => dst = endpoint,
             None => {
-                Flow::new(Direction::Outbound, pod, peer, dst)
-                    .refused(&format!("service {} has no endpoints", svc.name));
+                let mut flow = Flow::new(Direction::Outbound, pod, peer, dst).with_metrics(&mesh.metrics);
+                flow.service = service;
+                flow.refused(Refusal::NoEndpoints, &format!("service {} has no endpoints", svc.name));
                 reset(stream);
                 return;
             }
         }
     }
+    let mut flow = Flow::new(Direction::Outbound, pod, peer, dst).with_metrics(&mesh.metrics);
+    flow.service = service;
     let meshed = directory.workloads.get(&dst.ip().to_canonical()).cloned();
     match meshed {
-        Some(peer_workload) => tunnel(stream, peer, dst, pod, &peer_workload, mesh, timeout).await,
-        None => {
-            let flow = Flow::new(Direction::Outbound, pod, peer, dst);
-            match connect_in_pod(pod, None, dst, timeout).await {
-                Ok(upstream) => relay(flow, stream, upstream).await,
-                Err(reason) => {
-                    flow.refused(&reason);
-                    reset(stream);
-                }
+        Some(peer_workload) => tunnel(flow, stream, peer, dst, pod, &peer_workload, mesh, timeout).await,
+        None => match connect_in_pod(pod, None, dst, timeout).await {
+            Ok(upstream) => relay(flow, stream, upstream).await,
+            Err(reason) => {
+                flow.refused(Refusal::UpstreamUnreachable, &reason);
+                reset(stream);
             }
-        }
+        },
     }
 }
 
 /// Through HBONE to the destination pod's agent: mTLS with our pod's identity, expecting
 /// the destination's. Any failure resets the app's connection — never a plaintext retry.
-async fn tunnel(
+#[allow(clippy::too_many_arguments, reason = "one call site; the pieces are what a tunnel needs")]
+async fn tunnel<'a>(
+    mut flow: Flow<'a>,
     stream: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
-    pod: &PodContext,
-    to: &Peer,
+    pod: &'a PodContext,
+    to: &'a Peer,
     mesh: &Mesh,
     timeout: Duration,
 ) {
-    let mut flow = Flow::new(Direction::Outbound, pod, peer, dst);
+    flow.dst_workload = Some(WorkloadName { name: to.name.clone(), namespace: to.namespace.clone() });
     flow.security = "mutual_tls";
     flow.src_identity = Some(&pod.identity);
     flow.dst_identity = Some(&to.identity);
@@ -111,12 +119,15 @@ async fn tunnel(
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
     };
     match mesh.pool.open(&key, dst, source, dial).await {
-        Ok(t) => match hbone::splice(stream, t.send, t.recv).await {
-            Ok((sent, received)) => flow.closed(sent, received, None),
-            Err(e) => flow.closed(0, 0, Some(e.to_string())),
-        },
+        Ok(t) => {
+            flow.opened();
+            match hbone::splice(stream, t.send, t.recv).await {
+                Ok((sent, received)) => flow.closed(sent, received, None),
+                Err(e) => flow.closed(0, 0, Some(e.to_string())),
+            }
+        }
         Err(e) => {
-            flow.refused(&e.to_string());
+            flow.refused(Refusal::TunnelFailed, &e.to_string());
             reset(stream);
         }
     }

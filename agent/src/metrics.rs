@@ -1,0 +1,280 @@
+//! Prometheus metrics: Istio's TCP metrics with Istio's standard labels (so existing
+//! dashboards work), and Selvedge's own (enrollment, kernel counters, denials, certificates,
+//! map occupancy, reconcile drift).
+//!
+//! Cheap on the hot path: a connection resolves its label set once, when it is opened, and
+//! keeps the counter handles; bytes are added once, at close. Nothing is looked up per byte.
+
+use std::sync::atomic::AtomicU64;
+
+use parking_lot::Mutex;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+/// Istio's labels for `istio_tcp_*`. `unknown` where a value is not known; principals only
+/// ever come from verified certificates.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `source` (the client's agent) or `destination` (the server's agent).
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    pub request_protocol: &'static str,
+    /// `-` when the connection went through; Envoy-style flags otherwise (`UF` upstream
+    /// failure, `NR` no route, `DENY` refused by the mesh).
+    pub response_flags: &'static str,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KernelCounter {
+    counter: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Identity {
+    identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapName {
+    map: &'static str,
+}
+
+pub const UNKNOWN: &str = "unknown";
+
+/// All of the agent's metrics and the registry that exposes them.
+pub struct Metrics {
+    registry: Registry,
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+    denials: Family<Reason, Counter>,
+    enrolled: Gauge,
+    kernel: Family<KernelCounter, Counter>,
+    /// Last kernel totals seen, to add only the difference.
+    kernel_last: Mutex<Vec<u64>>,
+    cert_expiry: Family<Identity, Gauge>,
+    map_entries: Family<MapName, Gauge>,
+    map_capacity: Family<MapName, Gauge>,
+    drift: Counter,
+    /// Connections open right now, for `/connections`.
+    live: Mutex<std::collections::BTreeMap<u64, LiveConnection>>,
+}
+
+/// One open connection, as `/connections` and `selvedge connections` show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LiveConnection {
+    pub id: u64,
+    pub direction: &'static str,
+    pub pod: String,
+    pub namespace: String,
+    pub src: String,
+    pub dst: String,
+    pub security: &'static str,
+    pub src_identity: String,
+    pub dst_identity: String,
+    pub opened_unix_ms: u128,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// One connection's counters, resolved once.
+#[derive(Debug, Clone)]
+pub struct ConnMetrics {
+    closed: Counter,
+    sent: Counter,
+    received: Counter,
+}
+
+impl ConnMetrics {
+    pub fn close(&self, sent: u64, received: u64) {
+        self.sent.inc_by(sent);
+        self.received.inc_by(received);
+        self.closed.inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            opened: Family::default(),
+            closed: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+            denials: Family::default(),
+            enrolled: Gauge::default(),
+            kernel: Family::default(),
+            kernel_last: Mutex::new(Vec::new()),
+            cert_expiry: Family::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            drift: Counter::default(),
+            live: Mutex::new(std::collections::BTreeMap::new()),
+            registry: Registry::default(),
+        };
+        // prometheus-client appends `_total` to counters.
+        registry.register("istio_tcp_connections_opened", "TCP connections opened", m.opened.clone());
+        registry.register("istio_tcp_connections_closed", "TCP connections closed", m.closed.clone());
+        registry.register("istio_tcp_sent_bytes", "Bytes sent by the client", m.sent.clone());
+        registry.register("istio_tcp_received_bytes", "Bytes received by the client", m.received.clone());
+        registry.register("selvedge_denials", "Connections refused, by reason", m.denials.clone());
+        registry.register("selvedge_enrolled_workloads", "Workloads enrolled on this node", m.enrolled.clone());
+        registry.register(
+            "selvedge_kernel_events",
+            "Events counted by the eBPF programs (captured connects, fast-path hits and misses, SYNs steered or dropped, binds refused)",
+            m.kernel.clone(),
+        );
+        registry.register(
+            "selvedge_certificate_expiry_seconds",
+            "Unix time at which each workload identity's certificate expires",
+            m.cert_expiry.clone(),
+        );
+        registry.register("selvedge_map_entries", "Entries in each eBPF map", m.map_entries.clone());
+        registry.register("selvedge_map_capacity", "Capacity of each eBPF map", m.map_capacity.clone());
+        registry.register(
+            "selvedge_reconcile_drift",
+            "Kernel enrollments found without a matching workload and removed",
+            m.drift.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Count a connection as opened and return the handles it closes with.
+    pub fn open(&self, labels: &TcpLabels) -> ConnMetrics {
+        self.opened.get_or_create(labels).inc();
+        ConnMetrics {
+            closed: self.closed.get_or_create_owned(labels),
+            sent: self.sent.get_or_create_owned(labels),
+            received: self.received.get_or_create_owned(labels),
+        }
+    }
+
+    pub fn denied(&self, reason: &'static str) {
+        self.denials.get_or_create(&Reason { reason }).inc();
+    }
+
+    pub fn set_enrolled(&self, n: usize) {
+        self.enrolled.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Fold in the kernel's running totals (name, value), adding only what is new.
+    pub fn kernel_totals(&self, totals: &[(&'static str, u64)]) {
+        let mut last = self.kernel_last.lock();
+        last.resize(totals.len(), 0);
+        for (i, (name, value)) in totals.iter().enumerate() {
+            // A restarted agent may see counters from before it; they only ever grow.
+            let delta = value.saturating_sub(last[i]);
+            if delta > 0 {
+                self.kernel.get_or_create(&KernelCounter { counter: name }).inc_by(delta);
+            }
+            last[i] = *value;
+        }
+    }
+
+    pub fn cert_expiry(&self, identity: &str, unix: Option<u64>) {
+        let g = self.cert_expiry.get_or_create(&Identity { identity: identity.to_string() });
+        g.set(unix.and_then(|u| i64::try_from(u).ok()).unwrap_or(0));
+    }
+
+    pub fn map_occupancy(&self, map: &'static str, entries: u64, capacity: u64) {
+        self.map_entries.get_or_create(&MapName { map }).set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.map_capacity.get_or_create(&MapName { map }).set(i64::try_from(capacity).unwrap_or(i64::MAX));
+    }
+
+    pub fn drift(&self, n: u64) {
+        self.drift.inc_by(n);
+    }
+
+    /// List an open connection; returns its id.
+    pub fn track(&self, mut conn: LiveConnection) -> u64 {
+        let id = NEXT_CONNECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        conn.id = id;
+        self.live.lock().insert(id, conn);
+        id
+    }
+
+    pub fn untrack(&self, id: u64) {
+        self.live.lock().remove(&id);
+    }
+
+    pub fn live_connections(&self) -> serde_json::Value {
+        serde_json::to_value(self.live.lock().values().collect::<Vec<_>>()).unwrap_or_default()
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A unique id per connection, for the admin API's connection list.
+pub static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(reporter: &'static str) -> TcpLabels {
+        TcpLabels {
+            reporter,
+            source_workload: "a".into(),
+            source_workload_namespace: "shop".into(),
+            source_principal: "spiffe://td/ns/shop/sa/a".into(),
+            destination_workload: "d".into(),
+            destination_workload_namespace: "shop".into(),
+            destination_principal: UNKNOWN.into(),
+            destination_service: UNKNOWN.into(),
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: "mutual_tls",
+        }
+    }
+
+    #[test]
+    fn counts_connections_and_bytes_with_istio_names() {
+        let m = Metrics::new();
+        let c = m.open(&labels("source"));
+        c.close(10, 20);
+        m.open(&labels("source")).close(1, 2);
+        m.denied("no_original_destination");
+        m.kernel_totals(&[("captured", 5)]);
+        m.kernel_totals(&[("captured", 7)]);
+        let text = m.encode();
+        let line = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
+        assert!(line("istio_tcp_connections_opened_total{").ends_with(" 2"), "{text}");
+        assert!(line("istio_tcp_sent_bytes_total{").ends_with(" 11"), "{text}");
+        assert!(line("istio_tcp_received_bytes_total{").ends_with(" 22"), "{text}");
+        assert!(line("istio_tcp_sent_bytes_total{").contains("connection_security_policy=\"mutual_tls\""));
+        assert!(line("selvedge_denials_total{").contains("reason=\"no_original_destination\""));
+        assert!(line("selvedge_kernel_events_total{").ends_with(" 7"), "deltas add up to the kernel total: {text}");
+    }
+}
