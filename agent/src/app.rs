@@ -209,12 +209,12 @@ impl Agent {
                 _ = self.admin.quit.notified() => break,
                 _ = tick.tick() => {}
             }
-            self.refresh_observability();
             let text = std::fs::read_to_string(&self.settings.config).ok();
             let changed = text != last_text;
             let retry = !self.failed.is_empty() && tokio::time::Instant::now() >= retry_at;
             if !changed && !retry {
                 // Kernel counters move without config changes: keep the status current.
+                self.refresh_observability();
                 if let Err(e) = self.write_status(status_file.as_ref(), true) {
                     tracing::warn!("{e}");
                 }
@@ -240,6 +240,8 @@ impl Agent {
             if let Err(e) = self.sweep_stale() {
                 tracing::error!("stale enrollments not removed: {e}");
             }
+            // Right after applying: readiness and the dump describe the new state at once.
+            self.refresh_observability();
             if let Err(e) = self.write_status(status_file.as_ref(), true) {
                 tracing::warn!("{e}");
             }

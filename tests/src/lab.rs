@@ -350,6 +350,45 @@ impl Lab {
         self.run_in(Place { netns: Some(&p.netns), cgroup: Some(&p.cgroup) }, cmd)
     }
 
+    /// The network namespace file of `node`.
+    pub fn node_netns(&self, node: &str) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.nodes.get(node).unwrap_or_else(|| panic!("no node {node}")).netns)
+    }
+
+    /// Run `selvedge ARGS` on `node` (in its netns, like an operator on the node).
+    pub fn selvedge_on(&self, node: &str, args: &[&str]) -> (bool, String) {
+        let mut cmd = Command::new(&self.env.selvedge);
+        cmd.args(args);
+        let ns = self.node_netns(node);
+        let out = proc::command_in(cmd, Place { netns: Some(&ns), cgroup: None }).output().expect("run selvedge");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
+    /// One HTTP request from inside `node`'s netns: Ok((status, body)) or Err(connect error).
+    pub fn http_on_node(&self, node: &str, to: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
+        let ns = self.node_netns(node);
+        let mut cmd = Command::new(&self.env.app);
+        cmd.args(["http", &to.to_string(), method, path]);
+        Self::http_report(&self.run_in(Place { netns: Some(&ns), cgroup: None }, cmd))
+    }
+
+    /// The same, from inside `pod`.
+    pub fn http_from_pod(&self, pod: &str, to: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
+        let mut cmd = Command::new(&self.env.app);
+        cmd.args(["http", &to.to_string(), method, path]);
+        Self::http_report(&self.run_in_pod(pod, cmd))
+    }
+
+    fn http_report(out: &str) -> Result<(u16, String), String> {
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad report {out:?}: {e}"));
+        match v.get("status").and_then(serde_json::Value::as_u64) {
+            Some(s) => Ok((u16::try_from(s).unwrap_or(0), v["body"].as_str().unwrap_or_default().to_string())),
+            None => Err(v["error"].as_str().unwrap_or_default().to_string()),
+        }
+    }
+
     /// Run a command in `pod`'s netns but outside its cgroup: a host process entering the
     /// pod's network (like `nsenter --net`), which Selvedge must leave alone.
     pub fn run_in_pod_netns_as_host(&self, pod: &str, cmd: Command) -> String {

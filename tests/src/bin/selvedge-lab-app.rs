@@ -12,6 +12,7 @@
 //!   milliseconds, then writes the rest.
 //! * `ask ADDR`     — connect to a whoami server; print its view and ours.
 //! * `bind PORT`    — try to bind 0.0.0.0:PORT; print whether it worked.
+//! * `http ADDR METHOD PATH` — one plain HTTP/1.1 request; prints the status and body.
 //! * `hbone-probe HBONE_ADDR CA_DIR SPIFFE_ID CERT METHOD TARGET` — an HBONE client
 //!   presenting CERT (good, expired, two-sans, no-san, other-td, unknown-root) as SPIFFE_ID;
 //!   prints the HTTP status or the error.
@@ -43,6 +44,7 @@ fn main() {
         "ask" => ask(addr(arg(1))),
         "bind" => bind(port(arg(1))),
         "hbone-probe" => hbone_probe(&args[1..]),
+        "http" => http(addr(arg(1)), arg(2), arg(3)),
         _ => usage(),
     }
 }
@@ -240,6 +242,20 @@ fn hbone_probe(a: &[String]) {
         Ok(status) => println!("{}", json!({"status": status})),
         Err(e) => println!("{}", json!({"error": e})),
     }
+}
+
+fn http(to: SocketAddr, method: &str, path: &str) {
+    let mut s = connect(to);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    if let Err(e) = s.write_all(req.as_bytes()) {
+        fail(&format!("write: {e}"));
+    }
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    println!("{}", json!({"status": status, "body": body}));
 }
 
 fn hex(b: &[u8]) -> String {

@@ -1,0 +1,175 @@
+//! What operators see: metrics with exact values after known traffic, the access log for
+//! allowed and refused connections, readiness, the admin API's reach, and every inspection
+//! command against a running agent.
+
+use std::net::SocketAddr;
+
+use selvedge_tests::{AgentOptions, Client, Lab};
+
+const PORT: u16 = 7000;
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// The value of the one sample of `name` whose labels include every `labels` pair.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn metrics(lab: &Lab, node: &str) -> String {
+    let (status, body) = lab.http_on_node(node, local(15020), "GET", "/metrics").expect("metrics endpoint");
+    assert_eq!(status, 200);
+    body
+}
+
+#[test]
+fn metrics_count_known_traffic_exactly() {
+    let mut lab = Lab::two_nodes("metrics");
+    lab.serve("d", "echo", PORT);
+    let d = lab.get("d").addr(PORT);
+    let bytes = 100_000;
+    for _ in 0..3 {
+        assert!(lab.transfer("a", d, bytes).expect("a -> d").is_exact());
+    }
+    // The destination logs (and counts) when its side of each stream ends.
+    lab.agent("n2").wait_access("third inbound leg", |_| true);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    let a = "spiffe://cluster.local/ns/lab/sa/a";
+    let d_id = "spiffe://cluster.local/ns/lab/sa/d";
+    let source = [
+        ("reporter", "source"),
+        ("source_workload", "a"),
+        ("source_workload_namespace", "lab"),
+        ("source_principal", a),
+        ("destination_workload", "d"),
+        ("destination_principal", d_id),
+        ("connection_security_policy", "mutual_tls"),
+        ("response_flags", "-"),
+    ];
+    let n1 = metrics(&lab, "n1");
+    assert_eq!(sample(&n1, "istio_tcp_connections_opened_total", &source), Some(3.0), "{n1}");
+    assert_eq!(sample(&n1, "istio_tcp_connections_closed_total", &source), Some(3.0));
+    assert_eq!(sample(&n1, "istio_tcp_sent_bytes_total", &source), Some(3.0 * bytes as f64));
+    assert_eq!(sample(&n1, "istio_tcp_received_bytes_total", &source), Some(3.0 * bytes as f64));
+    assert_eq!(sample(&n1, "selvedge_enrolled_workloads", &[]), Some(1.0));
+    assert!(sample(&n1, "selvedge_kernel_events_total", &[("counter", "captured")]).is_some_and(|v| v >= 3.0));
+    assert!(sample(&n1, "selvedge_certificate_expiry_seconds", &[("identity", a)]).is_some_and(|v| v > 0.0));
+
+    let destination = [("reporter", "destination"), ("source_principal", a), ("destination_workload", "d")];
+    let n2 = metrics(&lab, "n2");
+    assert_eq!(sample(&n2, "istio_tcp_connections_closed_total", &destination), Some(3.0), "{n2}");
+    assert_eq!(sample(&n2, "istio_tcp_sent_bytes_total", &destination), Some(3.0 * bytes as f64));
+    let (status, body) = lab.http_on_node("n2", local(15020), "GET", "/stats/prometheus").unwrap();
+    assert!(status == 200 && body.contains("istio_tcp_connections_opened_total"));
+}
+
+#[test]
+fn refusals_are_logged_and_counted_with_their_reason() {
+    let mut lab = Lab::two_nodes("refusals");
+    lab.serve("d", "whoami", 8080);
+    let d = lab.get("d").clone();
+    // Plaintext to the agent's own inbound port: refused, not looped.
+    let _ = lab.ask("c", d.addr(15006));
+    let event = lab.agent("n2").wait_access("the refusal", |e| e["result"] == "refused");
+    assert_eq!(event["reason_code"], "reserved_port");
+    assert_eq!(event["security"], "none");
+    let n2 = metrics(&lab, "n2");
+    assert_eq!(sample(&n2, "selvedge_denials_total", &[("reason", "reserved_port")]), Some(1.0), "{n2}");
+    assert_eq!(
+        sample(&n2, "istio_tcp_connections_opened_total", &[("reporter", "destination"), ("response_flags", "DENY")]),
+        Some(1.0)
+    );
+    // And an allowed one, for contrast.
+    lab.ask("c", d.addr(8080)).expect("allowed");
+    let ok = lab
+        .agent("n2")
+        .wait_access("the allowed connection", |e| e["result"] == "ok" && e["dst"] == d.addr(8080).to_string());
+    assert_eq!(ok["direction"], "inbound");
+}
+
+#[test]
+fn readiness_follows_enrollment() {
+    let mut lab = Lab::new("ready");
+    lab.node("n1");
+    lab.pod("n1", "a", true).pod("n1", "b", true);
+    lab.start_agent("n1", AgentOptions { max_pods: Some(1), ..AgentOptions::default() });
+    let (status, body) = lab.http_on_node("n1", local(15021), "GET", "/healthz/ready").unwrap();
+    assert_eq!(status, 503, "b could not be enrolled: not ready ({body})");
+    assert!(body.contains("uid-b"), "{body}");
+    lab.set_pod("a", false, false);
+    lab.write_configs();
+    let (status, _) = lab.http_on_node("n1", local(15021), "GET", "/healthz/ready").unwrap();
+    assert_eq!(status, 200, "every configured workload enrolled with its certificate");
+}
+
+#[test]
+fn the_admin_api_is_only_on_the_nodes_loopback() {
+    let lab = Lab::two_nodes("admin-reach");
+    let (status, _) = lab.http_on_node("n1", local(15000), "GET", "/config_dump").unwrap();
+    assert_eq!(status, 200);
+    for addr in ["198.18.1.1:15000", "198.19.0.1:15000"] {
+        let a: SocketAddr = addr.parse().unwrap();
+        assert!(lab.http_from_pod("c", a, "GET", "/config_dump").is_err(), "a pod cannot reach {addr}");
+        assert!(lab.http_on_node("n1", a, "GET", "/config_dump").is_err(), "nor a non-loopback address: {addr}");
+    }
+}
+
+#[test]
+fn every_inspection_command_works_against_a_running_agent() {
+    let mut lab = Lab::two_nodes("cli");
+    lab.serve("d", "echo", PORT);
+    let d = lab.get("d").addr(PORT);
+    // Keep a connection open while `connections` looks.
+    std::thread::scope(|s| {
+        let lab = &lab;
+        let slow = s.spawn(move || lab.transfer_with(Client::EventLoopSplit(3000), "a", d, 64 * 1024));
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        let (ok, out) = lab.selvedge_on("n1", &["connections", "-o", "json"]);
+        assert!(ok, "{out}");
+        let conns: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert!(
+            conns.as_array().is_some_and(|c| c.iter().any(|x| x["pod"] == "a" && x["security"] == "mutual_tls")),
+            "{out}"
+        );
+        assert!(slow.join().unwrap().expect("slow transfer").is_exact());
+    });
+    for (cmd, needle) in [
+        ("status", "enrolled_workloads"),
+        ("workloads", "spiffe://cluster.local/ns/lab/sa/a"),
+        ("services", "VIP"),
+        ("policies", "KIND"),
+        ("certs", "spiffe://cluster.local/ns/lab/sa/a"),
+        ("connections", "DIRECTION"),
+        ("bpf", "capture_connect4"),
+    ] {
+        let (ok, table) = lab.selvedge_on("n1", &[cmd]);
+        assert!(ok && table.contains(needle), "selvedge {cmd}:\n{table}");
+        for format in ["json", "yaml"] {
+            let (ok, out) = lab.selvedge_on("n1", &[cmd, "-o", format]);
+            assert!(ok, "selvedge {cmd} -o {format}: {out}");
+            let parsed: Result<serde_json::Value, String> = match format {
+                "json" => serde_json::from_str(&out).map_err(|e| e.to_string()),
+                _ => serde_yaml_ng::from_str(&out).map_err(|e| e.to_string()),
+            };
+            assert!(parsed.is_ok(), "selvedge {cmd} -o {format} is not {format}: {out}");
+        }
+    }
+    let (ok, bpf) = lab.selvedge_on("n1", &["bpf", "-o", "json"]);
+    let bpf: serde_json::Value = serde_json::from_str(&bpf).unwrap_or_default();
+    assert!(
+        ok && bpf["maps"].as_array().is_some_and(|m| m.iter().any(|x| x["name"] == "SV_ENROLLED" && x["entries"] == 1))
+    );
+    // Runtime log level.
+    let (status, _) = lab.http_on_node("n1", local(15000), "POST", "/logging?level=debug").unwrap();
+    assert_eq!(status, 200);
+    let (status, _) = lab.http_on_node("n1", local(15000), "POST", "/logging?level=%5Bbad").unwrap();
+    assert_eq!(status, 400);
+    // With no agent, the CLI says what is wrong.
+    let (ok, out) = lab.selvedge_on("n1", &["status", "--admin", "127.0.0.1:15999"]);
+    assert!(!ok && out.contains("cannot reach the admin API"), "{out}");
+}
