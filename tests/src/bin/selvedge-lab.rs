@@ -97,17 +97,20 @@ fn demo(keep: bool) {
             inbound["dst_identity"].as_str().unwrap_or("?")
         );
     }
-    let n1 = lab.agent("node-1").fresh_status();
-    let n2 = lab.agent("node-2").fresh_status();
-    println!("\nKernel counters (connects captured / plaintext SYNs steered by sk_lookup — meshed traffic arrives on");
-    println!("HBONE port 15008 instead / fast-path sends, off by default):");
-    for (node, s) in [("node-1", &n1), ("node-2", &n2)] {
-        println!(
-            "  {node}: captured {}  plaintext steered {}  fast-path hits {}",
-            s.stat("captured"),
-            s.stat("inbound_assigned"),
-            s.stat("fast_path_hit")
-        );
+    // The agent refreshes what its admin API shows every half second.
+    let _ = lab.agent("node-1").fresh_status();
+    println!("\n`selvedge status` on node-1 (the CLI reads the agent's admin API on 127.0.0.1:15000):\n");
+    let (_, status) = lab.selvedge_on("node-1", &["status"]);
+    for line in status.lines() {
+        println!("  {line}");
+    }
+    println!("\nnode-2's Prometheus metrics (:15020/metrics), the connections it served:\n");
+    let metrics = lab
+        .http_on_node("node-2", SocketAddr::from(([127, 0, 0, 1], 15020)), "GET", "/metrics")
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    for line in metrics.lines().filter(|l| l.starts_with("istio_tcp_connections_opened_total{")) {
+        println!("  {}", shorten(line));
     }
     if keep {
         look_around(&mut lab);
@@ -118,6 +121,17 @@ fn demo(keep: bool) {
         eprintln!("demo: some connections failed");
         std::process::exit(1);
     }
+}
+
+/// A metric line without the labels that say "unknown", to fit a terminal.
+fn shorten(line: &str) -> String {
+    let Some((name, rest)) = line.split_once('{') else { return line.to_string() };
+    let Some((labels, value)) = rest.rsplit_once('}') else { return line.to_string() };
+    let kept: Vec<&str> = labels
+        .split(',')
+        .filter(|l| !l.ends_with("\"unknown\"") && !l.starts_with("request_protocol") && !l.starts_with("response_flags"))
+        .collect();
+    format!("{name}{{{}}}{value}", kept.join(","))
 }
 
 fn src_is(e: &serde_json::Value, ip: std::net::Ipv4Addr) -> bool {
@@ -135,6 +149,10 @@ fn look_around(lab: &mut Lab) {
     println!("  node-1 config:     {} (edit it: the agent applies changes live)", cfg1.display());
     println!("  pinned eBPF state: ls {pins}/links {pins}/maps; bpftool map dump pinned {pins}/maps/SV_ENROLLED");
     println!("  programs:          bpftool prog show | grep -E 'capture|restore|guard|track|redirect|steer'");
+    let n1 = lab.node_netns("node-1");
+    let n1 = n1.file_name().unwrap_or_default().to_string_lossy();
+    println!("  the agent's view:  ip netns exec {n1} {} status   (also workloads, certs, connections, bpf; -o json|yaml)", lab.env.selvedge.display());
+    println!("  metrics:           ip netns exec {n1} python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:15020/metrics').read().decode())\"");
     println!(
         "  a pod's view:      ip netns exec {} ss -tlnp   (the agent's 15001/15006 listeners)",
         fe.netns.file_name().unwrap_or_default().to_string_lossy()
