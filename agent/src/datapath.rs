@@ -362,6 +362,29 @@ impl Datapath {
         out
     }
 
+    /// Each pinned link and the program the kernel has attached through it: (link, program
+    /// id, program name, program type), read from the kernel.
+    pub fn programs(&self) -> Vec<(String, u32, String, String)> {
+        let mut by_id = std::collections::BTreeMap::new();
+        for info in aya::programs::loaded_programs().filter_map(Result::ok) {
+            let name = info.name_as_str().unwrap_or_default().to_string();
+            by_id.insert(info.id(), (name, format!("{:?}", info.program_type())));
+        }
+        self.links()
+            .into_iter()
+            .map(|link| {
+                let path = self.pin_dir.join("links").join(&link);
+                let prog = aya::programs::links::PinnedLink::from_pin(&path)
+                    .ok()
+                    .and_then(|p| aya::programs::links::FdLink::from(p).info().ok())
+                    .map(|i| i.program_id())
+                    .unwrap_or(0);
+                let (name, kind) = by_id.get(&prog).cloned().unwrap_or_else(|| ("?".into(), "?".into()));
+                (link, prog, name, kind)
+            })
+            .collect()
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }

@@ -198,7 +198,7 @@ mod tests {
                 {"uid": "b", "enrolled": false, "reason": "no free pod slot"}
             ],
             "services": [], "policies": [], "certificates": [{"identity": "spiffe://td/ns/shop/sa/a", "not_after": 1, "last_error": null}],
-            "kernel": {"pin_dir": "/sys/fs/bpf/selvedge", "links": ["capture_connect4"], "maps": [{"name": "SV_ENROLLED", "entries": 1, "capacity": 4}], "counters": {"captured": 3}}
+            "kernel": {"pin_dir": "/sys/fs/bpf/selvedge", "links": ["capture_connect4"], "programs": [{"link": "capture_connect4", "program_id": 7, "program": "capture_connect", "type": "BPF_PROG_TYPE_CGROUP_SOCK_ADDR"}], "maps": [{"name": "SV_ENROLLED", "entries": 1, "capacity": 4}], "counters": {"captured": 3}}
         })
     }
 

@@ -237,6 +237,19 @@ impl Agent {
         c.wait().expect("wait for agent")
     }
 
+    /// Wait for the agent to exit by itself (e.g. after /quitquitquit).
+    pub fn wait_exit(&mut self, limit: std::time::Duration) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("agent running");
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "agent on {} did not exit", self.spec.node);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL and wait: a crash.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -173,3 +173,15 @@ fn every_inspection_command_works_against_a_running_agent() {
     let (ok, out) = lab.selvedge_on("n1", &["status", "--admin", "127.0.0.1:15999"]);
     assert!(!ok && out.contains("cannot reach the admin API"), "{out}");
 }
+
+#[test]
+fn quitquitquit_stops_the_agent_cleanly_and_leaves_pods_closed() {
+    let mut lab = Lab::two_nodes("quit");
+    lab.serve("d", "whoami", 8080);
+    let d = lab.get("d").addr(8080);
+    let (status, _) = lab.http_on_node("n1", local(15000), "POST", "/quitquitquit").unwrap();
+    assert_eq!(status, 200);
+    let exit = lab.agent("n1").wait_exit(std::time::Duration::from_secs(15));
+    assert!(exit.success(), "drained and exited cleanly: {exit}");
+    lab.ask("a", d).expect_err("pins stay: a's connects are refused while the agent is away");
+}

@@ -117,6 +117,9 @@ impl Agent {
                 "cgroup": self.settings.cgroup,
                 "fast_path": self.settings.fast_path,
                 "links": self.datapath.links(),
+                "programs": self.datapath.programs().into_iter()
+                    .map(|(link, id, name, kind)| json!({"link": link, "program_id": id, "program": name, "type": kind}))
+                    .collect::<Vec<_>>(),
                 "maps": self.datapath.occupancy(&self.flows).into_iter()
                     .map(|(m, e, c)| json!({"name": m, "entries": e, "capacity": c})).collect::<Vec<_>>(),
                 "counters": self.datapath.named_stats().into_iter().collect::<BTreeMap<_, _>>(),

@@ -129,7 +129,9 @@ fn shorten(line: &str) -> String {
     let Some((labels, value)) = rest.rsplit_once('}') else { return line.to_string() };
     let kept: Vec<&str> = labels
         .split(',')
-        .filter(|l| !l.ends_with("\"unknown\"") && !l.starts_with("request_protocol") && !l.starts_with("response_flags"))
+        .filter(|l| {
+            !l.ends_with("\"unknown\"") && !l.starts_with("request_protocol") && !l.starts_with("response_flags")
+        })
         .collect();
     format!("{name}{{{}}}{value}", kept.join(","))
 }
@@ -151,7 +153,10 @@ fn look_around(lab: &mut Lab) {
     println!("  programs:          bpftool prog show | grep -E 'capture|restore|guard|track|redirect|steer'");
     let n1 = lab.node_netns("node-1");
     let n1 = n1.file_name().unwrap_or_default().to_string_lossy();
-    println!("  the agent's view:  ip netns exec {n1} {} status   (also workloads, certs, connections, bpf; -o json|yaml)", lab.env.selvedge.display());
+    println!(
+        "  the agent's view:  ip netns exec {n1} {} status   (also workloads, certs, connections, bpf; -o json|yaml)",
+        lab.env.selvedge.display()
+    );
     println!("  metrics:           ip netns exec {n1} python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:15020/metrics').read().decode())\"");
     println!(
         "  a pod's view:      ip netns exec {} ss -tlnp   (the agent's 15001/15006 listeners)",
