@@ -153,6 +153,7 @@ impl Agent {
             pool: hbone::client::Pool::new(ids.clone()),
             ids,
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            policies: parking_lot::RwLock::new(Arc::new(Vec::new())),
         });
         let admin = Arc::new(AdminState {
             snapshot: parking_lot::RwLock::new(serde_json::Value::Null),
@@ -256,8 +257,12 @@ impl Agent {
             trust_domain: &self.settings.trust_domain,
             root_namespace: &self.settings.root_namespace,
         };
+        // Everything that can fail is computed before anything changes.
         let desired = state::desired(cfg, &mesh)?;
-        *self.mesh.directory.write() = Arc::new(state::directory(cfg, &self.settings.trust_domain)?);
+        let directory = state::directory(cfg, &self.settings.trust_domain)?;
+        let policies = cfg.compile_policies(&self.settings.root_namespace)?;
+        *self.mesh.directory.write() = Arc::new(directory);
+        *self.mesh.policies.write() = Arc::new(policies);
         self.last_config = cfg.clone();
         let current: BTreeMap<String, PodSpec> = self.pods.iter().map(|(k, v)| (k.clone(), v.spec.clone())).collect();
         let gone: Vec<String> = self.failed.keys().filter(|uid| !desired.contains_key(*uid)).cloned().collect();
@@ -361,6 +366,7 @@ impl Agent {
             ips: spec.ips.clone(),
             netns,
             mtls: parking_lot::RwLock::new(spec.mtls.clone()),
+            labels: spec.labels.clone(),
         });
         let timeout = Duration::from_secs(config::CONNECT_TIMEOUT_SECS);
         let hbone_opts = hbone::server::ServerOptions {

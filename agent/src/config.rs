@@ -17,6 +17,9 @@
 //!     vips: [198.19.100.10]
 //!     ports: [{port: 5432, targetPort: 5432}]
 //!     selector: {app: db}     # workloads in the service's namespace with these labels
+//! authorizationPolicies:    # Istio security.istio.io/v1 AuthorizationPolicy documents
+//!   - metadata: {name: db, namespace: shop}
+//!     spec: {selector: {matchLabels: {app: db}}, rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]}]}
 //! peerAuthentications:      # Istio security.istio.io/v1 PeerAuthentication documents
 //!   - metadata: {name: default, namespace: shop}
 //!     spec: {mtls: {mode: STRICT}}
@@ -92,6 +95,8 @@ pub enum ConfigError {
     Workload { index: usize, uid: String, problem: String },
     #[error("config: {0}")]
     PeerAuth(#[from] crate::policy::PeerAuthError),
+    #[error("config: {0}")]
+    Authz(#[from] crate::policy::AuthzError),
     #[error("config: service {namespace}/{name}: {problem}")]
     Service { namespace: String, name: String, problem: String },
 }
@@ -157,6 +162,8 @@ pub struct LocalConfig {
     pub services: Vec<Service>,
     #[serde(default)]
     pub peer_authentications: Vec<crate::policy::PeerAuthentication>,
+    #[serde(default)]
+    pub authorization_policies: Vec<crate::policy::AuthorizationPolicy>,
 }
 
 impl LocalConfig {
@@ -203,6 +210,10 @@ impl LocalConfig {
         for p in &self.peer_authentications {
             p.validate()?;
         }
+        for p in &self.authorization_policies {
+            // Validation does not depend on the root namespace; `compile_policies` redoes it.
+            p.compile(DEFAULT_ROOT_NAMESPACE)?;
+        }
         let mut vips = BTreeSet::new();
         for svc in &self.services {
             let bad = |problem: String| ConfigError::Service {
@@ -228,6 +239,11 @@ impl LocalConfig {
             }
         }
         Ok(())
+    }
+
+    /// The AuthorizationPolicies, compiled for `root_namespace`.
+    pub fn compile_policies(&self, root_namespace: &str) -> Result<Vec<crate::policy::CompiledPolicy>, ConfigError> {
+        Ok(self.authorization_policies.iter().map(|p| p.compile(root_namespace)).collect::<Result<_, _>>()?)
     }
 
     /// The workloads this node must enroll: on `node` and with a netns.

@@ -41,6 +41,12 @@ struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DryRun {
+    policy: String,
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KernelCounter {
     counter: &'static str,
 }
@@ -73,6 +79,7 @@ pub struct Metrics {
     map_entries: Family<MapName, Gauge>,
     map_capacity: Family<MapName, Gauge>,
     drift: Counter,
+    dry_run: Family<DryRun, Counter>,
     /// Connections open right now, for `/connections`.
     live: Mutex<std::collections::BTreeMap<u64, LiveConnection>>,
 }
@@ -136,6 +143,7 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             drift: Counter::default(),
+            dry_run: Family::default(),
             live: Mutex::new(std::collections::BTreeMap::new()),
             registry: Registry::default(),
         };
@@ -162,6 +170,11 @@ impl Metrics {
             "selvedge_reconcile_drift",
             "Kernel enrollments found without a matching workload and removed",
             m.drift.clone(),
+        );
+        registry.register(
+            "selvedge_authz_dry_run",
+            "Connections a dry-run AuthorizationPolicy matched (reported, never enforced)",
+            m.dry_run.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -206,6 +219,10 @@ impl Metrics {
     pub fn map_occupancy(&self, map: &'static str, entries: u64, capacity: u64) {
         self.map_entries.get_or_create(&MapName { map }).set(i64::try_from(entries).unwrap_or(i64::MAX));
         self.map_capacity.get_or_create(&MapName { map }).set(i64::try_from(capacity).unwrap_or(i64::MAX));
+    }
+
+    pub fn dry_run(&self, policy: &str, action: &'static str) {
+        self.dry_run.get_or_create(&DryRun { policy: policy.to_string(), action }).inc();
     }
 
     pub fn drift(&self, n: u64) {

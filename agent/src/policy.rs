@@ -2,8 +2,13 @@
 //!
 //! # Layout
 //! * `peer_auth.rs` — Istio `PeerAuthentication`: which inbound ports of a workload accept
-//!   plaintext.
+//!   plaintext;
+//! * `authz.rs` — Istio `AuthorizationPolicy` at L4: who may connect to which workload.
 
+mod authz;
 mod peer_auth;
 
+pub use authz::{
+    authorize, Action, AuthorizationPolicy, AuthzError, CompiledPolicy, ConnFacts, Decision, Scope, Verdict,
+};
 pub use peer_auth::{resolve_mtls, MtlsMode, PeerAuthError, PeerAuthentication, WorkloadMtls};

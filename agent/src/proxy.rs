@@ -31,7 +31,7 @@ use crate::{
     identity::{IdentityManager, SpiffeId},
     inpod::PodNetns,
     metrics::{ConnMetrics, LiveConnection, Metrics, TcpLabels, UNKNOWN},
-    policy::WorkloadMtls,
+    policy::{authorize, Action, CompiledPolicy, ConnFacts, Decision, WorkloadMtls},
     state::Directory,
 };
 
@@ -49,6 +49,34 @@ pub struct PodContext {
     pub netns: PodNetns,
     /// Which inbound ports refuse plaintext; changes live with PeerAuthentication.
     pub mtls: parking_lot::RwLock<WorkloadMtls>,
+    /// Its labels (AuthorizationPolicy selectors).
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl PodContext {
+    /// The authorization decision for a connection to this pod (logged when reported by
+    /// dry-run or AUDIT policies).
+    pub fn authorize(&self, mesh: &Mesh, facts: &ConnFacts) -> Decision {
+        let policies = mesh.policies.read().clone();
+        let v = authorize(&policies, &self.namespace, &self.labels, facts);
+        for (policy, action) in &v.dry_run {
+            mesh.metrics.dry_run(policy, action_str(*action));
+            tracing::info!(pod = %self.name, policy = %policy, action = action_str(*action), src = %facts.src_ip, "dry-run policy matched (not enforced)");
+        }
+        for policy in &v.audit {
+            tracing::info!(pod = %self.name, policy = %policy, src = %facts.src_ip, "AUDIT policy matched");
+        }
+        v.decision
+    }
+}
+
+fn action_str(a: Action) -> &'static str {
+    match a {
+        Action::Allow => "ALLOW",
+        Action::Deny => "DENY",
+        Action::Audit => "AUDIT",
+        Action::Custom => "CUSTOM",
+    }
 }
 
 /// Node-wide state the outbound path consults per connection.
@@ -59,6 +87,8 @@ pub struct Mesh {
     pub pool: Pool,
     pub ids: Arc<IdentityManager>,
     pub metrics: Arc<Metrics>,
+    /// AuthorizationPolicies, compiled (replaced whole on each config change).
+    pub policies: parking_lot::RwLock<Arc<Vec<CompiledPolicy>>>,
 }
 
 impl Mesh {
@@ -144,6 +174,8 @@ pub enum Refusal {
     BadClientCertificate,
     BadTarget,
     MethodNotAllowed,
+    /// An AuthorizationPolicy denied it.
+    Policy,
 }
 
 impl Refusal {
@@ -159,6 +191,7 @@ impl Refusal {
             Refusal::BadClientCertificate => "bad_client_certificate",
             Refusal::BadTarget => "bad_target",
             Refusal::MethodNotAllowed => "method_not_allowed",
+            Refusal::Policy => "policy",
         }
     }
 

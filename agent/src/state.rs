@@ -33,6 +33,8 @@ pub struct PodSpec {
     pub netns: PathBuf,
     /// Which inbound ports refuse plaintext (PeerAuthentication).
     pub mtls: WorkloadMtls,
+    /// Its labels (policy selectors).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Any meshed workload, local or not, as a destination: its identity for HBONE.
@@ -101,6 +103,7 @@ pub fn desired(cfg: &LocalConfig, mesh: &Mesh<'_>) -> Result<BTreeMap<String, Po
             ips: w.ips.clone(),
             netns,
             mtls: resolve_mtls(&cfg.peer_authentications, mesh.root_namespace, &w.namespace, &w.labels),
+            labels: w.labels.clone(),
         };
         out.insert(w.uid.clone(), spec);
     }
@@ -166,7 +169,12 @@ pub fn plan(current: &BTreeMap<String, PodSpec>, desired: &BTreeMap<String, PodS
     for (uid, cur) in current {
         match desired.get(uid) {
             None => unenroll.push(Change::Unenroll(uid.clone())),
-            Some(want) if want.netns != cur.netns || want.identity != cur.identity || want.ips != cur.ips => {
+            Some(want)
+                if want.netns != cur.netns
+                    || want.identity != cur.identity
+                    || want.ips != cur.ips
+                    || want.labels != cur.labels =>
+            {
                 unenroll.push(Change::Unenroll(uid.clone()));
                 rest.push(Change::Enroll(want.clone()));
             }
@@ -198,6 +206,7 @@ mod tests {
             ips: vec![],
             netns: netns.into(),
             mtls: WorkloadMtls { strict, ..WorkloadMtls::default() },
+            labels: BTreeMap::new(),
         }
     }
 

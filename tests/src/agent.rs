@@ -87,9 +87,16 @@ impl Agent {
     }
 
     /// Write the config for `pods` and start the agent; returns once it reports ready.
-    pub fn start(env: &Env, spec: AgentSpec, opts: AgentOptions, pods: &[Pod], services: &[LabService]) -> Self {
+    pub fn start(
+        env: &Env,
+        spec: AgentSpec,
+        opts: AgentOptions,
+        pods: &[Pod],
+        services: &[LabService],
+        policies: &[String],
+    ) -> Self {
         let mut a = Agent { spec, opts: opts.clone(), selvedge: env.selvedge.clone(), child: None };
-        a.write_config(pods, services);
+        let _ = a.write_config(pods, services, policies);
         let _ = std::fs::remove_file(a.status_path());
         let mut cmd = Command::new(&a.selvedge);
         cmd.arg("run")
@@ -136,17 +143,19 @@ impl Agent {
         a
     }
 
-    fn write_config(&self, pods: &[Pod], services: &[LabService]) {
+    /// Returns whether the file changed (an unchanged config is not a new generation).
+    fn write_config(&self, pods: &[Pod], services: &[LabService], policies: &[String]) -> bool {
         let mut y = String::from("workloads:\n");
         for p in pods.iter().filter(|p| p.enrolled) {
             let _ = writeln!(
                 y,
-                "- uid: uid-{name}\n  name: {name}\n  namespace: lab\n  serviceAccount: {name}\n  node: {node}\n  ips: [{ip}]\n  netns: {ns}\n  labels: {{app: {name}, role: {role}}}",
+                "- uid: uid-{name}\n  name: {name}\n  namespace: {namespace}\n  serviceAccount: {name}\n  node: {node}\n  ips: [{ip}]\n  netns: {ns}\n  labels: {{app: {name}, role: {role}}}",
                 name = p.name,
                 role = p.role,
                 node = p.node,
                 ip = p.ip,
                 ns = p.netns.display(),
+                namespace = p.namespace,
             );
         }
         y.push_str("services:\n");
@@ -157,24 +166,35 @@ impl Agent {
                 svc.name, svc.vip, svc.port, svc.target_port, svc.role
             );
         }
+        y.push_str("authorizationPolicies:\n");
+        for p in policies {
+            let _ = writeln!(y, "- {p}");
+        }
         y.push_str("peerAuthentications:\n");
         for p in pods.iter().filter(|p| p.strict) {
             let _ = writeln!(
                 y,
-                "- metadata: {{name: strict-{name}, namespace: lab}}\n  spec: {{selector: {{matchLabels: {{app: {name}}}}}, mtls: {{mode: STRICT}}, portLevelMtls: {{{ports}}}}}",
+                "- metadata: {{name: strict-{name}, namespace: {ns}}}\n  spec: {{selector: {{matchLabels: {{app: {name}}}}}, mtls: {{mode: STRICT}}, portLevelMtls: {{{ports}}}}}",
                 name = p.name,
+                ns = p.namespace,
                 ports = p.permissive_ports.iter().map(|port| format!("\"{port}\": {{mode: PERMISSIVE}}")).collect::<Vec<_>>().join(", "),
             );
+        }
+        if std::fs::read_to_string(self.config_path()).is_ok_and(|old| old == y) {
+            return false;
         }
         let tmp = self.config_path().with_extension("tmp");
         std::fs::write(&tmp, y).expect("write config");
         std::fs::rename(&tmp, self.config_path()).expect("install config");
+        true
     }
 
     /// Write a new config and wait until the agent has applied it.
-    pub fn reconfigure(&mut self, pods: &[Pod], services: &[LabService]) {
+    pub fn reconfigure(&mut self, pods: &[Pod], services: &[LabService], policies: &[String]) {
         let before = self.status().generation;
-        self.write_config(pods, services);
+        if !self.write_config(pods, services, policies) {
+            return;
+        }
         wait_for(10, "agent to apply the new config", || self.try_status().filter(|s| s.generation > before));
     }
 

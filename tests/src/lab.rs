@@ -37,6 +37,15 @@ pub struct Pod {
     pub role: String,
     /// With `strict`: ports left PERMISSIVE by `portLevelMtls`.
     pub permissive_ports: Vec<u16>,
+    /// Its namespace (default `lab`); its identity is spiffe://cluster.local/ns/<ns>/sa/<name>.
+    pub namespace: String,
+}
+
+impl Pod {
+    /// Its Istio principal (the SPIFFE ID without the scheme).
+    pub fn principal(&self) -> String {
+        format!("cluster.local/ns/{}/sa/{}", self.namespace, self.name)
+    }
 }
 
 /// A service in the agents' config: a VIP:port standing for the pods with `role`.
@@ -78,6 +87,8 @@ pub struct Lab {
     nodes: BTreeMap<String, Node>,
     pub pods: BTreeMap<String, Pod>,
     pub services: Vec<LabService>,
+    /// AuthorizationPolicy documents (YAML flow mappings) for the agents' config.
+    pub policies: Vec<String>,
     agents: BTreeMap<String, Agent>,
     /// Processes started in pods, with their stderr files.
     children: Vec<(Child, PathBuf)>,
@@ -112,6 +123,7 @@ impl Lab {
             nodes: BTreeMap::new(),
             pods: BTreeMap::new(),
             services: Vec::new(),
+            policies: Vec::new(),
             agents: BTreeMap::new(),
             children: Vec::new(),
         }
@@ -194,6 +206,7 @@ impl Lab {
             strict: false,
             role: name.into(),
             permissive_ports: Vec::new(),
+            namespace: "lab".into(),
         };
         self.pods.insert(name.into(), pod);
         self
@@ -208,6 +221,17 @@ impl Lab {
         let p = self.pods.get_mut(pod).unwrap_or_else(|| panic!("no pod {pod}"));
         p.strict = true;
         p.permissive_ports = ports.to_vec();
+    }
+
+    /// Move `pod` to `namespace` (before its agent starts, or then `write_configs`).
+    pub fn set_namespace(&mut self, pod: &str, namespace: &str) {
+        self.pods.get_mut(pod).unwrap_or_else(|| panic!("no pod {pod}")).namespace = namespace.into();
+    }
+
+    /// Replace the AuthorizationPolicies and wait until every agent has applied them.
+    pub fn set_policies(&mut self, policies: &[&str]) {
+        self.policies = policies.iter().map(|p| p.to_string()).collect();
+        self.write_configs();
     }
 
     /// Set a pod's `role` label (takes effect at the next agent start or `write_configs`).
@@ -239,7 +263,7 @@ impl Lab {
             old.kill();
         }
         let pods: Vec<Pod> = self.pods.values().cloned().collect();
-        let agent = Agent::start(&self.env, spec, opts, &pods, &self.services);
+        let agent = Agent::start(&self.env, spec, opts, &pods, &self.services, &self.policies);
         self.agents.insert(node.into(), agent);
     }
 
@@ -257,7 +281,7 @@ impl Lab {
     pub fn write_configs(&mut self) {
         let pods: Vec<Pod> = self.pods.values().cloned().collect();
         for agent in self.agents.values_mut() {
-            agent.reconfigure(&pods, &self.services);
+            agent.reconfigure(&pods, &self.services, &self.policies);
         }
     }
 

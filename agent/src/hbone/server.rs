@@ -18,6 +18,8 @@ pub trait Upstream: Send + Sync + 'static {
     /// Held for the life of one tunnelled connection (e.g. to let shutdown drain it).
     type Guard: Send;
     fn begin(&self) -> Self::Guard;
+    /// May `principal`, connecting from `peer`, reach `target`? Err(reason) answers 403.
+    fn authorize(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Result<(), String>;
     /// Connect to the app at `target` inside this pod.
     fn connect(&self, target: SocketAddr) -> impl std::future::Future<Output = Result<TcpStream, String>> + Send;
     /// Record one finished (or refused) tunnelled connection.
@@ -39,6 +41,8 @@ pub enum Outcome {
     Method,
     /// 503: the app could not be reached.
     Unavailable,
+    /// 403: an authorization policy denied it.
+    Denied,
 }
 
 /// One inbound HBONE connection, for the access log.
@@ -160,6 +164,7 @@ async fn serve_stream<U: Upstream>(
             StatusCode::OK => Outcome::Served,
             StatusCode::METHOD_NOT_ALLOWED => Outcome::Method,
             StatusCode::SERVICE_UNAVAILABLE => Outcome::Unavailable,
+            StatusCode::FORBIDDEN => Outcome::Denied,
             _ => Outcome::BadTarget,
         },
         peer,
@@ -177,6 +182,11 @@ async fn serve_stream<U: Upstream>(
             return up.log(record(None, status, reason.as_str(), 0, 0));
         }
     };
+    // Decided before the app sees a byte: a denied tunnel never connects to it.
+    if let Err(reason) = up.authorize(principal, peer, target) {
+        let _ = reply(&mut respond, StatusCode::FORBIDDEN);
+        return up.log(record(Some(target), StatusCode::FORBIDDEN, reason.as_str(), 0, 0));
+    }
     let app = match up.connect(target).await {
         Ok(s) => s,
         Err(reason) => {

@@ -55,6 +55,15 @@ impl Upstream for Recorder {
 
     fn begin(&self) {}
 
+    fn authorize(&self, principal: &SpiffeId, _: SocketAddr, _: SocketAddr) -> Result<(), String> {
+        // The in-process server denies one identity, to exercise the 403 path.
+        if principal.service_account == "denied" {
+            Err("denied by test policy".into())
+        } else {
+            Ok(())
+        }
+    }
+
     async fn connect(&self, target: SocketAddr) -> Result<TcpStream, String> {
         let echo = self.echo.lock().ok_or("no app")?;
         // The target's IP is this listener's (checked by the server); the app is the echo.
@@ -173,6 +182,18 @@ async fn tunnels_bytes_with_verified_identities_and_pools_connections() {
         recs.iter().all(|(s, _, p)| *s == 200 && p.as_deref() == Some("spiffe://lab.local/ns/shop/sa/web")),
         "{recs:?}"
     );
+}
+
+#[tokio::test]
+async fn a_denied_principal_gets_403_and_never_reaches_the_app() {
+    let f = fixture(Duration::from_secs(5)).await;
+    f.ids.acquire(&id("shop", "denied")).await.unwrap();
+    let pool = Pool::new(f.ids.clone());
+    let k = key(&f, id("shop", "denied"), f.server_id.clone());
+    let err = open(&pool, &k, SocketAddr::new(f.server.ip(), f.echo.port())).await.unwrap_err();
+    assert!(matches!(err, TunnelError::Status(_, StatusCode::FORBIDDEN)), "{err}");
+    let recs = records_settle(&f.up, 1).await;
+    assert!(recs.iter().any(|(s, r, _)| *s == 403 && r.contains("denied by test policy")), "{recs:?}");
 }
 
 #[tokio::test]

@@ -7,7 +7,12 @@ use selvedge_common::RESERVED_PORTS;
 use tokio::net::TcpListener;
 
 use super::{accept_loop, connect_in_pod, relay, reset, ConnTracker, Direction, Flow, Mesh, PodContext, Refusal};
-use crate::{addr, hbone::server::Outcome};
+use crate::{
+    addr,
+    hbone::server::Outcome,
+    identity::SpiffeId,
+    policy::{ConnFacts, Decision},
+};
 
 /// Source of the agent's connections to the app: a loopback address, which the pod's
 /// `sk_lookup` recognises as "from inside the pod" and leaves alone (Istio uses the same).
@@ -61,6 +66,13 @@ async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContex
         reset(stream);
         return;
     }
+    // Plaintext carries no principal: it matches no `principals` and every `notPrincipals`.
+    let facts = ConnFacts { principal: None, src_ip: peer.ip(), dst_ip: local.ip(), dst_port: local.port() };
+    if let decision @ Decision::Deny { .. } = pod.authorize(mesh, &facts) {
+        flow.refused(Refusal::Policy, &decision.reason());
+        reset(stream);
+        return;
+    }
     let _ = stream.set_nodelay(true);
     match deliver(pod, local, timeout).await {
         Ok(app) => relay(flow, stream, app).await,
@@ -92,6 +104,21 @@ impl crate::hbone::server::Upstream for HboneUpstream {
         deliver(&self.pod, target, self.timeout).await
     }
 
+    fn authorize(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Result<(), String> {
+        // Istio principals are the SPIFFE ID without the scheme.
+        let p = principal.to_string();
+        let facts = ConnFacts {
+            principal: Some(p.trim_start_matches("spiffe://").to_string()),
+            src_ip: peer.ip(),
+            dst_ip: target.ip(),
+            dst_port: target.port(),
+        };
+        match self.pod.authorize(&self.mesh, &facts) {
+            Decision::Allow => Ok(()),
+            deny => Err(deny.reason()),
+        }
+    }
+
     fn log(&self, r: crate::hbone::server::Record<'_>) {
         let mut flow = Flow::new(Direction::Inbound, &self.pod, r.peer, r.target.unwrap_or(r.peer))
             .with_metrics(&self.mesh.metrics);
@@ -110,6 +137,7 @@ impl crate::hbone::server::Upstream for HboneUpstream {
             Outcome::BadTarget => Refusal::BadTarget,
             Outcome::Method => Refusal::MethodNotAllowed,
             Outcome::Unavailable => Refusal::UpstreamUnreachable,
+            Outcome::Denied => Refusal::Policy,
         };
         flow.refused(why, r.reason);
     }
