@@ -154,6 +154,7 @@ impl Agent {
             ids,
             metrics: Arc::new(crate::metrics::Metrics::new()),
             policies: parking_lot::RwLock::new(Arc::new(Vec::new())),
+            watchers: Arc::new(proxy::Watchers::default()),
         });
         let admin = Arc::new(AdminState {
             snapshot: parking_lot::RwLock::new(serde_json::Value::Null),
@@ -263,6 +264,11 @@ impl Agent {
         let policies = cfg.compile_policies(&self.settings.root_namespace)?;
         *self.mesh.directory.write() = Arc::new(directory);
         *self.mesh.policies.write() = Arc::new(policies);
+        // Live changes: what the new policies deny is closed now, not at its next connect.
+        let closed = self.mesh.watchers.recheck(&self.mesh);
+        if closed > 0 {
+            tracing::info!(closed, "open connections closed after a policy change");
+        }
         self.last_config = cfg.clone();
         let current: BTreeMap<String, PodSpec> = self.pods.iter().map(|(k, v)| (k.clone(), v.spec.clone())).collect();
         let gone: Vec<String> = self.failed.keys().filter(|uid| !desired.contains_key(*uid)).cloned().collect();

@@ -35,6 +35,9 @@ use crate::{
     state::Directory,
 };
 
+/// Why a connection that was allowed got closed.
+pub const DENIED_LATER: &str = "closed: denied after a policy change";
+
 /// Per-direction copy buffer: large enough for bulk transfers, small enough idle.
 const COPY_BUF: usize = 64 * 1024;
 
@@ -89,6 +92,64 @@ pub struct Mesh {
     pub metrics: Arc<Metrics>,
     /// AuthorizationPolicies, compiled (replaced whole on each config change).
     pub policies: parking_lot::RwLock<Arc<Vec<CompiledPolicy>>>,
+    /// Open inbound connections, re-checked when policies change.
+    pub watchers: Arc<Watchers>,
+}
+
+/// One open inbound connection as authorization saw it.
+#[derive(Debug)]
+struct Watched {
+    pod: Arc<PodContext>,
+    facts: ConnFacts,
+    cancel: Arc<Notify>,
+}
+
+/// Open inbound connections, so a policy change can close those it now denies.
+#[derive(Debug, Default)]
+pub struct Watchers {
+    open: parking_lot::Mutex<std::collections::BTreeMap<u64, Watched>>,
+    next: AtomicUsize,
+}
+
+/// Registration of one connection; dropping it unregisters.
+#[derive(Debug)]
+pub struct WatchGuard {
+    watchers: Arc<Watchers>,
+    id: u64,
+    /// Notified when a policy change denies this connection.
+    pub cancel: Arc<Notify>,
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.watchers.open.lock().remove(&self.id);
+    }
+}
+
+impl Watchers {
+    pub fn add(self: &Arc<Self>, pod: Arc<PodContext>, facts: ConnFacts) -> WatchGuard {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) as u64;
+        let cancel = Arc::new(Notify::new());
+        self.open.lock().insert(id, Watched { pod, facts, cancel: cancel.clone() });
+        WatchGuard { watchers: self.clone(), id, cancel }
+    }
+
+    /// Authorize every open connection again; close those now denied. Returns how many.
+    pub fn recheck(&self, mesh: &Mesh) -> usize {
+        let policies = mesh.policies.read().clone();
+        let open = self.open.lock();
+        let mut closed = 0;
+        for w in open.values() {
+            let v = authorize(&policies, &w.pod.namespace, &w.pod.labels, &w.facts);
+            if let Decision::Deny { .. } = v.decision {
+                tracing::info!(pod = %w.pod.name, src = %w.facts.src_ip, port = w.facts.dst_port, "{}: closing an open connection", v.decision.reason());
+                // notify_one keeps a permit if the connection is not waiting yet.
+                w.cancel.notify_one();
+                closed += 1;
+            }
+        }
+        closed
+    }
 }
 
 impl Mesh {
@@ -390,11 +451,24 @@ pub async fn accept_loop<F, Fut>(
 }
 
 /// Copy both ways until both sides are done, then log the connection.
-pub async fn relay(mut flow: Flow<'_>, mut downstream: TcpStream, mut upstream: TcpStream) {
+pub async fn relay(mut flow: Flow<'_>, mut downstream: TcpStream, mut upstream: TcpStream, cancel: Option<&Notify>) {
     flow.opened();
-    match tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, COPY_BUF, COPY_BUF).await {
-        Ok((to_up, to_down)) => flow.closed(to_up, to_down, None),
-        Err(e) => flow.closed(0, 0, Some(e.to_string())),
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, COPY_BUF, COPY_BUF);
+    let outcome = match cancel {
+        Some(c) => tokio::select! {
+            r = copy => Some(r),
+            () = c.notified() => None,
+        },
+        None => Some(copy.await),
+    };
+    match outcome {
+        Some(Ok((to_up, to_down))) => flow.closed(to_up, to_down, None),
+        Some(Err(e)) => flow.closed(0, 0, Some(e.to_string())),
+        None => {
+            flow.closed(0, 0, Some(DENIED_LATER.into()));
+            reset(downstream);
+            reset(upstream);
+        }
     }
 }
 
@@ -461,7 +535,7 @@ mod tests {
             metrics: None,
             conn: None,
         };
-        let relayed = tokio::spawn(async move { relay(flow, downstream, upstream).await });
+        let relayed = tokio::spawn(async move { relay(flow, downstream, upstream, None).await });
 
         app.write_all(b"hello").await.unwrap();
         app.shutdown().await.unwrap();

@@ -119,6 +119,19 @@ impl Lab {
         parse(&self.run_in_pod(pod, self.app(&args)))
     }
 
+    /// Start a split transfer in the background (first half, a pause of `pause_ms`, the
+    /// rest); returns its pid for [`finish_transfer`](Self::finish_transfer).
+    pub fn start_transfer(&mut self, pod: &str, to: SocketAddr, bytes: usize, pause_ms: u64) -> u32 {
+        let cmd = self.app(&["send-split", &to.to_string(), &bytes.to_string(), &pause_ms.to_string()]);
+        self.spawn_in_pod(pod, cmd)
+    }
+
+    /// Wait for a transfer started by `start_transfer` and read its report.
+    pub fn finish_transfer(&mut self, pid: u32) -> Result<Transfer, String> {
+        let line = self.child_first_line(pid, std::time::Duration::from_secs(60));
+        parse(&line)
+    }
+
     /// An HBONE request from `pod` to `to`'s listener, presenting `cert` as `identity`:
     /// Ok(HTTP status) or Err(why it ended).
     pub fn hbone_probe(

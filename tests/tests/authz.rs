@@ -112,3 +112,35 @@ fn denials_are_logged_with_the_policy_and_counted() {
     let (_, metrics) = lab.http_on_node("n2", "127.0.0.1:15020".parse().unwrap(), "GET", "/metrics").unwrap();
     assert!(metrics.lines().any(|l| l.starts_with("selvedge_denials_total{reason=\"policy\"} 2")), "{metrics}");
 }
+
+#[test]
+fn a_policy_change_closes_running_connections_it_now_denies() {
+    let mut lab = lab("authz-live");
+    lab.serve("d", "echo", 7000);
+    let d = lab.get("d").addr(7000);
+    let (a, c) = (lab.get("a").principal(), lab.get("c").ip);
+    // Two running connections, over HBONE (a) and plaintext (c); each writes half its bytes,
+    // then waits 3 s before the rest: completing would take a connection that stayed open.
+    let over_mtls = lab.start_transfer("a", d, 64 * 1024, 3000);
+    let plaintext = lab.start_transfer("c", d, 64 * 1024, 3000);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    lab.set_policies(&[
+        &on_d(&format!("action: DENY, rules: [{{from: [{{source: {{principals: [\"{a}\"]}}}}]}}]")),
+        &on_d(&format!("action: DENY, rules: [{{from: [{{source: {{ipBlocks: [\"{c}\"]}}}}]}}]"))
+            .replace("name: p", "name: q"),
+    ]);
+    for (who, pid) in [("a (mTLS)", over_mtls), ("c (plaintext)", plaintext)] {
+        let t = lab.finish_transfer(pid);
+        assert!(t.as_ref().map_or(true, |t| !t.is_exact()), "{who}'s connection was closed, not completed: {t:?}");
+    }
+    let closed = lab
+        .agent("n2")
+        .access_log()
+        .into_iter()
+        .filter(|e| e["reason"].as_str().is_some_and(|r| r.contains("denied after a policy change")))
+        .count();
+    assert_eq!(closed, 2, "both closings logged with the reason");
+    // New connections are refused too; others stay allowed.
+    assert!(!reaches(&lab, "a", "d", 8080));
+    assert!(reaches(&lab, "o", "d", 8080));
+}

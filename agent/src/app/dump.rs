@@ -99,6 +99,27 @@ impl Agent {
                     "selects": selects,
                 })
             })
+            .chain(self.mesh.policies.read().iter().map(|p| {
+                let selects: Vec<String> = cfg
+                    .workloads
+                    .iter()
+                    .filter(|w| p.selects(&w.namespace, &w.labels))
+                    .map(|w| format!("{}/{}", w.namespace, w.name))
+                    .collect();
+                let applies = match (&p.scope, p.action) {
+                    (crate::policy::Scope::NotApplicable, _) => "not applicable at L4 (targetRef: waypoint or gateway)",
+                    (_, crate::policy::Action::Custom) => "not applicable: CUSTOM needs an external authorizer",
+                    _ if p.dry_run => "dry-run: evaluated and reported, never enforced",
+                    _ => "enforced",
+                };
+                json!({
+                    "kind": "AuthorizationPolicy",
+                    "namespace": p.namespace, "name": p.name,
+                    "mode": format!("{:?}", p.action).to_uppercase(),
+                    "applies": applies,
+                    "selects": selects,
+                })
+            }))
             .collect();
         json!({
             "node": self.settings.node,

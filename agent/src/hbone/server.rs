@@ -18,8 +18,12 @@ pub trait Upstream: Send + Sync + 'static {
     /// Held for the life of one tunnelled connection (e.g. to let shutdown drain it).
     type Guard: Send;
     fn begin(&self) -> Self::Guard;
+    /// Kept while an authorized stream is open; its notifier closes the stream.
+    type Watch: Send;
     /// May `principal`, connecting from `peer`, reach `target`? Err(reason) answers 403.
-    fn authorize(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Result<(), String>;
+    fn authorize(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Result<Self::Watch, String>;
+    /// Notified when the connection must be closed (e.g. a policy now denies it).
+    fn cancelled(watch: &Self::Watch) -> &tokio::sync::Notify;
     /// Connect to the app at `target` inside this pod.
     fn connect(&self, target: SocketAddr) -> impl std::future::Future<Output = Result<TcpStream, String>> + Send;
     /// Record one finished (or refused) tunnelled connection.
@@ -183,10 +187,13 @@ async fn serve_stream<U: Upstream>(
         }
     };
     // Decided before the app sees a byte: a denied tunnel never connects to it.
-    if let Err(reason) = up.authorize(principal, peer, target) {
-        let _ = reply(&mut respond, StatusCode::FORBIDDEN);
-        return up.log(record(Some(target), StatusCode::FORBIDDEN, reason.as_str(), 0, 0));
-    }
+    let watch = match up.authorize(principal, peer, target) {
+        Ok(w) => w,
+        Err(reason) => {
+            let _ = reply(&mut respond, StatusCode::FORBIDDEN);
+            return up.log(record(Some(target), StatusCode::FORBIDDEN, reason.as_str(), 0, 0));
+        }
+    };
     let app = match up.connect(target).await {
         Ok(s) => s,
         Err(reason) => {
@@ -202,11 +209,13 @@ async fn serve_stream<U: Upstream>(
         }
     };
     let recv = req.into_body();
-    match splice(app, send, recv).await {
+    let result = tokio::select! {
+        r = splice(app, send, recv) => r.map_err(|e| e.to_string()),
+        // Dropping the splice resets the stream and closes the app's socket.
+        () = U::cancelled(&watch).notified() => Err("closed: denied after a policy change".to_string()),
+    };
+    match result {
         Ok((to_client, to_app)) => up.log(record(Some(target), StatusCode::OK, "", to_app, to_client)),
-        Err(e) => {
-            let reason = e.to_string();
-            up.log(record(Some(target), StatusCode::OK, reason.as_str(), 0, 0))
-        }
+        Err(reason) => up.log(record(Some(target), StatusCode::OK, reason.as_str(), 0, 0)),
     }
 }

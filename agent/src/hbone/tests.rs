@@ -55,13 +55,19 @@ impl Upstream for Recorder {
 
     fn begin(&self) {}
 
-    fn authorize(&self, principal: &SpiffeId, _: SocketAddr, _: SocketAddr) -> Result<(), String> {
+    type Watch = tokio::sync::Notify;
+
+    fn authorize(&self, principal: &SpiffeId, _: SocketAddr, _: SocketAddr) -> Result<Self::Watch, String> {
         // The in-process server denies one identity, to exercise the 403 path.
         if principal.service_account == "denied" {
             Err("denied by test policy".into())
         } else {
-            Ok(())
+            Ok(tokio::sync::Notify::new())
         }
+    }
+
+    fn cancelled(watch: &Self::Watch) -> &tokio::sync::Notify {
+        watch
     }
 
     async fn connect(&self, target: SocketAddr) -> Result<TcpStream, String> {

@@ -39,12 +39,19 @@ pub async fn serve(
     let name = pod.name.clone();
     accept_loop(listener, &name, Direction::Inbound, conns, move |stream, peer| {
         let (pod, mesh) = (pod.clone(), mesh.clone());
-        async move { handle(stream, peer, &pod, &mesh, timeout).await }
+        async move { handle(stream, peer, pod, &mesh, timeout).await }
     })
     .await
 }
 
-async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContext, mesh: &Mesh, timeout: Duration) {
+async fn handle(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    pod_ctx: Arc<PodContext>,
+    mesh: &Mesh,
+    timeout: Duration,
+) {
+    let pod = &*pod_ctx;
     let peer = addr::canonical(peer);
     let Ok(local) = stream.local_addr().map(addr::canonical) else {
         reset(stream);
@@ -73,13 +80,26 @@ async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, pod: &PodContex
         reset(stream);
         return;
     }
+    let watch = mesh.watchers.add(pod_ctx.clone(), facts);
     let _ = stream.set_nodelay(true);
     match deliver(pod, local, timeout).await {
-        Ok(app) => relay(flow, stream, app).await,
+        Ok(app) => relay(flow, stream, app, Some(&watch.cancel)).await,
         Err(reason) => {
             flow.refused(Refusal::UpstreamUnreachable, &reason);
             reset(stream);
         }
+    }
+}
+
+/// What authorization knows of a tunnelled connection: Istio principals are the SPIFFE ID
+/// without the scheme.
+fn hbone_facts(principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> ConnFacts {
+    let p = principal.to_string();
+    ConnFacts {
+        principal: Some(p.trim_start_matches("spiffe://").to_string()),
+        src_ip: peer.ip(),
+        dst_ip: target.ip(),
+        dst_port: target.port(),
     }
 }
 
@@ -95,6 +115,7 @@ pub struct HboneUpstream {
 
 impl crate::hbone::server::Upstream for HboneUpstream {
     type Guard = super::ConnGuard;
+    type Watch = super::WatchGuard;
 
     fn begin(&self) -> Self::Guard {
         self.conns.open()
@@ -104,19 +125,16 @@ impl crate::hbone::server::Upstream for HboneUpstream {
         deliver(&self.pod, target, self.timeout).await
     }
 
-    fn authorize(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Result<(), String> {
-        // Istio principals are the SPIFFE ID without the scheme.
-        let p = principal.to_string();
-        let facts = ConnFacts {
-            principal: Some(p.trim_start_matches("spiffe://").to_string()),
-            src_ip: peer.ip(),
-            dst_ip: target.ip(),
-            dst_port: target.port(),
-        };
+    fn authorize(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Result<Self::Watch, String> {
+        let facts = hbone_facts(principal, peer, target);
         match self.pod.authorize(&self.mesh, &facts) {
-            Decision::Allow => Ok(()),
+            Decision::Allow => Ok(self.mesh.watchers.add(self.pod.clone(), facts)),
             deny => Err(deny.reason()),
         }
+    }
+
+    fn cancelled(watch: &Self::Watch) -> &tokio::sync::Notify {
+        &watch.cancel
     }
 
     fn log(&self, r: crate::hbone::server::Record<'_>) {

@@ -79,7 +79,7 @@ async fn handle(
     match meshed {
         Some(peer_workload) => tunnel(flow, stream, peer, dst, pod, &peer_workload, mesh, timeout).await,
         None => match connect_in_pod(pod, None, dst, timeout).await {
-            Ok(upstream) => relay(flow, stream, upstream).await,
+            Ok(upstream) => relay(flow, stream, upstream, None).await,
             Err(reason) => {
                 flow.refused(Refusal::UpstreamUnreachable, &reason);
                 reset(stream);
