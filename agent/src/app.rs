@@ -264,6 +264,12 @@ impl Agent {
         let policies = cfg.compile_policies(&self.settings.root_namespace)?;
         *self.mesh.directory.write() = Arc::new(directory);
         *self.mesh.policies.write() = Arc::new(policies);
+        // Cached verdicts were for the old policies and workloads (an IP may now be someone
+        // else's): forget them all.
+        let forgot = self.flows.clear_verdicts();
+        if forgot > 0 {
+            tracing::debug!(forgot, "cached connect verdicts cleared");
+        }
         // Live changes: what the new policies deny is closed now, not at its next connect.
         let closed = self.mesh.watchers.recheck(&self.mesh);
         if closed > 0 {

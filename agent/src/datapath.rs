@@ -26,8 +26,8 @@ use aya::{
 };
 use parking_lot::Mutex;
 use selvedge_common::{
-    capacity, maps, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, Stat, ABI_VERSION, POD_FLAG_STRICT,
-    POD_SLOT_GLOBAL, SLOT_ENROLLED, SLOT_STRICT, STATS_LEN,
+    capacity, maps, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, Stat, VerdictKey, ABI_VERSION, POD_FLAG_STRICT,
+    POD_SLOT_GLOBAL, SLOT_ENROLLED, SLOT_STRICT, STATS_LEN, VERDICT_DENY,
 };
 
 pub use pins::uninstall;
@@ -110,6 +110,8 @@ pub type Stats = [u64; STATS_LEN as usize];
 /// Maps the proxy uses per connection; shared across tasks.
 pub struct FlowMaps {
     orig_dst: HashMap<MapData, OrigDstKey, SockAddr>,
+    /// Cached denials the connect hooks refuse at once.
+    verdicts: Mutex<HashMap<MapData, VerdictKey, u32>>,
     /// `SockHash::insert` takes `&mut`; inserts are one syscall each.
     pairs: Mutex<SockHash<MapData, PairKey>>,
     fast_path: bool,
@@ -125,6 +127,23 @@ impl FlowMaps {
     /// The destination a captured connection was dialled to, if the kernel recorded one.
     pub fn original_destination(&self, key: &OrigDstKey) -> Option<SockAddr> {
         self.orig_dst.get(key, 0).ok()
+    }
+
+    /// Remember that connects from the pod `netns_cookie` to `dst` are denied: the kernel
+    /// refuses the next ones with EPERM instead of a handshake and a reset.
+    pub fn cache_denial(&self, netns_cookie: u64, dst: &SockAddr) -> Result<(), DatapathError> {
+        let key = VerdictKey { netns_cookie, dst: *dst, _pad: 0 };
+        self.verdicts.lock().insert(key, VERDICT_DENY, 0).map_err(map_err(maps::VERDICTS, "cache a denial"))
+    }
+
+    /// Forget every cached verdict (policies or workloads changed). Returns how many.
+    pub fn clear_verdicts(&self) -> usize {
+        let mut v = self.verdicts.lock();
+        let keys: Vec<VerdictKey> = v.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            let _ = v.remove(k);
+        }
+        keys.len()
     }
 
     /// Put the agent's end of an app<->agent loopback connection in the fast-path sockhash.
@@ -213,6 +232,7 @@ impl Datapath {
 
         let flows = FlowMaps {
             orig_dst: take(&mut ebpf, maps::ORIG_DST)?,
+            verdicts: Mutex::new(take(&mut ebpf, maps::VERDICTS)?),
             pairs: Mutex::new(pairs),
             fast_path: opts.fast_path,
         };
@@ -326,6 +346,7 @@ impl Datapath {
             (Stat::BindRefused, "bind_refused"),
             (Stat::FastPathHit, "fast_path_hit"),
             (Stat::FastPathMiss, "fast_path_miss"),
+            (Stat::PolicyRefused, "policy_refused"),
         ]
         .into_iter()
         .map(|(stat, name)| (name, s[stat as usize]))

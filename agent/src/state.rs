@@ -44,6 +44,8 @@ pub struct Peer {
     pub namespace: String,
     pub node: String,
     pub identity: SpiffeId,
+    /// For AuthorizationPolicy selectors, evaluated at the source too.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A service's endpoints for one VIP port.
@@ -119,6 +121,7 @@ pub fn directory(cfg: &LocalConfig, trust_domain: &str) -> Result<Directory, Con
             namespace: w.namespace.clone(),
             node: w.node.clone(),
             identity: identity_of(cfg, index, trust_domain)?,
+            labels: w.labels.clone(),
         };
         for ip in &w.ips {
             if out.workloads.insert(ip.to_canonical(), peer.clone()).is_some() {

@@ -14,7 +14,7 @@
 #![no_std]
 
 /// Bumped whenever a pinned map's key or value layout changes.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Outbound capture listener, inside each enrolled pod's netns (127.0.0.1 and ::1).
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -49,6 +49,10 @@ pub mod maps {
     pub const SLOTS: &str = "SV_SLOTS";
     /// u32 index -> u64 settings, see [`super::Setting`]. ARRAY.
     pub const SETTINGS: &str = "SV_SETTINGS";
+    /// [`super::VerdictKey`] -> u32 ([`super::VERDICT_DENY`]): connects the source agent
+    /// already knows the destination will refuse; refused in `connect4/6` with EPERM.
+    /// LRU; cleared by the agent on every policy or workload change.
+    pub const VERDICTS: &str = "SV_VERDICTS";
     /// u32 index -> u64 per-CPU counters, see [`super::Stat`]. PERCPU_ARRAY.
     pub const STATS: &str = "SV_STATS";
 }
@@ -58,6 +62,7 @@ pub mod capacity {
     pub const ENROLLED: u32 = 4096;
     pub const ORIG: u32 = 65536;
     pub const PAIRS: u32 = 65536;
+    pub const VERDICTS: u32 = 65536;
     pub const INBOUND_LISTENERS: u32 = 4096;
 }
 
@@ -94,8 +99,22 @@ pub enum Stat {
     FastPathHit = 6,
     /// sk_msg sends that went over plain TCP.
     FastPathMiss = 7,
+    /// connect() refused at once: a cached policy verdict says the destination denies it.
+    PolicyRefused = 8,
 }
-pub const STATS_LEN: u32 = 8;
+pub const STATS_LEN: u32 = 9;
+
+/// A [`maps::VERDICTS`] value.
+pub const VERDICT_DENY: u32 = 1;
+
+/// Key of a cached verdict: the source pod (netns cookie) and the address it dials.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct VerdictKey {
+    pub netns_cookie: u64,
+    pub dst: SockAddr,
+    pub _pad: u32,
+}
 
 /// Bits of [`PodInfo::flags`].
 pub const POD_FLAG_STRICT: u32 = 1;
@@ -190,15 +209,17 @@ const _: () = assert!(core::mem::size_of::<PodInfo>() == 8);
 const _: () = assert!(core::mem::size_of::<SockAddr>() == 20);
 const _: () = assert!(core::mem::size_of::<OrigDstKey>() == 32);
 const _: () = assert!(core::mem::size_of::<PairKey>() == 48);
+const _: () = assert!(core::mem::size_of::<VerdictKey>() == 32);
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY (all four): plain-old-data, `#[repr(C)]`, every bit pattern valid, and no
+    // SAFETY (all five): plain-old-data, `#[repr(C)]`, every bit pattern valid, and no
     // implicit padding (the size asserts above match the sum of the fields).
     unsafe impl aya::Pod for super::PodInfo {}
     unsafe impl aya::Pod for super::SockAddr {}
     unsafe impl aya::Pod for super::OrigDstKey {}
     unsafe impl aya::Pod for super::PairKey {}
+    unsafe impl aya::Pod for super::VerdictKey {}
 }
 
 #[cfg(test)]

@@ -7,9 +7,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use aya_log_ebpf::warn;
-use selvedge_common::{SockAddr, Stat, OUTBOUND_PORT};
+use selvedge_common::{SockAddr, Stat, VerdictKey, OUTBOUND_PORT, VERDICT_DENY};
 
-use crate::maps::{bump, ctx_ip6, ctx_set_ip6, ctx_u32, enrolled, is_agent, IPPROTO_TCP, ORIG_BY_COOKIE};
+use crate::maps::{bump, ctx_ip6, ctx_set_ip6, ctx_u32, enrolled, is_agent, IPPROTO_TCP, ORIG_BY_COOKIE, VERDICTS};
 
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
@@ -25,7 +25,7 @@ pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
     let Some(dst) = captured_dst(&ctx, sa.protocol, SockAddr::from_v4_raw(sa.user_ip4, port_of(sa.user_port))) else {
         return ALLOW;
     };
-    if !remember(&ctx, &dst) {
+    if denied(&ctx, &dst) || !remember(&ctx, &dst) {
         return REFUSE;
     }
     sa.user_ip4 = LOCALHOST4;
@@ -43,7 +43,7 @@ pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
     let Some(dst) = captured_dst(&ctx, sa.protocol, dst) else {
         return ALLOW;
     };
-    if !remember(&ctx, &dst) {
+    if denied(&ctx, &dst) || !remember(&ctx, &dst) {
         return REFUSE;
     }
     // An IPv4-mapped destination stays IPv4 on the wire: send it to the agent's IPv4 listener.
@@ -97,6 +97,20 @@ fn captured_dst(ctx: &SockAddrContext, protocol: u32, dst: SockAddr) -> Option<S
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     enrolled(netns)?;
     Some(dst)
+}
+
+/// Has the agent already learned that this pod's connect to `dst` will be denied?
+#[inline(always)]
+fn denied(ctx: &SockAddrContext, dst: &SockAddr) -> bool {
+    // SAFETY: helper allowed in cgroup sock_addr programs.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    let key = VerdictKey { netns_cookie, dst: *dst, _pad: 0 };
+    // SAFETY: value copied out of the map.
+    if unsafe { VERDICTS.get(&key).copied() } == Some(VERDICT_DENY) {
+        bump(Stat::PolicyRefused);
+        return true;
+    }
+    false
 }
 
 /// Record the original destination under the socket's cookie; false refuses the connect.

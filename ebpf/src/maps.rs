@@ -6,7 +6,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
-use selvedge_common::{capacity, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, Stat, SETTINGS_LEN, STATS_LEN};
+use selvedge_common::{
+    capacity, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, Stat, VerdictKey, SETTINGS_LEN, STATS_LEN,
+};
 
 #[map(name = "SV_ENROLLED")]
 pub static ENROLLED: HashMap<u64, PodInfo> = HashMap::pinned(capacity::ENROLLED, 0);
@@ -28,6 +30,9 @@ pub static FALLBACK: LruHashMap<PairKey, u32> = LruHashMap::pinned(capacity::PAI
 
 #[map(name = "SV_SLOTS")]
 pub static SLOTS: Array<u32> = Array::pinned(capacity::INBOUND_LISTENERS, 0);
+
+#[map(name = "SV_VERDICTS")]
+pub static VERDICTS: LruHashMap<VerdictKey, u32> = LruHashMap::pinned(capacity::VERDICTS, 0);
 
 #[map(name = "SV_SETTINGS")]
 pub static SETTINGS: Array<u64> = Array::pinned(SETTINGS_LEN, 0);

@@ -182,9 +182,28 @@ impl Lab {
 
     /// Add a pod on `node`; `enrolled` decides whether the node's agent meshes it.
     pub fn pod(&mut self, node: &str, name: &str, enrolled: bool) -> &mut Self {
+        self.pod_at(node, name, enrolled, None)
+    }
+
+    /// Delete `old` (its processes, netns and cgroup) and start `new` on the same node with
+    /// the same address: a new workload on a reused IP. Agents see it at `write_configs`.
+    pub fn replace_pod(&mut self, old: &str, new: &str) {
+        let o = self.pods.remove(old).unwrap_or_else(|| panic!("no pod {old}"));
+        let _ = std::fs::write(o.cgroup.join("cgroup.kill"), "1");
+        if let Some(ns) = o.netns.file_name() {
+            let _ = Command::new("ip").args(["netns", "del"]).arg(ns).output();
+        }
+        remove_cgroup_tree(&o.cgroup);
+        self.pod_at(&o.node, new, o.enrolled, Some(o.ip));
+        if let Some(p) = self.pods.get_mut(new) {
+            p.namespace = o.namespace;
+        }
+    }
+
+    fn pod_at(&mut self, node: &str, name: &str, enrolled: bool, ip: Option<Ipv4Addr>) -> &mut Self {
         let n = self.nodes.get_mut(node).unwrap_or_else(|| panic!("no node {node}"));
         n.pods += 1;
-        let ip = Ipv4Addr::new(198, 18, n.index, 9 + n.pods);
+        let ip = ip.unwrap_or(Ipv4Addr::new(198, 18, n.index, 9 + n.pods));
         let ns = format!("{}-pod-{name}", self.prefix);
         run("ip", &["netns", "add", &ns]);
         run("ip", &["-n", &ns, "link", "set", "lo", "up"]);

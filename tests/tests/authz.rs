@@ -100,10 +100,20 @@ fn denials_are_logged_with_the_policy_and_counted() {
     let mut lab = lab("authz-log");
     let a = lab.get("a").principal();
     lab.set_policies(&[&on_d(&format!("action: DENY, rules: [{{from: [{{source: {{principals: [\"{a}\"]}}}}]}}]"))]);
+    // a's own agent knows d's policies: it refuses at the source, naming the policy.
     assert!(!reaches(&lab, "a", "d", 8080));
-    let event = lab.agent("n2").wait_access("the denial", |e| e["reason_code"] == "policy");
-    assert!(event["reason"].as_str().is_some_and(|r| r.contains("shop/p")), "names the policy: {event}");
+    let event = lab.agent("n1").wait_access("the denial at the source", |e| e["reason_code"] == "policy");
+    let reason = event["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("shop/p") && reason.contains("decided at the source"), "{event}");
+    // The destination enforces by itself too: a client that skips its agent and presents
+    // a's (valid) certificate directly to d's HBONE listener gets 403.
+    let hbone = lab.get("d").addr(15008);
+    let status = lab.hbone_probe("c", hbone, &format!("spiffe://{a}"), "good", "CONNECT", lab.get("d").addr(8080));
+    assert_eq!(status, Ok(403));
+    let event = lab.agent("n2").wait_access("the denial at the destination", |e| e["reason_code"] == "policy");
+    assert!(event["reason"].as_str().is_some_and(|r| r.contains("shop/p")), "{event}");
     assert_eq!(event["src_identity"], "spiffe://cluster.local/ns/shop/sa/a");
+    // Plaintext, no ALLOW matching: denied at the destination, with that reason.
     lab.set_policies(&[&on_d("rules: [{from: [{source: {namespaces: [nobody]}}]}]")]);
     assert!(!reaches(&lab, "c", "d", 8080));
     lab.agent("n2").wait_access("no ALLOW matched", |e| {
@@ -143,4 +153,45 @@ fn a_policy_change_closes_running_connections_it_now_denies() {
     // New connections are refused too; others stay allowed.
     assert!(!reaches(&lab, "a", "d", 8080));
     assert!(reaches(&lab, "o", "d", 8080));
+}
+
+#[test]
+fn denied_connects_are_refused_in_the_kernel_once_the_source_knows() {
+    let mut lab = lab("authz-kernel");
+    let a = lab.get("a").principal();
+    lab.set_policies(&[&on_d(&format!("action: DENY, rules: [{{from: [{{source: {{principals: [\"{a}\"]}}}}]}}]"))]);
+    let d = lab.get("d").addr(8080);
+    // First attempt: accepted by a's agent (connect succeeds locally), then reset.
+    match lab.ask("a", d) {
+        Ok(r) => assert!(r.server.is_none(), "denied: {r:?}"),
+        Err(e) => assert!(e.contains("reset"), "{e}"),
+    }
+    // Now the kernel knows: connect() itself fails, no handshake at all.
+    let err = lab.ask("a", d).expect_err("refused at connect time");
+    assert!(err.contains("os error 1"), "EPERM from the connect hook: {err}");
+    let s = lab.agent("n1").fresh_status();
+    assert!(s.stat("policy_refused") >= 1, "{:?}", s.stats);
+    // Other destinations and other sources are unaffected; a policy change forgets it.
+    assert!(reaches(&lab, "o", "d", 8080));
+    lab.set_policies(&[]);
+    assert!(reaches(&lab, "a", "d", 8080), "the cached verdict went with the policy");
+}
+
+#[test]
+fn a_new_workload_on_a_reused_ip_does_not_inherit_decisions() {
+    let mut lab = lab("authz-reuse");
+    lab.set_policies(&[&on_d("action: DENY, rules: [{}]")]);
+    let ip = lab.get("d").ip;
+    assert!(!reaches(&lab, "a", "d", 8080));
+    let _ = lab.ask("a", lab.get("d").addr(8080)); // now cached in a's kernel too
+                                                   // d goes away; d2 (another workload, not selected by the policy) gets its address.
+    lab.replace_pod("d", "d2");
+    assert_eq!(lab.get("d2").ip, ip);
+    lab.write_configs();
+    lab.serve("d2", "whoami", 8080);
+    let r = lab.ask("a", lab.get("d2").addr(8080)).expect("a reaches d2 at d's old address");
+    assert_eq!(r.server().local.ip(), ip);
+    lab.agent("n2").wait_access("d2 saw a's verified identity", |e| {
+        e["pod"] == "d2" && e["src_identity"] == "spiffe://cluster.local/ns/shop/sa/a"
+    });
 }

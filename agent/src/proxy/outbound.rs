@@ -10,7 +10,13 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{
     accept_loop, connect_in_pod, relay, reset, ConnTracker, Direction, Flow, Mesh, PodContext, Refusal, WorkloadName,
 };
-use crate::{addr, datapath::FlowMaps, hbone, state::Peer};
+use crate::{
+    addr,
+    datapath::FlowMaps,
+    hbone,
+    policy::{authorize, ConnFacts, Decision},
+    state::Peer,
+};
 
 /// Serve one outbound listener until the task is aborted.
 pub async fn serve(
@@ -73,11 +79,27 @@ async fn handle(
             }
         }
     }
+    let via_service = service.is_some();
     let mut flow = Flow::new(Direction::Outbound, pod, peer, dst).with_metrics(&mesh.metrics);
     flow.service = service;
     let meshed = directory.workloads.get(&dst.ip().to_canonical()).cloned();
     match meshed {
-        Some(peer_workload) => tunnel(flow, stream, peer, dst, pod, &peer_workload, mesh, timeout).await,
+        Some(to) => {
+            // Refused at the source when the destination's policies already say no: this
+            // connection is reset, and the kernel refuses the next ones at connect().
+            if let decision @ Decision::Deny { .. } = source_verdict(pod, &to, dst, mesh) {
+                if !via_service {
+                    if let Err(e) = flows.cache_denial(cookie, &orig) {
+                        tracing::debug!(pod = %pod.name, "denial not cached: {e}");
+                    }
+                }
+                flow.dst_workload = Some(WorkloadName { name: to.name.clone(), namespace: to.namespace.clone() });
+                flow.refused(Refusal::Policy, &format!("{} (decided at the source)", decision.reason()));
+                reset(stream);
+                return;
+            }
+            tunnel(flow, stream, peer, dst, pod, &to, mesh, timeout).await
+        }
         None => match connect_in_pod(pod, None, dst, timeout).await {
             Ok(upstream) => relay(flow, stream, upstream, None).await,
             Err(reason) => {
@@ -86,6 +108,20 @@ async fn handle(
             }
         },
     }
+}
+
+/// The destination's decision, computed here: every fact it uses is known at the source
+/// (our identity, our pod's address, the destination and port).
+fn source_verdict(pod: &PodContext, to: &Peer, dst: SocketAddr, mesh: &Mesh) -> Decision {
+    let me = pod.identity.to_string();
+    let facts = ConnFacts {
+        principal: Some(me.trim_start_matches("spiffe://").to_string()),
+        src_ip: pod.ips.first().copied().unwrap_or(dst.ip()),
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+    };
+    let policies = mesh.policies.read().clone();
+    authorize(&policies, &to.namespace, &to.labels, &facts).decision
 }
 
 /// Through HBONE to the destination pod's agent: mTLS with our pod's identity, expecting
