@@ -119,6 +119,19 @@ impl Lab {
         parse(&self.run_in_pod(pod, self.app(&args)))
     }
 
+    /// `n` connects from `pod` to a refusing `to`: (microseconds, "connect"|"read") each.
+    pub fn refusal_times(&self, pod: &str, to: SocketAddr, n: usize) -> Vec<(u64, String)> {
+        let out = self.run_in_pod(pod, self.app(&["refusal-time", &to.to_string(), &n.to_string()]));
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+        let micros = v["micros"].as_array().cloned().unwrap_or_default();
+        let how = v["refused_at"].as_array().cloned().unwrap_or_default();
+        micros
+            .iter()
+            .zip(how.iter())
+            .map(|(m, h)| (m.as_u64().unwrap_or(0), h.as_str().unwrap_or_default().to_string()))
+            .collect()
+    }
+
     /// Start a split transfer in the background (first half, a pause of `pause_ms`, the
     /// rest); returns its pid for [`finish_transfer`](Self::finish_transfer).
     pub fn start_transfer(&mut self, pod: &str, to: SocketAddr, bytes: usize, pause_ms: u64) -> u32 {

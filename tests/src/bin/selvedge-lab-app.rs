@@ -12,6 +12,8 @@
 //!   milliseconds, then writes the rest.
 //! * `ask ADDR`     — connect to a whoami server; print its view and ours.
 //! * `bind PORT`    — try to bind 0.0.0.0:PORT; print whether it worked.
+//! * `refusal-time ADDR N` — N connects to a destination that refuses; for each, the time
+//!   until the app learns it (connect() fails, or the first read is reset): microseconds.
 //! * `http ADDR METHOD PATH` — one plain HTTP/1.1 request; prints the status and body.
 //! * `hbone-probe HBONE_ADDR CA_DIR SPIFFE_ID CERT METHOD TARGET` — an HBONE client
 //!   presenting CERT (good, expired, two-sans, no-san, other-td, unknown-root) as SPIFFE_ID;
@@ -45,6 +47,7 @@ fn main() {
         "bind" => bind(port(arg(1))),
         "hbone-probe" => hbone_probe(&args[1..]),
         "http" => http(addr(arg(1)), arg(2), arg(3)),
+        "refusal-time" => refusal_time(addr(arg(1)), arg(2).parse().unwrap_or_else(|_| usage())),
         _ => usage(),
     }
 }
@@ -242,6 +245,24 @@ fn hbone_probe(a: &[String]) {
         Ok(status) => println!("{}", json!({"status": status})),
         Err(e) => println!("{}", json!({"error": e})),
     }
+}
+
+fn refusal_time(to: SocketAddr, n: usize) {
+    let mut times = Vec::with_capacity(n);
+    let mut how = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = std::time::Instant::now();
+        match TcpStream::connect_timeout(&to, CONNECT_TIMEOUT) {
+            Err(_) => how.push("connect"),
+            Ok(mut s) => {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = s.read(&mut [0u8; 1]);
+                how.push("read");
+            }
+        }
+        times.push(t0.elapsed().as_micros() as u64);
+    }
+    println!("{}", json!({"micros": times, "refused_at": how}));
 }
 
 fn http(to: SocketAddr, method: &str, path: &str) {
