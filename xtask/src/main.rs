@@ -51,6 +51,13 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Benchmarks on the netns lab (release build): the same pods unmeshed (baseline),
+    /// meshed, and meshed with the fast path; prints a table, writes target/bench/<time>.json.
+    Bench {
+        /// A smoke run that finishes in about a minute.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Build and run the agent on this machine in the foreground (Ctrl-C stops it; pins
     /// stay, so enrolled pods stay fail-closed, unless --uninstall).
     Load {
@@ -84,6 +91,7 @@ fn run() -> anyhow::Result<()> {
         Task::Build { release } => tasks::build(&root, release).map(|_| ()),
         Task::Test { no_setup, cargo_test_args } => tasks::test(&root, !no_setup, &cargo_test_args),
         Task::Demo { keep } => tasks::demo(&root, keep),
+        Task::Bench { quick } => tasks::bench(&root, quick),
         Task::Load { config, node, uninstall, run_args } => tasks::load(&root, &config, node, uninstall, &run_args),
     }
 }

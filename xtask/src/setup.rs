@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// Always needed: the lab (iproute2, util-linux), inspection (bpftool), packet captures.
-const BASE_PACKAGES: &[&str] = &["iproute2", "util-linux", "procps", "bpftool", "tcpdump"];
+const BASE_PACKAGES: &[&str] = &["iproute2", "util-linux", "procps", "bpftool", "tcpdump", "iperf3"];
 /// The Debian eBPF route: rustc-web with a prebuilt `core` for bpfel-unknown-none.
 const DEBIAN_ROUTE_PACKAGES: &[&str] = &["rustc-web", "libstd-rust-web-dev-bpf"];
 /// What `cargo install bpf-linker` links against (LLVM 22, as rustc-web 1.96 uses).

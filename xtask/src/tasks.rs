@@ -65,6 +65,25 @@ pub fn demo(root: &Path, keep: bool) -> anyhow::Result<()> {
     cmd::run(&mut c)
 }
 
+pub fn bench(root: &Path, quick: bool) -> anyhow::Result<()> {
+    setup::run()?;
+    if !cmd::is_root() {
+        bail!("the benchmarks build network namespaces and load eBPF: run them as root");
+    }
+    let bin = build(root, true)?;
+    let stamp = cmd::output(Command::new("date").arg("-u").arg("+%Y%m%dT%H%M%SZ")).unwrap_or_default();
+    let out = ebpf::target_dir(root).join("bench").join(format!("{}.json", stamp.trim()));
+    let mut c = Command::new(bin.join("selvedge-bench"));
+    c.env("SELVEDGE_BIN", bin.join("selvedge"))
+        .env("SELVEDGE_LAB_APP", bin.join("selvedge-lab-app"))
+        .arg("--out")
+        .arg(&out);
+    if quick {
+        c.arg("--quick");
+    }
+    cmd::run(&mut c)
+}
+
 pub fn load(root: &Path, config: &Path, node: Option<String>, uninstall: bool, extra: &[String]) -> anyhow::Result<()> {
     setup::run()?;
     let bin = build(root, false)?;

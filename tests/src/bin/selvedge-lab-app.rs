@@ -12,6 +12,11 @@
 //!   milliseconds, then writes the rest.
 //! * `ask ADDR`     — connect to a whoami server; print its view and ours.
 //! * `bind PORT`    — try to bind 0.0.0.0:PORT; print whether it worked.
+//! * `pingpong ADDR SIZE N` — one kept-alive connection to an echo server, N round trips of
+//!   SIZE bytes; prints each round trip's microseconds (latency benchmark).
+//! * `connrate ADDR MILLIS` — new connections back to back for MILLIS (connect, 1 byte each
+//!   way, close); prints the count and each time to first byte (microseconds).
+//! * `hold ADDR N SECONDS` — open N connections, keep them idle SECONDS, close.
 //! * `refusal-time ADDR N` — N connects to a destination that refuses; for each, the time
 //!   until the app learns it (connect() fails, or the first read is reset): microseconds.
 //! * `http ADDR METHOD PATH` — one plain HTTP/1.1 request; prints the status and body.
@@ -48,6 +53,9 @@ fn main() {
         "hbone-probe" => hbone_probe(&args[1..]),
         "http" => http(addr(arg(1)), arg(2), arg(3)),
         "refusal-time" => refusal_time(addr(arg(1)), arg(2).parse().unwrap_or_else(|_| usage())),
+        "pingpong" => pingpong(addr(arg(1)), num(arg(2)), num(arg(3))),
+        "connrate" => connrate(addr(arg(1)), num(arg(2))),
+        "hold" => hold(addr(arg(1)), num(arg(2)), num(arg(3))),
         _ => usage(),
     }
 }
@@ -245,6 +253,55 @@ fn hbone_probe(a: &[String]) {
         Ok(status) => println!("{}", json!({"status": status})),
         Err(e) => println!("{}", json!({"error": e})),
     }
+}
+
+fn num(s: &str) -> usize {
+    s.parse().unwrap_or_else(|_| usage())
+}
+
+fn pingpong(to: SocketAddr, size: usize, n: usize) {
+    let mut s = connect(to);
+    let _ = s.set_nodelay(true);
+    let msg = payload(size.max(1));
+    let mut back = vec![0u8; msg.len()];
+    let mut micros = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = std::time::Instant::now();
+        if s.write_all(&msg).and_then(|()| s.read_exact(&mut back)).is_err() {
+            fail("echo broke");
+        }
+        micros.push(t0.elapsed().as_nanos() as f64 / 1000.0);
+    }
+    println!("{}", json!({"micros": micros}));
+}
+
+fn connrate(to: SocketAddr, millis: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_millis(millis as u64);
+    let (mut count, mut ttfb) = (0u64, Vec::new());
+    while std::time::Instant::now() < deadline {
+        let t0 = std::time::Instant::now();
+        let Ok(mut s) = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT) else { continue };
+        let _ = s.set_nodelay(true);
+        let mut b = [0u8; 1];
+        if s.write_all(b"x").and_then(|()| s.read_exact(&mut b)).is_ok() {
+            ttfb.push(t0.elapsed().as_micros() as u64);
+            count += 1;
+        }
+    }
+    println!("{}", json!({"connections": count, "millis": millis, "ttfb_micros": ttfb}));
+}
+
+fn hold(to: SocketAddr, n: usize, seconds: usize) {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        match TcpStream::connect_timeout(&to, CONNECT_TIMEOUT) {
+            Ok(s) => held.push(s),
+            Err(e) => fail(&format!("connection {}: {e}", held.len())),
+        }
+    }
+    println!("{}", json!({"open": held.len()}));
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(Duration::from_secs(seconds as u64));
 }
 
 fn refusal_time(to: SocketAddr, n: usize) {

@@ -1,0 +1,225 @@
+//! `selvedge-bench [--quick] [--out FILE]` (through `cargo xtask bench`): the same pods, in
+//! one run, unmeshed (the baseline: the physical limit of this topology), meshed, and meshed
+//! with the sockmap fast path. Prints a table; writes every number as JSON.
+//!
+//! Tools: iperf3 for throughput (a real, standard client); the lab app for what iperf3 does
+//! not measure (ping-pong latency percentiles, connection rate and time to first byte, idle
+//! connections held open). CPU and memory of the agents come from `/proc`.
+
+use std::{net::SocketAddr, process::Command, time::Duration};
+
+use selvedge_tests::{AgentOptions, Lab};
+use serde_json::{json, Value};
+
+struct Plan {
+    seconds: u32,
+    pings: usize,
+    connrate_ms: usize,
+    idle: usize,
+}
+
+const FULL: Plan = Plan { seconds: 10, pings: 5000, connrate_ms: 5000, idle: 10_000 };
+const QUICK: Plan = Plan { seconds: 2, pings: 500, connrate_ms: 1000, idle: 1000 };
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).cloned();
+    let plan = if quick { QUICK } else { FULL };
+
+    let mut lab = Lab::new("bench");
+    lab.node("n1").node("n2");
+    lab.pod("n1", "client", false).pod("n1", "near", false);
+    lab.pod("n2", "far", false);
+    lab.start_agent("n1", AgentOptions::default());
+    lab.start_agent("n2", AgentOptions::default());
+    for pod in ["near", "far"] {
+        lab.serve(pod, "echo", 7000);
+        let mut iperf = Command::new("iperf3");
+        iperf.args(["-s", "-p", "5201"]);
+        lab.spawn_in_pod(pod, iperf);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut results = serde_json::Map::new();
+    for mode in ["baseline", "selvedge", "selvedge+fastpath"] {
+        let meshed = mode != "baseline";
+        for pod in ["client", "near", "far"] {
+            lab.set_pod(pod, meshed, false);
+        }
+        // Fresh agents for every mode: memory is measured first, before bulk transfers
+        // leave the allocator holding buffers that idle connections would then reuse.
+        let fast_path = mode == "selvedge+fastpath";
+        for n in ["n1", "n2"] {
+            lab.start_agent(n, AgentOptions { fast_path, ..AgentOptions::default() });
+        }
+        eprintln!("bench: {mode} ...");
+        results.insert(mode.into(), run(&mut lab, &plan));
+    }
+    let report = json!({
+        "date": time_now(),
+        "machine": machine(),
+        "quick": quick,
+        "results": results,
+    });
+    print_table(&report);
+    if let Some(path) = out {
+        if let Some(dir) = std::path::Path::new(&path).parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default()).expect("write bench JSON");
+        println!("\nJSON: {path}");
+    }
+}
+
+fn run(lab: &mut Lab, plan: &Plan) -> Value {
+    let (near, far) = (lab.get("near").ip, lab.get("far").ip);
+    let mut r = serde_json::Map::new();
+    let echo = SocketAddr::from((far, 7000));
+    // Idle connections held open: agent memory per connection, per side.
+    let rss0 = agents_rss(lab);
+    let hold = lab.spawn_in_pod("client", app(lab, &["hold", &echo.to_string(), &plan.idle.to_string(), "3"]));
+    let opened = lab.child_first_line(hold, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(1500));
+    let rss1 = agents_rss(lab);
+    if opened.contains("open") {
+        for (i, side) in ["client_side", "server_side"].iter().enumerate() {
+            let per = (rss1[i] - rss0[i]) / plan.idle as f64;
+            r.insert(format!("agent_rss_kb_per_idle_connection_{side}"), json!(per));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    for (place, ip) in [("cross_node", far), ("same_node", near)] {
+        for streams in [1, 8] {
+            let cpu0 = agents_cpu(lab);
+            let out = lab.run_in_pod("client", iperf_client(&ip.to_string(), plan.seconds, streams));
+            let v: Value = serde_json::from_str(&out).unwrap_or_default();
+            let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
+            let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+            let cpu = agents_cpu(lab) - cpu0;
+            r.insert(format!("throughput_{place}_{streams}_gbps"), json!(bps / 1e9));
+            if bytes > 0.0 {
+                r.insert(format!("agent_cpu_s_per_gb_{place}_{streams}"), json!(cpu / (bytes / 1e9)));
+            }
+        }
+    }
+    for size in [1usize, 1024] {
+        let out = lab.run_in_pod(
+            "client",
+            app(lab, &["pingpong", &echo.to_string(), &size.to_string(), &plan.pings.to_string()]),
+        );
+        let v: Value = serde_json::from_str(out.trim()).unwrap_or_default();
+        let mut us: Vec<f64> =
+            v["micros"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
+        us.sort_by(f64::total_cmp);
+        for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99)] {
+            r.insert(format!("latency_{size}b_{name}_us"), json!(percentile(&us, q)));
+        }
+    }
+    let cpu0 = agents_cpu(lab);
+    let out = lab.run_in_pod("client", app(lab, &["connrate", &echo.to_string(), &plan.connrate_ms.to_string()]));
+    let cpu = agents_cpu(lab) - cpu0;
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_default();
+    let n = v["connections"].as_f64().unwrap_or(0.0);
+    let mut ttfb: Vec<f64> =
+        v["ttfb_micros"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
+    ttfb.sort_by(f64::total_cmp);
+    r.insert("new_connections_per_s".into(), json!(n / (plan.connrate_ms as f64 / 1000.0)));
+    r.insert("time_to_first_byte_p50_us".into(), json!(percentile(&ttfb, 0.5)));
+    if n > 0.0 {
+        r.insert("agent_cpu_s_per_1000_connections".into(), json!(cpu / n * 1000.0));
+    }
+    Value::Object(r)
+}
+
+fn iperf_client(ip: &str, seconds: u32, streams: u32) -> Command {
+    let mut c = Command::new("iperf3");
+    c.args(["-c", ip, "-p", "5201", "-J", "-t", &seconds.to_string(), "-P", &streams.to_string()]);
+    c
+}
+
+fn app(lab: &Lab, args: &[&str]) -> Command {
+    let mut c = Command::new(&lab.env.app);
+    c.args(args);
+    c
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+/// User + system CPU seconds of both agents so far.
+fn agents_cpu(lab: &mut Lab) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ["n1", "n2"]
+        .iter()
+        .filter_map(|n| lab.agent(n).pid())
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|stat| {
+            let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of /proc/PID/stat (11 and 12 after comm).
+            let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            (t(11) + t(12)) / tick
+        })
+        .sum()
+}
+
+/// Resident memory of the n1 and n2 agents, KiB.
+fn agents_rss(lab: &mut Lab) -> [f64; 2] {
+    let mut out = [0.0; 2];
+    for (i, n) in ["n1", "n2"].iter().enumerate() {
+        if let Some(pid) = lab.agent(n).pid() {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            out[i] = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0.0);
+        }
+    }
+    out
+}
+
+fn time_now() -> String {
+    Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%dT%H:%M:%SZ")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores, kernel {}", kernel.trim())
+}
+
+fn print_table(report: &Value) {
+    let r = &report["results"];
+    let base = &r["baseline"];
+    let modes = ["baseline", "selvedge", "selvedge+fastpath"];
+    println!(
+        "\nSelvedge bench — {} — {}{}\n",
+        report["date"].as_str().unwrap_or(""),
+        report["machine"].as_str().unwrap_or(""),
+        if report["quick"] == true { " (quick)" } else { "" }
+    );
+    println!("{:<44} {:>12} {:>12} {:>12} {:>9}", "measure", modes[0], modes[1], "+fast path", "vs base");
+    let mut keys: Vec<&String> = base.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+    keys.sort();
+    for k in keys {
+        let v = |m: &str| r[m][k].as_f64();
+        let cell = |x: Option<f64>| x.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+        let ratio = match (v("baseline"), v("selvedge")) {
+            (Some(b), Some(s)) if b > 0.0 => format!("{:.2}x", s / b),
+            _ => "-".into(),
+        };
+        println!("{k:<44} {:>12} {:>12} {:>12} {:>9}", cell(v(modes[0])), cell(v(modes[1])), cell(v(modes[2])), ratio);
+    }
+}
