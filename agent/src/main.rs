@@ -234,6 +234,21 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Every proxied connection holds two or three sockets: lift the soft descriptor limit to
+/// the hard one (a default of 1024 would cap a node at a few hundred connections).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                tracing::debug!(from = lim.rlim_cur, to = lim.rlim_max, "raised the open-file limit");
+            }
+        }
+    }
+}
+
 fn cert_source(args: &RunArgs) -> anyhow::Result<config::CertSourceConfig> {
     let lifetime = std::time::Duration::from_secs(args.cert_lifetime_secs);
     Ok(match args.cert_source {
@@ -284,6 +299,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         readiness_addr: args.readiness_addr,
     };
     tracing::info!(?settings, "starting");
+    raise_fd_limit();
     // One crypto provider for the whole process, installed explicitly.
     if rustls::crypto::aws_lc_rs::default_provider().install_default().is_err() {
         tracing::debug!("a rustls crypto provider was already installed");

@@ -344,6 +344,14 @@ impl Lab {
         dir
     }
 
+    /// Tune `pod` as a load generator: reuse TIME_WAIT ports for new connections and use a
+    /// wide ephemeral range (its netns only; the host is never touched).
+    pub fn tune_for_load(&self, pod: &str) {
+        let ns = self.get(pod).netns.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        self.sysctl(&ns, "net.ipv4.tcp_tw_reuse", "1");
+        self.sysctl(&ns, "net.ipv4.ip_local_port_range", "1024 65000");
+    }
+
     /// Give `pod` one more address (like a pod IP that appears late).
     pub fn add_address(&self, pod: &str, ip: Ipv4Addr) {
         let ns = self.get(pod).netns.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

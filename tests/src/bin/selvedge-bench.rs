@@ -18,7 +18,7 @@ struct Plan {
     idle: usize,
 }
 
-const FULL: Plan = Plan { seconds: 10, pings: 5000, connrate_ms: 5000, idle: 10_000 };
+const FULL: Plan = Plan { seconds: 10, pings: 5000, connrate_ms: 3000, idle: 10_000 };
 const QUICK: Plan = Plan { seconds: 2, pings: 500, connrate_ms: 1000, idle: 1000 };
 
 fn main() {
@@ -39,6 +39,7 @@ fn main() {
         iperf.args(["-s", "-p", "5201"]);
         lab.spawn_in_pod(pod, iperf);
     }
+    lab.tune_for_load("client");
     std::thread::sleep(Duration::from_millis(300));
 
     let mut results = serde_json::Map::new();
@@ -47,8 +48,6 @@ fn main() {
         for pod in ["client", "near", "far"] {
             lab.set_pod(pod, meshed, false);
         }
-        // Fresh agents for every mode: memory is measured first, before bulk transfers
-        // leave the allocator holding buffers that idle connections would then reuse.
         let fast_path = mode == "selvedge+fastpath";
         for n in ["n1", "n2"] {
             lab.start_agent(n, AgentOptions { fast_path, ..AgentOptions::default() });
@@ -76,19 +75,6 @@ fn run(lab: &mut Lab, plan: &Plan) -> Value {
     let (near, far) = (lab.get("near").ip, lab.get("far").ip);
     let mut r = serde_json::Map::new();
     let echo = SocketAddr::from((far, 7000));
-    // Idle connections held open: agent memory per connection, per side.
-    let rss0 = agents_rss(lab);
-    let hold = lab.spawn_in_pod("client", app(lab, &["hold", &echo.to_string(), &plan.idle.to_string(), "3"]));
-    let opened = lab.child_first_line(hold, Duration::from_secs(120));
-    std::thread::sleep(Duration::from_millis(1500));
-    let rss1 = agents_rss(lab);
-    if opened.contains("open") {
-        for (i, side) in ["client_side", "server_side"].iter().enumerate() {
-            let per = (rss1[i] - rss0[i]) / plan.idle as f64;
-            r.insert(format!("agent_rss_kb_per_idle_connection_{side}"), json!(per));
-        }
-    }
-    std::thread::sleep(Duration::from_secs(3));
     for (place, ip) in [("cross_node", far), ("same_node", near)] {
         for streams in [1, 8] {
             let cpu0 = agents_cpu(lab);
@@ -97,7 +83,10 @@ fn run(lab: &mut Lab, plan: &Plan) -> Value {
             let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
             let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
             let cpu = agents_cpu(lab) - cpu0;
-            r.insert(format!("throughput_{place}_{streams}_gbps"), json!(bps / 1e9));
+            // iperf3 failing leaves the row empty rather than claiming 0 Gb/s.
+            if bps > 0.0 {
+                r.insert(format!("throughput_{place}_{streams}_gbps"), json!(bps / 1e9));
+            }
             if bytes > 0.0 {
                 r.insert(format!("agent_cpu_s_per_gb_{place}_{streams}"), json!(cpu / (bytes / 1e9)));
             }
@@ -129,6 +118,25 @@ fn run(lab: &mut Lab, plan: &Plan) -> Value {
     if n > 0.0 {
         r.insert("agent_cpu_s_per_1000_connections".into(), json!(cpu / n * 1000.0));
     }
+    // Last, on freshly started agents (bulk transfers leave the allocator holding buffers
+    // that idle connections would reuse): agent memory per idle connection, per side.
+    let fast_path = lab.agent("n1").opts.fast_path;
+    for n in ["n1", "n2"] {
+        lab.start_agent(n, AgentOptions { fast_path, ..AgentOptions::default() });
+    }
+    // Idle connections held open: agent memory per connection, per side.
+    let rss0 = agents_rss(lab);
+    let hold = lab.spawn_in_pod("client", app(lab, &["hold", &echo.to_string(), &plan.idle.to_string(), "3"]));
+    let opened = lab.child_first_line(hold, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(1500));
+    let rss1 = agents_rss(lab);
+    if opened.contains("open") {
+        for (i, side) in ["client_side", "server_side"].iter().enumerate() {
+            let per = (rss1[i] - rss0[i]) / plan.idle as f64;
+            r.insert(format!("agent_rss_kb_per_idle_connection_{side}"), json!(per));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
     Value::Object(r)
 }
 
