@@ -9,8 +9,13 @@
 //! anything else, plain TCP. Plaintext copies end in [`relay`]: bytes both ways with
 //! half-close carried across. Every connection produces one access-log event.
 
+mod flow;
 pub mod inbound;
 pub mod outbound;
+mod watch;
+
+pub use flow::{Flow, Refusal, WorkloadName};
+pub use watch::{WatchGuard, Watchers};
 
 use std::{
     net::SocketAddr,
@@ -18,7 +23,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::{
@@ -30,7 +35,7 @@ use crate::{
     hbone::client::Pool,
     identity::{IdentityManager, SpiffeId},
     inpod::PodNetns,
-    metrics::{ConnMetrics, LiveConnection, Metrics, TcpLabels, UNKNOWN},
+    metrics::Metrics,
     policy::{authorize, Action, CompiledPolicy, ConnFacts, Decision, WorkloadMtls},
     state::Directory,
 };
@@ -94,62 +99,6 @@ pub struct Mesh {
     pub policies: parking_lot::RwLock<Arc<Vec<CompiledPolicy>>>,
     /// Open inbound connections, re-checked when policies change.
     pub watchers: Arc<Watchers>,
-}
-
-/// One open inbound connection as authorization saw it.
-#[derive(Debug)]
-struct Watched {
-    pod: Arc<PodContext>,
-    facts: ConnFacts,
-    cancel: Arc<Notify>,
-}
-
-/// Open inbound connections, so a policy change can close those it now denies.
-#[derive(Debug, Default)]
-pub struct Watchers {
-    open: parking_lot::Mutex<std::collections::BTreeMap<u64, Watched>>,
-    next: AtomicUsize,
-}
-
-/// Registration of one connection; dropping it unregisters.
-#[derive(Debug)]
-pub struct WatchGuard {
-    watchers: Arc<Watchers>,
-    id: u64,
-    /// Notified when a policy change denies this connection.
-    pub cancel: Arc<Notify>,
-}
-
-impl Drop for WatchGuard {
-    fn drop(&mut self) {
-        self.watchers.open.lock().remove(&self.id);
-    }
-}
-
-impl Watchers {
-    pub fn add(self: &Arc<Self>, pod: Arc<PodContext>, facts: ConnFacts) -> WatchGuard {
-        let id = self.next.fetch_add(1, Ordering::Relaxed) as u64;
-        let cancel = Arc::new(Notify::new());
-        self.open.lock().insert(id, Watched { pod, facts, cancel: cancel.clone() });
-        WatchGuard { watchers: self.clone(), id, cancel }
-    }
-
-    /// Authorize every open connection again; close those now denied. Returns how many.
-    pub fn recheck(&self, mesh: &Mesh) -> usize {
-        let policies = mesh.policies.read().clone();
-        let open = self.open.lock();
-        let mut closed = 0;
-        for w in open.values() {
-            let v = authorize(&policies, &w.pod.namespace, &w.pod.labels, &w.facts);
-            if let Decision::Deny { .. } = v.decision {
-                tracing::info!(pod = %w.pod.name, src = %w.facts.src_ip, port = w.facts.dst_port, "{}: closing an open connection", v.decision.reason());
-                // notify_one keeps a permit if the connection is not waiting yet.
-                w.cancel.notify_one();
-                closed += 1;
-            }
-        }
-        closed
-    }
 }
 
 impl Mesh {
@@ -219,203 +168,6 @@ impl Direction {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
         }
-    }
-}
-
-/// Why a connection was refused: a stable code for metrics and logs (append-only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    NoOriginalDestination,
-    NoEndpoints,
-    UpstreamUnreachable,
-    TunnelFailed,
-    PlaintextStrict,
-    ReservedPort,
-    TlsHandshake,
-    BadClientCertificate,
-    BadTarget,
-    MethodNotAllowed,
-    /// An AuthorizationPolicy denied it.
-    Policy,
-}
-
-impl Refusal {
-    pub fn code(self) -> &'static str {
-        match self {
-            Refusal::NoOriginalDestination => "no_original_destination",
-            Refusal::NoEndpoints => "no_endpoints",
-            Refusal::UpstreamUnreachable => "upstream_unreachable",
-            Refusal::TunnelFailed => "tunnel_failed",
-            Refusal::PlaintextStrict => "plaintext_strict",
-            Refusal::ReservedPort => "reserved_port",
-            Refusal::TlsHandshake => "tls_handshake",
-            Refusal::BadClientCertificate => "bad_client_certificate",
-            Refusal::BadTarget => "bad_target",
-            Refusal::MethodNotAllowed => "method_not_allowed",
-            Refusal::Policy => "policy",
-        }
-    }
-
-    /// Envoy-style response flags, as Istio dashboards expect them.
-    fn response_flags(self) -> &'static str {
-        match self {
-            Refusal::NoOriginalDestination | Refusal::NoEndpoints => "NR",
-            Refusal::UpstreamUnreachable | Refusal::TunnelFailed => "UF",
-            _ => "DENY",
-        }
-    }
-}
-
-/// A workload's name and namespace, for labels.
-#[derive(Debug, Clone, Default)]
-pub struct WorkloadName {
-    pub name: String,
-    pub namespace: String,
-}
-
-/// One proxied connection: what the access log and the metrics say about it.
-#[derive(Debug)]
-pub struct Flow<'a> {
-    pub direction: Direction,
-    /// The pod whose listener accepted the connection.
-    pub pod: &'a str,
-    pub namespace: &'a str,
-    pub src: SocketAddr,
-    pub dst: SocketAddr,
-    pub started: Instant,
-    /// `mutual_tls` for HBONE, `none` for plaintext.
-    pub security: &'static str,
-    /// Verified identities (never taken from anything but a certificate).
-    pub src_identity: Option<&'a SpiffeId>,
-    pub dst_identity: Option<&'a SpiffeId>,
-    /// The workloads at either end, where known.
-    pub src_workload: Option<WorkloadName>,
-    pub dst_workload: Option<WorkloadName>,
-    /// The service dialled, when the destination was a service VIP.
-    pub service: Option<String>,
-    metrics: Option<&'a Metrics>,
-    /// Counter handles and the `/connections` entry, once opened.
-    conn: Option<(ConnMetrics, u64)>,
-}
-
-fn id_str(id: Option<&SpiffeId>) -> String {
-    id.map(ToString::to_string).unwrap_or_else(|| UNKNOWN.into())
-}
-
-impl<'a> Flow<'a> {
-    pub fn new(direction: Direction, pod: &'a PodContext, src: SocketAddr, dst: SocketAddr) -> Self {
-        let me = WorkloadName { name: pod.name.clone(), namespace: pod.namespace.clone() };
-        let (src_workload, dst_workload) = match direction {
-            Direction::Outbound => (Some(me), None),
-            Direction::Inbound => (None, Some(me)),
-        };
-        Flow {
-            direction,
-            pod: &pod.name,
-            namespace: &pod.namespace,
-            src,
-            dst,
-            started: Instant::now(),
-            security: "none",
-            src_identity: None,
-            dst_identity: None,
-            src_workload,
-            dst_workload,
-            service: None,
-            metrics: None,
-            conn: None,
-        }
-    }
-
-    /// Report to `metrics` (flows without it only log: in-process tests).
-    pub fn with_metrics(mut self, metrics: &'a Metrics) -> Self {
-        self.metrics = Some(metrics);
-        self
-    }
-
-    fn labels(&self, response_flags: &'static str) -> TcpLabels {
-        let name = |w: &Option<WorkloadName>| w.as_ref().map(|w| w.name.clone()).unwrap_or_else(|| UNKNOWN.into());
-        let ns = |w: &Option<WorkloadName>| w.as_ref().map(|w| w.namespace.clone()).unwrap_or_else(|| UNKNOWN.into());
-        TcpLabels {
-            reporter: match self.direction {
-                Direction::Outbound => "source",
-                Direction::Inbound => "destination",
-            },
-            source_workload: name(&self.src_workload),
-            source_workload_namespace: ns(&self.src_workload),
-            source_principal: id_str(self.src_identity),
-            destination_workload: name(&self.dst_workload),
-            destination_workload_namespace: ns(&self.dst_workload),
-            destination_principal: id_str(self.dst_identity),
-            destination_service: self.service.clone().unwrap_or_else(|| UNKNOWN.into()),
-            request_protocol: "tcp",
-            response_flags,
-            connection_security_policy: self.security,
-        }
-    }
-
-    /// The connection is through: count it as opened (its labels are final now).
-    pub fn opened(&mut self) {
-        if let Some(m) = self.metrics {
-            let counters = m.open(&self.labels("-"));
-            let id = m.track(LiveConnection {
-                id: 0,
-                direction: self.direction.as_str(),
-                pod: self.pod.to_string(),
-                namespace: self.namespace.to_string(),
-                src: self.src.to_string(),
-                dst: self.dst.to_string(),
-                security: self.security,
-                src_identity: id_str(self.src_identity),
-                dst_identity: id_str(self.dst_identity),
-                opened_unix_ms: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis())
-                    .unwrap_or_default(),
-            });
-            self.conn = Some((counters, id));
-        }
-    }
-
-    /// Log (and count) a connection refused before any byte moved.
-    pub fn refused(&self, why: Refusal, detail: &str) {
-        if let Some(m) = self.metrics {
-            m.denied(why.code());
-            m.open(&self.labels(why.response_flags())).close(0, 0);
-        }
-        tracing::warn!(
-            target: "selvedge::access",
-            direction = self.direction.as_str(),
-            pod = %self.pod, namespace = %self.namespace,
-            src = %self.src, dst = %self.dst,
-            security = self.security,
-            src_identity = %id_str(self.src_identity), dst_identity = %id_str(self.dst_identity),
-            service = %self.service.as_deref().unwrap_or(UNKNOWN),
-            result = "refused", reason_code = why.code(), reason = detail,
-            "connection refused"
-        );
-    }
-
-    /// Log (and count) a finished connection.
-    pub fn closed(&self, sent: u64, received: u64, error: Option<String>) {
-        if let (Some((c, id)), Some(m)) = (&self.conn, self.metrics) {
-            c.close(sent, received);
-            m.untrack(*id);
-        }
-        tracing::info!(
-            target: "selvedge::access",
-            direction = self.direction.as_str(),
-            pod = %self.pod, namespace = %self.namespace,
-            src = %self.src, dst = %self.dst,
-            security = self.security,
-            src_identity = %id_str(self.src_identity), dst_identity = %id_str(self.dst_identity),
-            service = %self.service.as_deref().unwrap_or(UNKNOWN),
-            bytes_sent = sent, bytes_received = received,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            result = if error.is_some() { "error" } else { "ok" },
-            reason = %error.unwrap_or_default(),
-            "connection closed"
-        );
     }
 }
 
@@ -519,22 +271,7 @@ mod tests {
     async fn relay_copies_both_ways_and_carries_half_close() {
         let (mut app, downstream) = pair().await;
         let (upstream, mut server) = pair().await;
-        let flow = Flow {
-            direction: Direction::Outbound,
-            pod: "a",
-            namespace: "ns",
-            src: app.local_addr().unwrap(),
-            dst: server.local_addr().unwrap(),
-            started: Instant::now(),
-            security: "none",
-            src_identity: None,
-            dst_identity: None,
-            src_workload: None,
-            dst_workload: None,
-            service: None,
-            metrics: None,
-            conn: None,
-        };
+        let flow = Flow::for_test(app.local_addr().unwrap(), server.local_addr().unwrap());
         let relayed = tokio::spawn(async move { relay(flow, downstream, upstream, None).await });
 
         app.write_all(b"hello").await.unwrap();

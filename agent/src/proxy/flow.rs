@@ -1,0 +1,228 @@
+//! One proxied connection as the access log and the metrics see it, and why connections
+//! are refused.
+
+use std::{net::SocketAddr, time::Instant};
+
+use super::{Direction, PodContext};
+use crate::{
+    identity::SpiffeId,
+    metrics::{ConnMetrics, LiveConnection, Metrics, TcpLabels, UNKNOWN},
+};
+
+/// Why a connection was refused: a stable code for metrics and logs (append-only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    NoOriginalDestination,
+    NoEndpoints,
+    UpstreamUnreachable,
+    TunnelFailed,
+    PlaintextStrict,
+    ReservedPort,
+    TlsHandshake,
+    BadClientCertificate,
+    BadTarget,
+    MethodNotAllowed,
+    /// An AuthorizationPolicy denied it.
+    Policy,
+}
+
+impl Refusal {
+    pub fn code(self) -> &'static str {
+        match self {
+            Refusal::NoOriginalDestination => "no_original_destination",
+            Refusal::NoEndpoints => "no_endpoints",
+            Refusal::UpstreamUnreachable => "upstream_unreachable",
+            Refusal::TunnelFailed => "tunnel_failed",
+            Refusal::PlaintextStrict => "plaintext_strict",
+            Refusal::ReservedPort => "reserved_port",
+            Refusal::TlsHandshake => "tls_handshake",
+            Refusal::BadClientCertificate => "bad_client_certificate",
+            Refusal::BadTarget => "bad_target",
+            Refusal::MethodNotAllowed => "method_not_allowed",
+            Refusal::Policy => "policy",
+        }
+    }
+
+    /// Envoy-style response flags, as Istio dashboards expect them.
+    fn response_flags(self) -> &'static str {
+        match self {
+            Refusal::NoOriginalDestination | Refusal::NoEndpoints => "NR",
+            Refusal::UpstreamUnreachable | Refusal::TunnelFailed => "UF",
+            _ => "DENY",
+        }
+    }
+}
+
+/// A workload's name and namespace, for labels.
+#[derive(Debug, Clone, Default)]
+pub struct WorkloadName {
+    pub name: String,
+    pub namespace: String,
+}
+
+/// One proxied connection: what the access log and the metrics say about it.
+#[derive(Debug)]
+pub struct Flow<'a> {
+    pub direction: Direction,
+    /// The pod whose listener accepted the connection.
+    pub pod: &'a str,
+    pub namespace: &'a str,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub started: Instant,
+    /// `mutual_tls` for HBONE, `none` for plaintext.
+    pub security: &'static str,
+    /// Verified identities (never taken from anything but a certificate).
+    pub src_identity: Option<&'a SpiffeId>,
+    pub dst_identity: Option<&'a SpiffeId>,
+    /// The workloads at either end, where known.
+    pub src_workload: Option<WorkloadName>,
+    pub dst_workload: Option<WorkloadName>,
+    /// The service dialled, when the destination was a service VIP.
+    pub service: Option<String>,
+    metrics: Option<&'a Metrics>,
+    /// Counter handles and the `/connections` entry, once opened.
+    conn: Option<(ConnMetrics, u64)>,
+}
+
+fn id_str(id: Option<&SpiffeId>) -> String {
+    id.map(ToString::to_string).unwrap_or_else(|| UNKNOWN.into())
+}
+
+impl<'a> Flow<'a> {
+    pub fn new(direction: Direction, pod: &'a PodContext, src: SocketAddr, dst: SocketAddr) -> Self {
+        let me = WorkloadName { name: pod.name.clone(), namespace: pod.namespace.clone() };
+        let (src_workload, dst_workload) = match direction {
+            Direction::Outbound => (Some(me), None),
+            Direction::Inbound => (None, Some(me)),
+        };
+        Flow {
+            direction,
+            pod: &pod.name,
+            namespace: &pod.namespace,
+            src,
+            dst,
+            started: Instant::now(),
+            security: "none",
+            src_identity: None,
+            dst_identity: None,
+            src_workload,
+            dst_workload,
+            service: None,
+            metrics: None,
+            conn: None,
+        }
+    }
+
+    /// A flow with no pod behind it, for in-process tests of the copy path.
+    #[cfg(test)]
+    pub(super) fn for_test(src: SocketAddr, dst: SocketAddr) -> Flow<'static> {
+        Flow {
+            direction: Direction::Outbound,
+            pod: "test",
+            namespace: "test",
+            src,
+            dst,
+            started: Instant::now(),
+            security: "none",
+            src_identity: None,
+            dst_identity: None,
+            src_workload: None,
+            dst_workload: None,
+            service: None,
+            metrics: None,
+            conn: None,
+        }
+    }
+
+    /// Report to `metrics` (flows without it only log: in-process tests).
+    pub fn with_metrics(mut self, metrics: &'a Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn labels(&self, response_flags: &'static str) -> TcpLabels {
+        let name = |w: &Option<WorkloadName>| w.as_ref().map(|w| w.name.clone()).unwrap_or_else(|| UNKNOWN.into());
+        let ns = |w: &Option<WorkloadName>| w.as_ref().map(|w| w.namespace.clone()).unwrap_or_else(|| UNKNOWN.into());
+        TcpLabels {
+            reporter: match self.direction {
+                Direction::Outbound => "source",
+                Direction::Inbound => "destination",
+            },
+            source_workload: name(&self.src_workload),
+            source_workload_namespace: ns(&self.src_workload),
+            source_principal: id_str(self.src_identity),
+            destination_workload: name(&self.dst_workload),
+            destination_workload_namespace: ns(&self.dst_workload),
+            destination_principal: id_str(self.dst_identity),
+            destination_service: self.service.clone().unwrap_or_else(|| UNKNOWN.into()),
+            request_protocol: "tcp",
+            response_flags,
+            connection_security_policy: self.security,
+        }
+    }
+
+    /// The connection is through: count it as opened (its labels are final now).
+    pub fn opened(&mut self) {
+        if let Some(m) = self.metrics {
+            let counters = m.open(&self.labels("-"));
+            let id = m.track(LiveConnection {
+                id: 0,
+                direction: self.direction.as_str(),
+                pod: self.pod.to_string(),
+                namespace: self.namespace.to_string(),
+                src: self.src.to_string(),
+                dst: self.dst.to_string(),
+                security: self.security,
+                src_identity: id_str(self.src_identity),
+                dst_identity: id_str(self.dst_identity),
+                opened_unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or_default(),
+            });
+            self.conn = Some((counters, id));
+        }
+    }
+
+    /// Log (and count) a connection refused before any byte moved.
+    pub fn refused(&self, why: Refusal, detail: &str) {
+        if let Some(m) = self.metrics {
+            m.denied(why.code());
+            m.open(&self.labels(why.response_flags())).close(0, 0);
+        }
+        tracing::warn!(
+            target: "selvedge::access",
+            direction = self.direction.as_str(),
+            pod = %self.pod, namespace = %self.namespace,
+            src = %self.src, dst = %self.dst,
+            security = self.security,
+            src_identity = %id_str(self.src_identity), dst_identity = %id_str(self.dst_identity),
+            service = %self.service.as_deref().unwrap_or(UNKNOWN),
+            result = "refused", reason_code = why.code(), reason = detail,
+            "connection refused"
+        );
+    }
+
+    /// Log (and count) a finished connection.
+    pub fn closed(&self, sent: u64, received: u64, error: Option<String>) {
+        if let (Some((c, id)), Some(m)) = (&self.conn, self.metrics) {
+            c.close(sent, received);
+            m.untrack(*id);
+        }
+        tracing::info!(
+            target: "selvedge::access",
+            direction = self.direction.as_str(),
+            pod = %self.pod, namespace = %self.namespace,
+            src = %self.src, dst = %self.dst,
+            security = self.security,
+            src_identity = %id_str(self.src_identity), dst_identity = %id_str(self.dst_identity),
+            service = %self.service.as_deref().unwrap_or(UNKNOWN),
+            bytes_sent = sent, bytes_received = received,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            result = if error.is_some() { "error" } else { "ok" },
+            reason = %error.unwrap_or_default(),
+            "connection closed"
+        );
+    }
+}
