@@ -106,6 +106,8 @@ pub struct Agent {
     ticks: u64,
     /// The config last applied (for the config dump).
     last_config: LocalConfig,
+    /// Maps and programs as last read from the kernel (refreshed every few seconds).
+    kernel_view: dump::KernelView,
     conns: Arc<ConnTracker>,
     pods: BTreeMap<String, Enrolled>,
     /// Pods the config wants but that could not be enrolled.
@@ -174,6 +176,7 @@ impl Agent {
             admin,
             ticks: 0,
             last_config: LocalConfig::default(),
+            kernel_view: dump::KernelView::default(),
             conns: Arc::new(ConnTracker::default()),
             pods: BTreeMap::new(),
             failed: BTreeMap::new(),
@@ -196,7 +199,7 @@ impl Agent {
         self.apply(&cfg).await?;
         self.applied_new_config();
         self.sweep_stale()?;
-        self.refresh_observability();
+        self.refresh_observability(true);
         self.write_status(status_file.as_ref(), true)?;
         tracing::info!(enrolled = self.pods.len(), failed = self.failed.len(), "started");
 
@@ -216,7 +219,7 @@ impl Agent {
             let retry = !self.failed.is_empty() && tokio::time::Instant::now() >= retry_at;
             if !changed && !retry {
                 // Kernel counters move without config changes: keep the status current.
-                self.refresh_observability();
+                self.refresh_observability(false);
                 if let Err(e) = self.write_status(status_file.as_ref(), true) {
                     tracing::warn!("{e}");
                 }
@@ -243,7 +246,7 @@ impl Agent {
                 tracing::error!("stale enrollments not removed: {e}");
             }
             // Right after applying: readiness and the dump describe the new state at once.
-            self.refresh_observability();
+            self.refresh_observability(true);
             if let Err(e) = self.write_status(status_file.as_ref(), true) {
                 tracing::warn!("{e}");
             }

@@ -7,12 +7,23 @@ use serde_json::{json, Value};
 
 use super::Agent;
 
-/// Every this many ticks (of 500 ms), walk the eBPF maps for occupancy.
-const OCCUPANCY_EVERY: u64 = 10;
+/// Every this many ticks (of 500 ms), walk the eBPF maps and list the kernel's programs:
+/// both read a lot from the kernel, so the dump and the metrics share one recent result.
+const KERNEL_VIEW_EVERY: u64 = 10;
+
+/// What the occasional kernel walk found.
+#[derive(Debug, Default)]
+pub(super) struct KernelView {
+    /// (map, entries, capacity)
+    maps: Vec<(&'static str, u64, u64)>,
+    /// (link, program id, program name, program type)
+    programs: Vec<(String, u32, String, String)>,
+}
 
 impl Agent {
-    /// Refresh readiness, the config dump and the state-derived metrics.
-    pub(super) fn refresh_observability(&mut self) {
+    /// Refresh readiness, the config dump and the state-derived metrics; `after_change`
+    /// also re-reads the kernel (links and maps just changed).
+    pub(super) fn refresh_observability(&mut self, after_change: bool) {
         self.ticks += 1;
         let metrics = &self.mesh.metrics;
         metrics.set_enrolled(self.pods.len());
@@ -20,9 +31,11 @@ impl Agent {
         for c in self.mesh.ids.status() {
             metrics.cert_expiry(&c.identity, c.not_after);
         }
-        if self.ticks % OCCUPANCY_EVERY == 1 {
-            for (map, entries, capacity) in self.datapath.occupancy(&self.flows) {
-                metrics.map_occupancy(map, entries, capacity);
+        if after_change || self.ticks.is_multiple_of(KERNEL_VIEW_EVERY) {
+            self.kernel_view =
+                KernelView { maps: self.datapath.occupancy(&self.flows), programs: self.datapath.programs() };
+            for (map, entries, capacity) in &self.kernel_view.maps {
+                self.mesh.metrics.map_occupancy(map, *entries, *capacity);
             }
         }
         let readiness = self.readiness();
@@ -138,10 +151,10 @@ impl Agent {
                 "cgroup": self.settings.cgroup,
                 "fast_path": self.settings.fast_path,
                 "links": self.datapath.links(),
-                "programs": self.datapath.programs().into_iter()
+                "programs": self.kernel_view.programs.iter()
                     .map(|(link, id, name, kind)| json!({"link": link, "program_id": id, "program": name, "type": kind}))
                     .collect::<Vec<_>>(),
-                "maps": self.datapath.occupancy(&self.flows).into_iter()
+                "maps": self.kernel_view.maps.iter()
                     .map(|(m, e, c)| json!({"name": m, "entries": e, "capacity": c})).collect::<Vec<_>>(),
                 "counters": self.datapath.named_stats().into_iter().collect::<BTreeMap<_, _>>(),
             },
