@@ -437,12 +437,13 @@ impl Agent {
     /// Reuse the slot a previous agent gave this netns, else the lowest free one.
     fn pod_slot(&self, cookie: u64, name: &str) -> Result<u32, AppError> {
         let used: BTreeSet<u32> = self.pods.values().map(|p| p.pod_id).collect();
-        if let Some(prev) = self.datapath.enrolled().get(&cookie) {
+        let in_kernel = self.datapath.enrolled();
+        if let Some(prev) = in_kernel.get(&cookie) {
             if !used.contains(&prev.pod_id) {
                 return Ok(prev.pod_id);
             }
         }
-        let taken_in_kernel: BTreeSet<u32> = self.datapath.enrolled().values().map(|i| i.pod_id).collect();
+        let taken_in_kernel: BTreeSet<u32> = in_kernel.values().map(|i| i.pod_id).collect();
         let max = self.datapath.max_pods();
         (0..max)
             .find(|id| !used.contains(id) && !taken_in_kernel.contains(id))

@@ -30,8 +30,9 @@ pub fn preflight() -> Env {
     }
     let selvedge = binary("SELVEDGE_BIN", "selvedge");
     let app = binary("SELVEDGE_LAB_APP", "selvedge-lab-app");
-    let cgroup2 = cgroup2_mount().unwrap_or_else(|| panic!("no cgroup v2 filesystem is mounted; the lab needs one"));
-    if !Path::new("/sys/fs/bpf").exists() || !is_bpffs(Path::new("/sys/fs/bpf")) {
+    let cgroup2 =
+        selvedge::sys::cgroup2_mount().unwrap_or_else(|e| panic!("{e}; the lab needs a cgroup v2 filesystem"));
+    if !Path::new("/sys/fs/bpf").exists() || !selvedge::sys::is_bpffs(Path::new("/sys/fs/bpf")) {
         panic!("/sys/fs/bpf is not a bpf filesystem; run `cargo xtask setup` (it mounts one)");
     }
     if Command::new("ip").arg("-V").output().is_err() {
@@ -52,27 +53,6 @@ fn binary(var: &str, name: &str) -> PathBuf {
     candidates.iter().find(|p| p.exists()).cloned().unwrap_or_else(|| {
         panic!("{name} not found (looked beside the test binary and in ${var}); run the lab through `cargo xtask test`")
     })
-}
-
-pub fn cgroup2_mount() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        Some(PathBuf::from(left.split_whitespace().nth(4)?))
-    })
-}
-
-fn is_bpffs(dir: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: zeroed statfs is a valid out-parameter; the path is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == 0xcafe_4a11
 }
 
 /// Run a command that must succeed (lab plumbing); panic with its stderr otherwise.

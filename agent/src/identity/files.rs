@@ -17,7 +17,7 @@ use std::{
 
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 
-use super::{manager::Issued, CertSource, IssueFuture, SpiffeId, Svid};
+use super::{manager::Issued, svid::read_pem_certs, CertSource, IssueFuture, SpiffeId, Svid};
 
 pub const BUNDLE: &str = "root-cert.pem";
 pub const CHAIN: &str = "cert-chain.pem";
@@ -32,10 +32,7 @@ pub struct FilesSource {
 impl FilesSource {
     pub fn new(dir: &Path) -> Result<Self, String> {
         let bundle = dir.join(BUNDLE);
-        let roots = CertificateDer::pem_file_iter(&bundle)
-            .map_err(|e| format!("{}: {e}", bundle.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{}: {e}", bundle.display()))?;
+        let roots = read_pem_certs(&bundle)?;
         if roots.is_empty() {
             return Err(format!("{}: no certificates", bundle.display()));
         }
@@ -49,10 +46,7 @@ impl FilesSource {
 
     fn read(&self, id: &SpiffeId) -> Result<Issued, String> {
         let (chain_path, key_path) = self.paths(id);
-        let chain = CertificateDer::pem_file_iter(&chain_path)
-            .map_err(|e| format!("{}: {e}", chain_path.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{}: {e}", chain_path.display()))?;
+        let chain = read_pem_certs(&chain_path)?;
         let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
         Ok(Issued { chain, key })
     }

@@ -21,6 +21,7 @@ use tokio_rustls::TlsConnector;
 use super::{
     ca::svid_params,
     manager::{key_der, new_key, Issued},
+    svid::read_pem_certs,
     CertSource, IssueFuture, SpiffeId,
 };
 
@@ -78,10 +79,7 @@ impl std::fmt::Debug for IstioCaSource {
 
 impl IstioCaSource {
     pub fn new(cfg: IstioCaConfig, provider: Arc<rustls::crypto::CryptoProvider>) -> Result<Self, String> {
-        let roots = CertificateDer::pem_file_iter(&cfg.root_file)
-            .map_err(|e| format!("{}: {e}", cfg.root_file.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{}: {e}", cfg.root_file.display()))?;
+        let roots = read_pem_certs(&cfg.root_file)?;
         let mut store = RootCertStore::empty();
         for r in &roots {
             store.add(r.clone()).map_err(|e| format!("{}: {e}", cfg.root_file.display()))?;

@@ -25,6 +25,13 @@ impl SpiffeId {
     }
 }
 
+impl SpiffeId {
+    /// Istio's principal form: the ID without the scheme (`td/ns/x/sa/y`).
+    pub fn principal(&self) -> String {
+        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+    }
+}
+
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{SCHEME}{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
@@ -84,6 +91,7 @@ mod tests {
         assert_eq!(id.namespace, "shop");
         assert_eq!(id.service_account, "web-0");
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web-0");
+        assert_eq!(id.principal(), "cluster.local/ns/shop/sa/web-0");
         assert_eq!(SpiffeId::new("td", "ns", "sa").unwrap().to_string(), "spiffe://td/ns/ns/sa/sa");
     }
 

@@ -67,6 +67,15 @@ impl Svid {
     }
 }
 
+/// Every certificate in a PEM file (a chain, a trust bundle); errors name the file.
+pub fn read_pem_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// The SPIFFE ID of a leaf certificate: exactly one URI SAN, a valid SPIFFE ID.
 pub fn identity_of(leaf: &CertificateDer<'_>) -> Result<SpiffeId, SvidError> {
     inspect(leaf).map(|(id, _, _)| id)

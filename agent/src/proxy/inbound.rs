@@ -91,12 +91,10 @@ async fn handle(
     }
 }
 
-/// What authorization knows of a tunnelled connection: Istio principals are the SPIFFE ID
-/// without the scheme.
+/// What authorization knows of a tunnelled connection.
 fn hbone_facts(principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> ConnFacts {
-    let p = principal.to_string();
     ConnFacts {
-        principal: Some(p.trim_start_matches("spiffe://").to_string()),
+        principal: Some(principal.principal()),
         src_ip: peer.ip(),
         dst_ip: target.ip(),
         dst_port: target.port(),

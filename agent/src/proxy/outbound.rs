@@ -113,9 +113,8 @@ async fn handle(
 /// The destination's decision, computed here: every fact it uses is known at the source
 /// (our identity, our pod's address, the destination and port).
 fn source_verdict(pod: &PodContext, to: &Peer, dst: SocketAddr, mesh: &Mesh) -> Decision {
-    let me = pod.identity.to_string();
     let facts = ConnFacts {
-        principal: Some(me.trim_start_matches("spiffe://").to_string()),
+        principal: Some(pod.identity.principal()),
         src_ip: pod.ips.first().copied().unwrap_or(dst.ip()),
         dst_ip: dst.ip(),
         dst_port: dst.port(),
