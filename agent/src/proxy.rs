@@ -104,11 +104,7 @@ pub struct Mesh {
 impl Mesh {
     /// The workload behind an address, by the directory.
     pub fn workload_at(&self, ip: std::net::IpAddr) -> Option<WorkloadName> {
-        self.directory
-            .read()
-            .workloads
-            .get(&ip.to_canonical())
-            .map(|p| WorkloadName { name: p.name.clone(), namespace: p.namespace.clone() })
+        self.directory.read().workloads.get(&ip.to_canonical()).map(WorkloadName::from)
     }
 }
 

@@ -7,6 +7,7 @@ use super::{Direction, PodContext};
 use crate::{
     identity::SpiffeId,
     metrics::{ConnMetrics, LiveConnection, Metrics, TcpLabels, UNKNOWN},
+    state::Peer,
 };
 
 /// Why a connection was refused: a stable code for metrics and logs (append-only).
@@ -58,6 +59,12 @@ impl Refusal {
 pub struct WorkloadName {
     pub name: String,
     pub namespace: String,
+}
+
+impl From<&Peer> for WorkloadName {
+    fn from(p: &Peer) -> Self {
+        WorkloadName { name: p.name.clone(), namespace: p.namespace.clone() }
+    }
 }
 
 /// One proxied connection: what the access log and the metrics say about it.

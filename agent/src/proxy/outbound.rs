@@ -82,23 +82,22 @@ async fn handle(
     let via_service = service.is_some();
     let mut flow = Flow::new(Direction::Outbound, pod, peer, dst).with_metrics(&mesh.metrics);
     flow.service = service;
-    let meshed = directory.workloads.get(&dst.ip().to_canonical()).cloned();
-    match meshed {
+    match directory.workloads.get(&dst.ip().to_canonical()) {
         Some(to) => {
+            flow.dst_workload = Some(WorkloadName::from(to));
             // Refused at the source when the destination's policies already say no: this
             // connection is reset, and the kernel refuses the next ones at connect().
-            if let decision @ Decision::Deny { .. } = source_verdict(pod, &to, dst, mesh) {
+            if let decision @ Decision::Deny { .. } = source_verdict(pod, to, dst, mesh) {
                 if !via_service {
                     if let Err(e) = flows.cache_denial(cookie, &orig) {
                         tracing::debug!(pod = %pod.name, "denial not cached: {e}");
                     }
                 }
-                flow.dst_workload = Some(WorkloadName { name: to.name.clone(), namespace: to.namespace.clone() });
                 flow.refused(Refusal::Policy, &format!("{} (decided at the source)", decision.reason()));
                 reset(stream);
                 return;
             }
-            tunnel(flow, stream, peer, dst, pod, &to, mesh, timeout).await
+            tunnel(flow, stream, peer, dst, pod, to, mesh, timeout).await
         }
         None => match connect_in_pod(pod, None, dst, timeout).await {
             Ok(upstream) => relay(flow, stream, upstream, None).await,
@@ -136,7 +135,6 @@ async fn tunnel<'a>(
     mesh: &Mesh,
     timeout: Duration,
 ) {
-    flow.dst_workload = Some(WorkloadName { name: to.name.clone(), namespace: to.namespace.clone() });
     flow.security = "mutual_tls";
     flow.src_identity = Some(&pod.identity);
     flow.dst_identity = Some(&to.identity);
