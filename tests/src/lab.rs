@@ -17,7 +17,7 @@ use std::{
 use crate::{
     agent::{Agent, AgentOptions, AgentSpec},
     proc::{self, Place},
-    sys::{self, run, Env, CGROUP_ROOT, PIN_ROOT},
+    sys::{self, run, Env, PIN_ROOT},
 };
 
 static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
@@ -79,7 +79,7 @@ struct Node {
 pub struct Lab {
     pub env: Env,
     pub prefix: String,
-    /// `<cgroup2>/selvedge-lab/<prefix>`.
+    /// `<cgroup2>/<prefix>`.
     root_cgroup: PathBuf,
     /// Scratch directory for configs, logs, status files.
     pub dir: PathBuf,
@@ -100,7 +100,7 @@ impl Lab {
         let env = sys::preflight();
         clean_stale(&env);
         let prefix = format!("svt-{}-{}", std::process::id(), LAB_SEQ.fetch_add(1, Ordering::SeqCst));
-        let root_cgroup = env.cgroup2.join(CGROUP_ROOT).join(&prefix);
+        let root_cgroup = env.cgroup2.join(&prefix);
         std::fs::create_dir_all(&root_cgroup).unwrap_or_else(|e| panic!("create {}: {e}", root_cgroup.display()));
         let dir = std::env::temp_dir().join(format!("{prefix}-{name}"));
         std::fs::create_dir_all(&dir).expect("scratch dir");
@@ -468,7 +468,7 @@ impl Drop for Lab {
 
 /// Remove everything named with `prefix`: processes (via cgroup.kill), cgroups, pins, netns.
 fn teardown(env: &Env, prefix: &str) {
-    let root = env.cgroup2.join(CGROUP_ROOT).join(prefix);
+    let root = env.cgroup2.join(prefix);
     if root.exists() {
         let _ = std::fs::write(root.join("cgroup.kill"), "1");
         remove_cgroup_tree(&root);
@@ -525,7 +525,7 @@ fn clean_stale(env: &Env) {
             }
         }
     };
-    scan(&env.cgroup2.join(CGROUP_ROOT));
+    scan(&env.cgroup2);
     scan(Path::new(PIN_ROOT));
     scan(Path::new("/run/netns"));
     for p in prefixes {

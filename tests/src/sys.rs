@@ -7,10 +7,10 @@ use std::{
     process::Command,
 };
 
-/// Where the lab keeps its cgroups, under the cgroup v2 mount.
-pub const CGROUP_ROOT: &str = "selvedge-lab";
-/// Where the lab pins, under bpffs.
-pub const PIN_ROOT: &str = "/sys/fs/bpf/selvedge";
+/// Where the lab pins: each agent's pin directory sits directly on the bpffs, named with
+/// its lab's prefix, so nothing shared between labs is left behind (and nothing lands in
+/// the agent's default pin directory).
+pub const PIN_ROOT: &str = "/sys/fs/bpf";
 
 /// Everything the lab needs, checked once per lab.
 #[derive(Debug, Clone)]
