@@ -27,7 +27,13 @@ use crate::{
     sys, tls,
 };
 
+mod discover;
 mod dump;
+mod kube;
+mod reconcile;
+
+/// How often (in 500 ms ticks) the kernel's enrollment state is checked against the agent's.
+const RECONCILE_EVERY: u64 = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -55,6 +61,14 @@ pub enum AppError {
     Signal(#[source] std::io::Error),
     #[error("pod {pod}: no free pod slot ({max} pods per node, see --max-pods); its inbound stays closed")]
     NoSlot { pod: String, max: u32 },
+    #[error(transparent)]
+    Kube(#[from] crate::k8s::KubeError),
+    #[error("state directory {path}: {source}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("status file {path}: {source}")]
     Status {
         path: PathBuf,
@@ -90,6 +104,8 @@ struct Status<'a> {
     generation: u64,
     enrolled: Vec<&'a str>,
     failed: BTreeMap<&'a str, String>,
+    /// On this node, meshed, network namespace not known yet.
+    waiting: Vec<&'a str>,
     stats: BTreeMap<&'static str, u64>,
 }
 
@@ -112,6 +128,8 @@ pub struct Agent {
     pods: BTreeMap<String, Enrolled>,
     /// Pods the config wants but that could not be enrolled.
     failed: BTreeMap<String, Failed>,
+    /// Pods on this node whose network namespace is not known yet (uid → namespace/name).
+    waiting: BTreeMap<String, String>,
     generation: u64,
     /// Whether stale kernel entries from a previous agent have been swept.
     swept: bool,
@@ -180,18 +198,30 @@ impl Agent {
             conns: Arc::new(ConnTracker::default()),
             pods: BTreeMap::new(),
             failed: BTreeMap::new(),
+            waiting: BTreeMap::new(),
             generation: 0,
             swept: false,
         })
     }
 
     /// Serve until SIGTERM/SIGINT, then drain.
-    pub async fn run(mut self, status_file: Option<PathBuf>) -> Result<(), AppError> {
+    pub async fn run(self, status_file: Option<PathBuf>) -> Result<(), AppError> {
+        match self.settings.source.clone() {
+            config::Source::File(path) => self.run_file(path, status_file).await,
+            config::Source::Kube(k) => self.run_kube(k, status_file).await,
+        }
+    }
+
+    async fn serve_admin(&self) -> Result<(), AppError> {
         let s = &self.settings;
         for (listener, which) in admin::bind(s.admin_addr, s.metrics_addr, s.readiness_addr).await? {
             tokio::spawn(admin::serve(listener, which, self.admin.clone()));
         }
-        let path = self.settings.config.clone();
+        Ok(())
+    }
+
+    async fn run_file(mut self, path: PathBuf, status_file: Option<PathBuf>) -> Result<(), AppError> {
+        self.serve_admin().await?;
         let text = std::fs::read_to_string(&path)
             .map_err(|source| config::ConfigError::Read { path: path.clone(), source })?;
         let cfg = LocalConfig::parse(&text, &path)?;
@@ -207,6 +237,7 @@ impl Agent {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(AppError::Signal)?;
         let mut tick = tokio::time::interval(Duration::from_millis(config::RELOAD_INTERVAL_MS));
         let mut retry_at = tokio::time::Instant::now();
+        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
@@ -214,7 +245,11 @@ impl Agent {
                 _ = self.admin.quit.notified() => break,
                 _ = tick.tick() => {}
             }
-            let text = std::fs::read_to_string(&self.settings.config).ok();
+            ticks += 1;
+            if ticks.is_multiple_of(RECONCILE_EVERY) {
+                self.reconcile_kernel().await;
+            }
+            let text = std::fs::read_to_string(&path).ok();
             let changed = text != last_text;
             let retry = !self.failed.is_empty() && tokio::time::Instant::now() >= retry_at;
             if !changed && !retry {
@@ -229,8 +264,8 @@ impl Agent {
             // remembered. Only a changed config counts as a new generation; a retry of
             // failed pods re-applies the current one.
             let parsed = match &text {
-                Some(t) => LocalConfig::parse(t, &self.settings.config),
-                None => LocalConfig::load(&self.settings.config),
+                Some(t) => LocalConfig::parse(t, &path),
+                None => LocalConfig::load(&path),
             };
             last_text = text;
             match parsed {
@@ -263,6 +298,8 @@ impl Agent {
         };
         // Everything that can fail is computed before anything changes.
         let desired = state::desired(cfg, &mesh)?;
+        let waiting = desired.waiting;
+        let desired = desired.pods;
         let directory = state::directory(cfg, &self.settings.trust_domain)?;
         let policies = cfg.compile_policies(&self.settings.root_namespace)?;
         *self.mesh.directory.write() = Arc::new(directory);
@@ -279,6 +316,7 @@ impl Agent {
             tracing::info!(closed, "open connections closed after a policy change");
         }
         self.last_config = cfg.clone();
+        self.waiting = waiting;
         let current: BTreeMap<String, PodSpec> = self.pods.iter().map(|(k, v)| (k.clone(), v.spec.clone())).collect();
         let gone: Vec<String> = self.failed.keys().filter(|uid| !desired.contains_key(*uid)).cloned().collect();
         for uid in gone {
@@ -468,7 +506,7 @@ impl Agent {
     /// once, when no configured pod is failing: a failing pod's entry cannot be told apart
     /// from a stale one, and keeping it keeps that pod fail-closed.
     fn sweep_stale(&mut self) -> Result<(), AppError> {
-        if self.swept || !self.failed.is_empty() {
+        if self.swept || !self.failed.is_empty() || !self.waiting.is_empty() {
             return Ok(());
         }
         let live: BTreeSet<u64> = self.pods.values().map(|p| p.ctx.netns.cookie()).collect();
@@ -491,6 +529,7 @@ impl Agent {
             generation: self.generation,
             enrolled: self.pods.values().map(|p| p.spec.name.as_str()).collect(),
             failed: self.failed.iter().map(|(k, v)| (k.as_str(), v.reason.clone())).collect(),
+            waiting: self.waiting.values().map(String::as_str).collect(),
             stats: self.datapath.named_stats().into_iter().collect(),
         };
         let text = serde_json::to_string_pretty(&status).unwrap_or_default();

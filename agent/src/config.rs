@@ -9,7 +9,7 @@
 //!     serviceAccount: web
 //!     node: node-1          # workloads on other nodes are peers, not enrolled here
 //!     ips: [198.18.1.10]
-//!     netns: /run/netns/web-0   # required for workloads on this node
+//!     netns: /run/netns/web-0   # for workloads on this node (without it: reported as waiting)
 //!     labels: {app: web}
 //! services:                 # virtual IPs resolved by the agent to workloads
 //!   - name: db
@@ -252,10 +252,38 @@ impl LocalConfig {
     }
 }
 
+/// Where the agent's state comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// `--config FILE`: re-read on change.
+    File(PathBuf),
+    /// `--kube`: the Kubernetes API, plus the CNI plugin for local pods' netns.
+    Kube(KubeSettings),
+}
+
+#[derive(Debug, Clone)]
+pub struct KubeSettings {
+    /// None: the in-cluster ServiceAccount.
+    pub kubeconfig: Option<PathBuf>,
+    /// Label key that enrolls a namespace or pod (`enabled`) or opts a pod out (`disabled`).
+    pub mesh_label: String,
+    /// The CNI socket and the pod registry.
+    pub state_dir: PathBuf,
+    /// The host's /proc, to find the netns of pods that started before the agent.
+    pub proc_dir: PathBuf,
+}
+
+pub const ENV_KUBE: &str = "SELVEDGE_KUBE";
+pub const ENV_MESH_LABEL: &str = "SELVEDGE_MESH_LABEL";
+pub const ENV_STATE_DIR: &str = "SELVEDGE_STATE_DIR";
+pub const ENV_PROC_DIR: &str = "SELVEDGE_PROC_DIR";
+pub const DEFAULT_STATE_DIR: &str = "/var/run/selvedge";
+
 /// Everything `selvedge run` resolved from flags, env and defaults; logged once at start.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub config: PathBuf,
+    /// Where workloads, services and policies come from.
+    pub source: Source,
     pub node: String,
     pub pin_dir: PathBuf,
     /// The cgroup (v2) whose processes are captured: the one holding the pods.

@@ -13,12 +13,14 @@
 pub mod addr;
 pub mod admin;
 pub mod app;
+pub mod cni;
 pub mod config;
 pub mod datapath;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
 pub mod inspect;
+pub mod k8s;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -22,8 +22,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Load and attach the eBPF programs, enroll this node's workloads from the config
-    /// file and proxy their traffic. Config changes apply live. On SIGTERM the agent
+    /// Load and attach the eBPF programs, enroll this node's workloads — from the config
+    /// file (`--config`) or the Kubernetes API (`--kube`) — and proxy their traffic.
+    /// Changes apply live. On SIGTERM the agent
     /// drains and exits; pins stay, so enrolled pods stay fail-closed (their connects are
     /// refused) until an agent runs again or `selvedge uninstall` removes everything.
     Run(Box<RunArgs>),
@@ -86,9 +87,30 @@ enum CaCommand {
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// YAML file with the workloads (see README "Local config"); re-read on change.
-    #[arg(long, env = config::ENV_CONFIG)]
-    config: PathBuf,
-    /// This node's name: workloads with `node: <NAME>` are enrolled here.
+    #[arg(long, env = config::ENV_CONFIG, conflicts_with = "kube")]
+    config: Option<PathBuf>,
+    /// Take workloads, services and policies from the Kubernetes API, and pods' network
+    /// namespaces from the `selvedge-cni` plugin. The default when running in a pod
+    /// (KUBERNETES_SERVICE_HOST set) and no --config is given.
+    #[arg(long, env = config::ENV_KUBE)]
+    kube: bool,
+    /// kubeconfig for --kube (default: the pod's ServiceAccount).
+    #[arg(long, env = "KUBECONFIG", requires = "kube")]
+    kubeconfig: Option<PathBuf>,
+    /// Label key that enrolls a namespace or a pod when set to `enabled`; `disabled` on a
+    /// pod opts it out. hostNetwork pods are never enrolled.
+    #[arg(long, env = config::ENV_MESH_LABEL, default_value = selvedge::k8s::DEFAULT_MESH_LABEL)]
+    mesh_label: String,
+    /// Directory for the CNI plugin's socket (cni.sock) and the registry of pods'
+    /// network namespaces (--kube).
+    #[arg(long, env = config::ENV_STATE_DIR, default_value = config::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// The host's /proc, where the network namespaces of pods that started before the agent
+    /// are found (--kube; the DaemonSet runs with hostPID).
+    #[arg(long, env = config::ENV_PROC_DIR, default_value = "/proc")]
+    proc_dir: PathBuf,
+    /// This node's name: workloads on it (`node:` in the config file, `spec.nodeName` in
+    /// the cluster) are enrolled here.
     #[arg(long, env = config::ENV_NODE)]
     node: String,
     /// bpffs directory for Selvedge's pinned maps and links.
@@ -283,8 +305,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(c) => c,
         None => selvedge::sys::cgroup2_mount().context("find the cgroup v2 mount")?,
     };
+    let source = match (args.config, args.kube || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()) {
+        (Some(path), _) => config::Source::File(path),
+        (None, true) => config::Source::Kube(config::KubeSettings {
+            kubeconfig: args.kubeconfig,
+            mesh_label: args.mesh_label,
+            state_dir: args.state_dir,
+            proc_dir: args.proc_dir,
+        }),
+        (None, false) => anyhow::bail!("give --config FILE (local workloads) or --kube (a Kubernetes cluster)"),
+    };
     let settings = Settings {
-        config: args.config,
+        source,
         node: args.node,
         pin_dir: args.pin_dir,
         cgroup,

@@ -88,15 +88,21 @@ fn identity_of(cfg: &LocalConfig, index: usize, td: &str) -> Result<SpiffeId, Co
     })
 }
 
-/// The pods this node must enroll, by uid.
-pub fn desired(cfg: &LocalConfig, mesh: &Mesh<'_>) -> Result<BTreeMap<String, PodSpec>, ConfigError> {
-    let mut out = BTreeMap::new();
+/// The pods this node must enroll, by uid, and those it cannot yet: on this node but with no
+/// network namespace known (in a cluster: the sandbox is not created yet), by uid → name.
+#[derive(Debug, Default)]
+pub struct Desired {
+    pub pods: BTreeMap<String, PodSpec>,
+    pub waiting: BTreeMap<String, String>,
+}
+
+pub fn desired(cfg: &LocalConfig, mesh: &Mesh<'_>) -> Result<Desired, ConfigError> {
+    let mut out = Desired::default();
     for (index, w) in cfg.workloads.iter().enumerate().filter(|(_, w)| w.node == mesh.node) {
-        let netns = w.netns.clone().ok_or_else(|| ConfigError::Workload {
-            index,
-            uid: w.uid.clone(),
-            problem: format!("runs on this node ({}) but has no netns path", mesh.node),
-        })?;
+        let Some(netns) = w.netns.clone() else {
+            out.waiting.insert(w.uid.clone(), format!("{}/{}", w.namespace, w.name));
+            continue;
+        };
         let spec = PodSpec {
             uid: w.uid.clone(),
             name: w.name.clone(),
@@ -107,7 +113,7 @@ pub fn desired(cfg: &LocalConfig, mesh: &Mesh<'_>) -> Result<BTreeMap<String, Po
             mtls: resolve_mtls(&cfg.peer_authentications, mesh.root_namespace, &w.namespace, &w.labels),
             labels: w.labels.clone(),
         };
-        out.insert(w.uid.clone(), spec);
+        out.pods.insert(w.uid.clone(), spec);
     }
     Ok(out)
 }
@@ -237,17 +243,18 @@ mod tests {
     }
 
     #[test]
-    fn local_workload_without_netns_is_an_error() {
+    fn local_workload_without_netns_waits() {
         let cfg = LocalConfig::parse(
             "workloads:\n- {uid: u, name: a, node: n1}\n- {uid: v, name: b, node: n2, netns: /v}\n",
             Path::new("x"),
         )
         .unwrap();
         let on = |node| Mesh { node, ..MESH };
-        assert!(desired(&cfg, &on("n3")).unwrap().is_empty(), "peers on other nodes need no netns");
-        assert_eq!(desired(&cfg, &on("n2")).unwrap().len(), 1);
-        let e = desired(&cfg, &on("n1")).unwrap_err();
-        assert!(e.to_string().contains("no netns"), "{e}");
+        assert!(desired(&cfg, &on("n3")).unwrap().pods.is_empty(), "peers on other nodes need no netns");
+        assert_eq!(desired(&cfg, &on("n2")).unwrap().pods.len(), 1);
+        let d = desired(&cfg, &on("n1")).unwrap();
+        assert!(d.pods.is_empty());
+        assert_eq!(d.waiting.get("u").map(String::as_str), Some("default/a"));
     }
 
     #[test]
@@ -287,7 +294,7 @@ mod tests {
             Path::new("x"),
         )
         .unwrap();
-        let pods = desired(&cfg, &MESH).unwrap();
+        let pods = desired(&cfg, &MESH).unwrap().pods;
         assert_eq!(pods["u"].identity.to_string(), "spiffe://td/ns/shop/sa/web");
         assert!(pods["u"].mtls.kernel_strict());
         let dir = directory(&cfg, "td").unwrap();

@@ -26,12 +26,15 @@ pub struct AgentOptions {
     pub cert_lifetime_secs: Option<u64>,
     /// `--cert-source files --cert-dir DIR`, when set (else the lab's built-in CA).
     pub cert_dir: Option<PathBuf>,
+    /// `--kube --kubeconfig FILE` (state directory `<lab dir>/state-<node>`), when set;
+    /// else `--config` with the lab's generated file.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
     /// The agent's own default: fast path off.
     fn default() -> Self {
-        Self { fast_path: false, max_pods: None, cert_lifetime_secs: None, cert_dir: None }
+        Self { fast_path: false, max_pods: None, cert_lifetime_secs: None, cert_dir: None, kubeconfig: None }
     }
 }
 
@@ -82,6 +85,11 @@ impl Agent {
     pub fn log_path(&self) -> PathBuf {
         self.spec.dir.join(format!("agent-{}.log", self.spec.node))
     }
+    /// `--state-dir` in Kubernetes mode: the CNI socket and the pod registry.
+    pub fn state_dir(&self) -> PathBuf {
+        self.spec.dir.join(format!("state-{}", self.spec.node))
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.spec.pin_dir
     }
@@ -99,10 +107,12 @@ impl Agent {
         let _ = a.write_config(pods, services, policies);
         let _ = std::fs::remove_file(a.status_path());
         let mut cmd = Command::new(&a.selvedge);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(a.config_path())
-            .args(["--node", &a.spec.node])
+        cmd.arg("run");
+        match &opts.kubeconfig {
+            Some(kc) => cmd.arg("--kube").arg("--kubeconfig").arg(kc).arg("--state-dir").arg(a.state_dir()),
+            None => cmd.arg("--config").arg(a.config_path()),
+        };
+        cmd.args(["--node", &a.spec.node])
             .arg("--pin-dir")
             .arg(&a.spec.pin_dir)
             .arg("--cgroup")

@@ -401,6 +401,43 @@ impl Lab {
         self.run_in(Place { netns: Some(&p.netns), cgroup: Some(&p.cgroup) }, cmd)
     }
 
+    /// The fabric's network namespace file (the links between nodes).
+    pub fn fabric_netns(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.fabric)
+    }
+
+    /// `node`'s number: its pods are in 198.18.<index>.0/24.
+    pub fn node_index(&self, node: &str) -> u8 {
+        self.nodes.get(node).unwrap_or_else(|| panic!("no node {node}")).index
+    }
+
+    /// The cgroup the node's agent captures (its pods' cgroups are children).
+    pub fn node_cgroup(&self, node: &str) -> PathBuf {
+        self.nodes.get(node).unwrap_or_else(|| panic!("no node {node}")).cgroup.clone()
+    }
+
+    /// Track a pod built elsewhere (e.g. by CNI plugins), so apps can run in it.
+    pub fn insert_pod(&mut self, pod: Pod) {
+        self.pods.insert(pod.name.clone(), pod);
+    }
+
+    /// Stop tracking a pod; returns it.
+    pub fn remove_pod(&mut self, name: &str) -> Pod {
+        self.pods.remove(name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// The agent of `node`, if one was started.
+    pub fn agent_ref(&self, node: &str) -> &Agent {
+        self.agents.get(node).unwrap_or_else(|| panic!("no agent on {node}"))
+    }
+
+    /// Kill `node`'s agent (SIGKILL: a crash) and forget it.
+    pub fn kill_agent(&mut self, node: &str) {
+        if let Some(mut a) = self.agents.remove(node) {
+            a.kill();
+        }
+    }
+
     /// The network namespace file of `node`.
     pub fn node_netns(&self, node: &str) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.nodes.get(node).unwrap_or_else(|| panic!("no node {node}")).netns)
@@ -491,7 +528,7 @@ fn teardown(env: &Env, prefix: &str) {
 }
 
 /// cgroup directories are removed bottom-up, once empty of processes.
-fn remove_cgroup_tree(dir: &Path) {
+pub(crate) fn remove_cgroup_tree(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {

@@ -10,8 +10,20 @@ use crate::{
     ebpf::{self, Route},
 };
 
-/// Always needed: the lab (iproute2, util-linux), inspection (bpftool), packet captures.
-const BASE_PACKAGES: &[&str] = &["iproute2", "util-linux", "procps", "bpftool", "tcpdump", "iperf3"];
+/// Always needed: the lab (iproute2, util-linux), inspection (bpftool), packet captures,
+/// the reference CNI plugins the cluster tests build pod networks with (bridge, host-local),
+/// and what CI checks the Vagrant lab with (`vagrant validate`, shellcheck).
+const BASE_PACKAGES: &[&str] = &[
+    "iproute2",
+    "util-linux",
+    "procps",
+    "bpftool",
+    "tcpdump",
+    "iperf3",
+    "containernetworking-plugins",
+    "vagrant",
+    "shellcheck",
+];
 /// The Debian eBPF route: rustc-web with a prebuilt `core` for bpfel-unknown-none.
 const DEBIAN_ROUTE_PACKAGES: &[&str] = &["rustc-web", "libstd-rust-web-dev-bpf"];
 /// What `cargo install bpf-linker` links against (LLVM 22, as rustc-web 1.96 uses).

@@ -44,14 +44,25 @@ impl Agent {
         *self.admin.snapshot.write() = self.config_dump();
     }
 
-    /// Ready: programs attached (done before this can run), every configured local workload
-    /// enrolled, and each enrolled workload's certificate present.
+    /// Ready: programs attached (done before this can run), the config (or the first
+    /// complete cluster state) applied, each enrolled workload's certificate present, and —
+    /// with a config file — every local workload enrolled. In a cluster a pod that cannot be
+    /// enrolled is refused by the CNI plugin and reported, but does not make the node's
+    /// agent unready (that would stall the DaemonSet's rollout on one bad pod).
     fn readiness(&self) -> Result<(), String> {
         if self.generation == 0 {
-            return Err("config not applied yet".into());
+            return Err(match self.settings.source {
+                crate::config::Source::Kube(_) => "waiting for the first complete list from the Kubernetes API".into(),
+                crate::config::Source::File(_) => "config not applied yet".into(),
+            });
         }
-        if let Some((uid, f)) = self.failed.iter().next() {
-            return Err(format!("workload {uid} not enrolled: {}", f.reason));
+        if matches!(self.settings.source, crate::config::Source::File(_)) {
+            if let Some((uid, f)) = self.failed.iter().next() {
+                return Err(format!("workload {uid} not enrolled: {}", f.reason));
+            }
+            if let Some((uid, name)) = self.waiting.iter().next() {
+                return Err(format!("workload {name} ({uid}) runs on this node but has no netns path"));
+            }
         }
         for p in self.pods.values() {
             if self.mesh.ids.current(&p.spec.identity).is_none() {
@@ -76,6 +87,7 @@ impl Agent {
                 })
             })
             .chain(self.failed.iter().map(|(uid, f)| json!({"uid": uid, "enrolled": false, "reason": f.reason, "closed": f.closed.is_some()})))
+            .chain(self.waiting.iter().map(|(uid, name)| json!({"uid": uid, "name": name, "enrolled": false, "reason": "waiting for its network namespace (CNI ADD, or a running process found in /proc)"})))
             .collect();
         let directory = self.mesh.directory.read().clone();
         let peers: Vec<Value> = directory

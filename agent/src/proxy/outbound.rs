@@ -85,6 +85,9 @@ async fn handle(
     match directory.workloads.get(&dst.ip().to_canonical()) {
         Some(to) => {
             flow.dst_workload = Some(WorkloadName::from(to));
+            // Who was refused, and by whom: a source-side denial names both identities.
+            flow.src_identity = Some(&pod.identity);
+            flow.dst_identity = Some(&to.identity);
             // Refused at the source when the destination's policies already say no: this
             // connection is reset, and the kernel refuses the next ones at connect().
             if let decision @ Decision::Deny { .. } = source_verdict(pod, to, dst, mesh) {

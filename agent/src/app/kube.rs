@@ -1,0 +1,310 @@
+//! The run loop in a cluster: snapshots from the Kubernetes API, pod network namespaces
+//! from the CNI plugin (and from /proc for pods that predate the agent), one apply path
+//! shared with the local file.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+
+use super::{discover, AppError};
+use crate::{
+    cni::{
+        self,
+        protocol::{Request, Response},
+        registry::{Registered, Registry},
+    },
+    config::{self, KubeSettings},
+    k8s::{self, PodNetwork, Snapshot},
+};
+
+/// A CNI request waiting for the pod to show up in the API or to be enrolled.
+#[derive(Debug)]
+struct Wait {
+    req: Request,
+    reply: oneshot::Sender<Response>,
+    /// The pod's uid once known, and whether its network has been registered (ADD).
+    uid: Option<String>,
+    registered: bool,
+    deadline: Instant,
+}
+
+/// Everything the cluster loop keeps besides the agent.
+#[derive(Debug)]
+struct Cluster {
+    settings: KubeSettings,
+    snapshot: Option<Arc<Snapshot>>,
+    registry: Registry,
+    /// Found through /proc (not persisted: the path names a process).
+    discovered: BTreeMap<String, PodNetwork>,
+    waits: Vec<Wait>,
+    /// Needs a new apply (new snapshot or network registry change).
+    dirty: bool,
+    problems: Vec<String>,
+}
+
+/// How often (in 500 ms ticks) pods without a known netns are looked for in /proc, the
+/// registry pruned, and the ServiceAccount credentials for the CNI plugin refreshed.
+const SLOW_EVERY: u64 = 10;
+const CREDENTIALS_EVERY: u64 = 120;
+
+impl super::Agent {
+    pub(super) async fn run_kube(mut self, ks: KubeSettings, status_file: Option<PathBuf>) -> Result<(), AppError> {
+        self.serve_admin().await?;
+        *self.admin.not_ready.write() = "waiting for the first complete list from the Kubernetes API".into();
+        let client = k8s::client(ks.kubeconfig.as_deref()).await?;
+        let mut snapshots = k8s::watch::start(client);
+        let state_err = |source| AppError::State { path: ks.state_dir.clone(), source };
+        let registry = Registry::open(&ks.state_dir).map_err(state_err)?;
+        let listener = cni::server::bind(&ks.state_dir.join(cni::protocol::SOCKET_NAME)).map_err(state_err)?;
+        let (to_agent, mut cni_requests) = mpsc::channel(64);
+        tokio::spawn(cni::server::serve(listener, to_agent));
+        tracing::info!(state_dir = %ks.state_dir.display(), mesh_label = %ks.mesh_label, "watching the Kubernetes API");
+        let mut c = Cluster {
+            settings: ks,
+            snapshot: None,
+            registry,
+            discovered: BTreeMap::new(),
+            waits: Vec::new(),
+            dirty: false,
+            problems: Vec::new(),
+        };
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(AppError::Signal)?;
+        let mut tick = tokio::time::interval(Duration::from_millis(config::RELOAD_INTERVAL_MS));
+        let mut ticks: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = self.admin.quit.notified() => break,
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        tracing::error!("the Kubernetes watch stopped");
+                        break;
+                    }
+                    c.snapshot = snapshots.borrow_and_update().clone();
+                    c.dirty = true;
+                }
+                Some((req, reply)) = cni_requests.recv() => c.accept(req, reply, &self.settings.node),
+                _ = tick.tick() => {
+                    ticks += 1;
+                    if ticks.is_multiple_of(SLOW_EVERY) {
+                        c.slow_chores(&self.waiting);
+                    }
+                    if ticks.is_multiple_of(CREDENTIALS_EVERY) {
+                        c.refresh_credentials();
+                    }
+                    if ticks.is_multiple_of(super::RECONCILE_EVERY) {
+                        self.reconcile_kernel().await;
+                    }
+                }
+            }
+            c.register_waits();
+            if c.dirty {
+                if let Some(snap) = c.snapshot.clone() {
+                    c.dirty = false;
+                    self.apply_snapshot(&mut c, &snap).await;
+                    self.refresh_observability(true);
+                }
+            }
+            self.refresh_observability(false);
+            if let Err(e) = self.write_status(status_file.as_ref(), true) {
+                tracing::warn!("{e}");
+            }
+            // After the status: what a CNI answer reports is already visible there.
+            self.answer_waits(&mut c);
+        }
+        for w in c.waits.drain(..) {
+            let _ = w.reply.send(Response::Refused { reason: "the agent is shutting down".into() });
+        }
+        self.shutdown(status_file.as_ref()).await
+    }
+
+    async fn apply_snapshot(&mut self, c: &mut Cluster, snap: &Snapshot) {
+        let mut networks: BTreeMap<String, PodNetwork> = c.discovered.clone();
+        networks.extend(c.registry.networks().map(|(k, v)| (k.clone(), v.clone())));
+        let converted = k8s::to_config(snap, &self.settings.node, &c.settings.mesh_label, &networks);
+        if converted.problems != c.problems {
+            for p in converted.problems.iter().filter(|p| !c.problems.contains(p)) {
+                tracing::warn!("cluster state: {p}");
+            }
+            c.problems = converted.problems;
+        }
+        match self.apply(&converted.config).await {
+            Ok(()) => {
+                let first = self.generation == 0;
+                self.applied_new_config();
+                if first {
+                    tracing::info!(
+                        enrolled = self.pods.len(),
+                        waiting = self.waiting.len(),
+                        "first cluster state applied"
+                    );
+                }
+            }
+            Err(e) => tracing::error!("cluster state not applied, keeping the previous one: {e}"),
+        }
+        if let Err(e) = self.sweep_stale() {
+            tracing::error!("stale enrollments not removed: {e}");
+        }
+    }
+
+    /// Answer the CNI requests that can be answered now; refuse the overdue ones.
+    fn answer_waits(&self, c: &mut Cluster) {
+        let now = Instant::now();
+        let waits = std::mem::take(&mut c.waits);
+        for w in waits {
+            let verdict = match (&c.snapshot, &w.uid) {
+                (Some(snap), Some(uid)) if self.generation > 0 => self.cni_verdict(c, snap, uid, &w.req),
+                _ => None,
+            };
+            match verdict {
+                Some(answer) => {
+                    let _ = w.reply.send(answer);
+                }
+                None if now >= w.deadline => {
+                    let pod = w.req.pod().to_string();
+                    let reason = match &w.uid {
+                        None => format!("pod {pod} is not known to the Kubernetes API (yet)"),
+                        Some(_) => format!("pod {pod} is not enrolled yet"),
+                    };
+                    tracing::warn!(pod = %pod, "CNI request refused: {reason}");
+                    let _ = w.reply.send(Response::Refused { reason });
+                }
+                None => c.waits.push(w),
+            }
+        }
+    }
+
+    fn cni_verdict(&self, c: &Cluster, snap: &Snapshot, uid: &str, req: &Request) -> Option<Response> {
+        let pod = req.pod();
+        let facts = k8s::find_pod(snap, Some(uid), &pod.namespace, &pod.name, &c.settings.mesh_label)?;
+        if facts.node.as_deref() != Some(self.settings.node.as_str()) {
+            return Some(Response::Refused {
+                reason: format!("pod {pod} is not scheduled on this node ({})", self.settings.node),
+            });
+        }
+        if !facts.meshed {
+            return Some(Response::NotMeshed);
+        }
+        if let Some(f) = self.failed.get(uid) {
+            return Some(Response::Refused { reason: f.reason.clone() });
+        }
+        let enrolled = self.pods.get(uid)?;
+        // Enrolled in the sandbox this request is about, not an older one.
+        let netns = c.registry.get(uid).map(|r| r.network.netns.as_path());
+        if matches!(req, Request::Add { .. }) && netns != Some(enrolled.spec.netns.as_path()) {
+            return None;
+        }
+        Some(Response::Meshed { identity: enrolled.spec.identity.to_string() })
+    }
+}
+
+impl Cluster {
+    /// A new CNI request: DEL is done at once; ADD and CHECK wait for an answer.
+    fn accept(&mut self, req: Request, reply: oneshot::Sender<Response>, node: &str) {
+        let pod = req.pod().clone();
+        let uid = pod.uid.clone().or_else(|| self.uid_of(&pod.namespace, &pod.name));
+        match &req {
+            Request::Del { container_id, .. } => {
+                if let Some(uid) = &uid {
+                    if self.registry.remove(uid, container_id) {
+                        tracing::info!(pod = %pod, uid = %uid, "CNI DEL: sandbox gone");
+                        self.dirty = true;
+                    }
+                }
+                let _ = reply.send(Response::Done);
+            }
+            Request::Add { netns, .. } => {
+                tracing::info!(pod = %pod, netns = %netns.display(), node, "CNI ADD");
+                self.waits.push(Wait {
+                    req,
+                    reply,
+                    uid,
+                    registered: false,
+                    deadline: Instant::now() + cni::server::ANSWER_TIMEOUT - Duration::from_millis(500),
+                });
+            }
+            Request::Check { .. } => self.waits.push(Wait {
+                req,
+                reply,
+                uid,
+                registered: true,
+                deadline: Instant::now() + Duration::from_secs(5),
+            }),
+        }
+    }
+
+    fn uid_of(&self, namespace: &str, name: &str) -> Option<String> {
+        let from_api = self.snapshot.as_ref().and_then(|s| k8s::find_pod(s, None, namespace, name, "").map(|f| f.uid));
+        from_api.or_else(|| self.registry.uid_of(namespace, name).map(str::to_owned))
+    }
+
+    /// Record the network of each waiting ADD whose uid is known.
+    fn register_waits(&mut self) {
+        for i in 0..self.waits.len() {
+            if self.waits[i].uid.is_none() {
+                let p = self.waits[i].req.pod().clone();
+                self.waits[i].uid = self.uid_of(&p.namespace, &p.name);
+            }
+            let w = &self.waits[i];
+            let (Some(uid), false, Request::Add { pod, container_id, netns, ips }) = (&w.uid, w.registered, &w.req)
+            else {
+                continue;
+            };
+            let entry = Registered {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                container_id: container_id.clone(),
+                network: PodNetwork { netns: netns.clone(), ips: ips.clone() },
+            };
+            let uid = uid.clone();
+            if let Err(e) = self.registry.insert(&uid, entry) {
+                tracing::error!(pod = %pod, "pod registry not written: {e}");
+            }
+            self.discovered.remove(&uid);
+            self.waits[i].registered = true;
+            self.dirty = true;
+        }
+    }
+
+    /// Look for waiting pods' netns in /proc; forget registrations whose netns is gone.
+    fn slow_chores(&mut self, waiting: &BTreeMap<String, String>) {
+        if self.registry.prune() > 0 {
+            self.dirty = true;
+        }
+        let before = self.discovered.len();
+        self.discovered.retain(|_, n| n.netns.exists());
+        if self.discovered.len() != before {
+            self.dirty = true;
+        }
+        let look: BTreeSet<String> = waiting
+            .keys()
+            .filter(|u| self.registry.get(u).is_none() && !self.discovered.contains_key(*u))
+            .cloned()
+            .collect();
+        for (uid, netns) in discover::find_netns(&self.settings.proc_dir, &look) {
+            tracing::info!(uid = %uid, netns = %netns.display(), pod = %waiting[&uid], "found a running pod's network namespace in /proc");
+            self.discovered.insert(uid, PodNetwork { netns, ips: Vec::new() });
+            self.dirty = true;
+        }
+    }
+
+    /// Keep the CNI plugin's copy of the (rotating) ServiceAccount token current.
+    fn refresh_credentials(&self) {
+        let sa = Path::new(cni::install::SERVICE_ACCOUNT_DIR);
+        if sa.join("token").exists() {
+            if let Err(e) = cni::install::refresh_credentials(sa, &self.settings.state_dir) {
+                tracing::warn!("CNI plugin credentials not refreshed: {e:#}");
+            }
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! Drift between what the agent believes is enrolled and what the kernel holds: detected
+//! periodically, repaired, logged and counted (`selvedge_reconcile_drift`).
+
+use std::collections::BTreeSet;
+
+use selvedge_common::POD_FLAG_STRICT;
+
+impl super::Agent {
+    /// Re-enroll pods whose kernel entry is missing or wrong; remove entries that belong to
+    /// no pod (only while no pod is failing or waiting: their entries cannot be told apart
+    /// from stale ones, and keeping them keeps those pods closed).
+    pub(super) async fn reconcile_kernel(&mut self) {
+        let kernel = self.datapath.enrolled();
+        let broken: Vec<(String, String)> = self
+            .pods
+            .iter()
+            .filter_map(|(uid, p)| {
+                let want_flags = if p.spec.mtls.kernel_strict() { POD_FLAG_STRICT } else { 0 };
+                let problem = match kernel.get(&p.ctx.netns.cookie()) {
+                    None => "its kernel enrollment entry is missing".to_owned(),
+                    Some(i) if i.pod_id != p.pod_id => {
+                        format!("the kernel has it in slot {} (want {})", i.pod_id, p.pod_id)
+                    }
+                    Some(i) if i.flags & POD_FLAG_STRICT != want_flags => {
+                        "its STRICT flag differs in the kernel".to_owned()
+                    }
+                    Some(_) => return None,
+                };
+                Some((uid.clone(), problem))
+            })
+            .collect();
+        for (uid, problem) in broken {
+            let Some(spec) = self.pods.get(&uid).map(|p| p.spec.clone()) else { continue };
+            tracing::warn!(pod = %spec.name, namespace = %spec.namespace, "drift: {problem}; enrolling it again");
+            self.mesh.metrics.drift(1);
+            self.unenroll(&uid);
+            self.try_enroll(&spec).await;
+        }
+        if !self.failed.is_empty() || !self.waiting.is_empty() {
+            return;
+        }
+        let live: BTreeSet<u64> = self.pods.values().map(|p| p.ctx.netns.cookie()).collect();
+        for (cookie, info) in kernel {
+            if !live.contains(&cookie) {
+                tracing::warn!(netns_cookie = cookie, "drift: a kernel enrollment belongs to no pod; removing it");
+                self.mesh.metrics.drift(1);
+                if let Err(e) = self.datapath.unenroll(cookie, info.pod_id) {
+                    tracing::error!(netns_cookie = cookie, "stale enrollment not removed: {e}");
+                }
+            }
+        }
+    }
+}

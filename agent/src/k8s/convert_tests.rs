@@ -1,0 +1,231 @@
+use k8s_openapi::api::core::v1::{PodIP, PodSpec, PodStatus, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::ApiResource;
+
+use super::*;
+
+const KEY: &str = "selvedge.dev/mesh";
+
+fn labels(kv: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
+    Some(kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+}
+
+fn ns(name: &str, enrolled: bool) -> Arc<Namespace> {
+    Arc::new(Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: if enrolled { labels(&[(KEY, ENABLED)]) } else { None },
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    })
+}
+
+fn pod(uid: &str, namespace: &str, node: &str, ip: &str, created: i64) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            uid: Some(uid.into()),
+            name: Some(format!("pod-{uid}")),
+            namespace: Some(namespace.into()),
+            labels: labels(&[("app", uid)]),
+            creation_timestamp: Some(Time(k8s_openapi::jiff::Timestamp::from_second(created).unwrap())),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            service_account_name: Some(format!("sa-{uid}")),
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus {
+            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+            phase: Some("Running".into()),
+            ..PodStatus::default()
+        }),
+    }
+}
+
+fn snap(pods: Vec<Pod>, namespaces: Vec<Arc<Namespace>>) -> Snapshot {
+    Snapshot { pods: pods.into_iter().map(Arc::new).collect(), namespaces, ..Snapshot::default() }
+}
+
+fn net(path: &str) -> PodNetwork {
+    PodNetwork { netns: path.into(), ips: vec![] }
+}
+
+#[test]
+fn enrollment_follows_labels_and_never_host_network() {
+    let on = labels(&[(KEY, ENABLED)]);
+    let off = labels(&[(KEY, DISABLED)]);
+    assert!(meshed(None, on.as_ref(), false, KEY), "namespace label enrolls");
+    assert!(!meshed(off.as_ref(), on.as_ref(), false, KEY), "pod label opts out");
+    assert!(meshed(on.as_ref(), None, false, KEY), "pod label enrolls on its own");
+    assert!(!meshed(on.as_ref(), on.as_ref(), true, KEY), "hostNetwork never");
+    assert!(!meshed(None, labels(&[(KEY, "yes")]).as_ref(), false, KEY), "only `enabled` enrolls");
+    assert!(!meshed(None, on.as_ref(), false, "other.key"), "the key is configurable");
+}
+
+#[test]
+fn meshed_pods_become_workloads_local_ones_with_their_netns() {
+    let mut host = pod("h", "shop", "n1", "198.18.1.3", 1);
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    let s = snap(
+        vec![
+            pod("a", "shop", "n1", "198.18.1.10", 1),
+            pod("b", "shop", "n2", "198.18.2.10", 1),
+            pod("c", "other", "n1", "198.18.1.11", 1),
+            host,
+        ],
+        vec![ns("shop", true), ns("other", false)],
+    );
+    let networks = BTreeMap::from([("a".to_owned(), net("/run/netns/a")), ("c".to_owned(), net("/run/netns/c"))]);
+    let out = to_config(&s, "n1", KEY, &networks);
+    let uids: Vec<&str> = out.config.workloads.iter().map(|w| w.uid.as_str()).collect();
+    assert_eq!(uids, ["a", "b"], "unlabelled namespace and hostNetwork are not meshed");
+    let a = &out.config.workloads[0];
+    assert_eq!(a.netns.as_deref(), Some(std::path::Path::new("/run/netns/a")));
+    assert_eq!(a.service_account, "sa-a");
+    assert_eq!(out.config.workloads[1].netns, None, "a peer on another node has no netns here");
+    assert!(out.problems.is_empty(), "{:?}", out.problems);
+}
+
+#[test]
+fn a_reused_ip_belongs_to_the_newer_live_pod_only() {
+    let mut old = pod("old", "shop", "n1", "198.18.1.10", 100);
+    let new = pod("new", "shop", "n1", "198.18.1.10", 200);
+    let s = snap(vec![old.clone(), new.clone()], vec![ns("shop", true)]);
+    let out = to_config(&s, "n1", KEY, &BTreeMap::new());
+    let owner: Vec<&str> = out.config.workloads.iter().filter(|w| !w.ips.is_empty()).map(|w| w.uid.as_str()).collect();
+    assert_eq!(owner, ["new"]);
+    assert_eq!(out.problems.len(), 1);
+    // A terminating pod loses even when it is newer.
+    old.metadata.creation_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::from_second(300).unwrap()));
+    old.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::from_second(400).unwrap()));
+    let s = snap(vec![old, new], vec![ns("shop", true)]);
+    let out = to_config(&s, "n1", KEY, &BTreeMap::new());
+    let owner: Vec<&str> = out.config.workloads.iter().filter(|w| !w.ips.is_empty()).map(|w| w.uid.as_str()).collect();
+    assert_eq!(owner, ["new"]);
+    // And the result is a valid config: the directory has one owner per IP.
+    crate::state::directory(&out.config, "cluster.local").unwrap();
+}
+
+#[test]
+fn finished_pods_are_not_workloads_and_cni_ips_fill_in() {
+    let mut done = pod("done", "shop", "n1", "198.18.1.10", 1);
+    done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+    let mut fresh = pod("fresh", "shop", "n1", "198.18.1.11", 1);
+    fresh.status = None;
+    let networks = BTreeMap::from([(
+        "fresh".to_owned(),
+        PodNetwork { netns: "/run/netns/f".into(), ips: vec!["198.18.1.11".parse().unwrap()] },
+    )]);
+    let out = to_config(&snap(vec![done, fresh], vec![ns("shop", true)]), "n1", KEY, &networks);
+    assert_eq!(out.config.workloads.len(), 1);
+    assert_eq!(out.config.workloads[0].ips, vec!["198.18.1.11".parse::<IpAddr>().unwrap()]);
+}
+
+fn dynamic(kind: &str, plural: &str, name: &str, spec: serde_json::Value) -> Arc<DynamicObject> {
+    let ar =
+        ApiResource::from_gvk_with_plural(&kube::api::GroupVersionKind::gvk("security.istio.io", "v1", kind), plural);
+    let mut o = DynamicObject::new(name, &ar).within("shop");
+    o.data = json!({ "spec": spec });
+    Arc::new(o)
+}
+
+#[test]
+fn unreadable_policies_fail_closed() {
+    let s = Snapshot {
+        authorization_policies: vec![
+            dynamic(
+                "AuthorizationPolicy",
+                "authorizationpolicies",
+                "ok",
+                json!({"rules": [{"from": [{"source": {"namespaces": ["shop"]}}]}]}),
+            ),
+            dynamic(
+                "AuthorizationPolicy",
+                "authorizationpolicies",
+                "bad-deny",
+                json!({"action": "DENY", "selector": {"matchLabels": {"app": "db"}}, "rules": [{"from": [{"source": {"principals": ["a*b*c"]}}]}]}),
+            ),
+            dynamic(
+                "AuthorizationPolicy",
+                "authorizationpolicies",
+                "bad-allow",
+                json!({"rules": [{"to": [{"operation": {"ports": ["99999"]}}]}]}),
+            ),
+            dynamic(
+                "AuthorizationPolicy",
+                "authorizationpolicies",
+                "future-field",
+                json!({"rules": [{}], "someFutureField": true}),
+            ),
+        ],
+        peer_authentications: vec![
+            dynamic(
+                "PeerAuthentication",
+                "peerauthentications",
+                "bad",
+                json!({"portLevelMtls": {"80": {"mode": "PERMISSIVE"}}}),
+            ),
+            dynamic(
+                "PeerAuthentication",
+                "peerauthentications",
+                "tolerant",
+                json!({"mtls": {"mode": "PERMISSIVE"}, "unknownField": 1}),
+            ),
+        ],
+        ..Snapshot::default()
+    };
+    let out = to_config(&s, "n1", KEY, &BTreeMap::new());
+    assert_eq!(out.problems.len(), 4, "{:#?}", out.problems);
+    let compiled = out.config.compile_policies("istio-system").unwrap();
+    let facts = crate::policy::ConnFacts {
+        principal: Some("cluster.local/ns/shop/sa/web".into()),
+        src_ip: "198.18.1.10".parse().unwrap(),
+        dst_ip: "198.18.1.11".parse().unwrap(),
+        dst_port: 80,
+    };
+    let db = labels(&[("app", "db")]).unwrap();
+    let v = crate::policy::authorize(&compiled, "shop", &db, &facts);
+    assert!(
+        !matches!(v.decision, crate::policy::Decision::Allow),
+        "an unreadable DENY denies everything it selects: {v:?}"
+    );
+    let web = labels(&[("app", "web")]).unwrap();
+    let v = crate::policy::authorize(&compiled, "shop", &web, &facts);
+    assert!(matches!(v.decision, crate::policy::Decision::Allow), "the readable ALLOW still allows its sources: {v:?}");
+    let pa: Vec<&str> = out.config.peer_authentications.iter().map(|p| p.metadata.name.as_str()).collect();
+    assert_eq!(pa, ["bad", "tolerant"]);
+}
+
+#[test]
+fn services_with_selectors_and_numeric_target_ports() {
+    let svc = |name: &str, ip: &str, target: Option<IntOrString>, selector: bool| {
+        Arc::new(Service {
+            metadata: ObjectMeta { name: Some(name.into()), namespace: Some("shop".into()), ..ObjectMeta::default() },
+            spec: Some(ServiceSpec {
+                cluster_ips: Some(vec![ip.into()]),
+                selector: if selector { labels(&[("app", "db")]) } else { None },
+                ports: Some(vec![ServicePort { port: 80, target_port: target, ..ServicePort::default() }]),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        })
+    };
+    let s = Snapshot {
+        services: vec![
+            svc("db", "198.19.100.10", Some(IntOrString::Int(8080)), true),
+            svc("named", "198.19.100.11", Some(IntOrString::String("http".into())), true),
+            svc("manual", "198.19.100.12", None, false),
+            svc("dup", "198.19.100.10", None, true),
+        ],
+        ..Snapshot::default()
+    };
+    let out = to_config(&s, "n1", KEY, &BTreeMap::new());
+    let names: Vec<&str> = out.config.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["db"]);
+    assert_eq!(out.config.services[0].ports[0].target_port, Some(8080));
+    assert_eq!(out.problems.len(), 1, "the named port is reported: {:?}", out.problems);
+}
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
