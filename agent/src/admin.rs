@@ -76,22 +76,46 @@ pub enum AdminError {
 }
 
 /// Bind the three listeners (before serving, so a taken port is a start-up error).
+/// Bind the three endpoints. A port another agent still holds (the overlap of a DaemonSet
+/// rolling update: both agents share the node's network) is not fatal: it is returned as
+/// `None` and [`bind_when_free`] takes it once the old agent is gone.
 pub async fn bind(
     admin: SocketAddr,
     metrics: SocketAddr,
     ready: SocketAddr,
-) -> Result<[(TcpListener, Endpoints); 3], AdminError> {
+) -> Result<Vec<(SocketAddr, Endpoints, Option<TcpListener>)>, AdminError> {
     if !admin.ip().is_loopback() {
         return Err(AdminError::NotLoopback(admin));
     }
-    let bind = |what, addr| async move {
-        TcpListener::bind(addr).await.map_err(|source| AdminError::Bind { what, addr, source })
-    };
-    Ok([
-        (bind("admin API", admin).await?, Endpoints::Admin),
-        (bind("metrics", metrics).await?, Endpoints::Metrics),
-        (bind("readiness", ready).await?, Endpoints::Readiness),
-    ])
+    let mut out = Vec::new();
+    for (what, addr, which) in [
+        ("admin API", admin, Endpoints::Admin),
+        ("metrics", metrics, Endpoints::Metrics),
+        ("readiness", ready, Endpoints::Readiness),
+    ] {
+        match TcpListener::bind(addr).await {
+            Ok(l) => out.push((addr, which, Some(l))),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                tracing::warn!(%addr, "{what}: address in use (another agent during a rolling update?); taking it when it frees up");
+                out.push((addr, which, None));
+            }
+            Err(source) => return Err(AdminError::Bind { what, addr, source }),
+        }
+    }
+    Ok(out)
+}
+
+/// Bind `addr` as soon as nobody else holds it.
+pub async fn bind_when_free(addr: SocketAddr) -> TcpListener {
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                tracing::info!(%addr, "listening (the address was freed)");
+                return l;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+        }
+    }
 }
 
 /// Serve one listener until the task is aborted.

@@ -214,8 +214,15 @@ impl Agent {
 
     async fn serve_admin(&self) -> Result<(), AppError> {
         let s = &self.settings;
-        for (listener, which) in admin::bind(s.admin_addr, s.metrics_addr, s.readiness_addr).await? {
-            tokio::spawn(admin::serve(listener, which, self.admin.clone()));
+        for (addr, which, listener) in admin::bind(s.admin_addr, s.metrics_addr, s.readiness_addr).await? {
+            let state = self.admin.clone();
+            tokio::spawn(async move {
+                let listener = match listener {
+                    Some(l) => l,
+                    None => admin::bind_when_free(addr).await,
+                };
+                admin::serve(listener, which, state).await;
+            });
         }
         Ok(())
     }

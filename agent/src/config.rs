@@ -271,12 +271,15 @@ pub struct KubeSettings {
     pub state_dir: PathBuf,
     /// The host's /proc, to find the netns of pods that started before the agent.
     pub proc_dir: PathBuf,
+    /// Where the container runtime keeps pods' netns files (searched by pod IP likewise).
+    pub netns_dir: PathBuf,
 }
 
 pub const ENV_KUBE: &str = "SELVEDGE_KUBE";
 pub const ENV_MESH_LABEL: &str = "SELVEDGE_MESH_LABEL";
 pub const ENV_STATE_DIR: &str = "SELVEDGE_STATE_DIR";
 pub const ENV_PROC_DIR: &str = "SELVEDGE_PROC_DIR";
+pub const ENV_NETNS_DIR: &str = "SELVEDGE_NETNS_DIR";
 pub const DEFAULT_STATE_DIR: &str = "/var/run/selvedge";
 
 /// Everything `selvedge run` resolved from flags, env and defaults; logged once at start.

@@ -151,6 +151,10 @@ fn serve(ns: File, rx: mpsc::Receiver<Request>, ready: mpsc::Sender<io::Result<u
 fn listener(addr: SocketAddr) -> io::Result<Socket> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    // During a DaemonSet rolling update (maxSurge) the next agent binds beside the one still
+    // running; both serve until the old one drains. Pods cannot join: the bind guard
+    // refuses their binds to the agent's ports.
+    s.set_reuse_port(true)?;
     if let SocketAddr::V6(v6) = addr {
         // [::]:15006 takes IPv4 too (sk_lookup hands it both families); ::1 stays v6-only.
         s.set_only_v6(!v6.ip().is_unspecified())?;

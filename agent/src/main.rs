@@ -109,6 +109,10 @@ struct RunArgs {
     /// are found (--kube; the DaemonSet runs with hostPID).
     #[arg(long, env = config::ENV_PROC_DIR, default_value = "/proc")]
     proc_dir: PathBuf,
+    /// Where the container runtime keeps pods' network namespace files; searched for a
+    /// running pod's IPs when its netns is not known otherwise (--kube).
+    #[arg(long, env = config::ENV_NETNS_DIR, default_value = "/var/run/netns")]
+    netns_dir: PathBuf,
     /// This node's name: workloads on it (`node:` in the config file, `spec.nodeName` in
     /// the cluster) are enrolled here.
     #[arg(long, env = config::ENV_NODE)]
@@ -312,6 +316,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             mesh_label: args.mesh_label,
             state_dir: args.state_dir,
             proc_dir: args.proc_dir,
+            netns_dir: args.netns_dir,
         }),
         (None, false) => anyhow::bail!("give --config FILE (local workloads) or --kube (a Kubernetes cluster)"),
     };

@@ -34,12 +34,48 @@ fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 /// The cgroup v2 id (the directory's inode number) of the cgroup this process is in:
 /// the value `bpf_get_current_cgroup_id()` returns for it.
 pub fn own_cgroup_id(mount: &Path) -> io::Result<u64> {
-    let text = std::fs::read_to_string("/proc/self/cgroup")?;
-    let rel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "/proc/self/cgroup has no cgroup v2 entry"))?;
+    let rel = cgroup_v2_path(&std::fs::read_to_string("/proc/self/cgroup")?)?;
+    // In a container with a private cgroup namespace (the default on cgroup v2) our own
+    // cgroup reads as "/": ask from the host's namespace (the DaemonSet runs with hostPID,
+    // so PID 1 is the host's init), as the kernel's ids are global.
+    let rel = if rel == "/" && !same_ns("/proc/self/ns/cgroup", "/proc/1/ns/cgroup") {
+        host_view_of_own_cgroup()?
+    } else {
+        rel
+    };
     cgroup_id(&mount.join(rel.trim_start_matches('/')))
+}
+
+fn cgroup_v2_path(text: &str) -> io::Result<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "/proc/self/cgroup has no cgroup v2 entry"))
+}
+
+fn same_ns(a: &str, b: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        // Cannot tell (no access to PID 1's namespace): keep our own view.
+        _ => true,
+    }
+}
+
+/// Our cgroup path as the host's cgroup namespace shows it, read by a short-lived thread
+/// that joins that namespace (namespaces are per thread; the rest of the agent stays put).
+fn host_view_of_own_cgroup() -> io::Result<String> {
+    let pid = std::process::id();
+    std::thread::spawn(move || -> io::Result<String> {
+        let ns = std::fs::File::open("/proc/1/ns/cgroup")?;
+        // SAFETY: setns on an fd we own; affects only this thread.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWCGROUP) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        cgroup_v2_path(&std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?)
+    })
+    .join()
+    .map_err(|_| io::Error::other("cgroup namespace thread panicked"))?
 }
 
 pub fn cgroup_id(dir: &Path) -> io::Result<u64> {

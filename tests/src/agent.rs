@@ -90,6 +90,12 @@ impl Agent {
         self.spec.dir.join(format!("state-{}", self.spec.node))
     }
 
+    /// `--netns-dir` in Kubernetes mode: this node's pods' netns files (links to
+    /// /run/netns, which every lab on the machine shares).
+    pub fn netns_dir(&self) -> PathBuf {
+        self.spec.dir.join(format!("netns-{}", self.spec.node))
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.spec.pin_dir
     }
@@ -109,7 +115,14 @@ impl Agent {
         let mut cmd = Command::new(&a.selvedge);
         cmd.arg("run");
         match &opts.kubeconfig {
-            Some(kc) => cmd.arg("--kube").arg("--kubeconfig").arg(kc).arg("--state-dir").arg(a.state_dir()),
+            Some(kc) => cmd
+                .arg("--kube")
+                .arg("--kubeconfig")
+                .arg(kc)
+                .arg("--state-dir")
+                .arg(a.state_dir())
+                .arg("--netns-dir")
+                .arg(a.netns_dir()),
             None => cmd.arg("--config").arg(a.config_path()),
         };
         cmd.args(["--node", &a.spec.node])

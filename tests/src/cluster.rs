@@ -164,6 +164,10 @@ impl Cluster {
         run("ip", &["netns", "add", &ns_name]);
         run("ip", &["-n", &ns_name, "link", "set", "lo", "up"]);
         let netns = PathBuf::from("/run/netns").join(&ns_name);
+        // The node's runtime netns directory, as the agent's --netns-dir sees it.
+        let node_dir = self.lab.dir.join(format!("netns-{}", req.node));
+        std::fs::create_dir_all(&node_dir).expect("node netns dir");
+        std::os::unix::fs::symlink(&netns, node_dir.join(&ns_name)).expect("netns link");
         let cgroup = self.lab.node_cgroup(&req.node).join(format!("pod{uid}"));
         std::fs::create_dir_all(&cgroup).expect("pod cgroup");
         let sandbox = Sandbox { request: req.clone(), uid: uid.clone(), container_id, netns: netns.clone() };
@@ -173,6 +177,7 @@ impl Cluster {
             Err(failure) => {
                 self.del(&sandbox);
                 remove_sandbox(&ns_name, &cgroup);
+                let _ = std::fs::remove_file(node_dir.join(&ns_name));
                 return Err(failure);
             }
         };
@@ -222,6 +227,7 @@ impl Cluster {
         let _ = std::fs::write(p.cgroup.join("cgroup.kill"), "1");
         let ns_name = s.netns.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         remove_sandbox(&ns_name, &p.cgroup);
+        let _ = std::fs::remove_file(self.lab.dir.join(format!("netns-{}", p.node)).join(&ns_name));
         self.api.delete_typed::<KPod>(Some(&s.request.namespace), pod);
     }
 

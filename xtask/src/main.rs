@@ -4,10 +4,12 @@
 //! * `setup.rs` — install and check the toolchain and system pieces (idempotent);
 //! * `ebpf.rs`  — pick the eBPF build route and build the object;
 //! * `tasks.rs` — build, test (the CI command), demo, load;
+//! * `lab.rs`   — the Vagrant k3s lab (`lab up|test|down|ssh`);
 //! * `cmd.rs`   — running commands with clear failures.
 
 mod cmd;
 mod ebpf;
+mod lab;
 mod setup;
 mod tasks;
 
@@ -73,6 +75,11 @@ enum Task {
         #[arg(last = true)]
         run_args: Vec<String>,
     },
+    /// The Vagrant lab: a k3s cluster running the DaemonSet (vagrant/README.md).
+    Lab {
+        #[command(subcommand)]
+        cmd: lab::LabCmd,
+    },
 }
 
 fn main() {
@@ -93,6 +100,7 @@ fn run() -> anyhow::Result<()> {
         Task::Demo { keep } => tasks::demo(&root, keep),
         Task::Bench { quick } => tasks::bench(&root, quick),
         Task::Load { config, node, uninstall, run_args } => tasks::load(&root, &config, node, uninstall, &run_args),
+        Task::Lab { cmd } => lab::run(&root, cmd),
     }
 }
 

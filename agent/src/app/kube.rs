@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -96,8 +97,15 @@ impl super::Agent {
                 Some((req, reply)) = cni_requests.recv() => c.accept(req, reply, &self.settings.node),
                 _ = tick.tick() => {
                     ticks += 1;
-                    if ticks.is_multiple_of(SLOW_EVERY) {
-                        c.slow_chores(&self.waiting);
+                    if ticks.is_multiple_of(SLOW_EVERY) && !self.waiting.is_empty() || ticks.is_multiple_of(SLOW_EVERY * 6) {
+                        let ips: BTreeMap<String, Vec<IpAddr>> = self
+                            .last_config
+                            .workloads
+                            .iter()
+                            .filter(|w| self.waiting.contains_key(&w.uid))
+                            .map(|w| (w.uid.clone(), w.ips.clone()))
+                            .collect();
+                        c.slow_chores(&self.waiting, &ips);
                     }
                     if ticks.is_multiple_of(CREDENTIALS_EVERY) {
                         c.refresh_credentials();
@@ -276,8 +284,9 @@ impl Cluster {
         }
     }
 
-    /// Look for waiting pods' netns in /proc; forget registrations whose netns is gone.
-    fn slow_chores(&mut self, waiting: &BTreeMap<String, String>) {
+    /// Look for waiting pods' netns (by IP in the runtime's netns directory, then by cgroup
+    /// in /proc); forget registrations whose netns is gone.
+    fn slow_chores(&mut self, waiting: &BTreeMap<String, String>, ips: &BTreeMap<String, Vec<IpAddr>>) {
         if self.registry.prune() > 0 {
             self.dirty = true;
         }
@@ -286,13 +295,17 @@ impl Cluster {
         if self.discovered.len() != before {
             self.dirty = true;
         }
-        let look: BTreeSet<String> = waiting
+        let unknown = |u: &String| self.registry.get(u).is_none() && !self.discovered.contains_key(u);
+        let by_ip: BTreeMap<String, Vec<IpAddr>> = waiting
             .keys()
-            .filter(|u| self.registry.get(u).is_none() && !self.discovered.contains_key(*u))
-            .cloned()
+            .filter(|u| unknown(u))
+            .map(|u| (u.clone(), ips.get(u).cloned().unwrap_or_default()))
             .collect();
-        for (uid, netns) in discover::find_netns(&self.settings.proc_dir, &look) {
-            tracing::info!(uid = %uid, netns = %netns.display(), pod = %waiting[&uid], "found a running pod's network namespace in /proc");
+        let mut found = discover::find_netns_by_ip(&self.settings.netns_dir, &by_ip);
+        let rest: BTreeSet<String> = by_ip.keys().filter(|u| !found.contains_key(*u)).cloned().collect();
+        found.extend(discover::find_netns(&self.settings.proc_dir, &rest));
+        for (uid, netns) in found {
+            tracing::info!(uid = %uid, netns = %netns.display(), pod = %waiting[&uid], "found a running pod's network namespace");
             self.discovered.insert(uid, PodNetwork { netns, ips: Vec::new() });
             self.dirty = true;
         }
