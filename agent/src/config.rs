@@ -273,6 +273,9 @@ pub struct KubeSettings {
     pub proc_dir: PathBuf,
     /// Where the container runtime keeps pods' netns files (searched by pod IP likewise).
     pub netns_dir: PathBuf,
+    /// The node's CNI configuration directory, when the agent should keep `selvedge-cni`
+    /// chained in it.
+    pub cni_conf_dir: Option<PathBuf>,
 }
 
 pub const ENV_KUBE: &str = "SELVEDGE_KUBE";
@@ -280,6 +283,7 @@ pub const ENV_MESH_LABEL: &str = "SELVEDGE_MESH_LABEL";
 pub const ENV_STATE_DIR: &str = "SELVEDGE_STATE_DIR";
 pub const ENV_PROC_DIR: &str = "SELVEDGE_PROC_DIR";
 pub const ENV_NETNS_DIR: &str = "SELVEDGE_NETNS_DIR";
+pub const ENV_CNI_CONF_DIR: &str = "SELVEDGE_CNI_CONF_DIR";
 pub const DEFAULT_STATE_DIR: &str = "/var/run/selvedge";
 
 /// Everything `selvedge run` resolved from flags, env and defaults; logged once at start.

@@ -327,6 +327,8 @@ impl Datapath {
         pins::remove_link(&self.pin_dir, &pins::pod_link_name(netns_cookie))?;
         match self.enrolled.remove(&netns_cookie) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            // Already gone (e.g. removed behind the agent's back: drift being repaired).
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
             Err(source) => return Err(DatapathError::Map { map: maps::ENROLLED, what: "unenroll".into(), source }),
         }
         let _ = self.slots.set(pod_id, 0, 0);

@@ -113,6 +113,11 @@ struct RunArgs {
     /// running pod's IPs when its netns is not known otherwise (--kube).
     #[arg(long, env = config::ENV_NETNS_DIR, default_value = "/var/run/netns")]
     netns_dir: PathBuf,
+    /// The node's CNI configuration directory: when set, the agent checks every 5 s that
+    /// `selvedge-cni` is still chained last in the cluster CNI's configuration and chains it
+    /// again if the cluster CNI rewrote the file (--kube).
+    #[arg(long, env = config::ENV_CNI_CONF_DIR)]
+    cni_conf_dir: Option<PathBuf>,
     /// This node's name: workloads on it (`node:` in the config file, `spec.nodeName` in
     /// the cluster) are enrolled here.
     #[arg(long, env = config::ENV_NODE)]
@@ -317,6 +322,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             state_dir: args.state_dir,
             proc_dir: args.proc_dir,
             netns_dir: args.netns_dir,
+            cni_conf_dir: args.cni_conf_dir,
         }),
         (None, false) => anyhow::bail!("give --config FILE (local workloads) or --kube (a Kubernetes cluster)"),
     };

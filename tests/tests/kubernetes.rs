@@ -225,3 +225,46 @@ fn pods_from_before_the_agent_and_across_restarts_are_enrolled() {
         e["pod"] == "early" && e["src_identity"] == "spiffe://cluster.local/ns/shop/sa/late"
     });
 }
+
+#[test]
+fn drift_in_the_kernel_is_detected_repaired_and_counted() {
+    let mut c = cluster("k8s-drift");
+    c.create_pod(PodRequest::new("web", "shop", "n1")).expect("web");
+    wait_reach(&c, "web", "db", true);
+    wait_for(10, "web's first connection in n1's access log", || {
+        (!c.lab.agent_ref("n1").access_log().is_empty()).then_some(())
+    });
+    let (_, dump) = c.lab.http_on_node("n1", "127.0.0.1:15000".parse().unwrap(), "GET", "/config_dump").expect("dump");
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("config dump JSON");
+    let cookie = dump["workloads"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["name"] == "web"))
+        .and_then(|w| w["netns_cookie"].as_u64())
+        .unwrap_or_else(|| panic!("web's netns cookie in {dump}"));
+    // Someone removes web's enrollment from the kernel behind the agent's back.
+    let map = c.lab.agent_ref("n1").pin_dir().join("maps/SV_ENROLLED");
+    let key: Vec<String> = cookie.to_le_bytes().iter().map(|b| b.to_string()).collect();
+    let mut args = vec!["map", "delete", "pinned", map.to_str().expect("path")];
+    args.push("key");
+    args.extend(key.iter().map(String::as_str));
+    let out = std::process::Command::new("bpftool").args(&args).output().expect("run bpftool");
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    wait_for(20, "the drift reported (checked every 10 s)", || {
+        c.lab
+            .agent_ref("n1")
+            .events()
+            .into_iter()
+            .find(|e| e["message"].as_str().is_some_and(|m| m.contains("drift") && m.contains("missing")))
+    });
+    wait_for(15, "the drift counted", || {
+        let (_, m) = c.lab.http_on_node("n1", "127.0.0.1:15020".parse().unwrap(), "GET", "/metrics").ok()?;
+        m.lines().any(|l| l.starts_with("selvedge_reconcile_drift_total") && !l.ends_with(" 0")).then_some(())
+    });
+    // Repaired: web's connections go through its agent again (a connect made while the
+    // entry was missing went direct, which is the drift this guards against).
+    let before = c.lab.agent_ref("n1").access_log().len();
+    wait_for(15, "web's connections captured again", || {
+        let _ = reaches(&c, "web", "db");
+        (c.lab.agent_ref("n1").access_log().len() > before).then_some(())
+    });
+}

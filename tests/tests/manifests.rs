@@ -279,6 +279,7 @@ fn agent_container_has_the_least_privilege_that_works() {
         ("SELVEDGE_PROC_DIR", "/proc"),
         ("SELVEDGE_CA_DIR", "/var/lib/selvedge/ca"),
         ("SELVEDGE_LOG_FORMAT", "json"),
+        ("SELVEDGE_CNI_CONF_DIR", "/etc/cni/net.d"),
     ] {
         assert_eq!(env(agent, name), Some(value), "agent env {name}");
     }

@@ -107,6 +107,9 @@ impl super::Agent {
                             .collect();
                         c.slow_chores(&self.waiting, &ips);
                     }
+                    if ticks.is_multiple_of(SLOW_EVERY) {
+                        c.guard_chain(&self.mesh.metrics);
+                    }
                     if ticks.is_multiple_of(CREDENTIALS_EVERY) {
                         c.refresh_credentials();
                     }
@@ -308,6 +311,19 @@ impl Cluster {
             tracing::info!(uid = %uid, netns = %netns.display(), pod = %waiting[&uid], "found a running pod's network namespace");
             self.discovered.insert(uid, PodNetwork { netns, ips: Vec::new() });
             self.dirty = true;
+        }
+    }
+
+    /// Keep `selvedge-cni` in the node's CNI chain (counted as drift when it had gone).
+    fn guard_chain(&self, metrics: &crate::metrics::Metrics) {
+        let Some(dir) = &self.settings.cni_conf_dir else { return };
+        match cni::install::ensure_chained(dir, &self.settings.state_dir, &self.settings.mesh_label) {
+            Ok(Some(file)) => {
+                metrics.drift(1);
+                tracing::warn!(file = %file.display(), "drift: selvedge-cni was missing from the CNI chain; chained it again");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!("cannot check the CNI chain in {}: {e:#}", dir.display()),
         }
     }
 

@@ -72,19 +72,45 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_secs(1));
     };
-    let text = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
-    let conf: Value = serde_json::from_str(&text).with_context(|| format!("parse {}", file.display()))?;
     let entry = plugin_entry(&a.state_dir.join(SOCKET_NAME), kubeconfig.as_deref(), &a.mesh_label);
-    let chained = chain(conf, entry).with_context(|| format!("chain into {}", file.display()))?;
-    let out =
-        if file.extension().is_some_and(|x| x == "conflist") { file.clone() } else { file.with_extension("conflist") };
-    let body = serde_json::to_vec_pretty(&chained)?;
-    write_atomically(&out, &body, 0o644)?;
-    if out != file {
-        std::fs::remove_file(&file).with_context(|| format!("remove {} (now {})", file.display(), out.display()))?;
-    }
+    let out = chain_file(&file, entry)?;
     println!("chained {PLUGIN_TYPE} into {}", out.display());
     Ok(())
+}
+
+/// Chain `entry` into the conf file `file` (a `.conf` becomes a `.conflist`); returns the
+/// file written.
+fn chain_file(file: &Path, entry: Value) -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+    let conf: Value = serde_json::from_str(&text).with_context(|| format!("parse {}", file.display()))?;
+    let chained = chain(conf, entry).with_context(|| format!("chain into {}", file.display()))?;
+    let out = if file.extension().is_some_and(|x| x == "conflist") {
+        file.to_owned()
+    } else {
+        file.with_extension("conflist")
+    };
+    write_atomically(&out, &serde_json::to_vec_pretty(&chained)?, 0o644)?;
+    if out != file {
+        std::fs::remove_file(file).with_context(|| format!("remove {} (now {})", file.display(), out.display()))?;
+    }
+    Ok(out)
+}
+
+/// The agent's guard: the cluster CNI may rewrite its configuration (flannel does when
+/// k3s restarts), which would drop `selvedge-cni` from the chain and let pods start
+/// unmeshed. Re-chains when it is missing; returns the file re-chained, if any.
+pub fn ensure_chained(conf_dir: &Path, state_dir: &Path, mesh_label: &str) -> anyhow::Result<Option<PathBuf>> {
+    let Some(file) = cluster_conf(conf_dir)? else { return Ok(None) };
+    let text = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+    let conf: Value = serde_json::from_str(&text).with_context(|| format!("parse {}", file.display()))?;
+    let ours = |p: &Value| p.get("type").and_then(Value::as_str) == Some(PLUGIN_TYPE);
+    if conf.get("plugins").and_then(Value::as_array).is_some_and(|ps| ps.last().is_some_and(ours)) {
+        return Ok(None);
+    }
+    let kubeconfig = conf_dir.join(KUBECONFIG_NAME);
+    let entry =
+        plugin_entry(&state_dir.join(SOCKET_NAME), kubeconfig.exists().then_some(kubeconfig.as_path()), mesh_label);
+    chain_file(&file, entry).map(Some)
 }
 
 /// Our entry in the plugin list.
@@ -183,5 +209,20 @@ mod tests {
         assert_eq!(list["cniVersion"], "0.4.0");
         assert_eq!(list["plugins"][0]["type"], "bridge");
         assert!(chain(json!({"name": "x", "cniVersion": "1.0.0", "plugins": []}), entry).is_err());
+    }
+
+    #[test]
+    fn the_guard_rechains_a_rewritten_conf_once() {
+        let dir = std::env::temp_dir().join(format!("selvedge-chain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let flannel = json!({"name": "cbr0", "cniVersion": "1.0.0", "plugins": [{"type": "flannel"}]});
+        let file = dir.join("10-flannel.conflist");
+        std::fs::write(&file, flannel.to_string()).unwrap();
+        let state = Path::new("/var/run/selvedge");
+        assert_eq!(ensure_chained(&dir, state, "m").unwrap(), Some(file.clone()), "missing: re-chained");
+        assert_eq!(ensure_chained(&dir, state, "m").unwrap(), None, "present: left alone");
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert_eq!(v["plugins"][1]["agentSocket"], "/var/run/selvedge/cni.sock");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
