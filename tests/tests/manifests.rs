@@ -178,8 +178,6 @@ fn rbac_is_read_only_and_exactly_what_the_agent_watches() {
         ("", "pods"),
         ("", "namespaces"),
         ("", "services"),
-        ("", "serviceaccounts"),
-        ("discovery.k8s.io", "endpointslices"),
         ("security.istio.io", "authorizationpolicies"),
         ("security.istio.io", "peerauthentications"),
     ]);
