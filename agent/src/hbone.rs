@@ -16,7 +16,10 @@ mod tests;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt},
+    net::tcp::OwnedReadHalf,
+};
 
 /// HTTP/2 settings: windows large enough for bulk throughput (the sender is never idle
 /// waiting for WINDOW_UPDATE on a fast link), frames up to 1 MiB.
@@ -45,13 +48,21 @@ pub enum PumpError {
 
 /// Bytes from a socket into a stream, respecting the peer's flow-control window; EOF
 /// becomes END_STREAM (a half-close). Returns the bytes sent.
-pub async fn socket_to_stream<R: AsyncRead + Unpin>(mut from: R, to: &mut SendStream<Bytes>) -> Result<u64, PumpError> {
-    let mut buf = BytesMut::with_capacity(BUF_START);
+///
+/// No buffer is held while the socket is idle: one is allocated once the socket is
+/// readable, filled, and handed to h2 whole (h2 frees it once written), so an idle
+/// tunnelled connection costs no copy buffer at all.
+pub async fn socket_to_stream(from: OwnedReadHalf, to: &mut SendStream<Bytes>) -> Result<u64, PumpError> {
     let mut size = BUF_START;
     let mut total = 0u64;
     loop {
-        buf.reserve(size);
-        let n = from.read_buf(&mut buf).await?;
+        from.readable().await?;
+        let mut buf = BytesMut::with_capacity(size);
+        let n = match from.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             to.send_data(Bytes::new(), true)?;
             return Ok(total);
@@ -60,7 +71,7 @@ pub async fn socket_to_stream<R: AsyncRead + Unpin>(mut from: R, to: &mut SendSt
         if n >= size && size < BUF_MAX {
             size *= 2;
         }
-        let mut data = buf.split().freeze();
+        let mut data = buf.freeze();
         while !data.is_empty() {
             to.reserve_capacity(data.len());
             let granted = std::future::poll_fn(|cx| to.poll_capacity(cx)).await.ok_or(PumpError::StreamClosed)??;

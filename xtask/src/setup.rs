@@ -11,6 +11,7 @@ use crate::{
 };
 
 /// Always needed: the lab (iproute2, util-linux), inspection (bpftool), packet captures,
+/// the benchmark's tools (iperf3, sockperf, wrk against nginx),
 /// the reference CNI plugins the cluster tests build pod networks with (bridge, host-local),
 /// and what CI checks the Vagrant lab with (`vagrant validate`, shellcheck).
 const BASE_PACKAGES: &[&str] = &[
@@ -20,6 +21,9 @@ const BASE_PACKAGES: &[&str] = &[
     "bpftool",
     "tcpdump",
     "iperf3",
+    "sockperf",
+    "wrk",
+    "nginx-light",
     "containernetworking-plugins",
     "vagrant",
     "shellcheck",

@@ -130,6 +130,18 @@ pub fn to_config(s: &Snapshot, node: &str, key: &str, networks: &BTreeMap<String
     let mut vips = BTreeSet::new();
     for svc in &s.services {
         if let Some(svc) = service(svc, &mut vips, &mut out.problems) {
+            // The agent resolves a VIP only to meshed endpoints: a service with any
+            // unmeshed (or no) running pod behind it is left to the cluster's own service
+            // routing, so meshed clients still reach it (in plaintext, as without a mesh).
+            let running = |p: &&Arc<Pod>| {
+                p.metadata.namespace.as_deref() == Some(svc.namespace.as_str())
+                    && !matches!(p.status.as_ref().and_then(|st| st.phase.as_deref()), Some("Succeeded" | "Failed"))
+                    && p.metadata.labels.as_ref().is_some_and(|l| svc.selector.iter().all(|(k, v)| l.get(k) == Some(v)))
+            };
+            let mut backends = s.pods.iter().filter(running).peekable();
+            if backends.peek().is_none() || !backends.all(|p| pod_meshed(p, &namespaces, key)) {
+                continue;
+            }
             out.config.services.push(svc);
         }
     }

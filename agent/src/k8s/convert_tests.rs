@@ -221,9 +221,19 @@ fn services_with_selectors_and_numeric_target_ports() {
         ],
         ..Snapshot::default()
     };
+    let mut db = pod("db1", "shop", "n2", "198.18.2.10", 1);
+    db.metadata.labels = labels(&[("app", "db")]);
+    let s = Snapshot { pods: vec![Arc::new(db.clone())], namespaces: vec![ns("shop", true)], ..s };
     let out = to_config(&s, "n1", KEY, &BTreeMap::new());
     let names: Vec<&str> = out.config.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["db"]);
+    // One unmeshed pod behind it (or none at all): left to the cluster's service routing.
+    let mut plain = pod("db2", "shop", "n2", "198.18.2.11", 1);
+    plain.metadata.labels = labels(&[("app", "db"), (KEY, DISABLED)]);
+    let mixed = Snapshot { pods: vec![Arc::new(db), Arc::new(plain)], ..s.clone() };
+    assert!(to_config(&mixed, "n1", KEY, &BTreeMap::new()).config.services.is_empty());
+    let empty = Snapshot { pods: vec![], ..s.clone() };
+    assert!(to_config(&empty, "n1", KEY, &BTreeMap::new()).config.services.is_empty());
     assert_eq!(out.config.services[0].ports[0].target_port, Some(8080));
     assert_eq!(out.problems.len(), 1, "the named port is reported: {:?}", out.problems);
 }

@@ -39,6 +39,7 @@ fn main() {
         iperf.args(["-s", "-p", "5201"]);
         lab.spawn_in_pod(pod, iperf);
     }
+    start_nginx(&mut lab, "far");
     lab.tune_for_load("client");
     std::thread::sleep(Duration::from_millis(300));
 
@@ -118,6 +119,7 @@ fn run(lab: &mut Lab, plan: &Plan) -> Value {
     if n > 0.0 {
         r.insert("agent_cpu_s_per_1000_connections".into(), json!(cpu / n * 1000.0));
     }
+    tool_rows(lab, plan, &mut r);
     // Last, on freshly started agents (bulk transfers leave the allocator holding buffers
     // that idle connections would reuse): agent memory per idle connection, per side.
     let fast_path = lab.agent("n1").opts.fast_path;
@@ -230,4 +232,75 @@ fn print_table(report: &Value) {
         };
         println!("{k:<44} {:>12} {:>12} {:>12} {:>9}", cell(v(modes[0])), cell(v(modes[1])), cell(v(modes[2])), ratio);
     }
+}
+
+/// Real tools beside the purpose-built client (the rows ztunnel's table uses): sockperf
+/// TCP ping-pong, wrk against nginx with kept-alive connections and with a new connection
+/// per request. A tool that is missing or fails leaves its rows out.
+fn tool_rows(lab: &mut Lab, plan: &Plan, r: &mut serde_json::Map<String, Value>) {
+    let far = lab.get("far").ip.to_string();
+    let out = lab.run_in_pod(
+        "client",
+        command("sockperf", &["pp", "--tcp", "-i", &far, "-p", "11111", "-m", "64", "-t", &plan.seconds.to_string()]),
+    );
+    for (name, pct) in [("p50", "50.000"), ("p99", "99.000")] {
+        if let Some(v) = sockperf_percentile(&out, pct) {
+            r.insert(format!("sockperf_64b_{name}_us"), json!(v));
+        }
+    }
+    let url = format!("http://{far}:8081/1k");
+    let secs = format!("{}s", plan.seconds);
+    for (row, extra) in [("wrk_keepalive_16c_1k_rps", None), ("wrk_new_conn_16c_1k_rps", Some("Connection: close"))] {
+        let mut args = vec!["-t1", "-c16", "-d", &secs];
+        if let Some(h) = extra {
+            args.extend(["-H", h]);
+        }
+        args.push(&url);
+        let out = lab.run_in_pod("client", command("wrk", &args));
+        if let Some(rps) = wrk_rps(&out) {
+            r.insert(row.into(), json!(rps));
+        }
+    }
+}
+
+fn command(prog: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(prog);
+    c.args(args);
+    c
+}
+
+/// `sockperf: ---> percentile 50.000 =    6.890` (one-way latency: half the round trip).
+fn sockperf_percentile(out: &str, pct: &str) -> Option<f64> {
+    out.lines()
+        .find(|l| l.contains(&format!("percentile {pct} =")))
+        .and_then(|l| l.rsplit('=').next()?.trim().parse().ok())
+}
+
+/// `Requests/sec:  25812.34`
+fn wrk_rps(out: &str) -> Option<f64> {
+    out.lines().find_map(|l| l.trim().strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// nginx serving a 1 KiB file on :8081 from the lab's scratch directory (root's nginx
+/// defaults are never touched: prefix, pid and logs are all in `dir`).
+fn start_nginx(lab: &mut Lab, pod: &str) {
+    let dir = lab.dir.join(format!("nginx-{pod}"));
+    std::fs::create_dir_all(dir.join("www")).expect("nginx dir");
+    std::fs::write(dir.join("www/1k"), vec![b'x'; 1024]).expect("nginx file");
+    let conf = format!(
+        "daemon off; master_process off; worker_processes 1; user root; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{ access_log off; keepalive_requests 1000000; client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp;\n\
+           fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n\
+           server {{ listen 8081; root {d}/www; }} }}\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).expect("nginx conf");
+    lab.spawn_in_pod(
+        pod,
+        command("nginx", &["-p", &dir.display().to_string(), "-c", &dir.join("nginx.conf").display().to_string()]),
+    );
+    let mut sockperf = Command::new("sockperf");
+    sockperf.args(["sr", "--tcp", "-p", "11111"]);
+    lab.spawn_in_pod(pod, sockperf);
 }
