@@ -4,6 +4,10 @@
 //! one thread per enrolled pod that has `setns`-ed into the pod's namespace and does only
 //! one thing: create sockets there on request. Everything else (accept, connect, copy)
 //! runs on the shared tokio runtime; no per-pod process, no iptables.
+//!
+//! Connections need a fresh socket each, so the thread keeps a few spare IPv4 stream
+//! sockets made in advance: taking one is a lock and a pop, with no thread round trip on
+//! the connection's path; the thread tops the reserve up afterwards.
 
 use std::{
     fs::File,
@@ -11,8 +15,11 @@ use std::{
     net::SocketAddr,
     os::fd::AsFd,
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{mpsc, Arc},
 };
+
+/// Spare IPv4 stream sockets kept per pod.
+const SPARE_SOCKETS: usize = 8;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::oneshot;
@@ -45,9 +52,19 @@ pub enum InpodError {
 }
 
 enum Request {
-    Listen { addr: SocketAddr, reply: oneshot::Sender<io::Result<Socket>> },
-    Stream { ipv6: bool, reply: oneshot::Sender<io::Result<Socket>> },
+    Listen {
+        addr: SocketAddr,
+        reply: oneshot::Sender<io::Result<Socket>>,
+    },
+    Stream {
+        ipv6: bool,
+        reply: oneshot::Sender<io::Result<Socket>>,
+    },
+    /// Fill the spare IPv4 reserve back up.
+    Refill,
 }
+
+type Spares = Arc<parking_lot::Mutex<Vec<Socket>>>;
 
 /// Handle on one pod's network namespace.
 #[derive(Debug)]
@@ -59,6 +76,8 @@ pub struct PodNetns {
     cookie: u64,
     /// Requests to the pod's socket thread; dropping it ends the thread.
     tx: mpsc::Sender<Request>,
+    /// IPv4 stream sockets the thread made in advance.
+    spares: Spares,
 }
 
 impl PodNetns {
@@ -68,16 +87,19 @@ impl PodNetns {
         let thread_file = file.try_clone().map_err(|source| InpodError::Open { path: path.to_owned(), source })?;
         let (tx, rx) = mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<u64>>();
+        let spares = Spares::default();
+        let thread_spares = spares.clone();
         let name = format!("netns-{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
         std::thread::Builder::new()
             .name(name.chars().take(15).collect())
-            .spawn(move || serve(thread_file, rx, ready_tx))
+            .spawn(move || serve(thread_file, rx, ready_tx, thread_spares))
             .map_err(|source| InpodError::Enter { path: path.to_owned(), source })?;
         let cookie = ready_rx
             .recv()
             .map_err(|_| InpodError::ThreadGone { path: path.to_owned() })?
             .map_err(|source| InpodError::Enter { path: path.to_owned(), source })?;
-        Ok(Self { file, path: path.to_owned(), cookie, tx })
+        let _ = tx.send(Request::Refill);
+        Ok(Self { file, path: path.to_owned(), cookie, tx, spares })
     }
 
     pub fn cookie(&self) -> u64 {
@@ -104,7 +126,14 @@ impl PodNetns {
 
     /// An unconnected TCP socket inside the pod, ready for `connect`.
     pub async fn stream_socket(&self, ipv6: bool) -> Result<tokio::net::TcpSocket, InpodError> {
-        let sock = self.ask(|reply| Request::Stream { ipv6, reply }, "create a socket".into()).await?;
+        let spare = if ipv6 { None } else { self.spares.lock().pop() };
+        let sock = match spare {
+            Some(s) => {
+                let _ = self.tx.send(Request::Refill);
+                s
+            }
+            None => self.ask(|reply| Request::Stream { ipv6, reply }, "create a socket".into()).await?,
+        };
         Ok(tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock)))
     }
 
@@ -124,7 +153,7 @@ impl PodNetns {
 }
 
 /// The pod's socket thread: enter the namespace, report its cookie, then serve requests.
-fn serve(ns: File, rx: mpsc::Receiver<Request>, ready: mpsc::Sender<io::Result<u64>>) {
+fn serve(ns: File, rx: mpsc::Receiver<Request>, ready: mpsc::Sender<io::Result<u64>>, spares: Spares) {
     let entered = sys::setns_net(ns.as_fd()).and_then(|()| {
         let probe = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
         sys::netns_cookie(&probe)
@@ -143,6 +172,14 @@ fn serve(ns: File, rx: mpsc::Receiver<Request>, ready: mpsc::Sender<io::Result<u
                 let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
                 let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP));
                 let _ = reply.send(s);
+            }
+            Request::Refill => {
+                while spares.lock().len() < SPARE_SOCKETS {
+                    match Socket::new(Domain::IPV4, Type::STREAM.nonblocking(), Some(Protocol::TCP)) {
+                        Ok(s) => spares.lock().push(s),
+                        Err(_) => break, // out of descriptors: connections fall back to asking
+                    }
+                }
             }
         }
     }

@@ -4,8 +4,19 @@
 //! source *pod* is part of the key because the agent's sockets live in each pod's network
 //! namespace: two pods sharing a service account must not share an outer connection, or one
 //! pod's traffic would leave from the other's address.
+//!
+//! A key may have several connections: a stream goes on the first one with a free slot
+//! under the peer's `SETTINGS_MAX_CONCURRENT_STREAMS` (at most [`MAX_STREAMS`]); when all
+//! are full, another connection is dialled — a stream never waits for another to end.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+};
 
 use bytes::Bytes;
 use h2::{client::SendRequest, RecvStream, SendStream};
@@ -15,7 +26,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
+use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
 use crate::{
     identity::{IdentityManager, SpiffeId},
     tls,
@@ -43,22 +54,53 @@ pub struct PoolKey {
     pub dst_addr: SocketAddr,
 }
 
-/// A tunnel ready to carry bytes.
+/// A tunnel ready to carry bytes. It holds its connection's stream slot until dropped.
 #[derive(Debug)]
 pub struct Tunnel {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
+    pub slot: Slot,
+}
+
+/// One stream's place on a pooled connection; released on drop.
+#[derive(Debug)]
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A pooled connection and how many streams it carries.
+#[derive(Debug, Clone)]
+struct Pooled {
+    id: u64,
+    sender: SendRequest<Bytes>,
+    active: Arc<AtomicUsize>,
+}
+
+impl Pooled {
+    /// Take a slot if the connection has one free.
+    fn reserve(&self) -> Option<Slot> {
+        let limit = self.sender.current_max_send_streams().min(MAX_STREAMS as usize);
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| Slot(self.active.clone()))
+    }
 }
 
 #[derive(Debug)]
 pub struct Pool {
     ids: Arc<IdentityManager>,
-    conns: Mutex<HashMap<PoolKey, SendRequest<Bytes>>>,
+    conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    next_id: AtomicU64,
 }
 
 impl Pool {
     pub fn new(ids: Arc<IdentityManager>) -> Self {
-        Self { ids, conns: Mutex::new(HashMap::new()) }
+        Self { ids, conns: Mutex::new(HashMap::new()), next_id: AtomicU64::new(0) }
     }
 
     /// Open a CONNECT stream to `target` through the pooled connection for `key`, dialling
@@ -74,19 +116,43 @@ impl Pool {
         D: Fn() -> F,
         F: std::future::Future<Output = std::io::Result<TcpStream>>,
     {
-        let pooled = self.conns.lock().get(key).cloned();
-        if let Some(sender) = pooled {
-            match stream(sender, key.dst_addr, target, source).await {
+        loop {
+            let pooled = self
+                .conns
+                .lock()
+                .get(key)
+                .and_then(|cs| cs.iter().find_map(|c| c.reserve().map(|slot| (c.clone(), slot))));
+            let Some((conn, slot)) = pooled else { break };
+            match stream(conn.sender.clone(), key.dst_addr, target, source, slot).await {
                 Ok(t) => return Ok(t),
                 Err(e) => {
-                    tracing::debug!(dst = %key.dst_addr, "pooled HBONE connection unusable, dialling anew: {e}");
-                    self.conns.lock().remove(key);
+                    tracing::debug!(dst = %key.dst_addr, "pooled HBONE connection unusable, dropping it: {e}");
+                    self.forget(key, conn.id);
                 }
             }
         }
         let sender = self.connect(key, dial).await?;
-        self.conns.lock().insert(key.clone(), sender.clone());
-        stream(sender, key.dst_addr, target, source).await
+        let conn =
+            Pooled { id: self.next_id.fetch_add(1, Ordering::Relaxed), sender, active: Arc::new(AtomicUsize::new(0)) };
+        // A fresh connection has room for at least this stream.
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot(conn.active.clone());
+        self.conns.lock().entry(key.clone()).or_default().push(conn.clone());
+        let t = stream(conn.sender.clone(), key.dst_addr, target, source, slot).await;
+        if t.is_err() {
+            self.forget(key, conn.id);
+        }
+        t
+    }
+
+    fn forget(&self, key: &PoolKey, id: u64) {
+        let mut conns = self.conns.lock();
+        if let Some(cs) = conns.get_mut(key) {
+            cs.retain(|c| c.id != id);
+            if cs.is_empty() {
+                conns.remove(key);
+            }
+        }
     }
 
     async fn connect<D, F>(&self, key: &PoolKey, dial: D) -> Result<SendRequest<Bytes>, TunnelError>
@@ -120,7 +186,7 @@ impl Pool {
 
     /// Pooled connections (for status).
     pub fn len(&self) -> usize {
-        self.conns.lock().len()
+        self.conns.lock().values().map(Vec::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -134,6 +200,7 @@ async fn stream(
     to: SocketAddr,
     target: SocketAddr,
     source: SocketAddr,
+    slot: Slot,
 ) -> Result<Tunnel, TunnelError> {
     let mut ready = sender.ready().await.map_err(|e| TunnelError::H2(to, e))?;
     let req = Request::builder()
@@ -147,7 +214,7 @@ async fn stream(
     if response.status() != StatusCode::OK {
         return Err(TunnelError::Status(to, response.status()));
     }
-    Ok(Tunnel { send, recv: response.into_body() })
+    Ok(Tunnel { send, recv: response.into_body(), slot })
 }
 
 /// RFC 7239 node: IPv6 in quotes and brackets.

@@ -150,7 +150,8 @@ async fn open(pool: &Pool, k: &PoolKey, target: SocketAddr) -> Result<super::cli
 
 /// Send `data` through a tunnel, half-close, read everything back.
 async fn round_trip(t: super::client::Tunnel, data: &[u8]) -> Vec<u8> {
-    let super::client::Tunnel { mut send, mut recv } = t;
+    let super::client::Tunnel { mut send, mut recv, slot } = t;
+    let _slot = slot;
     send.send_data(Bytes::copy_from_slice(data), true).unwrap();
     let mut got = Vec::new();
     while let Some(chunk) = recv.data().await {
@@ -188,6 +189,31 @@ async fn tunnels_bytes_with_verified_identities_and_pools_connections() {
         recs.iter().all(|(s, _, p)| *s == 200 && p.as_deref() == Some("spiffe://lab.local/ns/shop/sa/web")),
         "{recs:?}"
     );
+}
+
+#[tokio::test]
+async fn more_streams_than_one_connection_carries_open_another_connection() {
+    let f = fixture(Duration::from_secs(5)).await;
+    let pool = Pool::new(f.ids.clone());
+    let k = key(&f, id("shop", "web"), f.server_id.clone());
+    let target = SocketAddr::new(f.server.ip(), f.echo.port());
+    // Held open at once: one more than a connection's stream limit.
+    let n = super::MAX_STREAMS as usize + 1;
+    let mut held = Vec::new();
+    for i in 0..n {
+        let t = tokio::time::timeout(Duration::from_secs(10), open(&pool, &k, target))
+            .await
+            .unwrap_or_else(|_| panic!("tunnel {i} waited instead of opening"))
+            .unwrap();
+        held.push(t);
+    }
+    assert_eq!(pool.len(), 2, "the {n}th stream went on a second connection");
+    // Freed slots are reused: closing one and opening another dials nothing new.
+    let t = held.pop().unwrap();
+    assert_eq!(round_trip(t, b"ping").await, b"ping");
+    let again = open(&pool, &k, target).await.unwrap();
+    assert_eq!(round_trip(again, b"pong").await, b"pong");
+    assert_eq!(pool.len(), 2);
 }
 
 #[tokio::test]

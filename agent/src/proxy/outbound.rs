@@ -157,7 +157,10 @@ async fn tunnel<'a>(
     match mesh.pool.open(&key, dst, source, dial).await {
         Ok(t) => {
             flow.opened();
-            match hbone::splice(stream, t.send, t.recv).await {
+            let hbone::client::Tunnel { send, recv, slot } = t;
+            let result = hbone::splice(stream, send, recv).await;
+            drop(slot); // the stream is done: its place on the connection is free
+            match result {
                 Ok((sent, received)) => flow.closed(sent, received, None),
                 Err(e) => flow.closed(0, 0, Some(e.to_string())),
             }

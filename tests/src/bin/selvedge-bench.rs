@@ -126,6 +126,11 @@ fn run(lab: &mut Lab, plan: &Plan) -> Value {
     for n in ["n1", "n2"] {
         lab.start_agent(n, AgentOptions { fast_path, ..AgentOptions::default() });
     }
+    // Warm up first (certificates issued, pooled HBONE connections, worker threads and
+    // their stacks): what is left to measure is what each idle connection holds.
+    let warm = lab.spawn_in_pod("client", app(lab, &["hold", &echo.to_string(), "200", "1"]));
+    let _ = lab.child_first_line(warm, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(2500));
     // Idle connections held open: agent memory per connection, per side.
     let rss0 = agents_rss(lab);
     let hold = lab.spawn_in_pod("client", app(lab, &["hold", &echo.to_string(), &plan.idle.to_string(), "3"]));
