@@ -159,6 +159,11 @@ fn serve(ns: File, rx: mpsc::Receiver<Request>, ready: mpsc::Sender<io::Result<u
         sys::netns_cookie(&probe)
     });
     let ok = entered.is_ok();
+    if ok {
+        if let Err(e) = reserve_agent_ports() {
+            tracing::warn!("agent ports not reserved in the pod's netns (an app's connection could take one): {e}");
+        }
+    }
     if ready.send(entered).is_err() || !ok {
         return;
     }
@@ -185,6 +190,36 @@ fn serve(ns: File, rx: mpsc::Receiver<Request>, ready: mpsc::Sender<io::Result<u
     }
 }
 
+/// Keep the agent's ports out of the pod's ephemeral range (`ip_local_reserved_ports`, a
+/// per-netns sysctl; /proc/sys/net follows this thread's netns): an app connection that
+/// took local port 15008 would stop a restarted agent from listening there.
+fn reserve_agent_ports() -> io::Result<()> {
+    const FILE: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let current = std::fs::read_to_string(FILE)?;
+    let ours = [selvedge_common::OUTBOUND_PORT, selvedge_common::INBOUND_PORT, selvedge_common::HBONE_PORT];
+    let mut all: Vec<String> = current.trim().split(',').filter(|p| !p.is_empty()).map(str::to_owned).collect();
+    let before = all.len();
+    for p in ours {
+        if !all.iter().any(|r| port_in(r, p)) {
+            all.push(p.to_string());
+        }
+    }
+    if all.len() == before {
+        return Ok(());
+    }
+    std::fs::write(FILE, all.join(","))
+}
+
+/// Is `port` in a reserved-ports entry (`N` or `A-B`)?
+fn port_in(entry: &str, port: u16) -> bool {
+    match entry.split_once('-') {
+        Some((a, b)) => {
+            a.trim().parse::<u16>().is_ok_and(|a| a <= port) && b.trim().parse::<u16>().is_ok_and(|b| port <= b)
+        }
+        None => entry.trim().parse::<u16>() == Ok(port),
+    }
+}
+
 fn listener(addr: SocketAddr) -> io::Result<Socket> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
@@ -199,4 +234,15 @@ fn listener(addr: SocketAddr) -> io::Result<Socket> {
     s.bind(&addr.into())?;
     s.listen(1024)?;
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reserved_port_entries() {
+        assert!(super::port_in("15008", 15008));
+        assert!(super::port_in("15000-15010", 15008));
+        assert!(!super::port_in("15009-15010", 15008));
+        assert!(!super::port_in("", 15008));
+    }
 }

@@ -349,7 +349,9 @@ impl Lab {
     pub fn tune_for_load(&self, pod: &str) {
         let ns = self.get(pod).netns.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         self.sysctl(&ns, "net.ipv4.tcp_tw_reuse", "1");
-        self.sysctl(&ns, "net.ipv4.ip_local_port_range", "1024 65000");
+        // Wide, but above the agent's ports (15001/15006/15008): an app connection holding
+        // one of them would stop the agent listening there when the pod is enrolled.
+        self.sysctl(&ns, "net.ipv4.ip_local_port_range", "15100 65000");
     }
 
     /// Give `pod` one more address (like a pod IP that appears late).

@@ -59,6 +59,9 @@ enum Task {
         /// A smoke run that finishes in about a minute.
         #[arg(long)]
         quick: bool,
+        /// Only the idle-connection memory rows (10,000 connections), for iterating on memory.
+        #[arg(long, conflicts_with = "quick")]
+        idle_only: bool,
     },
     /// Build and run the agent on this machine in the foreground (Ctrl-C stops it; pins
     /// stay, so enrolled pods stay fail-closed, unless --uninstall).
@@ -98,7 +101,7 @@ fn run() -> anyhow::Result<()> {
         Task::Build { release } => tasks::build(&root, release).map(|_| ()),
         Task::Test { no_setup, cargo_test_args } => tasks::test(&root, !no_setup, &cargo_test_args),
         Task::Demo { keep } => tasks::demo(&root, keep),
-        Task::Bench { quick } => tasks::bench(&root, quick),
+        Task::Bench { quick, idle_only } => tasks::bench(&root, quick, idle_only),
         Task::Load { config, node, uninstall, run_args } => tasks::load(&root, &config, node, uninstall, &run_args),
         Task::Lab { cmd } => lab::run(&root, cmd),
     }

@@ -65,7 +65,7 @@ pub fn demo(root: &Path, keep: bool) -> anyhow::Result<()> {
     cmd::run(&mut c)
 }
 
-pub fn bench(root: &Path, quick: bool) -> anyhow::Result<()> {
+pub fn bench(root: &Path, quick: bool, idle_only: bool) -> anyhow::Result<()> {
     setup::run()?;
     if !cmd::is_root() {
         bail!("the benchmarks build network namespaces and load eBPF: run them as root");
@@ -80,6 +80,9 @@ pub fn bench(root: &Path, quick: bool) -> anyhow::Result<()> {
         .arg(&out);
     if quick {
         c.arg("--quick");
+    }
+    if idle_only {
+        c.arg("--idle-only");
     }
     cmd::run(&mut c)
 }

@@ -194,7 +194,9 @@ async fn serve_stream<U: Upstream>(
             return up.log(record(Some(target), StatusCode::FORBIDDEN, reason.as_str(), 0, 0));
         }
     };
-    let app = match up.connect(target).await {
+    // Boxed for the same reason as the client's setup: only the splice stays for the
+    // stream's life.
+    let app = match Box::pin(up.connect(target)).await {
         Ok(s) => s,
         Err(reason) => {
             let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);

@@ -154,7 +154,10 @@ async fn tunnel<'a>(
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
     };
-    match mesh.pool.open(&key, dst, source, dial).await {
+    // Boxed: the setup (pool lookup, maybe a dial and a TLS handshake) is a large state
+    // that lives only until the tunnel is open; inline, every idle connection's task would
+    // carry its size for the connection's whole life.
+    match Box::pin(mesh.pool.open(&key, dst, source, dial)).await {
         Ok(t) => {
             flow.opened();
             let hbone::client::Tunnel { send, recv, slot } = t;

@@ -24,6 +24,8 @@ const QUICK: Plan = Plan { seconds: 2, pings: 500, connrate_ms: 1000, idle: 1000
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
+    // Only the idle-connection memory rows, at full size: for iterating on memory.
+    let idle_only = args.iter().any(|a| a == "--idle-only");
     let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).cloned();
     let plan = if quick { QUICK } else { FULL };
 
@@ -54,7 +56,8 @@ fn main() {
             lab.start_agent(n, AgentOptions { fast_path, ..AgentOptions::default() });
         }
         eprintln!("bench: {mode} ...");
-        results.insert(mode.into(), run(&mut lab, &plan));
+        let rows = if idle_only { idle_memory(&mut lab, &FULL, serde_json::Map::new()) } else { run(&mut lab, &plan) };
+        results.insert(mode.into(), rows);
     }
     let report = json!({
         "date": time_now(),
@@ -120,6 +123,12 @@ fn run(lab: &mut Lab, plan: &Plan) -> Value {
         r.insert("agent_cpu_s_per_1000_connections".into(), json!(cpu / n * 1000.0));
     }
     tool_rows(lab, plan, &mut r);
+    idle_memory(lab, plan, r)
+}
+
+/// Agent memory per idle meshed connection, per side.
+fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>) -> Value {
+    let echo = SocketAddr::from((lab.get("far").ip, 7000));
     // Last, on freshly started agents (bulk transfers leave the allocator holding buffers
     // that idle connections would reuse): agent memory per idle connection, per side.
     let fast_path = lab.agent("n1").opts.fast_path;
