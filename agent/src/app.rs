@@ -77,6 +77,21 @@ pub enum AppError {
     },
 }
 
+/// SIGTERM, to be awaited by a run loop.
+fn sigterm() -> Result<tokio::signal::unix::Signal, AppError> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(AppError::Signal)
+}
+
+/// Resolves when the agent is asked to stop: SIGTERM, SIGINT or the admin API's
+/// /quitquitquit.
+async fn stop_requested(term: &mut tokio::signal::unix::Signal, quit: &tokio::sync::Notify) {
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+        () = quit.notified() => {}
+    }
+}
+
 /// An enrolled pod and what serves it.
 #[derive(Debug)]
 struct Enrolled {
@@ -240,16 +255,13 @@ impl Agent {
         self.write_status(status_file.as_ref(), true)?;
         tracing::info!(enrolled = self.pods.len(), failed = self.failed.len(), "started");
 
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(AppError::Signal)?;
+        let mut term = sigterm()?;
         let mut tick = tokio::time::interval(Duration::from_millis(config::RELOAD_INTERVAL_MS));
         let mut retry_at = tokio::time::Instant::now();
         let mut ticks: u64 = 0;
         loop {
             tokio::select! {
-                _ = term.recv() => break,
-                _ = tokio::signal::ctrl_c() => break,
-                _ = self.admin.quit.notified() => break,
+                () = stop_requested(&mut term, &self.admin.quit) => break,
                 _ = tick.tick() => {}
             }
             ticks += 1;

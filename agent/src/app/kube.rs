@@ -77,15 +77,12 @@ impl super::Agent {
             dirty: false,
             problems: Vec::new(),
         };
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(AppError::Signal)?;
+        let mut term = super::sigterm()?;
         let mut tick = tokio::time::interval(Duration::from_millis(config::RELOAD_INTERVAL_MS));
         let mut ticks: u64 = 0;
         loop {
             tokio::select! {
-                _ = term.recv() => break,
-                _ = tokio::signal::ctrl_c() => break,
-                _ = self.admin.quit.notified() => break,
+                () = super::stop_requested(&mut term, &self.admin.quit) => break,
                 changed = snapshots.changed() => {
                     if changed.is_err() {
                         tracing::error!("the Kubernetes watch stopped");

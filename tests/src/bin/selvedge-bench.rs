@@ -55,6 +55,7 @@ fn main() {
         for n in ["n1", "n2"] {
             lab.start_agent(n, AgentOptions { fast_path, ..AgentOptions::default() });
         }
+        assert_meshed(&mut lab, meshed);
         eprintln!("bench: {mode} ...");
         let rows = if idle_only { idle_memory(&mut lab, &FULL, serde_json::Map::new()) } else { run(&mut lab, &plan) };
         results.insert(mode.into(), rows);
@@ -135,6 +136,7 @@ fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>
     for n in ["n1", "n2"] {
         lab.start_agent(n, AgentOptions { fast_path, ..AgentOptions::default() });
     }
+    assert_meshed(lab, lab.get("client").enrolled);
     // Warm up first (certificates issued, pooled HBONE connections, worker threads and
     // their stacks): what is left to measure is what each idle connection holds.
     let warm = lab.spawn_in_pod("client", app(lab, &["hold", &echo.to_string(), "200", "1"]));
@@ -154,6 +156,23 @@ fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>
     }
     std::thread::sleep(Duration::from_secs(3));
     Value::Object(r)
+}
+
+/// A meshed row measured on a pod the agent failed to enroll would be an unmeshed number
+/// under the wrong heading: stop instead.
+fn assert_meshed(lab: &mut Lab, meshed: bool) {
+    for n in ["n1", "n2"] {
+        let status = lab.agent(n).status();
+        let want: &[&str] = match (meshed, n) {
+            (false, _) => &[],
+            (true, "n1") => &["client", "near"],
+            (true, _) => &["far"],
+        };
+        assert!(
+            status.failed.is_empty() && want.iter().all(|p| status.enrolled.iter().any(|e| e == p)),
+            "bench: agent {n} has not enrolled {want:?}: {status:?}"
+        );
+    }
 }
 
 fn iperf_client(ip: &str, seconds: u32, streams: u32) -> Command {
