@@ -94,7 +94,10 @@ impl super::Agent {
                 Some((req, reply)) = cni_requests.recv() => c.accept(req, reply, &self.settings.node),
                 _ = tick.tick() => {
                     ticks += 1;
-                    if ticks.is_multiple_of(SLOW_EVERY) && !self.waiting.is_empty() || ticks.is_multiple_of(SLOW_EVERY * 6) {
+                    // Every 5 s while pods wait for their netns; every 30 s regardless
+                    // (pruning registrations whose sandbox is gone).
+                    let looking = ticks.is_multiple_of(SLOW_EVERY) && !self.waiting.is_empty();
+                    if looking || ticks.is_multiple_of(SLOW_EVERY * 6) {
                         let ips: BTreeMap<String, Vec<IpAddr>> = self
                             .last_config
                             .workloads
