@@ -191,6 +191,17 @@ impl Agent {
             policies: parking_lot::RwLock::new(Arc::new(Vec::new())),
             watchers: Arc::new(proxy::Watchers::default()),
         });
+        let reaper = mesh.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(hbone::POOL_IDLE / 2);
+            loop {
+                every.tick().await;
+                let closed = reaper.pool.reap(hbone::POOL_IDLE);
+                if closed > 0 {
+                    tracing::debug!(closed, "idle HBONE connections closed");
+                }
+            }
+        });
         let admin = Arc::new(AdminState {
             snapshot: parking_lot::RwLock::new(serde_json::Value::Null),
             ready: std::sync::atomic::AtomicBool::new(false),

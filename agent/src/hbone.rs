@@ -30,6 +30,8 @@ pub const MAX_FRAME: u32 = 1024 * 1024;
 pub const MAX_STREAMS: u32 = 100;
 /// A TLS handshake that has not finished by then is dropped with everything it holds.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A pooled connection that has carried no stream for this long is closed.
+pub const POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Copy buffers start small (idle connections cost little) and double while reads fill
 /// them, up to this size (bulk transfers move big chunks).

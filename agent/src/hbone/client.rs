@@ -16,6 +16,7 @@ use std::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -64,11 +65,27 @@ pub struct Tunnel {
 
 /// One stream's place on a pooled connection; released on drop.
 #[derive(Debug)]
-pub struct Slot(Arc<AtomicUsize>);
+pub struct Slot(Arc<Usage>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle_since_ms.store(self.0.now_ms(), Ordering::Release);
+        }
+    }
+}
+
+/// How busy a pooled connection is, and since when it has carried nothing.
+#[derive(Debug)]
+struct Usage {
+    active: AtomicUsize,
+    epoch: Instant,
+    idle_since_ms: AtomicU64,
+}
+
+impl Usage {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }
 
@@ -77,17 +94,24 @@ impl Drop for Slot {
 struct Pooled {
     id: u64,
     sender: SendRequest<Bytes>,
-    active: Arc<AtomicUsize>,
+    usage: Arc<Usage>,
 }
 
 impl Pooled {
     /// Take a slot if the connection has one free.
     fn reserve(&self) -> Option<Slot> {
         let limit = self.sender.current_max_send_streams().min(MAX_STREAMS as usize);
-        self.active
+        self.usage
+            .active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
             .ok()
-            .map(|_| Slot(self.active.clone()))
+            .map(|_| Slot(self.usage.clone()))
+    }
+
+    fn idle_for(&self, d: Duration) -> bool {
+        let u = &self.usage;
+        u.active.load(Ordering::Acquire) == 0
+            && u.now_ms().saturating_sub(u.idle_since_ms.load(Ordering::Acquire)) >= d.as_millis() as u64
     }
 }
 
@@ -132,17 +156,28 @@ impl Pool {
             }
         }
         let sender = self.connect(key, dial).await?;
-        let conn =
-            Pooled { id: self.next_id.fetch_add(1, Ordering::Relaxed), sender, active: Arc::new(AtomicUsize::new(0)) };
         // A fresh connection has room for at least this stream.
-        conn.active.fetch_add(1, Ordering::AcqRel);
-        let slot = Slot(conn.active.clone());
+        let usage = Usage { active: AtomicUsize::new(1), epoch: Instant::now(), idle_since_ms: AtomicU64::new(0) };
+        let conn = Pooled { id: self.next_id.fetch_add(1, Ordering::Relaxed), sender, usage: Arc::new(usage) };
+        let slot = Slot(conn.usage.clone());
         self.conns.lock().entry(key.clone()).or_default().push(conn.clone());
         let t = stream(conn.sender.clone(), key.dst_addr, target, source, slot).await;
         if t.is_err() {
             self.forget(key, conn.id);
         }
         t
+    }
+
+    /// Close the connections that have carried nothing for `idle` (dropping the last
+    /// handle ends the connection); returns how many.
+    pub fn reap(&self, idle: Duration) -> usize {
+        let mut conns = self.conns.lock();
+        let before: usize = conns.values().map(Vec::len).sum();
+        conns.retain(|_, cs| {
+            cs.retain(|c| !c.idle_for(idle));
+            !cs.is_empty()
+        });
+        before - conns.values().map(Vec::len).sum::<usize>()
     }
 
     fn forget(&self, key: &PoolKey, id: u64) {

@@ -214,6 +214,12 @@ async fn more_streams_than_one_connection_carries_open_another_connection() {
     let again = open(&pool, &k, target).await.unwrap();
     assert_eq!(round_trip(again, b"pong").await, b"pong");
     assert_eq!(pool.len(), 2);
+    // Idle connections are closed; busy ones stay.
+    assert_eq!(pool.reap(Duration::ZERO), 1, "the connection with no stream left is closed");
+    drop(held);
+    assert_eq!(pool.reap(Duration::from_secs(3600)), 0, "not idle for long enough");
+    assert_eq!(pool.reap(Duration::ZERO), 1);
+    assert!(pool.is_empty());
 }
 
 #[tokio::test]
