@@ -231,6 +231,18 @@ impl Cluster {
         self.api.delete_typed::<KPod>(Some(&s.request.namespace), pod);
     }
 
+    /// A pod in graceful termination: its sandbox is gone (CNI DEL; its IP can be handed
+    /// out again) while the API still holds it, marked with a deletionTimestamp.
+    pub fn terminate_pod(&mut self, pod: &str) {
+        let ns = self.sandboxes.get(pod).unwrap_or_else(|| panic!("no pod {pod}")).request.namespace.clone();
+        let mut obj = self.api.get("v1", "Pod", Some(&ns), pod).unwrap_or_else(|| panic!("pod {pod} not in the API"));
+        let api_obj = obj.clone();
+        self.delete_pod(pod);
+        obj["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        obj["metadata"]["resourceVersion"] = api_obj["metadata"]["resourceVersion"].clone();
+        self.api.apply(obj);
+    }
+
     /// Run one CNI command of `plugin` for `s` on its node, as a runtime does.
     pub fn invoke(&self, s_pod: &str, plugin: &str, command: &str, conf: &Value) -> Result<Value, CniFailure> {
         let s = self.sandboxes.get(s_pod).unwrap_or_else(|| panic!("no pod {s_pod}"));

@@ -148,7 +148,8 @@ fn a_reused_ip_never_carries_the_old_pods_identity() {
     allow_only(&c, "cluster.local/ns/shop/sa/old");
     wait_reach(&c, "other", "db", false); // the policy is in force
     wait_reach(&c, "old", "db", true);
-    c.delete_pod("old");
+    // Terminating: the sandbox (and its IP) is gone, the API still shows the pod.
+    c.terminate_pod("old");
     // Another workload, another service account, the same address.
     let new = c.create_pod(PodRequest::new("new", "shop", "n1").ip(old.ip)).expect("new");
     assert_eq!(new.ip, old.ip);
