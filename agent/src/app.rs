@@ -532,21 +532,13 @@ impl Agent {
         tracing::info!(pod = %p.spec.name, namespace = %p.spec.namespace, "unenrolled");
     }
 
-    /// Remove kernel entries a previous agent left for pods no longer configured. Runs
-    /// once, when no configured pod is failing: a failing pod's entry cannot be told apart
-    /// from a stale one, and keeping it keeps that pod fail-closed.
+    /// Remove kernel entries a previous agent left for pods no longer configured, once
+    /// (until it succeeds; see `remove_orphans` for when it holds back).
     fn sweep_stale(&mut self) -> Result<(), AppError> {
         if self.swept || !self.failed.is_empty() || !self.waiting.is_empty() {
             return Ok(());
         }
-        let live: BTreeSet<u64> = self.pods.values().map(|p| p.ctx.netns.cookie()).collect();
-        for (cookie, info) in self.datapath.enrolled() {
-            if !live.contains(&cookie) {
-                tracing::info!(netns_cookie = cookie, "removing stale enrollment left by a previous agent");
-                self.datapath.unenroll(cookie, info.pod_id)?;
-                self.mesh.metrics.drift(1);
-            }
-        }
+        self.remove_orphans("removing a stale enrollment left by a previous agent")?;
         self.swept = true;
         Ok(())
     }

@@ -54,12 +54,18 @@ fn cgroup_v2_path(text: &str) -> io::Result<String> {
 }
 
 fn same_ns(a: &str, b: &str) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+    match (ns_id(Path::new(a)), ns_id(Path::new(b))) {
+        (Ok(x), Ok(y)) => x == y,
         // Cannot tell (no access to PID 1's namespace): keep our own view.
         _ => true,
     }
+}
+
+/// A namespace file's identity (device, inode): two files name the same namespace when
+/// these are equal.
+pub fn ns_id(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| (m.dev(), m.ino()))
 }
 
 /// Our cgroup path as the host's cgroup namespace shows it, read by a short-lived thread

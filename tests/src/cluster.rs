@@ -236,10 +236,8 @@ impl Cluster {
     pub fn terminate_pod(&mut self, pod: &str) {
         let ns = self.sandboxes.get(pod).unwrap_or_else(|| panic!("no pod {pod}")).request.namespace.clone();
         let mut obj = self.api.get("v1", "Pod", Some(&ns), pod).unwrap_or_else(|| panic!("pod {pod} not in the API"));
-        let api_obj = obj.clone();
         self.delete_pod(pod);
         obj["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
-        obj["metadata"]["resourceVersion"] = api_obj["metadata"]["resourceVersion"].clone();
         self.api.apply(obj);
     }
 

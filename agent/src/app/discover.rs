@@ -11,7 +11,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
@@ -42,8 +41,7 @@ fn ips_held_in(netns: &Path, ips: &[IpAddr]) -> std::io::Result<Vec<IpAddr>> {
     use std::os::fd::AsRawFd as _;
     let file = std::fs::File::open(netns)?;
     let ips = ips.to_vec();
-    let id = |m: std::fs::Metadata| (m.dev(), m.ino());
-    if std::fs::metadata("/proc/thread-self/ns/net").map(id)? == file.metadata().map(id)? {
+    if crate::sys::ns_id(Path::new("/proc/thread-self/ns/net"))? == crate::sys::ns_id(netns)? {
         // Our own namespace: no need (nor privilege) to join it.
         return Ok(ips.into_iter().filter(|ip| std::net::UdpSocket::bind(SocketAddr::new(*ip, 0)).is_ok()).collect());
     }
@@ -70,7 +68,7 @@ pub fn find_netns(proc_dir: &Path, uids: &BTreeSet<String>) -> BTreeMap<String, 
     if uids.is_empty() {
         return found;
     }
-    let ns_id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let ns_id = |p: &Path| crate::sys::ns_id(p).ok();
     let host = ns_id(&proc_dir.join("1/ns/net"));
     let Ok(entries) = std::fs::read_dir(proc_dir) else { return found };
     let wanted: Vec<(&String, [String; 2])> = uids.iter().map(|u| (u, markers(u))).collect();

@@ -36,18 +36,30 @@ impl super::Agent {
             self.unenroll(&uid);
             self.try_enroll(&spec).await;
         }
+        if let Err(e) = self.remove_orphans("drift: a kernel enrollment belongs to no pod; removing it") {
+            tracing::error!("stale enrollment not removed: {e}");
+        }
+    }
+
+    /// Remove kernel enrollments that belong to no enrolled pod, each logged with `why` and
+    /// counted as drift. Does nothing while a pod is failing or waiting: its entry cannot be
+    /// told apart from a stale one, and keeping it keeps that pod closed. Every orphan is
+    /// tried; the first error is returned.
+    pub(super) fn remove_orphans(&mut self, why: &str) -> Result<(), super::AppError> {
         if !self.failed.is_empty() || !self.waiting.is_empty() {
-            return;
+            return Ok(());
         }
         let live: BTreeSet<u64> = self.pods.values().map(|p| p.ctx.netns.cookie()).collect();
-        for (cookie, info) in kernel {
+        let mut first_error = None;
+        for (cookie, info) in self.datapath.enrolled() {
             if !live.contains(&cookie) {
-                tracing::warn!(netns_cookie = cookie, "drift: a kernel enrollment belongs to no pod; removing it");
+                tracing::warn!(netns_cookie = cookie, "{why}");
                 self.mesh.metrics.drift(1);
                 if let Err(e) = self.datapath.unenroll(cookie, info.pod_id) {
-                    tracing::error!(netns_cookie = cookie, "stale enrollment not removed: {e}");
+                    first_error.get_or_insert(e);
                 }
             }
         }
+        first_error.map_or(Ok(()), |e| Err(e.into()))
     }
 }

@@ -73,16 +73,19 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_secs(1));
     };
     let entry = plugin_entry(&a.state_dir.join(SOCKET_NAME), kubeconfig.as_deref(), &a.mesh_label);
-    let out = chain_file(&file, entry)?;
+    let out = chain_file(&file, read_conf(&file)?, entry)?;
     println!("chained {PLUGIN_TYPE} into {}", out.display());
     Ok(())
 }
 
-/// Chain `entry` into the conf file `file` (a `.conf` becomes a `.conflist`); returns the
-/// file written.
-fn chain_file(file: &Path, entry: Value) -> anyhow::Result<PathBuf> {
+fn read_conf(file: &Path) -> anyhow::Result<Value> {
     let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
-    let conf: Value = serde_json::from_str(&text).with_context(|| format!("parse {}", file.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parse {}", file.display()))
+}
+
+/// Chain `entry` into `conf`, read from `file`, and write it back (a `.conf` becomes a
+/// `.conflist`); returns the file written.
+fn chain_file(file: &Path, conf: Value, entry: Value) -> anyhow::Result<PathBuf> {
     let chained = chain(conf, entry).with_context(|| format!("chain into {}", file.display()))?;
     let out = if file.extension().is_some_and(|x| x == "conflist") {
         file.to_owned()
@@ -101,8 +104,7 @@ fn chain_file(file: &Path, entry: Value) -> anyhow::Result<PathBuf> {
 /// unmeshed. Re-chains when it is missing; returns the file re-chained, if any.
 pub fn ensure_chained(conf_dir: &Path, state_dir: &Path, mesh_label: &str) -> anyhow::Result<Option<PathBuf>> {
     let Some(file) = cluster_conf(conf_dir)? else { return Ok(None) };
-    let text = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
-    let conf: Value = serde_json::from_str(&text).with_context(|| format!("parse {}", file.display()))?;
+    let conf = read_conf(&file)?;
     let ours = |p: &Value| p.get("type").and_then(Value::as_str) == Some(PLUGIN_TYPE);
     if conf.get("plugins").and_then(Value::as_array).is_some_and(|ps| ps.last().is_some_and(ours)) {
         return Ok(None);
@@ -110,7 +112,7 @@ pub fn ensure_chained(conf_dir: &Path, state_dir: &Path, mesh_label: &str) -> an
     let kubeconfig = conf_dir.join(KUBECONFIG_NAME);
     let entry =
         plugin_entry(&state_dir.join(SOCKET_NAME), kubeconfig.exists().then_some(kubeconfig.as_path()), mesh_label);
-    chain_file(&file, entry).map(Some)
+    chain_file(&file, conf, entry).map(Some)
 }
 
 /// Our entry in the plugin list.

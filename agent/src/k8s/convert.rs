@@ -65,6 +65,15 @@ pub fn pod_meshed(pod: &Pod, namespaces: &BTreeMap<&str, &Namespace>, key: &str)
     meshed(pod.metadata.labels.as_ref(), ns.and_then(|n| n.metadata.labels.as_ref()), host, key)
 }
 
+fn namespaces_by_name(s: &Snapshot) -> BTreeMap<&str, &Namespace> {
+    s.namespaces.iter().filter_map(|n| Some((n.metadata.name.as_deref()?, n.as_ref()))).collect()
+}
+
+/// A pod that has finished: its IP may already be someone else's.
+fn finished(pod: &Pod) -> bool {
+    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+}
+
 /// What the CNI side needs to know about one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodFacts {
@@ -79,8 +88,7 @@ pub fn find_pod(s: &Snapshot, uid: Option<&str>, namespace: &str, name: &str, ke
         Some(u) => p.metadata.uid.as_deref() == Some(u),
         None => p.metadata.namespace.as_deref() == Some(namespace) && p.metadata.name.as_deref() == Some(name),
     })?;
-    let namespaces: BTreeMap<&str, &Namespace> =
-        s.namespaces.iter().filter_map(|n| Some((n.metadata.name.as_deref()?, n.as_ref()))).collect();
+    let namespaces = namespaces_by_name(s);
     Some(PodFacts {
         uid: pod.metadata.uid.clone()?,
         node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
@@ -100,8 +108,7 @@ pub struct Converted {
 /// that cannot be is replaced by its fail-closed reading (see [`fail_closed_authz`]).
 pub fn to_config(s: &Snapshot, node: &str, key: &str, networks: &BTreeMap<String, PodNetwork>) -> Converted {
     let mut out = Converted::default();
-    let namespaces: BTreeMap<&str, &Namespace> =
-        s.namespaces.iter().filter_map(|n| Some((n.metadata.name.as_deref()?, n.as_ref()))).collect();
+    let namespaces = namespaces_by_name(s);
     let mut candidates: Vec<(&Pod, config::Workload)> = Vec::new();
     for pod in &s.pods {
         if !pod_meshed(pod, &namespaces, key) {
@@ -135,7 +142,7 @@ pub fn to_config(s: &Snapshot, node: &str, key: &str, networks: &BTreeMap<String
             // routing, so meshed clients still reach it (in plaintext, as without a mesh).
             let running = |p: &&Arc<Pod>| {
                 p.metadata.namespace.as_deref() == Some(svc.namespace.as_str())
-                    && !matches!(p.status.as_ref().and_then(|st| st.phase.as_deref()), Some("Succeeded" | "Failed"))
+                    && !finished(p)
                     && p.metadata.labels.as_ref().is_some_and(|l| svc.selector.iter().all(|(k, v)| l.get(k) == Some(v)))
             };
             let mut backends = s.pods.iter().filter(running).peekable();
@@ -159,8 +166,8 @@ fn workload(pod: &Pod, node: &str, networks: &BTreeMap<String, PodNetwork>) -> O
     let spec = pod.spec.as_ref()?;
     let pod_node = spec.node_name.clone()?; // not scheduled yet: nowhere to enroll, no IP
     let status = pod.status.as_ref();
-    if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
-        return None; // finished: its IP may already be someone else's
+    if finished(pod) {
+        return None;
     }
     let uid = m.uid.clone()?;
     let mut ips: Vec<IpAddr> = status
@@ -302,9 +309,7 @@ fn authz(obj: &DynamicObject, problems: &mut Vec<String>) -> AuthorizationPolicy
 /// Returns the policy and whether it denies everything.
 pub fn fail_closed_authz(doc: &serde_json::Value) -> (AuthorizationPolicy, bool) {
     let spec = &doc["spec"];
-    let selector = spec.get("selector").filter(|s| {
-        s.get("matchLabels").and_then(|m| m.as_object()).is_some_and(|m| m.values().all(|v| v.is_string()))
-    });
+    let selector = readable_selector(spec);
     let allow = matches!(spec.get("action").and_then(|a| a.as_str()), None | Some("ALLOW"));
     let mut new_spec = if allow { json!({"action": "ALLOW"}) } else { json!({"action": "DENY", "rules": [{}]}) };
     if let Some(sel) = selector {
@@ -313,6 +318,13 @@ pub fn fail_closed_authz(doc: &serde_json::Value) -> (AuthorizationPolicy, bool)
     let fixed = json!({"metadata": doc["metadata"].clone(), "spec": new_spec});
     let policy = serde_json::from_value(fixed).expect("fail-closed policy shape is valid");
     (policy, !allow)
+}
+
+/// A policy's `selector`, when it is a well-formed `matchLabels` of strings (the scope a
+/// fail-closed replacement keeps).
+fn readable_selector(spec: &serde_json::Value) -> Option<&serde_json::Value> {
+    spec.get("selector")
+        .filter(|s| s.get("matchLabels").and_then(|m| m.as_object()).is_some_and(|m| m.values().all(|v| v.is_string())))
 }
 
 fn peer_auth(obj: &DynamicObject, problems: &mut Vec<String>) -> PeerAuthentication {
@@ -328,9 +340,7 @@ fn peer_auth(obj: &DynamicObject, problems: &mut Vec<String>) -> PeerAuthenticat
                 doc["metadata"]["namespace"].as_str().unwrap_or_default(),
                 doc["metadata"]["name"].as_str().unwrap_or_default(),
             ));
-            let selector = doc["spec"].get("selector").filter(|s| {
-                s.get("matchLabels").and_then(|m| m.as_object()).is_some_and(|m| m.values().all(|v| v.is_string()))
-            });
+            let selector = readable_selector(&doc["spec"]);
             let mut spec = json!({"mtls": {"mode": "STRICT"}});
             if let Some(sel) = selector {
                 spec["selector"] = json!({"matchLabels": sel["matchLabels"].clone()});
