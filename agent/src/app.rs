@@ -190,6 +190,7 @@ impl Agent {
             metrics: Arc::new(crate::metrics::Metrics::new()),
             policies: parking_lot::RwLock::new(Arc::new(Vec::new())),
             watchers: Arc::new(proxy::Watchers::default()),
+            local: parking_lot::RwLock::new(std::collections::HashMap::new()),
         });
         let reaper = mesh.clone();
         tokio::spawn(async move {
@@ -477,6 +478,7 @@ impl Agent {
                 timeout,
             )));
         }
+        self.mesh.add_local(&ctx);
         self.pods.insert(spec.uid.clone(), Enrolled { spec: spec.clone(), pod_id, ctx, accept_tasks });
         Ok(())
     }
@@ -522,6 +524,7 @@ impl Agent {
         let Some(p) = self.pods.remove(uid) else {
             return;
         };
+        self.mesh.remove_local(uid);
         if let Err(e) = self.datapath.unenroll(p.ctx.netns.cookie(), p.pod_id) {
             tracing::error!(pod = %p.spec.name, "unenroll incomplete: {e}");
         }

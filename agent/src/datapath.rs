@@ -148,11 +148,14 @@ impl FlowMaps {
 
     /// Put the agent's end of an app<->agent loopback connection in the fast-path sockhash.
     /// Must happen before the agent writes to it (see ebpf/src/skmsg.rs on ordering).
-    pub fn join_fast_path(&self, key: &PairKey, sock: &impl AsRawFd) -> Result<(), DatapathError> {
+    /// Returns whether it joined: redirected bytes wait in the sockmap's own queue, which
+    /// only `read` serves (`splice` would never see them), so the caller must copy.
+    pub fn join_fast_path(&self, key: &PairKey, sock: &impl AsRawFd) -> Result<bool, DatapathError> {
         if !self.fast_path {
-            return Ok(());
+            return Ok(false);
         }
-        self.pairs.lock().insert(key, sock.as_raw_fd(), 0).map_err(map_err(maps::PAIRS, "insert agent socket"))
+        self.pairs.lock().insert(key, sock.as_raw_fd(), 0).map_err(map_err(maps::PAIRS, "insert agent socket"))?;
+        Ok(true)
     }
 }
 

@@ -5,17 +5,22 @@
 //! * `inbound`: a SYN from outside the pod was steered to 15006; the accepted socket's local
 //!   address is the original destination, and the agent connects to the app over `lo`.
 //!
-//! Outbound to a meshed destination goes through an HBONE tunnel (`crate::hbone`); to
+//! Outbound to a meshed destination goes through an HBONE tunnel (`crate::hbone`), or, when
+//! this agent serves the destination too, is handed to it directly (`same_node`); to
 //! anything else, plain TCP. Plaintext copies end in [`relay`]: bytes both ways with
-//! half-close carried across. Every connection produces one access-log event.
+//! half-close carried across, moved by `splice(2)` (`zerocopy`). Every connection
+//! produces one access-log event per leg.
 
 mod flow;
 pub mod inbound;
 pub mod outbound;
+mod same_node;
 mod watch;
+mod zerocopy;
 
 pub use flow::{Flow, Refusal, WorkloadName};
 pub use watch::{WatchGuard, Watchers};
+pub use zerocopy::Mover;
 
 use std::{
     net::SocketAddr,
@@ -42,9 +47,6 @@ use crate::{
 
 /// Why a connection that was allowed got closed.
 pub const DENIED_LATER: &str = "closed: denied after a policy change";
-
-/// Per-direction copy buffer: large enough for bulk transfers, small enough idle.
-const COPY_BUF: usize = 64 * 1024;
 
 /// What the proxy knows about the pod a listener serves.
 #[derive(Debug)]
@@ -99,12 +101,33 @@ pub struct Mesh {
     pub policies: parking_lot::RwLock<Arc<Vec<CompiledPolicy>>>,
     /// Open inbound connections, re-checked when policies change.
     pub watchers: Arc<Watchers>,
+    /// Pods this agent serves, by IP (canonical): destinations of same-node handoffs.
+    pub local: parking_lot::RwLock<std::collections::HashMap<std::net::IpAddr, Arc<PodContext>>>,
 }
 
 impl Mesh {
     /// The workload behind an address, by the directory.
     pub fn workload_at(&self, ip: std::net::IpAddr) -> Option<WorkloadName> {
         self.directory.read().workloads.get(&ip.to_canonical()).map(WorkloadName::from)
+    }
+
+    /// The pod behind an address when this agent serves it.
+    pub fn local_pod(&self, ip: std::net::IpAddr) -> Option<Arc<PodContext>> {
+        self.local.read().get(&ip.to_canonical()).cloned()
+    }
+
+    /// Serve same-node handoffs to `pod` (replacing any pod that had its IPs).
+    pub fn add_local(&self, pod: &Arc<PodContext>) {
+        let mut local = self.local.write();
+        local.retain(|_, p| p.uid != pod.uid);
+        for ip in &pod.ips {
+            local.insert(ip.to_canonical(), pod.clone());
+        }
+    }
+
+    /// Stop serving same-node handoffs to the pod with this uid.
+    pub fn remove_local(&self, uid: &str) {
+        self.local.write().retain(|_, p| p.uid != uid);
     }
 }
 
@@ -199,9 +222,15 @@ pub async fn accept_loop<F, Fut>(
 }
 
 /// Copy both ways until both sides are done, then log the connection.
-pub async fn relay(mut flow: Flow<'_>, mut downstream: TcpStream, mut upstream: TcpStream, cancel: Option<&Notify>) {
+pub async fn relay(
+    mut flow: Flow<'_>,
+    mut downstream: TcpStream,
+    mut upstream: TcpStream,
+    mover: Mover,
+    cancel: Option<&Notify>,
+) {
     flow.opened();
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, COPY_BUF, COPY_BUF);
+    let copy = zerocopy::relay(&mut downstream, &mut upstream, mover);
     let outcome = match cancel {
         Some(c) => tokio::select! {
             r = copy => Some(r),
@@ -268,7 +297,7 @@ mod tests {
         let (mut app, downstream) = pair().await;
         let (upstream, mut server) = pair().await;
         let flow = Flow::for_test(app.local_addr().unwrap(), server.local_addr().unwrap());
-        let relayed = tokio::spawn(async move { relay(flow, downstream, upstream, None).await });
+        let relayed = tokio::spawn(async move { relay(flow, downstream, upstream, Mover::Splice, None).await });
 
         app.write_all(b"hello").await.unwrap();
         app.shutdown().await.unwrap();

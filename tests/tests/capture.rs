@@ -38,13 +38,15 @@ fn outbound_and_inbound_capture_on_one_node() {
     let after = lab.agent("n1").fresh_status();
     assert!(after.stat("captured") > before.stat("captured"), "connect4 counted the capture");
     let n1 = lab.agent("n1");
-    n1.wait_access("a's outbound leg, over mTLS", |e| {
-        e["direction"] == "outbound" && e["pod"] == "a" && e["dst"] == b.to_string() && e["security"] == "mutual_tls"
+    // Both pods are this agent's: handed over on the node, no HBONE to itself.
+    n1.wait_access("a's outbound leg, handed over on the node", |e| {
+        e["direction"] == "outbound" && e["pod"] == "a" && e["dst"] == b.to_string() && e["security"] == "same_node"
     });
-    n1.wait_access("b's inbound leg, from a's verified identity", |e| {
+    n1.wait_access("b's inbound leg, from a's identity", |e| {
         e["direction"] == "inbound"
             && e["pod"] == "b"
             && e["dst"] == b.to_string()
+            && e["security"] == "same_node"
             && e["src_identity"] == "spiffe://cluster.local/ns/lab/sa/a"
     });
 }

@@ -6,7 +6,9 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use selvedge_common::RESERVED_PORTS;
 use tokio::net::TcpListener;
 
-use super::{accept_loop, connect_in_pod, relay, reset, ConnTracker, Direction, Flow, Mesh, PodContext, Refusal};
+use super::{
+    accept_loop, connect_in_pod, relay, reset, ConnTracker, Direction, Flow, Mesh, Mover, PodContext, Refusal,
+};
 use crate::{
     addr,
     hbone::server::Outcome,
@@ -83,7 +85,7 @@ async fn handle(
     let watch = mesh.watchers.add(pod_ctx.clone(), facts);
     let _ = stream.set_nodelay(true);
     match deliver(pod, local, timeout).await {
-        Ok(app) => relay(flow, stream, app, Some(&watch.cancel)).await,
+        Ok(app) => relay(flow, stream, app, Mover::Splice, Some(&watch.cancel)).await,
         Err(reason) => {
             flow.refused(Refusal::UpstreamUnreachable, &reason);
             reset(stream);

@@ -8,7 +8,8 @@ use selvedge_common::{OrigDstKey, PairKey, HBONE_PORT};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    accept_loop, connect_in_pod, relay, reset, ConnTracker, Direction, Flow, Mesh, PodContext, Refusal, WorkloadName,
+    accept_loop, connect_in_pod, relay, reset, same_node, ConnTracker, Direction, Flow, Mesh, Mover, PodContext,
+    Refusal, WorkloadName,
 };
 use crate::{
     addr,
@@ -55,10 +56,13 @@ async fn handle(
         return;
     };
     let mut dst = addr::from_abi(&orig);
+    let mut mover = Mover::Splice;
     if let Ok(local) = stream.local_addr() {
         let pair = PairKey { netns_cookie: cookie, local: addr::to_abi(local), remote: app };
-        if let Err(e) = flows.join_fast_path(&pair, &stream) {
-            tracing::debug!(pod = %pod.name, "fast path not used for this connection: {e}");
+        match flows.join_fast_path(&pair, &stream) {
+            Ok(true) => mover = Mover::Copy,
+            Ok(false) => {}
+            Err(e) => tracing::debug!(pod = %pod.name, "fast path not used for this connection: {e}"),
         }
     }
     let _ = stream.set_nodelay(true);
@@ -100,10 +104,13 @@ async fn handle(
                 reset(stream);
                 return;
             }
+            if let Some(dst_pod) = mesh.local_pod(dst.ip()) {
+                return same_node::handoff(flow, stream, mover, peer, dst, pod, dst_pod, mesh, timeout).await;
+            }
             tunnel(flow, stream, peer, dst, pod, to, mesh, timeout).await
         }
         None => match connect_in_pod(pod, None, dst, timeout).await {
-            Ok(upstream) => relay(flow, stream, upstream, None).await,
+            Ok(upstream) => relay(flow, stream, upstream, mover, None).await,
             Err(reason) => {
                 flow.refused(Refusal::UpstreamUnreachable, &reason);
                 reset(stream);

@@ -1,0 +1,81 @@
+//! Same-node handoff: when the destination is a pod this agent serves, the connection does
+//! not go through HBONE to ourselves. The agent holds both ends' identities already (each
+//! pod's listeners live in that pod's netns, and the kernel told us which pod connected),
+//! so it makes the destination's decision itself — the same authorization the HBONE server
+//! would make, with the source's principal — then connects to the app from inside the
+//! destination pod and relays with `splice(2)`: the bytes never enter user space and never
+//! leave the node. Both legs are logged and counted with security `same_node`.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use selvedge_common::RESERVED_PORTS;
+use tokio::net::TcpStream;
+
+use super::{inbound, reset, zerocopy, Direction, Flow, Mesh, Mover, PodContext, Refusal, DENIED_LATER};
+use crate::policy::{ConnFacts, Decision};
+
+/// `connection_security_policy` of a same-node handoff.
+pub const SECURITY: &str = "same_node";
+
+/// Carry `stream` (from `src_pod`'s app, going to `dst`) to `dst_pod`'s app on this node.
+/// `outbound` is the source leg's record, already labelled with both workloads; `mover`
+/// says how the app's socket can be read (see [`Mover`]).
+#[allow(clippy::too_many_arguments, reason = "one call site; the pieces are what a handoff needs")]
+pub async fn handoff(
+    mut outbound: Flow<'_>,
+    mut stream: TcpStream,
+    mover: Mover,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    src_pod: &PodContext,
+    dst_pod: Arc<PodContext>,
+    mesh: &Mesh,
+    timeout: Duration,
+) {
+    outbound.security = SECURITY;
+    let src_ip = src_pod.ips.first().copied().unwrap_or(peer.ip());
+    let mut inbound =
+        Flow::new(Direction::Inbound, &dst_pod, SocketAddr::new(src_ip, peer.port()), dst).with_metrics(&mesh.metrics);
+    inbound.security = SECURITY;
+    inbound.src_identity = Some(&src_pod.identity);
+    inbound.dst_identity = Some(&dst_pod.identity);
+    inbound.src_workload = outbound.src_workload.clone();
+    inbound.service = outbound.service.clone();
+    let refuse = |why: Refusal, detail: &str, stream: TcpStream| {
+        inbound.refused(why, detail);
+        outbound.refused(why, detail);
+        reset(stream);
+    };
+    if RESERVED_PORTS.contains(&dst.port()) {
+        return refuse(Refusal::BadTarget, "destination is a port reserved for the agent", stream);
+    }
+    // Exactly what the destination's HBONE server would see: our principal, our pod's IP.
+    let facts =
+        ConnFacts { principal: Some(src_pod.identity.principal()), src_ip, dst_ip: dst.ip(), dst_port: dst.port() };
+    if let decision @ Decision::Deny { .. } = dst_pod.authorize(mesh, &facts) {
+        return refuse(Refusal::Policy, &decision.reason(), stream);
+    }
+    let watch = mesh.watchers.add(dst_pod.clone(), facts);
+    let mut app = match Box::pin(inbound::deliver(&dst_pod, dst, timeout)).await {
+        Ok(app) => app,
+        Err(reason) => return refuse(Refusal::UpstreamUnreachable, &reason, stream),
+    };
+    let _ = stream.set_nodelay(true);
+    outbound.opened();
+    inbound.opened();
+    let outcome = tokio::select! {
+        r = zerocopy::relay(&mut stream, &mut app, mover) => Some(r),
+        () = watch.cancel.notified() => None,
+    };
+    let (sent, received, error) = match outcome {
+        Some(Ok((up, down))) => (up, down, None),
+        Some(Err(e)) => (0, 0, Some(e.to_string())),
+        None => {
+            reset(stream);
+            reset(app);
+            (0, 0, Some(DENIED_LATER.to_string()))
+        }
+    };
+    inbound.closed(sent, received, error.clone());
+    outbound.closed(sent, received, error);
+}
