@@ -129,11 +129,18 @@ impl Pool {
 
     /// Open a CONNECT stream to `target` through the pooled connection for `key`, dialling
     /// a new one with `dial` when there is none (or the pooled one has gone away).
+    ///
+    /// `early` (possibly empty) is the app's first bytes, sent right behind the request
+    /// instead of a round trip later, after the 200. A pooled connection that fails before
+    /// the request leaves, or whose peer refuses the stream unprocessed, is dropped and the
+    /// next one tried with the same bytes; any other failure is final (the bytes may have
+    /// reached the app, and must not reach it twice).
     pub async fn open<D, F>(
         &self,
         key: &PoolKey,
         target: SocketAddr,
         source: SocketAddr,
+        early: &Bytes,
         dial: D,
     ) -> Result<Tunnel, TunnelError>
     where
@@ -147,12 +154,13 @@ impl Pool {
                 .get(key)
                 .and_then(|cs| cs.iter().find_map(|c| c.reserve().map(|slot| (c.clone(), slot))));
             let Some((conn, slot)) = pooled else { break };
-            match stream(conn.sender.clone(), key.dst_addr, target, source, slot).await {
+            match stream(conn.sender.clone(), key.dst_addr, target, source, early, slot).await {
                 Ok(t) => return Ok(t),
-                Err(e) => {
+                Err(Failure::Retry(e)) => {
                     tracing::debug!(dst = %key.dst_addr, "pooled HBONE connection unusable, dropping it: {e}");
                     self.forget(key, conn.id);
                 }
+                Err(Failure::Final(e)) => return Err(e),
             }
         }
         let sender = self.connect(key, dial).await?;
@@ -161,11 +169,15 @@ impl Pool {
         let conn = Pooled { id: self.next_id.fetch_add(1, Ordering::Relaxed), sender, usage: Arc::new(usage) };
         let slot = Slot(conn.usage.clone());
         self.conns.lock().entry(key.clone()).or_default().push(conn.clone());
-        let t = stream(conn.sender.clone(), key.dst_addr, target, source, slot).await;
-        if t.is_err() {
-            self.forget(key, conn.id);
+        match stream(conn.sender.clone(), key.dst_addr, target, source, early, slot).await {
+            Ok(t) => Ok(t),
+            Err(Failure::Retry(e) | Failure::Final(e)) => {
+                if matches!(e, TunnelError::H2(..)) {
+                    self.forget(key, conn.id);
+                }
+                Err(e)
+            }
         }
-        t
     }
 
     /// Close the connections that have carried nothing for `idle` (dropping the last
@@ -229,25 +241,46 @@ impl Pool {
     }
 }
 
-/// One CONNECT stream; a non-200 answer is an error (the caller resets the app).
+/// Why a stream did not open: `Retry` when the peer certainly did not act on it.
+enum Failure {
+    Retry(TunnelError),
+    Final(TunnelError),
+}
+
+/// One CONNECT stream, with `early` bytes behind the request; a non-200 answer is an error
+/// (the caller resets the app).
 async fn stream(
     sender: SendRequest<Bytes>,
     to: SocketAddr,
     target: SocketAddr,
     source: SocketAddr,
+    early: &Bytes,
     slot: Slot,
-) -> Result<Tunnel, TunnelError> {
-    let mut ready = sender.ready().await.map_err(|e| TunnelError::H2(to, e))?;
+) -> Result<Tunnel, Failure> {
+    let h2 = |e| TunnelError::H2(to, e);
+    let mut ready = sender.ready().await.map_err(|e| Failure::Retry(h2(e)))?;
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
         .header("forwarded", format!("for={}", forwarded_for(source)))
         .body(())
-        .map_err(|e| TunnelError::Dial(to, e.to_string()))?;
-    let (response, send) = ready.send_request(req, false).map_err(|e| TunnelError::H2(to, e))?;
-    let response = response.await.map_err(|e| TunnelError::H2(to, e))?;
+        .map_err(|e| Failure::Final(TunnelError::Dial(to, e.to_string())))?;
+    let (response, mut send) = ready.send_request(req, false).map_err(|e| Failure::Retry(h2(e)))?;
+    if !early.is_empty() {
+        // Within the peer's initial stream window (the caller reads at most that much
+        // ahead), so h2 sends it without waiting for capacity.
+        send.send_data(early.clone(), false).map_err(|e| Failure::Retry(h2(e)))?;
+    }
+    let response = response.await.map_err(|e| {
+        // REFUSED_STREAM (also what a GOAWAY below our stream id becomes): not processed.
+        if e.reason() == Some(h2::Reason::REFUSED_STREAM) || early.is_empty() {
+            Failure::Retry(h2(e))
+        } else {
+            Failure::Final(h2(e))
+        }
+    })?;
     if response.status() != StatusCode::OK {
-        return Err(TunnelError::Status(to, response.status()));
+        return Err(Failure::Final(TunnelError::Status(to, response.status())));
     }
     Ok(Tunnel { send, recv: response.into_body(), slot })
 }

@@ -145,7 +145,7 @@ fn key(f: &Fixture, src: SpiffeId, dst: SpiffeId) -> PoolKey {
 
 async fn open(pool: &Pool, k: &PoolKey, target: SocketAddr) -> Result<super::client::Tunnel, TunnelError> {
     let to = k.dst_addr;
-    pool.open(k, target, "127.0.0.1:1".parse().unwrap(), || TcpStream::connect(to)).await
+    pool.open(k, target, "127.0.0.1:1".parse().unwrap(), &Bytes::new(), || TcpStream::connect(to)).await
 }
 
 /// Send `data` through a tunnel, half-close, read everything back.
@@ -220,6 +220,30 @@ async fn more_streams_than_one_connection_carries_open_another_connection() {
     assert_eq!(pool.reap(Duration::from_secs(3600)), 0, "not idle for long enough");
     assert_eq!(pool.reap(Duration::ZERO), 1);
     assert!(pool.is_empty());
+}
+
+#[tokio::test]
+async fn early_bytes_ride_with_the_request_and_come_first() {
+    let f = fixture(Duration::from_secs(5)).await;
+    f.ids.acquire(&id("shop", "denied")).await.unwrap();
+    let pool = Pool::new(f.ids.clone());
+    let target = SocketAddr::new(f.server.ip(), f.echo.port());
+    let from = "127.0.0.1:1".parse().unwrap();
+    let k = key(&f, id("shop", "web"), f.server_id.clone());
+    let dial = || TcpStream::connect(f.server);
+    for _ in 0..2 {
+        // Sent before the 200 arrives; the server holds them until the app is connected.
+        let t = pool.open(&k, target, from, &Bytes::from_static(b"early "), dial).await.unwrap();
+        assert_eq!(round_trip(t, b"and late").await, b"early and late");
+    }
+    assert_eq!(pool.len(), 1, "the second went on the pooled connection");
+    // A refusal is the answer, not a sign of a broken connection: nothing is re-dialled.
+    let denied = key(&f, id("shop", "denied"), f.server_id.clone());
+    for _ in 0..2 {
+        let err = pool.open(&denied, target, from, &Bytes::from_static(b"x"), dial).await.unwrap_err();
+        assert!(matches!(err, TunnelError::Status(_, StatusCode::FORBIDDEN)), "{err}");
+    }
+    assert_eq!(pool.len(), 2, "one connection per key, kept after a 403");
 }
 
 #[tokio::test]

@@ -19,6 +19,9 @@ use crate::{
     state::Peer,
 };
 
+/// At most this much of the app's first bytes rides with the CONNECT request.
+const EARLY_MAX: usize = 16 * 1024;
+
 /// Serve one outbound listener until the task is aborted.
 pub async fn serve(
     listener: TcpListener,
@@ -161,17 +164,18 @@ async fn tunnel<'a>(
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
     };
+    let early = early_bytes(&stream);
     // Boxed: the setup (pool lookup, maybe a dial and a TLS handshake) is a large state
     // that lives only until the tunnel is open; inline, every idle connection's task would
     // carry its size for the connection's whole life.
-    match Box::pin(mesh.pool.open(&key, dst, source, dial)).await {
+    match Box::pin(mesh.pool.open(&key, dst, source, &early, dial)).await {
         Ok(t) => {
             flow.opened();
             let hbone::client::Tunnel { send, recv, slot } = t;
             let result = hbone::splice(stream, send, recv).await;
             drop(slot); // the stream is done: its place on the connection is free
             match result {
-                Ok((sent, received)) => flow.closed(sent, received, None),
+                Ok((sent, received)) => flow.closed(early.len() as u64 + sent, received, None),
                 Err(e) => flow.closed(0, 0, Some(e.to_string())),
             }
         }
@@ -179,5 +183,16 @@ async fn tunnel<'a>(
             flow.refused(Refusal::TunnelFailed, &e.to_string());
             reset(stream);
         }
+    }
+}
+
+/// What the app has already written (a client that speaks first usually has by the time
+/// its connection is accepted): it goes out with the CONNECT request. Never waits.
+fn early_bytes(stream: &TcpStream) -> bytes::Bytes {
+    let mut buf = bytes::BytesMut::with_capacity(EARLY_MAX);
+    match stream.try_read_buf(&mut buf) {
+        Ok(_) => buf.freeze(),
+        // Nothing yet (or an error the copy will meet again): no early bytes.
+        Err(_) => bytes::Bytes::new(),
     }
 }
