@@ -39,6 +39,7 @@ pub const ENV_NODE: &str = "SELVEDGE_NODE";
 pub const ENV_PIN_DIR: &str = "SELVEDGE_PIN_DIR";
 pub const ENV_CGROUP: &str = "SELVEDGE_CGROUP";
 pub const ENV_FAST_PATH: &str = "SELVEDGE_FAST_PATH";
+pub const ENV_WORKER_THREADS: &str = "SELVEDGE_WORKER_THREADS";
 pub const ENV_LOG_FORMAT: &str = "SELVEDGE_LOG_FORMAT";
 pub const ENV_MAX_PODS: &str = "SELVEDGE_MAX_PODS";
 pub const ENV_STATUS_FILE: &str = "SELVEDGE_STATUS_FILE";

@@ -29,12 +29,21 @@ pub struct AgentOptions {
     /// `--kube --kubeconfig FILE` (state directory `<lab dir>/state-<node>`), when set;
     /// else `--config` with the lab's generated file.
     pub kubeconfig: Option<PathBuf>,
+    /// `--worker-threads`, when set.
+    pub worker_threads: Option<u16>,
 }
 
 impl Default for AgentOptions {
     /// The agent's own default: fast path off.
     fn default() -> Self {
-        Self { fast_path: false, max_pods: None, cert_lifetime_secs: None, cert_dir: None, kubeconfig: None }
+        Self {
+            fast_path: false,
+            max_pods: None,
+            cert_lifetime_secs: None,
+            cert_dir: None,
+            kubeconfig: None,
+            worker_threads: None,
+        }
     }
 }
 
@@ -133,6 +142,9 @@ impl Agent {
             .arg("--status-file")
             .arg(a.status_path())
             .args(["--log-format", "json", "--fast-path", if opts.fast_path { "true" } else { "false" }]);
+        if let Some(n) = opts.worker_threads {
+            cmd.args(["--worker-threads", &n.to_string()]);
+        }
         if let Some(n) = opts.max_pods {
             cmd.args(["--max-pods", &n.to_string()]);
         }

@@ -62,6 +62,10 @@ enum Task {
         /// Only the idle-connection memory rows (10,000 connections), for iterating on memory.
         #[arg(long, conflicts_with = "quick")]
         idle_only: bool,
+        /// Worker threads per agent. Default: the machine's cores split between the lab's
+        /// two nodes (1 on a 2-core machine), as if each node had its share.
+        #[arg(long)]
+        agent_threads: Option<u16>,
     },
     /// Build and run the agent on this machine in the foreground (Ctrl-C stops it; pins
     /// stay, so enrolled pods stay fail-closed, unless --uninstall).
@@ -101,7 +105,7 @@ fn run() -> anyhow::Result<()> {
         Task::Build { release } => tasks::build(&root, release).map(|_| ()),
         Task::Test { no_setup, cargo_test_args } => tasks::test(&root, !no_setup, &cargo_test_args),
         Task::Demo { keep } => tasks::demo(&root, keep),
-        Task::Bench { quick, idle_only } => tasks::bench(&root, quick, idle_only),
+        Task::Bench { quick, idle_only, agent_threads } => tasks::bench(&root, quick, idle_only, agent_threads),
         Task::Load { config, node, uninstall, run_args } => tasks::load(&root, &config, node, uninstall, &run_args),
         Task::Lab { cmd } => lab::run(&root, cmd),
     }

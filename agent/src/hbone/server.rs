@@ -5,6 +5,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use h2::SendStream;
 use http::{Method, Request, Response, StatusCode};
 use selvedge_common::RESERVED_PORTS;
 use tokio::net::{TcpListener, TcpStream};
@@ -150,20 +151,18 @@ pub fn check_target(req: &Request<h2::RecvStream>, local: SocketAddr) -> Result<
     Ok(target)
 }
 
-async fn serve_stream<U: Upstream>(
-    req: Request<h2::RecvStream>,
-    mut respond: h2::server::SendResponse<Bytes>,
+/// One access-log record of a stream.
+#[allow(clippy::too_many_arguments, reason = "a record's fields, named at each call site")]
+fn record<'a>(
     peer: SocketAddr,
-    local: SocketAddr,
-    principal: &SpiffeId,
-    up: &U,
-) {
-    let _guard = up.begin();
-    let reply = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
-        let resp = Response::builder().status(status).body(()).unwrap_or_default();
-        respond.send_response(resp, status != StatusCode::OK)
-    };
-    let record = |target, status: StatusCode, reason, bytes_in, bytes_out| Record {
+    principal: &'a SpiffeId,
+    target: Option<SocketAddr>,
+    status: StatusCode,
+    reason: &'a str,
+    bytes_in: u64,
+    bytes_out: u64,
+) -> Record<'a> {
+    Record {
         outcome: match status {
             StatusCode::OK => Outcome::Served,
             StatusCode::METHOD_NOT_ALLOWED => Outcome::Method,
@@ -178,12 +177,38 @@ async fn serve_stream<U: Upstream>(
         reason,
         bytes_in,
         bytes_out,
-    };
+    }
+}
+
+fn reply(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode) -> Result<SendStream<Bytes>, h2::Error> {
+    let resp = Response::builder().status(status).body(()).unwrap_or_default();
+    respond.send_response(resp, status != StatusCode::OK)
+}
+
+/// An accepted stream, connected to the app.
+struct Open<W> {
+    app: tokio::net::TcpStream,
+    send: SendStream<Bytes>,
+    recv: h2::RecvStream,
+    watch: W,
+    target: SocketAddr,
+}
+
+/// Check, decide, connect to the app and answer 200 — or answer the refusal and log it.
+async fn open_stream<U: Upstream>(
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    principal: &SpiffeId,
+    up: &U,
+) -> Option<Open<U::Watch>> {
     let target = match check_target(&req, local) {
         Ok(t) => t,
         Err((status, reason)) => {
             let _ = reply(&mut respond, status);
-            return up.log(record(None, status, reason.as_str(), 0, 0));
+            up.log(record(peer, principal, None, status, reason.as_str(), 0, 0));
+            return None;
         }
     };
     // Decided before the app sees a byte: a denied tunnel never connects to it.
@@ -191,33 +216,55 @@ async fn serve_stream<U: Upstream>(
         Ok(w) => w,
         Err(reason) => {
             let _ = reply(&mut respond, StatusCode::FORBIDDEN);
-            return up.log(record(Some(target), StatusCode::FORBIDDEN, reason.as_str(), 0, 0));
+            up.log(record(peer, principal, Some(target), StatusCode::FORBIDDEN, reason.as_str(), 0, 0));
+            return None;
         }
     };
-    // Boxed for the same reason as the client's setup: only the splice stays for the
-    // stream's life.
-    let app = match Box::pin(up.connect(target)).await {
+    let app = match up.connect(target).await {
         Ok(s) => s,
         Err(reason) => {
             let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            return up.log(record(Some(target), StatusCode::SERVICE_UNAVAILABLE, reason.as_str(), 0, 0));
+            let status = StatusCode::SERVICE_UNAVAILABLE;
+            up.log(record(peer, principal, Some(target), status, reason.as_str(), 0, 0));
+            return None;
         }
     };
     let send = match reply(&mut respond, StatusCode::OK) {
         Ok(s) => s,
         Err(e) => {
             let reason = format!("stream gone: {e}");
-            return up.log(record(Some(target), StatusCode::OK, reason.as_str(), 0, 0));
+            up.log(record(peer, principal, Some(target), StatusCode::OK, reason.as_str(), 0, 0));
+            return None;
         }
     };
-    let recv = req.into_body();
+    Some(Open { app, send, recv: req.into_body(), watch, target })
+}
+
+async fn serve_stream<U: Upstream>(
+    req: Request<h2::RecvStream>,
+    respond: h2::server::SendResponse<Bytes>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    principal: &SpiffeId,
+    up: &U,
+) {
+    let _guard = up.begin();
+    // Boxed: the request, the checks and the connect to the app are a large state that
+    // lives only until the stream is open; inline, every idle stream's task would carry
+    // it for the stream's whole life.
+    let Some(Open { app, send, recv, watch, target }) =
+        Box::pin(open_stream(req, respond, peer, local, principal, up)).await
+    else {
+        return;
+    };
     let result = tokio::select! {
         r = splice(app, send, recv) => r.map_err(|e| e.to_string()),
         // Dropping the splice resets the stream and closes the app's socket.
         () = U::cancelled(&watch).notified() => Err("closed: denied after a policy change".to_string()),
     };
+    let ok = StatusCode::OK;
     match result {
-        Ok((to_client, to_app)) => up.log(record(Some(target), StatusCode::OK, "", to_app, to_client)),
-        Err(reason) => up.log(record(Some(target), StatusCode::OK, reason.as_str(), 0, 0)),
+        Ok((to_client, to_app)) => up.log(record(peer, principal, Some(target), ok, "", to_app, to_client)),
+        Err(reason) => up.log(record(peer, principal, Some(target), ok, reason.as_str(), 0, 0)),
     }
 }

@@ -107,18 +107,25 @@ async fn handle(
                 reset(stream);
                 return;
             }
+            // Each way is boxed: a task is as large as its largest possible state, and
+            // every idle tunnel would otherwise carry the largest of the three.
             if let Some(dst_pod) = mesh.local_pod(dst.ip()) {
-                return same_node::handoff(flow, stream, mover, peer, dst, pod, dst_pod, mesh, timeout).await;
+                return Box::pin(same_node::handoff(flow, stream, mover, peer, dst, pod, dst_pod, mesh, timeout)).await;
             }
             tunnel(flow, stream, peer, dst, pod, to, mesh, timeout).await
         }
-        None => match connect_in_pod(pod, None, dst, timeout).await {
-            Ok(upstream) => relay(flow, stream, upstream, mover, None).await,
-            Err(reason) => {
-                flow.refused(Refusal::UpstreamUnreachable, &reason);
-                reset(stream);
-            }
-        },
+        None => {
+            Box::pin(async move {
+                match connect_in_pod(pod, None, dst, timeout).await {
+                    Ok(upstream) => relay(flow, stream, upstream, mover, None).await,
+                    Err(reason) => {
+                        flow.refused(Refusal::UpstreamUnreachable, &reason);
+                        reset(stream);
+                    }
+                }
+            })
+            .await
+        }
     }
 }
 
@@ -151,31 +158,36 @@ async fn tunnel<'a>(
     flow.security = "mutual_tls";
     flow.src_identity = Some(&pod.identity);
     flow.dst_identity = Some(&to.identity);
-    let key = hbone::client::PoolKey {
-        src_pod: pod.netns.cookie(),
-        src: pod.identity.clone(),
-        dst: to.identity.clone(),
-        dst_addr: SocketAddr::new(dst.ip(), HBONE_PORT),
-    };
-    let source = SocketAddr::new(pod.ips.first().copied().unwrap_or(peer.ip()), 0);
-    let dial = || async {
-        let sock = pod.netns.stream_socket(key.dst_addr.is_ipv6()).await.map_err(std::io::Error::other)?;
-        tokio::time::timeout(timeout, sock.connect(key.dst_addr))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
-    };
     let early = early_bytes(&stream);
-    // Boxed: the setup (pool lookup, maybe a dial and a TLS handshake) is a large state
-    // that lives only until the tunnel is open; inline, every idle connection's task would
-    // carry its size for the connection's whole life.
-    match Box::pin(mesh.pool.open(&key, dst, source, &early, dial)).await {
+    let early_len = early.len() as u64;
+    // Boxed, with everything only it needs (pool key, dialer, early bytes): the setup (pool
+    // lookup, maybe a dial and a TLS handshake) is a large state that lives only until the
+    // tunnel is open; inline, every idle connection's task would carry its size for the
+    // connection's whole life.
+    let setup = Box::pin(async move {
+        let key = hbone::client::PoolKey {
+            src_pod: pod.netns.cookie(),
+            src: pod.identity.clone(),
+            dst: to.identity.clone(),
+            dst_addr: SocketAddr::new(dst.ip(), HBONE_PORT),
+        };
+        let source = SocketAddr::new(pod.ips.first().copied().unwrap_or(peer.ip()), 0);
+        let dial = || async {
+            let sock = pod.netns.stream_socket(key.dst_addr.is_ipv6()).await.map_err(std::io::Error::other)?;
+            tokio::time::timeout(timeout, sock.connect(key.dst_addr))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+        };
+        mesh.pool.open(&key, dst, source, &early, dial).await
+    });
+    match setup.await {
         Ok(t) => {
             flow.opened();
             let hbone::client::Tunnel { send, recv, slot } = t;
             let result = hbone::splice(stream, send, recv).await;
             drop(slot); // the stream is done: its place on the connection is free
             match result {
-                Ok((sent, received)) => flow.closed(early.len() as u64 + sent, received, None),
+                Ok((sent, received)) => flow.closed(early_len + sent, received, None),
                 Err(e) => flow.closed(0, 0, Some(e.to_string())),
             }
         }

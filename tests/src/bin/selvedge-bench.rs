@@ -28,13 +28,20 @@ fn main() {
     let idle_only = args.iter().any(|a| a == "--idle-only");
     let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).cloned();
     let plan = if quick { QUICK } else { FULL };
+    // Two nodes share this machine's cores: by default each node's agent gets its share
+    // (one worker per agent on 2 cores); `--agent-threads N` to compare.
+    let threads = match args.iter().position(|a| a == "--agent-threads").and_then(|i| args.get(i + 1)) {
+        Some(n) => n.parse::<u16>().expect("--agent-threads takes a number"),
+        None => default_agent_threads(),
+    };
+    AGENT_THREADS.store(threads, std::sync::atomic::Ordering::Relaxed);
 
     let mut lab = Lab::new("bench");
     lab.node("n1").node("n2");
     lab.pod("n1", "client", false).pod("n1", "near", false);
     lab.pod("n2", "far", false);
-    lab.start_agent("n1", AgentOptions::default());
-    lab.start_agent("n2", AgentOptions::default());
+    lab.start_agent("n1", agent(false));
+    lab.start_agent("n2", agent(false));
     for pod in ["near", "far"] {
         lab.serve(pod, "echo", 7000);
         let mut iperf = Command::new("iperf3");
@@ -53,7 +60,7 @@ fn main() {
         }
         let fast_path = mode == "selvedge+fastpath";
         for n in ["n1", "n2"] {
-            lab.start_agent(n, AgentOptions { fast_path, ..AgentOptions::default() });
+            lab.start_agent(n, agent(fast_path));
         }
         assert_meshed(&mut lab, meshed);
         eprintln!("bench: {mode} ...");
@@ -127,6 +134,20 @@ fn run(lab: &mut Lab, plan: &Plan) -> Value {
     idle_memory(lab, plan, r)
 }
 
+/// `--worker-threads` of the agents.
+static AGENT_THREADS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
+
+/// This machine's cores divided between the two nodes' agents, at least one each.
+fn default_agent_threads() -> u16 {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    u16::try_from((cores / 2).max(1)).unwrap_or(1)
+}
+
+fn agent(fast_path: bool) -> AgentOptions {
+    let threads = AGENT_THREADS.load(std::sync::atomic::Ordering::Relaxed);
+    AgentOptions { fast_path, worker_threads: Some(threads), ..AgentOptions::default() }
+}
+
 /// Agent memory per idle meshed connection, per side.
 fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>) -> Value {
     let echo = SocketAddr::from((lab.get("far").ip, 7000));
@@ -134,7 +155,7 @@ fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>
     // that idle connections would reuse): agent memory per idle connection, per side.
     let fast_path = lab.agent("n1").opts.fast_path;
     for n in ["n1", "n2"] {
-        lab.start_agent(n, AgentOptions { fast_path, ..AgentOptions::default() });
+        lab.start_agent(n, agent(fast_path));
     }
     assert_meshed(lab, lab.get("client").enrolled);
     // Warm up first (certificates issued, pooled HBONE connections, worker threads and
@@ -240,7 +261,8 @@ fn time_now() -> String {
 fn machine() -> String {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} cores, kernel {}", kernel.trim())
+    let threads = AGENT_THREADS.load(std::sync::atomic::Ordering::Relaxed);
+    format!("{cores} cores, kernel {}, {threads} worker thread(s) per agent", kernel.trim())
 }
 
 fn print_table(report: &Value) {
