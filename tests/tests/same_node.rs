@@ -1,8 +1,9 @@
 //! Same-node handoff: a meshed pod's connection to another meshed pod on the same node is
 //! carried by the one agent without HBONE to itself — and identity and policy still apply:
 //! the destination's AuthorizationPolicy sees the source's principal, a denial is logged
-//! on the destination's side with its reason, a policy change closes open connections it
-//! now denies, bytes arrive exactly, and both legs are counted as `same_node`.
+//! with both principals and its reason, a policy change closes open connections it
+//! now denies, bytes arrive exactly, both legs are counted as `same_node`, and STRICT still
+//! drops plaintext from unmeshed neighbours.
 
 use std::net::SocketAddr;
 
@@ -11,11 +12,11 @@ use selvedge_tests::{Client, Lab};
 const ECHO: u16 = 7000;
 const WHOAMI: u16 = 8080;
 
-/// n1: a (namespace shop), o (namespace other), b (shop, the server); all meshed.
+/// n1: a (namespace shop), o (namespace other), b (shop, the server), all meshed; c not.
 fn lab(name: &str) -> Lab {
     let mut lab = Lab::new(name);
     lab.node("n1");
-    lab.pod("n1", "a", true).pod("n1", "o", true).pod("n1", "b", true);
+    lab.pod("n1", "a", true).pod("n1", "o", true).pod("n1", "b", true).pod("n1", "c", false);
     for (p, ns) in [("a", "shop"), ("o", "other"), ("b", "shop")] {
         lab.set_namespace(p, ns);
     }
@@ -112,4 +113,19 @@ fn a_policy_change_closes_open_same_node_connections_it_now_denies() {
     });
     assert!(!reaches(&lab, "a", lab.get("b").addr(WHOAMI)), "and new ones are refused");
     assert!(reaches(&lab, "o", lab.get("b").addr(WHOAMI)), "others still pass");
+}
+
+#[test]
+fn strict_admits_the_handoff_and_still_drops_plaintext_from_the_same_node() {
+    let mut lab = lab("same-node-strict");
+    let b = lab.get("b").addr(WHOAMI);
+    lab.set_pod("b", true, true);
+    lab.write_configs();
+    // Not a plaintext hole: the unmeshed neighbour's SYN is dropped by b's sk_lookup.
+    lab.ask("c", b).expect_err("plaintext from an unmeshed pod on the same node is dropped");
+    let r = lab.ask("a", b).expect("a meshed neighbour is handed over");
+    assert_eq!(r.server().peer.ip().to_string(), "127.0.0.6", "delivered by the agent inside b");
+    lab.agent("n1").wait_access("the handoff, as same_node", |e| {
+        e["direction"] == "inbound" && e["pod"] == "b" && e["security"] == "same_node" && e["result"] == "ok"
+    });
 }

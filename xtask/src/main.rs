@@ -62,8 +62,8 @@ enum Task {
         /// Only the idle-connection memory rows (10,000 connections), for iterating on memory.
         #[arg(long, conflicts_with = "quick")]
         idle_only: bool,
-        /// Worker threads per agent. Default: the machine's cores split between the lab's
-        /// two nodes (1 on a 2-core machine), as if each node had its share.
+        /// Worker threads per agent (`--worker-threads`). Default: the agent's own (one
+        /// per core).
         #[arg(long)]
         agent_threads: Option<u16>,
     },

@@ -28,13 +28,11 @@ fn main() {
     let idle_only = args.iter().any(|a| a == "--idle-only");
     let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).cloned();
     let plan = if quick { QUICK } else { FULL };
-    // Two nodes share this machine's cores: by default each node's agent gets its share
-    // (one worker per agent on 2 cores); `--agent-threads N` to compare.
-    let threads = match args.iter().position(|a| a == "--agent-threads").and_then(|i| args.get(i + 1)) {
-        Some(n) => n.parse::<u16>().expect("--agent-threads takes a number"),
-        None => default_agent_threads(),
-    };
-    AGENT_THREADS.store(threads, std::sync::atomic::Ordering::Relaxed);
+    // The agents' own default unless `--agent-threads N` (0: the default) says otherwise.
+    if let Some(n) = args.iter().position(|a| a == "--agent-threads").and_then(|i| args.get(i + 1)) {
+        let n = n.parse::<u16>().expect("--agent-threads takes a number");
+        AGENT_THREADS.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
 
     let mut lab = Lab::new("bench");
     lab.node("n1").node("n2");
@@ -134,18 +132,12 @@ fn run(lab: &mut Lab, plan: &Plan) -> Value {
     idle_memory(lab, plan, r)
 }
 
-/// `--worker-threads` of the agents.
-static AGENT_THREADS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
-
-/// This machine's cores divided between the two nodes' agents, at least one each.
-fn default_agent_threads() -> u16 {
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    u16::try_from((cores / 2).max(1)).unwrap_or(1)
-}
+/// `--worker-threads` of the agents; 0 leaves the agent's default (one per core).
+static AGENT_THREADS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
 
 fn agent(fast_path: bool) -> AgentOptions {
     let threads = AGENT_THREADS.load(std::sync::atomic::Ordering::Relaxed);
-    AgentOptions { fast_path, worker_threads: Some(threads), ..AgentOptions::default() }
+    AgentOptions { fast_path, worker_threads: (threads > 0).then_some(threads), ..AgentOptions::default() }
 }
 
 /// Agent memory per idle meshed connection, per side.
@@ -261,8 +253,11 @@ fn time_now() -> String {
 fn machine() -> String {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let threads = AGENT_THREADS.load(std::sync::atomic::Ordering::Relaxed);
-    format!("{cores} cores, kernel {}, {threads} worker thread(s) per agent", kernel.trim())
+    let threads = match AGENT_THREADS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => "default".to_string(),
+        n => n.to_string(),
+    };
+    format!("{cores} cores, kernel {}, agent worker threads: {threads}", kernel.trim())
 }
 
 fn print_table(report: &Value) {
