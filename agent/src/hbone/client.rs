@@ -132,9 +132,9 @@ impl Pool {
     ///
     /// `early` (possibly empty) is the app's first bytes, sent right behind the request
     /// instead of a round trip later, after the 200. A pooled connection that fails before
-    /// the request leaves, or whose peer refuses the stream unprocessed, is dropped and the
-    /// next one tried with the same bytes; any other failure is final (the bytes may have
-    /// reached the app, and must not reach it twice).
+    /// the request leaves, or whose peer refuses the stream unprocessed (REFUSED_STREAM),
+    /// is dropped and the next one tried with the same bytes; with early bytes sent, any
+    /// other failure is final (they may have reached the app, and must not reach it twice).
     pub async fn open<D, F>(
         &self,
         key: &PoolKey,
@@ -267,12 +267,15 @@ async fn stream(
         .map_err(|e| Failure::Final(TunnelError::Dial(to, e.to_string())))?;
     let (response, mut send) = ready.send_request(req, false).map_err(|e| Failure::Retry(h2(e)))?;
     if !early.is_empty() {
-        // Within the peer's initial stream window (the caller reads at most that much
-        // ahead), so h2 sends it without waiting for capacity.
+        // At most 16 KiB, within any peer's initial stream window (64 KiB by default): sent
+        // at once, no capacity to wait for.
         send.send_data(early.clone(), false).map_err(|e| Failure::Retry(h2(e)))?;
     }
     let response = response.await.map_err(|e| {
-        // REFUSED_STREAM (also what a GOAWAY below our stream id becomes): not processed.
+        // Only RST_STREAM(REFUSED_STREAM) guarantees the peer did nothing with the bytes. A
+        // GOAWAY error is ambiguous here (h2 gives it both to streams above the last one the
+        // peer processed and, once the connection ends, to those at or below it), so a race
+        // with a closing pooled connection resets the app rather than risk a duplicate.
         if e.reason() == Some(h2::Reason::REFUSED_STREAM) || early.is_empty() {
             Failure::Retry(h2(e))
         } else {

@@ -158,7 +158,15 @@ async fn tunnel<'a>(
     flow.security = "mutual_tls";
     flow.src_identity = Some(&pod.identity);
     flow.dst_identity = Some(&to.identity);
-    let early = early_bytes(&stream);
+    let early = match early_bytes(&stream) {
+        Ok(b) => b,
+        Err(e) => {
+            // The app's connection already failed (e.g. it reset it): nothing to carry,
+            // and reading on would turn its reset into a clean end.
+            flow.closed(0, 0, Some(format!("app connection: {e}")));
+            return reset(stream);
+        }
+    };
     let early_len = early.len() as u64;
     // Boxed, with everything only it needs (pool key, dialer, early bytes): the setup (pool
     // lookup, maybe a dial and a TLS handshake) is a large state that lives only until the
@@ -199,12 +207,13 @@ async fn tunnel<'a>(
 }
 
 /// What the app has already written (a client that speaks first usually has by the time
-/// its connection is accepted): it goes out with the CONNECT request. Never waits.
-fn early_bytes(stream: &TcpStream) -> bytes::Bytes {
+/// its connection is accepted): it goes out with the CONNECT request. Never waits; empty
+/// when nothing is there yet or the app has already half-closed (the copy sees the end).
+fn early_bytes(stream: &TcpStream) -> std::io::Result<bytes::Bytes> {
     let mut buf = bytes::BytesMut::with_capacity(EARLY_MAX);
     match stream.try_read_buf(&mut buf) {
-        Ok(_) => buf.freeze(),
-        // Nothing yet (or an error the copy will meet again): no early bytes.
-        Err(_) => bytes::Bytes::new(),
+        Ok(_) => Ok(buf.freeze()),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(bytes::Bytes::new()),
+        Err(e) => Err(e),
     }
 }
