@@ -286,7 +286,8 @@ mod tests {
 
     use super::*;
 
-    async fn pair() -> (TcpStream, TcpStream) {
+    /// A connected pair of loopback sockets (also for the other proxy modules' tests).
+    pub(super) async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         (c, l.accept().await.unwrap().0)

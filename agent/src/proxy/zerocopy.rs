@@ -113,18 +113,10 @@ pub async fn relay(a: &mut TcpStream, b: &mut TcpStream, mover: Mover) -> io::Re
 
 #[cfg(test)]
 mod tests {
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpListener,
-    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        (c, l.accept().await.unwrap().0)
-    }
+    use crate::proxy::tests::pair;
 
     #[tokio::test]
     async fn moves_every_byte_in_order_both_ways_with_half_close() {
