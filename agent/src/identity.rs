@@ -25,4 +25,4 @@ pub use manager::{
 };
 
 pub use spiffe::{SpiffeError, SpiffeId};
-pub use svid::{identity_of, Svid, SvidError};
+pub use svid::{identity_of, identity_valid_at, Svid, SvidError};

@@ -52,6 +52,11 @@ struct KernelCounter {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Handshake {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Identity {
     identity: String,
 }
@@ -80,6 +85,9 @@ pub struct Metrics {
     map_capacity: Family<MapName, Gauge>,
     drift: Counter,
     dry_run: Family<DryRun, Counter>,
+    handshakes: Family<Handshake, Counter>,
+    /// Last (full, resumed) totals seen from the HBONE pool.
+    handshakes_last: Mutex<(u64, u64)>,
     /// Connections open right now, for `/connections`.
     live: Mutex<std::collections::BTreeMap<u64, LiveConnection>>,
 }
@@ -144,6 +152,8 @@ impl Metrics {
             map_capacity: Family::default(),
             drift: Counter::default(),
             dry_run: Family::default(),
+            handshakes: Family::default(),
+            handshakes_last: Mutex::new((0, 0)),
             live: Mutex::new(std::collections::BTreeMap::new()),
             registry: Registry::default(),
         };
@@ -176,7 +186,24 @@ impl Metrics {
             "Connections a dry-run AuthorizationPolicy matched (reported, never enforced)",
             m.dry_run.clone(),
         );
+        registry.register(
+            "selvedge_hbone_handshakes",
+            "TLS handshakes of outgoing HBONE connections, full or resumed (session tickets)",
+            m.handshakes.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Fold in the HBONE pool's running (full, resumed) handshake totals.
+    pub fn handshake_totals(&self, (full, resumed): (u64, u64)) {
+        let mut last = self.handshakes_last.lock();
+        let (full_before, resumed_before) = *last;
+        for (kind, now, before) in [("full", full, full_before), ("resumed", resumed, resumed_before)] {
+            if now > before {
+                self.handshakes.get_or_create(&Handshake { kind }).inc_by(now - before);
+            }
+        }
+        *last = (full.max(full_before), resumed.max(resumed_before));
     }
 
     /// Count a connection as opened and return the handles it closes with.

@@ -22,7 +22,7 @@ use rustls::{
     SignatureScheme,
 };
 
-use crate::identity::{identity_of, IdentityManager, SpiffeId};
+use crate::identity::{identity_of, identity_valid_at, IdentityManager, SpiffeId};
 
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -75,14 +75,23 @@ pub fn server_config(ids: &Arc<IdentityManager>, id: &SpiffeId) -> Result<Arc<Se
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(CurrentSvid { ids: ids.clone(), id: id.clone() }));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // One session ticket per handshake (a resumption uses one, gets one): enough for the
+    // next reconnection, and each ticket a client keeps holds a copy of our chain.
+    cfg.send_tls13_tickets = 1;
     Ok(Arc::new(cfg))
 }
 
 /// The client side of a tunnel from `src` to a server that must prove it is `expected`.
+///
+/// With `sessions` > 0 the config keeps that many TLS 1.3 session tickets for resumption.
+/// Reuse the config for this (`src`, `expected`) pair only: rustls resumes a session only
+/// under the verifier and certificate resolver that made it, which are this config's, and
+/// a resumed session keeps the identities of its first handshake. 0: always a full one.
 pub fn client_config(
     ids: &Arc<IdentityManager>,
     src: &SpiffeId,
     expected: &SpiffeId,
+    sessions: usize,
 ) -> Result<Arc<ClientConfig>, TlsSetupError> {
     let provider = ids.provider();
     let verifier = SpiffeServerVerifier::new(ids, expected.clone())?;
@@ -95,14 +104,19 @@ pub fn client_config(
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     // IP addresses are not valid SNI; the server picks its certificate by local address.
     cfg.enable_sni = false;
+    cfg.resumption = match sessions {
+        0 => rustls::client::Resumption::disabled(),
+        n => rustls::client::Resumption::in_memory_sessions(n),
+    };
     Ok(Arc::new(cfg))
 }
 
 /// The source principal of an accepted connection: its leaf's single URI SAN, which must be
-/// in our trust domain (the chain was already verified by rustls).
+/// in our trust domain (the chain was verified by rustls in the full handshake) and valid
+/// now (a resumed session carries the first handshake's certificate, unverified since).
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>, trust_domain: &str) -> Result<SpiffeId, String> {
     let leaf = certs.and_then(|c| c.first()).ok_or("the peer presented no certificate")?;
-    let id = identity_of(leaf).map_err(|e| e.to_string())?;
+    let id = identity_valid_at(leaf, std::time::SystemTime::now()).map_err(|e| e.to_string())?;
     if id.trust_domain != trust_domain {
         return Err(format!("peer identity {id} is not in trust domain {trust_domain}"));
     }

@@ -28,6 +28,7 @@ impl Agent {
         let metrics = &self.mesh.metrics;
         metrics.set_enrolled(self.pods.len());
         metrics.kernel_totals(&self.datapath.named_stats());
+        metrics.handshake_totals(self.mesh.pool.handshakes());
         for c in self.mesh.ids.status() {
             metrics.cert_expiry(&c.identity, c.not_after);
         }

@@ -29,7 +29,7 @@ use tokio_rustls::TlsConnector;
 
 use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
 use crate::{
-    identity::{IdentityManager, SpiffeId},
+    identity::{identity_valid_at, IdentityManager, SpiffeId},
     tls,
 };
 
@@ -115,16 +115,60 @@ impl Pooled {
     }
 }
 
-#[derive(Debug)]
+/// Destination addresses whose session tickets each (source identity, destination
+/// identity) pair keeps (rustls keeps up to 8 tickets per address; ours send one per
+/// handshake).
+const SESSIONS_PER_PAIR: usize = 8;
+/// Pairs whose configs (and tickets) are kept; beyond, all are dropped and rebuilt on use
+/// (costing only full handshakes): bounds the memory tickets take.
+const MAX_PAIRS: usize = 256;
+
 pub struct Pool {
     ids: Arc<IdentityManager>,
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
     next_id: AtomicU64,
+    /// One client config per (source, destination) identity pair, with its own session
+    /// tickets: a session is only ever resumed by the identity that authenticated it,
+    /// towards the identity that was verified.
+    configs: Mutex<HashMap<(SpiffeId, SpiffeId), Arc<rustls::ClientConfig>>>,
+    /// Handshakes made: full, resumed.
+    handshakes: [AtomicU64; 2],
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("connections", &self.len()).finish_non_exhaustive()
+    }
 }
 
 impl Pool {
     pub fn new(ids: Arc<IdentityManager>) -> Self {
-        Self { ids, conns: Mutex::new(HashMap::new()), next_id: AtomicU64::new(0) }
+        Self {
+            ids,
+            conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            configs: Mutex::new(HashMap::new()),
+            handshakes: [AtomicU64::new(0), AtomicU64::new(0)],
+        }
+    }
+
+    /// TLS handshakes made so far: (full, resumed).
+    pub fn handshakes(&self) -> (u64, u64) {
+        (self.handshakes[0].load(Ordering::Relaxed), self.handshakes[1].load(Ordering::Relaxed))
+    }
+
+    fn client_config(&self, key: &PoolKey) -> Result<Arc<rustls::ClientConfig>, TunnelError> {
+        let pair = (key.src.clone(), key.dst.clone());
+        if let Some(cfg) = self.configs.lock().get(&pair) {
+            return Ok(cfg.clone());
+        }
+        let cfg = tls::client_config(&self.ids, &key.src, &key.dst, SESSIONS_PER_PAIR)
+            .map_err(|e| TunnelError::Tls(key.dst_addr, e.to_string()))?;
+        let mut configs = self.configs.lock();
+        if configs.len() >= MAX_PAIRS {
+            configs.clear();
+        }
+        Ok(configs.entry(pair).or_insert(cfg).clone())
     }
 
     /// Open a CONNECT stream to `target` through the pooled connection for `key`, dialling
@@ -208,14 +252,32 @@ impl Pool {
         F: std::future::Future<Output = std::io::Result<TcpStream>>,
     {
         let to = key.dst_addr;
+        // A resumed handshake would not ask for our certificate: check it is still there
+        // (an identity whose certificate expired makes no new connections, resumed or not).
+        if self.ids.current(&key.src).is_none() {
+            return Err(TunnelError::Tls(to, format!("no valid certificate for {}", key.src)));
+        }
         let tcp = dial().await.map_err(|e| TunnelError::Dial(to, e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let cfg = tls::client_config(&self.ids, &key.src, &key.dst).map_err(|e| TunnelError::Tls(to, e.to_string()))?;
+        let cfg = self.client_config(key)?;
         let name = ServerName::IpAddress(to.ip().into());
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(cfg).connect(name, tcp))
             .await
             .map_err(|_| TunnelError::Tls(to, "handshake timed out".into()))?
             .map_err(|e| TunnelError::Tls(to, e.to_string()))?;
+        let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        if resumed {
+            // The server's certificate was verified in the first handshake; it must still
+            // be valid (rustls already checked it is the one `key.dst` presented then).
+            let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+            let now = std::time::SystemTime::now();
+            match leaf.map(|l| identity_valid_at(l, now)) {
+                Some(Ok(id)) if id == key.dst => {}
+                Some(Err(e)) => return Err(TunnelError::Tls(to, format!("resumed session: {e}"))),
+                _ => return Err(TunnelError::Tls(to, "resumed session: not the expected server".into())),
+            }
+        }
+        self.handshakes[usize::from(resumed)].fetch_add(1, Ordering::Relaxed);
         let (sender, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)

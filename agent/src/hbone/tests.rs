@@ -247,6 +247,28 @@ async fn early_bytes_ride_with_the_request_and_come_first() {
 }
 
 #[tokio::test]
+async fn reconnections_resume_the_tls_session_and_keep_each_identity() {
+    let f = fixture(Duration::from_secs(5)).await;
+    f.ids.acquire(&id("shop", "other")).await.unwrap();
+    let pool = Pool::new(f.ids.clone());
+    let target = SocketAddr::new(f.server.ip(), f.echo.port());
+    let web = key(&f, id("shop", "web"), f.server_id.clone());
+    let other = key(&f, id("shop", "other"), f.server_id.clone());
+    for (k, round) in [(&web, 0), (&web, 1), (&other, 2), (&web, 3)] {
+        let t = open(&pool, k, target).await.unwrap();
+        assert_eq!(round_trip(t, b"x").await, b"x");
+        // Close the pooled connection: the next tunnel needs a new one.
+        assert_eq!(pool.reap(Duration::ZERO), 1, "round {round}");
+    }
+    // web: full, then resumed twice; other: its own full handshake, never web's session.
+    assert_eq!(pool.handshakes(), (2, 2));
+    let recs = records_settle(&f.up, 4).await;
+    let principals: Vec<_> = recs.iter().map(|(_, _, p)| p.clone().unwrap_or_default()).collect();
+    let (w, o) = ("spiffe://lab.local/ns/shop/sa/web", "spiffe://lab.local/ns/shop/sa/other");
+    assert_eq!(principals, [w, w, o, w], "a resumed session carries the identity that made it");
+}
+
+#[tokio::test]
 async fn a_denied_principal_gets_403_and_never_reaches_the_app() {
     let f = fixture(Duration::from_secs(5)).await;
     f.ids.acquire(&id("shop", "denied")).await.unwrap();
@@ -284,7 +306,7 @@ async fn targets_other_than_this_workload_are_refused() {
 
 /// A raw HTTP/2 client on an mTLS connection, for requests the pool would never send.
 async fn raw_h2(f: &Fixture) -> h2::client::SendRequest<Bytes> {
-    let cfg = tls::client_config(&f.ids, &id("shop", "web"), &f.server_id).unwrap();
+    let cfg = tls::client_config(&f.ids, &id("shop", "web"), &f.server_id, 0).unwrap();
     let tcp = TcpStream::connect(f.server).await.unwrap();
     let tls = TlsConnector::from(cfg).connect(ServerName::IpAddress(f.server.ip().into()), tcp).await.unwrap();
     let (sender, conn) = h2::client::handshake(tls).await.unwrap();
@@ -355,7 +377,7 @@ async fn a_handshake_that_never_finishes_is_dropped() {
 async fn close_notify_right_after_client_hello_is_handled() {
     let f = fixture(Duration::from_secs(5)).await;
     // A rustls client that sends its ClientHello and then a close_notify alert.
-    let cfg = tls::client_config(&f.ids, &id("shop", "web"), &f.server_id).unwrap();
+    let cfg = tls::client_config(&f.ids, &id("shop", "web"), &f.server_id, 0).unwrap();
     let mut conn = rustls::ClientConnection::new(cfg, ServerName::IpAddress(f.server.ip().into())).unwrap();
     let mut hello = Vec::new();
     conn.write_tls(&mut hello).unwrap();

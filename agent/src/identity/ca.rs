@@ -183,7 +183,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::svid::identity_of;
+    use crate::identity::svid::{identity_of, identity_valid_at, SvidError};
 
     #[test]
     fn init_load_issue() {
@@ -196,6 +196,13 @@ mod tests {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let chain = ca.issue(&id, &key, Duration::from_secs(3600)).unwrap();
         assert_eq!(identity_of(&chain[0]).unwrap(), id);
+        // What a resumed session's certificate is held to: valid now, not just once.
+        let now = std::time::SystemTime::now();
+        assert_eq!(identity_valid_at(&chain[0], now).unwrap(), id);
+        let later = now + Duration::from_secs(2 * 3600);
+        assert!(matches!(identity_valid_at(&chain[0], later), Err(SvidError::NotValidNow(_))), "expired");
+        let earlier = now - Duration::from_secs(24 * 3600);
+        assert!(matches!(identity_valid_at(&chain[0], earlier), Err(SvidError::NotValidNow(_))), "not yet valid");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.join(ROOT_KEY)).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "the root key is private");

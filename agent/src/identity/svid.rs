@@ -18,6 +18,8 @@ pub enum SvidError {
     Id(#[from] super::SpiffeError),
     #[error("certificate chain is empty")]
     Empty,
+    #[error("the certificate of {0} is not valid now (expired, or not yet valid)")]
+    NotValidNow(String),
     #[error("private key: {0}")]
     Key(String),
     #[error("certificate is for {found}, expected {expected}")]
@@ -79,6 +81,17 @@ pub fn read_pem_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'stat
 /// The SPIFFE ID of a leaf certificate: exactly one URI SAN, a valid SPIFFE ID.
 pub fn identity_of(leaf: &CertificateDer<'_>) -> Result<SpiffeId, SvidError> {
     inspect(leaf).map(|(id, _, _)| id)
+}
+
+/// The SPIFFE ID of a leaf certificate that is valid at `now`. For sessions that skip
+/// chain verification (TLS resumption keeps the first handshake's certificates): a
+/// certificate that has expired since must not authenticate anything.
+pub fn identity_valid_at(leaf: &CertificateDer<'_>, now: SystemTime) -> Result<SpiffeId, SvidError> {
+    let (id, not_before, not_after) = inspect(leaf)?;
+    if now < not_before || now > not_after {
+        return Err(SvidError::NotValidNow(id.to_string()));
+    }
+    Ok(id)
 }
 
 fn inspect(leaf: &CertificateDer<'_>) -> Result<(SpiffeId, SystemTime, SystemTime), SvidError> {
