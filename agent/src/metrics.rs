@@ -87,7 +87,7 @@ pub struct Metrics {
     dry_run: Family<DryRun, Counter>,
     handshakes: Family<Handshake, Counter>,
     /// Last (full, resumed) totals seen from the HBONE pool.
-    handshakes_last: Mutex<(u64, u64)>,
+    handshakes_last: Mutex<Vec<u64>>,
     /// Connections open right now, for `/connections`.
     live: Mutex<std::collections::BTreeMap<u64, LiveConnection>>,
 }
@@ -153,7 +153,7 @@ impl Metrics {
             drift: Counter::default(),
             dry_run: Family::default(),
             handshakes: Family::default(),
-            handshakes_last: Mutex::new((0, 0)),
+            handshakes_last: Mutex::new(Vec::new()),
             live: Mutex::new(std::collections::BTreeMap::new()),
             registry: Registry::default(),
         };
@@ -196,14 +196,8 @@ impl Metrics {
 
     /// Fold in the HBONE pool's running (full, resumed) handshake totals.
     pub fn handshake_totals(&self, (full, resumed): (u64, u64)) {
-        let mut last = self.handshakes_last.lock();
-        let (full_before, resumed_before) = *last;
-        for (kind, now, before) in [("full", full, full_before), ("resumed", resumed, resumed_before)] {
-            if now > before {
-                self.handshakes.get_or_create(&Handshake { kind }).inc_by(now - before);
-            }
-        }
-        *last = (full.max(full_before), resumed.max(resumed_before));
+        let totals = [("full", full), ("resumed", resumed)];
+        add_growth(&self.handshakes, &self.handshakes_last, &totals, |kind| Handshake { kind });
     }
 
     /// Count a connection as opened and return the handles it closes with.
@@ -226,16 +220,7 @@ impl Metrics {
 
     /// Fold in the kernel's running totals (name, value), adding only what is new.
     pub fn kernel_totals(&self, totals: &[(&'static str, u64)]) {
-        let mut last = self.kernel_last.lock();
-        last.resize(totals.len(), 0);
-        for (i, (name, value)) in totals.iter().enumerate() {
-            // A restarted agent may see counters from before it; they only ever grow.
-            let delta = value.saturating_sub(last[i]);
-            if delta > 0 {
-                self.kernel.get_or_create(&KernelCounter { counter: name }).inc_by(delta);
-            }
-            last[i] = *value;
-        }
+        add_growth(&self.kernel, &self.kernel_last, totals, |counter| KernelCounter { counter });
     }
 
     pub fn cert_expiry(&self, identity: &str, unix: Option<u64>) {
@@ -282,6 +267,27 @@ impl Metrics {
 
 /// A unique id per connection, for the admin API's connection list.
 pub static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+
+/// Add to each `(name, running total)` counter what its total grew by since `last` saw it.
+/// A restarted agent may see totals from before it (the kernel's); they only ever grow.
+fn add_growth<L>(
+    family: &Family<L, Counter>,
+    last: &Mutex<Vec<u64>>,
+    totals: &[(&'static str, u64)],
+    label: impl Fn(&'static str) -> L,
+) where
+    L: Clone + std::hash::Hash + Eq,
+{
+    let mut last = last.lock();
+    last.resize(totals.len(), 0);
+    for (i, (name, value)) in totals.iter().enumerate() {
+        let delta = value.saturating_sub(last[i]);
+        if delta > 0 {
+            family.get_or_create(&label(name)).inc_by(delta);
+        }
+        last[i] = *value;
+    }
+}
 
 #[cfg(test)]
 mod tests {

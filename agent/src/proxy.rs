@@ -224,12 +224,25 @@ pub async fn accept_loop<F, Fut>(
 /// Copy both ways until both sides are done, then log the connection.
 pub async fn relay(
     mut flow: Flow<'_>,
-    mut downstream: TcpStream,
-    mut upstream: TcpStream,
+    downstream: TcpStream,
+    upstream: TcpStream,
     mover: Mover,
     cancel: Option<&Notify>,
 ) {
     flow.opened();
+    let (to_up, to_down, error) = carry(downstream, upstream, mover, cancel).await;
+    flow.closed(to_up, to_down, error);
+}
+
+/// Move bytes both ways until both sides are done, or until `cancel` fires (a policy
+/// change now denies the connection: both sides are reset). Returns (bytes downstream →
+/// upstream, bytes upstream → downstream, why it ended abnormally).
+async fn carry(
+    mut downstream: TcpStream,
+    mut upstream: TcpStream,
+    mover: Mover,
+    cancel: Option<&Notify>,
+) -> (u64, u64, Option<String>) {
     let copy = zerocopy::relay(&mut downstream, &mut upstream, mover);
     let outcome = match cancel {
         Some(c) => tokio::select! {
@@ -239,12 +252,12 @@ pub async fn relay(
         None => Some(copy.await),
     };
     match outcome {
-        Some(Ok((to_up, to_down))) => flow.closed(to_up, to_down, None),
-        Some(Err(e)) => flow.closed(0, 0, Some(e.to_string())),
+        Some(Ok((to_up, to_down))) => (to_up, to_down, None),
+        Some(Err(e)) => (0, 0, Some(e.to_string())),
         None => {
-            flow.closed(0, 0, Some(DENIED_LATER.into()));
             reset(downstream);
             reset(upstream);
+            (0, 0, Some(DENIED_LATER.into()))
         }
     }
 }

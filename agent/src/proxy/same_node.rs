@@ -11,7 +11,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use selvedge_common::RESERVED_PORTS;
 use tokio::net::TcpStream;
 
-use super::{inbound, reset, zerocopy, Direction, Flow, Mesh, Mover, PodContext, Refusal, DENIED_LATER};
+use super::{carry, inbound, reset, Direction, Flow, Mesh, Mover, PodContext, Refusal};
 use crate::policy::{ConnFacts, Decision};
 
 /// `connection_security_policy` of a same-node handoff.
@@ -23,7 +23,7 @@ pub const SECURITY: &str = "same_node";
 #[allow(clippy::too_many_arguments, reason = "one call site; the pieces are what a handoff needs")]
 pub async fn handoff(
     mut outbound: Flow<'_>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     mover: Mover,
     peer: SocketAddr,
     dst: SocketAddr,
@@ -56,26 +56,14 @@ pub async fn handoff(
         return refuse(Refusal::Policy, &decision.reason(), stream);
     }
     let watch = mesh.watchers.add(dst_pod.clone(), facts);
-    let mut app = match Box::pin(inbound::deliver(&dst_pod, dst, timeout)).await {
+    let app = match Box::pin(inbound::deliver(&dst_pod, dst, timeout)).await {
         Ok(app) => app,
         Err(reason) => return refuse(Refusal::UpstreamUnreachable, &reason, stream),
     };
     let _ = stream.set_nodelay(true);
     outbound.opened();
     inbound.opened();
-    let outcome = tokio::select! {
-        r = zerocopy::relay(&mut stream, &mut app, mover) => Some(r),
-        () = watch.cancel.notified() => None,
-    };
-    let (sent, received, error) = match outcome {
-        Some(Ok((up, down))) => (up, down, None),
-        Some(Err(e)) => (0, 0, Some(e.to_string())),
-        None => {
-            reset(stream);
-            reset(app);
-            (0, 0, Some(DENIED_LATER.to_string()))
-        }
-    };
+    let (sent, received, error) = carry(stream, app, mover, Some(&watch.cancel)).await;
     inbound.closed(sent, received, error.clone());
     outbound.closed(sent, received, error);
 }
