@@ -119,7 +119,11 @@ fn policy_changes_in_the_api_apply_to_traffic() {
     wait_reach(&c, "web", "db", false);
     assert!(reaches(&c, "batch", "db"), "batch is still allowed");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // The refusal `wait_reach` saw may have been a connection open across the change and
+    // closed by it ("denied after a policy change"): each round makes a fresh attempt, which
+    // the policy itself must refuse and log.
     while !denied(&c, "spiffe://cluster.local/ns/shop/sa/web") {
+        assert!(!reaches(&c, "web", "db"), "web stays refused");
         assert!(
             std::time::Instant::now() < deadline,
             "web's denial, with its reason: n1 {:#?} n2 {:#?}",

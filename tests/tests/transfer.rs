@@ -7,7 +7,7 @@
 //! spurious wakeup (e.g. its own FIN being acknowledged), which event loops absorb and
 //! blocking programs do not — which is why the fast path is off by default.
 
-use selvedge_tests::{AgentOptions, Client, Lab};
+use selvedge_tests::{sys::wait_for, AgentOptions, Client, Lab};
 
 const PORT: u16 = 7000;
 const SIZES: [usize; 6] = [1, 1000, 65_536, 1 << 20, 4 << 20, 16 << 20];
@@ -77,7 +77,14 @@ fn fast_path_never_reorders_when_the_app_writes_first() {
     let t = std::thread::scope(|s| {
         let lab = &lab;
         let client = s.spawn(move || lab.transfer_with(Client::EventLoopSplit(400), "a", dst, 8 * 1024));
-        std::thread::sleep(std::time::Duration::from_millis(150));
+        // Thaw only once the first half waits, unread, in the agent's accepted socket (a
+        // fixed sleep lost the race when the client process started slowly).
+        wait_for(10, "the app's first half queued at the frozen agent", || {
+            let mut ss = std::process::Command::new("ss");
+            ss.args(["-Htn", "state", "established", "( sport = :15001 )"]);
+            let out = lab.run_in_pod("a", ss);
+            out.lines().any(|l| l.split_whitespace().next().and_then(|q| q.parse::<u64>().ok()) > Some(0)).then_some(())
+        });
         lab.agents_resume("n1");
         std::thread::sleep(std::time::Duration::from_millis(50));
         lab.add_address("e", late);
