@@ -45,8 +45,7 @@ use crate::{
     state::Directory,
 };
 
-/// Why a connection that was allowed got closed.
-pub const DENIED_LATER: &str = "closed: denied after a policy change";
+pub use crate::hbone::server::DENIED_LATER;
 
 /// What the proxy knows about the pod a listener serves.
 #[derive(Debug)]

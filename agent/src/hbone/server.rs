@@ -151,6 +151,9 @@ pub fn check_target(req: &Request<h2::RecvStream>, local: SocketAddr) -> Result<
     Ok(target)
 }
 
+/// Why a connection that was allowed got closed (HBONE streams and plaintext relays).
+pub const DENIED_LATER: &str = "closed: denied after a policy change";
+
 /// One access-log record of a stream.
 #[allow(clippy::too_many_arguments, reason = "a record's fields, named at each call site")]
 fn record<'a>(
@@ -260,7 +263,7 @@ async fn serve_stream<U: Upstream>(
     let result = tokio::select! {
         r = splice(app, send, recv) => r.map_err(|e| e.to_string()),
         // Dropping the splice resets the stream and closes the app's socket.
-        () = U::cancelled(&watch).notified() => Err("closed: denied after a policy change".to_string()),
+        () = U::cancelled(&watch).notified() => Err(DENIED_LATER.to_string()),
     };
     let ok = StatusCode::OK;
     match result {
