@@ -31,6 +31,7 @@ use std::{
     time::Duration,
 };
 
+use futures::FutureExt;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::Notify,
@@ -212,17 +213,18 @@ pub async fn accept_loop<F, Fut>(
             }
         };
         let guard = conns.open();
-        let conn = handle(stream, peer);
-        tokio::spawn(async move {
-            let _guard = guard;
-            conn.await;
-        });
+        // The guard rides on a combinator, not in an `async` block around the connection:
+        // a block would hold the connection's future twice (as captured, and as awaited),
+        // doubling what every open connection costs.
+        tokio::spawn(handle(stream, peer).map(move |()| drop(guard)));
     }
 }
 
-/// Copy both ways until both sides are done, then log the connection.
+/// Copy both ways until both sides are done, then log the connection. (The flow is
+/// borrowed, never moved into the future: an `async fn` keeps its arguments for its
+/// whole life, so a moved one would be held twice by every open connection.)
 pub async fn relay(
-    mut flow: Flow<'_>,
+    flow: &mut Flow<'_>,
     downstream: TcpStream,
     upstream: TcpStream,
     mover: Mover,
@@ -309,8 +311,8 @@ mod tests {
     async fn relay_copies_both_ways_and_carries_half_close() {
         let (mut app, downstream) = pair().await;
         let (upstream, mut server) = pair().await;
-        let flow = Flow::for_test(app.local_addr().unwrap(), server.local_addr().unwrap());
-        let relayed = tokio::spawn(async move { relay(flow, downstream, upstream, Mover::Splice, None).await });
+        let mut flow = Flow::for_test(app.local_addr().unwrap(), server.local_addr().unwrap());
+        let relayed = tokio::spawn(async move { relay(&mut flow, downstream, upstream, Mover::Splice, None).await });
 
         app.write_all(b"hello").await.unwrap();
         app.shutdown().await.unwrap();

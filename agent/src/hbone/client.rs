@@ -8,6 +8,10 @@
 //! A key may have several connections: a stream goes on the first one with a free slot
 //! under the peer's `SETTINGS_MAX_CONCURRENT_STREAMS` (at most [`MAX_STREAMS`]); when all
 //! are full, another connection is dialled — a stream never waits for another to end.
+//! One dial per key at a time: streams that find no slot while a connection is being
+//! dialled wait for it and take its slots, so a burst of new streams to one destination
+//! opens one connection per [`MAX_STREAMS`], not one each (every connection costs a TLS
+//! handshake and some 35 KB of buffers).
 
 use std::{
     collections::HashMap,
@@ -75,6 +79,12 @@ impl Drop for Slot {
     }
 }
 
+/// One key's dial gate: held while dialling; the last failure (when, why).
+#[derive(Debug, Default)]
+struct Gate {
+    failed: tokio::sync::Mutex<Option<(Instant, String)>>,
+}
+
 /// How busy a pooled connection is, and since when it has carried nothing.
 #[derive(Debug)]
 struct Usage {
@@ -126,6 +136,9 @@ const MAX_PAIRS: usize = 256;
 pub struct Pool {
     ids: Arc<IdentityManager>,
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    /// Per key while anyone is dialling or waiting for a dial: the gate that lets one dial
+    /// at a time, and the last failure (when, why) for those that waited on it.
+    gates: Mutex<HashMap<PoolKey, Arc<Gate>>>,
     next_id: AtomicU64,
     /// One client config per (source, destination) identity pair, with its own session
     /// tickets: a session is only ever resumed by the identity that authenticated it,
@@ -146,6 +159,7 @@ impl Pool {
         Self {
             ids,
             conns: Mutex::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             configs: Mutex::new(HashMap::new()),
             handshakes: [AtomicU64::new(0), AtomicU64::new(0)],
@@ -192,36 +206,74 @@ impl Pool {
         F: std::future::Future<Output = std::io::Result<TcpStream>>,
     {
         loop {
-            let pooled = self
-                .conns
-                .lock()
-                .get(key)
-                .and_then(|cs| cs.iter().find_map(|c| c.reserve().map(|slot| (c.clone(), slot))));
-            let Some((conn, slot)) = pooled else { break };
+            let (conn, slot, fresh) = match self.reserve(key) {
+                Some((conn, slot)) => (conn, slot, false),
+                // Boxed: dialling (TCP, TLS, HTTP/2 handshakes) is a large state that most
+                // streams, finding a free slot, never need; inline, every stream being set
+                // up would carry its size.
+                None => Box::pin(self.grow(key, &dial)).await?,
+            };
             match stream(conn.sender.clone(), key.dst_addr, target, source, early, slot).await {
                 Ok(t) => return Ok(t),
-                Err(Failure::Retry(e)) => {
+                Err(Failure::Retry(e)) if !fresh => {
                     tracing::debug!(dst = %key.dst_addr, "pooled HBONE connection unusable, dropping it: {e}");
                     self.forget(key, conn.id);
                 }
-                Err(Failure::Final(e)) => return Err(e),
-            }
-        }
-        let sender = self.connect(key, dial).await?;
-        // A fresh connection has room for at least this stream.
-        let usage = Usage { active: AtomicUsize::new(1), epoch: Instant::now(), idle_since_ms: AtomicU64::new(0) };
-        let conn = Pooled { id: self.next_id.fetch_add(1, Ordering::Relaxed), sender, usage: Arc::new(usage) };
-        let slot = Slot(conn.usage.clone());
-        self.conns.lock().entry(key.clone()).or_default().push(conn.clone());
-        match stream(conn.sender.clone(), key.dst_addr, target, source, early, slot).await {
-            Ok(t) => Ok(t),
-            Err(Failure::Retry(e) | Failure::Final(e)) => {
-                if matches!(e, TunnelError::H2(..)) {
-                    self.forget(key, conn.id);
+                Err(Failure::Retry(e) | Failure::Final(e)) => {
+                    if fresh && matches!(e, TunnelError::H2(..)) {
+                        self.forget(key, conn.id);
+                    }
+                    return Err(e);
                 }
-                Err(e)
             }
         }
+    }
+
+    /// A free slot on a pooled connection for `key`, if there is one.
+    fn reserve(&self, key: &PoolKey) -> Option<(Pooled, Slot)> {
+        self.conns.lock().get(key).and_then(|cs| cs.iter().find_map(|c| c.reserve().map(|slot| (c.clone(), slot))))
+    }
+
+    /// No free slot: dial a new connection for `key` — or, when another stream is already
+    /// dialling one, wait for it and take a slot on it. Returns the connection, the slot,
+    /// and whether this call dialled it.
+    async fn grow<D, F>(&self, key: &PoolKey, dial: &D) -> Result<(Pooled, Slot, bool), TunnelError>
+    where
+        D: Fn() -> F,
+        F: std::future::Future<Output = std::io::Result<TcpStream>>,
+    {
+        let since = Instant::now();
+        let gate = self.gates.lock().entry(key.clone()).or_default().clone();
+        let result = async {
+            let mut failed = gate.failed.lock().await;
+            if let Some((conn, slot)) = self.reserve(key) {
+                return Ok((conn, slot, false));
+            }
+            if let Some((at, why)) = failed.as_ref() {
+                if *at >= since {
+                    // The dial this stream waited for failed: fail with it, rather than
+                    // each waiter trying (and timing out) in turn.
+                    return Err(TunnelError::Dial(key.dst_addr, format!("{why} (dialled for an earlier stream)")));
+                }
+            }
+            let sender =
+                self.connect(key, dial).await.inspect_err(|e| *failed = Some((Instant::now(), e.to_string())))?;
+            *failed = None;
+            // A fresh connection has room for at least this stream.
+            let usage = Usage { active: AtomicUsize::new(1), epoch: Instant::now(), idle_since_ms: AtomicU64::new(0) };
+            let conn = Pooled { id: self.next_id.fetch_add(1, Ordering::Relaxed), sender, usage: Arc::new(usage) };
+            let slot = Slot(conn.usage.clone());
+            // In the pool before the gate opens: the waiters find it.
+            self.conns.lock().entry(key.clone()).or_default().push(conn.clone());
+            Ok((conn, slot, true))
+        }
+        .await;
+        let mut gates = self.gates.lock();
+        // Only the map and this call hold it: nobody is waiting.
+        if Arc::strong_count(&gate) == 2 {
+            gates.remove(key);
+        }
+        result
     }
 
     /// Close the connections that have carried nothing for `idle` (dropping the last

@@ -90,8 +90,7 @@ pub async fn serve<U: Upstream>(listener: TcpListener, opts: ServerOptions, upst
                 continue;
             }
         };
-        let (opts, up) = (opts.clone(), upstream.clone());
-        tokio::spawn(async move { connection(tcp, addr::canonical(peer), opts, up).await });
+        tokio::spawn(connection(tcp, addr::canonical(peer), opts.clone(), upstream.clone()));
     }
 }
 
@@ -123,8 +122,7 @@ async fn connection<U: Upstream>(tcp: TcpStream, peer: SocketAddr, opts: ServerO
     };
     while let Some(next) = conn.accept().await {
         let Ok((req, respond)) = next else { break };
-        let (up, principal) = (up.clone(), principal.clone());
-        tokio::spawn(async move { serve_stream(req, respond, peer, local, &principal, &*up).await });
+        tokio::spawn(serve_stream(req, respond, peer, local, principal.clone(), up.clone()));
     }
 }
 
@@ -203,9 +201,10 @@ async fn open_stream<U: Upstream>(
     mut respond: h2::server::SendResponse<Bytes>,
     peer: SocketAddr,
     local: SocketAddr,
-    principal: &SpiffeId,
-    up: &U,
+    principal: Arc<SpiffeId>,
+    up: Arc<U>,
 ) -> Option<Open<U::Watch>> {
+    let (principal, up) = (&*principal, &*up);
     let target = match check_target(&req, local) {
         Ok(t) => t,
         Err((status, reason)) => {
@@ -243,31 +242,32 @@ async fn open_stream<U: Upstream>(
     Some(Open { app, send, recv: req.into_body(), watch, target })
 }
 
-async fn serve_stream<U: Upstream>(
+/// One stream's task. What an idle stream costs is mostly this future, so it holds little
+/// across the long wait: the request, the checks and the connect to the app are boxed and
+/// freed once the stream is open, and the box is made here, outside the task's future,
+/// which would otherwise keep the request itself (an argument) for the stream's whole life.
+fn serve_stream<U: Upstream>(
     req: Request<h2::RecvStream>,
     respond: h2::server::SendResponse<Bytes>,
     peer: SocketAddr,
     local: SocketAddr,
-    principal: &SpiffeId,
-    up: &U,
-) {
-    let _guard = up.begin();
-    // Boxed: the request, the checks and the connect to the app are a large state that
-    // lives only until the stream is open; inline, every idle stream's task would carry
-    // it for the stream's whole life.
-    let Some(Open { app, send, recv, watch, target }) =
-        Box::pin(open_stream(req, respond, peer, local, principal, up)).await
-    else {
-        return;
-    };
-    let result = tokio::select! {
-        r = splice(app, send, recv) => r.map_err(|e| e.to_string()),
-        // Dropping the splice resets the stream and closes the app's socket.
-        () = U::cancelled(&watch).notified() => Err(DENIED_LATER.to_string()),
-    };
-    let ok = StatusCode::OK;
-    match result {
-        Ok((to_client, to_app)) => up.log(record(peer, principal, Some(target), ok, "", to_app, to_client)),
-        Err(reason) => up.log(record(peer, principal, Some(target), ok, reason.as_str(), 0, 0)),
+    principal: Arc<SpiffeId>,
+    up: Arc<U>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let guard = up.begin();
+    let opening = Box::pin(open_stream(req, respond, peer, local, principal.clone(), up.clone()));
+    async move {
+        let _guard = guard;
+        let Some(Open { app, send, recv, watch, target }) = opening.await else { return };
+        let result = tokio::select! {
+            r = splice(app, send, recv) => r.map_err(|e| e.to_string()),
+            // Dropping the splice resets the stream and closes the app's socket.
+            () = U::cancelled(&watch).notified() => Err(DENIED_LATER.to_string()),
+        };
+        let (ok, principal) = (StatusCode::OK, &*principal);
+        match result {
+            Ok((to_client, to_app)) => up.log(record(peer, principal, Some(target), ok, "", to_app, to_client)),
+            Err(reason) => up.log(record(peer, principal, Some(target), ok, reason.as_str(), 0, 0)),
+        }
     }
 }

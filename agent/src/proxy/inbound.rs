@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 
 use super::{
     accept_loop, connect_in_pod, relay, reset, ConnTracker, Direction, Flow, Mesh, Mover, PodContext, Refusal,
+    WatchGuard,
 };
 use crate::{
     addr,
@@ -40,8 +41,7 @@ pub async fn serve(
 ) {
     let name = pod.name.clone();
     accept_loop(listener, &name, Direction::Inbound, conns, move |stream, peer| {
-        let (pod, mesh) = (pod.clone(), mesh.clone());
-        async move { handle(stream, peer, pod, &mesh, timeout).await }
+        handle(stream, peer, pod.clone(), mesh.clone(), timeout)
     })
     .await
 }
@@ -49,16 +49,35 @@ pub async fn serve(
 async fn handle(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
-    pod_ctx: Arc<PodContext>,
-    mesh: &Mesh,
+    pod: Arc<PodContext>,
+    mesh: Arc<Mesh>,
     timeout: Duration,
 ) {
-    let pod = &*pod_ctx;
-    let peer = addr::canonical(peer);
-    let Ok(local) = stream.local_addr().map(addr::canonical) else {
-        reset(stream);
-        return;
+    // Decided in a plain function: what it looks at is not kept in this future for the
+    // connection's life (see `outbound::handle`).
+    let Some((mut flow, local, watch)) = decide(&stream, peer, &pod, &mesh) else {
+        return reset(stream);
     };
+    match deliver(&pod, local, timeout).await {
+        Ok(app) => relay(&mut flow, stream, app, Mover::Splice, Some(&watch.cancel)).await,
+        Err(reason) => {
+            flow.refused(Refusal::UpstreamUnreachable, &reason);
+            reset(stream);
+        }
+    }
+}
+
+/// May this plaintext connection reach the app? Its record, the app's address (where the
+/// client was going) and its registration with the policy watcher; None when refused
+/// (logged; the caller resets it).
+fn decide<'a>(
+    stream: &tokio::net::TcpStream,
+    peer: SocketAddr,
+    pod: &'a Arc<PodContext>,
+    mesh: &'a Mesh,
+) -> Option<(Flow<'a>, SocketAddr, WatchGuard)> {
+    let peer = addr::canonical(peer);
+    let local = stream.local_addr().map(addr::canonical).ok()?;
     let mut flow = Flow::new(Direction::Inbound, pod, peer, local).with_metrics(&mesh.metrics);
     // Plaintext: the source workload is known only by address, never its principal.
     flow.src_workload = mesh.workload_at(peer.ip());
@@ -66,31 +85,21 @@ async fn handle(
         // PeerAuthentication STRICT: the kernel drops plaintext for all-STRICT pods; a pod
         // with some plaintext ports gets it refused here, port by port.
         flow.refused(Refusal::PlaintextStrict, "plaintext refused: PeerAuthentication STRICT for this port");
-        reset(stream);
-        return;
+        return None;
     }
     if RESERVED_PORTS.contains(&local.port()) {
         // Delivering to the agent's own port would loop back into this listener.
         flow.refused(Refusal::ReservedPort, "destination is a port reserved for the agent");
-        reset(stream);
-        return;
+        return None;
     }
     // Plaintext carries no principal: it matches no `principals` and every `notPrincipals`.
     let facts = ConnFacts { principal: None, src_ip: peer.ip(), dst_ip: local.ip(), dst_port: local.port() };
     if let decision @ Decision::Deny { .. } = pod.authorize(mesh, &facts) {
         flow.refused(Refusal::Policy, &decision.reason());
-        reset(stream);
-        return;
+        return None;
     }
-    let watch = mesh.watchers.add(pod_ctx.clone(), facts);
     let _ = stream.set_nodelay(true);
-    match deliver(pod, local, timeout).await {
-        Ok(app) => relay(flow, stream, app, Mover::Splice, Some(&watch.cancel)).await,
-        Err(reason) => {
-            flow.refused(Refusal::UpstreamUnreachable, &reason);
-            reset(stream);
-        }
-    }
+    Some((flow, local, mesh.watchers.add(pod.clone(), facts)))
 }
 
 /// What authorization knows of a tunnelled connection.

@@ -16,7 +16,7 @@ use crate::{
     datapath::FlowMaps,
     hbone,
     policy::{authorize, ConnFacts, Decision},
-    state::Peer,
+    state::{Directory, Peer},
 };
 
 /// At most this much of the app's first bytes rides with the CONNECT request.
@@ -33,20 +33,69 @@ pub async fn serve(
 ) {
     let name = pod.name.clone();
     accept_loop(listener, &name, Direction::Outbound, conns, move |stream, peer| {
-        let (pod, flows, mesh) = (pod.clone(), flows.clone(), mesh.clone());
-        async move { handle(stream, peer, &pod, &flows, &mesh, timeout).await }
+        handle(stream, peer, pod.clone(), flows.clone(), mesh.clone(), timeout)
     })
     .await
 }
 
+/// One accepted connection, for its whole life. What an idle connection costs is mostly
+/// this future, so what it holds across the long wait is kept small: the flow record, the
+/// sockets and the copy's state. Setup (pool, dial, handshake, app connect) is boxed and
+/// freed once done, and large values are lent to the paths below, never moved into them.
 async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
-    pod: &PodContext,
-    flows: &FlowMaps,
-    mesh: &Mesh,
+    pod: Arc<PodContext>,
+    flows: Arc<FlowMaps>,
+    mesh: Arc<Mesh>,
     timeout: Duration,
 ) {
+    let (pod, flows, mesh) = (&*pod, &*flows, &*mesh);
+    let directory = mesh.directory.read().clone();
+    // Decided in a plain function: what it looks at (keys, addresses, the service) is not
+    // kept in this future for the connection's life.
+    let Some(Decided { mut flow, dst, mover, to }) = decide(&stream, peer, pod, flows, mesh, &directory) else {
+        return reset(stream);
+    };
+    match to {
+        Some(to) => match mesh.local_pod(dst.ip()) {
+            // Boxed: a task is as large as its largest possible state, and every idle
+            // tunnel would otherwise carry the handoff's second flow record.
+            Some(dst_pod) => {
+                let handoff = same_node::handoff(&mut flow, stream, mover, peer, dst, pod, dst_pod, mesh, timeout);
+                Box::pin(handoff).await
+            }
+            None => tunnel(&mut flow, stream, peer, dst, pod, to, mesh, timeout).await,
+        },
+        None => match connect_in_pod(pod, None, dst, timeout).await {
+            Ok(upstream) => relay(&mut flow, stream, upstream, mover, None).await,
+            Err(reason) => {
+                flow.refused(Refusal::UpstreamUnreachable, &reason);
+                reset(stream);
+            }
+        },
+    }
+}
+
+/// An accepted connection allowed on: its record, where it goes, how its socket is read,
+/// and the meshed workload there (None: not meshed, plain TCP).
+struct Decided<'a> {
+    flow: Flow<'a>,
+    dst: SocketAddr,
+    mover: Mover,
+    to: Option<&'a Peer>,
+}
+
+/// Where the connection was going, and whether it may: None when it is refused here (the
+/// refusal is logged; the caller resets the connection).
+fn decide<'a>(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    pod: &'a PodContext,
+    flows: &FlowMaps,
+    mesh: &'a Mesh,
+    directory: &'a Directory,
+) -> Option<Decided<'a>> {
     let cookie = pod.netns.cookie();
     let app = addr::to_abi(peer);
     let key = OrigDstKey { netns_cookie: cookie, app, _pad: 0 };
@@ -55,21 +104,19 @@ async fn handle(
         Flow::new(Direction::Outbound, pod, peer, peer)
             .with_metrics(&mesh.metrics)
             .refused(Refusal::NoOriginalDestination, "no original destination recorded for this connection");
-        reset(stream);
-        return;
+        return None;
     };
     let mut dst = addr::from_abi(&orig);
     let mut mover = Mover::Splice;
     if let Ok(local) = stream.local_addr() {
         let pair = PairKey { netns_cookie: cookie, local: addr::to_abi(local), remote: app };
-        match flows.join_fast_path(&pair, &stream) {
+        match flows.join_fast_path(&pair, stream) {
             Ok(true) => mover = Mover::Copy,
             Ok(false) => {}
             Err(e) => tracing::debug!(pod = %pod.name, "fast path not used for this connection: {e}"),
         }
     }
     let _ = stream.set_nodelay(true);
-    let directory = mesh.directory.read().clone();
     // A service VIP stands for its endpoints: the agent picks one (the VIP itself is routed
     // nowhere; only captured connections can reach it).
     let mut service = None;
@@ -81,52 +128,32 @@ async fn handle(
                 let mut flow = Flow::new(Direction::Outbound, pod, peer, dst).with_metrics(&mesh.metrics);
                 flow.service = service;
                 flow.refused(Refusal::NoEndpoints, &format!("service {} has no endpoints", svc.name));
-                reset(stream);
-                return;
+                return None;
             }
         }
     }
     let via_service = service.is_some();
     let mut flow = Flow::new(Direction::Outbound, pod, peer, dst).with_metrics(&mesh.metrics);
     flow.service = service;
-    match directory.workloads.get(&dst.ip().to_canonical()) {
-        Some(to) => {
-            flow.dst_workload = Some(WorkloadName::from(to));
-            // Who was refused, and by whom: a source-side denial names both identities.
-            flow.src_identity = Some(&pod.identity);
-            flow.dst_identity = Some(&to.identity);
-            // Refused at the source when the destination's policies already say no: this
-            // connection is reset, and the kernel refuses the next ones at connect().
-            if let decision @ Decision::Deny { .. } = source_verdict(pod, to, dst, mesh) {
-                if !via_service {
-                    if let Err(e) = flows.cache_denial(cookie, &orig) {
-                        tracing::debug!(pod = %pod.name, "denial not cached: {e}");
-                    }
+    let to = directory.workloads.get(&dst.ip().to_canonical());
+    if let Some(to) = to {
+        flow.dst_workload = Some(WorkloadName::from(to));
+        // Who was refused, and by whom: a source-side denial names both identities.
+        flow.src_identity = Some(&pod.identity);
+        flow.dst_identity = Some(&to.identity);
+        // Refused at the source when the destination's policies already say no: this
+        // connection is reset, and the kernel refuses the next ones at connect().
+        if let decision @ Decision::Deny { .. } = source_verdict(pod, to, dst, mesh) {
+            if !via_service {
+                if let Err(e) = flows.cache_denial(cookie, &orig) {
+                    tracing::debug!(pod = %pod.name, "denial not cached: {e}");
                 }
-                flow.refused(Refusal::Policy, &format!("{} (decided at the source)", decision.reason()));
-                reset(stream);
-                return;
             }
-            // Each way is boxed: a task is as large as its largest possible state, and
-            // every idle tunnel would otherwise carry the largest of the three.
-            if let Some(dst_pod) = mesh.local_pod(dst.ip()) {
-                return Box::pin(same_node::handoff(flow, stream, mover, peer, dst, pod, dst_pod, mesh, timeout)).await;
-            }
-            tunnel(flow, stream, peer, dst, pod, to, mesh, timeout).await
-        }
-        None => {
-            Box::pin(async move {
-                match connect_in_pod(pod, None, dst, timeout).await {
-                    Ok(upstream) => relay(flow, stream, upstream, mover, None).await,
-                    Err(reason) => {
-                        flow.refused(Refusal::UpstreamUnreachable, &reason);
-                        reset(stream);
-                    }
-                }
-            })
-            .await
+            flow.refused(Refusal::Policy, &format!("{} (decided at the source)", decision.reason()));
+            return None;
         }
     }
+    Some(Decided { flow, dst, mover, to })
 }
 
 /// The destination's decision, computed here: every fact it uses is known at the source
@@ -146,7 +173,7 @@ fn source_verdict(pod: &PodContext, to: &Peer, dst: SocketAddr, mesh: &Mesh) -> 
 /// the destination's. Any failure resets the app's connection — never a plaintext retry.
 #[allow(clippy::too_many_arguments, reason = "one call site; the pieces are what a tunnel needs")]
 async fn tunnel<'a>(
-    mut flow: Flow<'a>,
+    flow: &mut Flow<'a>,
     stream: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
@@ -188,31 +215,35 @@ async fn tunnel<'a>(
         };
         mesh.pool.open(&key, dst, source, &early, dial).await
     });
-    match setup.await {
-        Ok(t) => {
-            flow.opened();
-            let hbone::client::Tunnel { send, recv, slot } = t;
-            let result = hbone::splice(stream, send, recv).await;
-            drop(slot); // the stream is done: its place on the connection is free
-            match result {
-                Ok((sent, received)) => flow.closed(early_len + sent, received, None),
-                Err(e) => flow.closed(0, 0, Some(e.to_string())),
-            }
-        }
+    // Not matched in place: the result would stay in this future for the tunnel's life.
+    let opened = setup.await;
+    let hbone::client::Tunnel { send, recv, slot } = match opened {
+        Ok(t) => t,
         Err(e) => {
             flow.refused(Refusal::TunnelFailed, &e.to_string());
-            reset(stream);
+            return reset(stream);
         }
+    };
+    flow.opened();
+    let result = hbone::splice(stream, send, recv).await;
+    drop(slot); // the stream is done: its place on the connection is free
+    match result {
+        Ok((sent, received)) => flow.closed(early_len + sent, received, None),
+        Err(e) => flow.closed(0, 0, Some(e.to_string())),
     }
 }
 
 /// What the app has already written (a client that speaks first usually has by the time
 /// its connection is accepted): it goes out with the CONNECT request. Never waits; empty
 /// when nothing is there yet or the app has already half-closed (the copy sees the end).
+///
+/// Read into the stack and copied out at its exact length: a heap buffer of the maximum
+/// size per accepted connection would be held by every connection still being set up, and
+/// a burst of them leaves the allocator's high-water mark (the agent's RSS) up for good.
 fn early_bytes(stream: &TcpStream) -> std::io::Result<bytes::Bytes> {
-    let mut buf = bytes::BytesMut::with_capacity(EARLY_MAX);
-    match stream.try_read_buf(&mut buf) {
-        Ok(_) => Ok(buf.freeze()),
+    let mut buf = [0u8; EARLY_MAX];
+    match stream.try_read(&mut buf) {
+        Ok(n) => Ok(bytes::Bytes::copy_from_slice(&buf[..n])),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(bytes::Bytes::new()),
         Err(e) => Err(e),
     }

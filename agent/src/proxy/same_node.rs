@@ -22,7 +22,7 @@ pub const SECURITY: &str = "same_node";
 /// says how the app's socket can be read (see [`Mover`]).
 #[allow(clippy::too_many_arguments, reason = "one call site; the pieces are what a handoff needs")]
 pub async fn handoff(
-    mut outbound: Flow<'_>,
+    outbound: &mut Flow<'_>,
     stream: TcpStream,
     mover: Mover,
     peer: SocketAddr,
