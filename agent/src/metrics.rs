@@ -99,12 +99,14 @@ pub struct LiveConnection {
     pub direction: &'static str,
     pub pod: String,
     pub namespace: String,
-    pub src: String,
-    pub dst: String,
+    /// Addresses as such (serialized as "ip:port"): one entry per open connection, so no
+    /// strings where a fixed-size value will do.
+    pub src: std::net::SocketAddr,
+    pub dst: std::net::SocketAddr,
     pub security: &'static str,
     pub src_identity: String,
     pub dst_identity: String,
-    pub opened_unix_ms: u128,
+    pub opened_unix_ms: u64,
 }
 
 impl std::fmt::Debug for Metrics {

@@ -178,14 +178,14 @@ impl<'a> Flow<'a> {
                 direction: self.direction.as_str(),
                 pod: self.pod.to_string(),
                 namespace: self.namespace.to_string(),
-                src: self.src.to_string(),
-                dst: self.dst.to_string(),
+                src: self.src,
+                dst: self.dst,
                 security: self.security,
                 src_identity: id_str(self.src_identity),
                 dst_identity: id_str(self.dst_identity),
                 opened_unix_ms: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis())
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                     .unwrap_or_default(),
             });
             self.conn = Some((counters, id));
