@@ -15,7 +15,7 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::{
-    client::{Pool, PoolKey, TunnelError},
+    client::{Pool, PoolKey, Tunnel, TunnelError},
     server::{self, Record, ServerOptions, Upstream},
 };
 use crate::{
@@ -222,30 +222,46 @@ async fn more_streams_than_one_connection_carries_open_another_connection() {
     assert!(pool.is_empty());
 }
 
+/// `n` streams opened at once on `pool`, each dialling with `dial` when it finds no free
+/// slot; returns their results and how many dials were made.
+async fn burst<D, F>(
+    pool: &Arc<Pool>,
+    k: &PoolKey,
+    target: SocketAddr,
+    n: usize,
+    dial: D,
+) -> (Vec<Result<Tunnel, TunnelError>>, usize)
+where
+    D: Fn(SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = std::io::Result<TcpStream>> + Send + 'static,
+{
+    let dials = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let opens = (0..n).map(|_| {
+        let (pool, k, dials, dial) = (pool.clone(), k.clone(), dials.clone(), dial.clone());
+        tokio::spawn(async move {
+            let counted = || {
+                dials.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                dial(k.dst_addr)
+            };
+            pool.open(&k, target, "127.0.0.1:1".parse().unwrap(), &Bytes::new(), counted).await
+        })
+    });
+    let results = futures::future::join_all(opens).await.into_iter().map(|r| r.unwrap()).collect();
+    (results, dials.load(std::sync::atomic::Ordering::SeqCst))
+}
+
 #[tokio::test]
 async fn a_burst_of_new_streams_shares_one_dial() {
     let f = fixture(Duration::from_secs(5)).await;
     let pool = Arc::new(Pool::new(f.ids.clone()));
     let k = key(&f, id("shop", "web"), f.server_id.clone());
     let target = SocketAddr::new(f.server.ip(), f.echo.port());
-    let dials = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // 20 streams to one destination at once, on an empty pool: they all find no free slot.
-    let opens = (0..20).map(|_| {
-        let (pool, k, dials) = (pool.clone(), k.clone(), dials.clone());
-        tokio::spawn(async move {
-            let to = k.dst_addr;
-            let dial = || {
-                dials.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                TcpStream::connect(to)
-            };
-            pool.open(&k, target, "127.0.0.1:1".parse().unwrap(), &Bytes::new(), dial).await
-        })
-    });
-    let tunnels: Vec<_> = futures::future::join_all(opens).await.into_iter().map(|t| t.unwrap().unwrap()).collect();
-    assert_eq!(dials.load(std::sync::atomic::Ordering::SeqCst), 1, "one dial served the whole burst");
+    let (tunnels, dials) = burst(&pool, &k, target, 20, TcpStream::connect).await;
+    assert_eq!(dials, 1, "one dial served the whole burst");
     assert_eq!(pool.len(), 1);
     for t in tunnels {
-        assert_eq!(round_trip(t, b"x").await, b"x");
+        assert_eq!(round_trip(t.unwrap(), b"x").await, b"x");
     }
 }
 
@@ -255,26 +271,17 @@ async fn streams_waiting_on_a_failed_dial_fail_with_it() {
     let pool = Arc::new(Pool::new(f.ids.clone()));
     let k = key(&f, id("shop", "web"), f.server_id.clone());
     let target = SocketAddr::new(f.server.ip(), f.echo.port());
-    let dials = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let opens = (0..5).map(|_| {
-        let (pool, k, dials) = (pool.clone(), k.clone(), dials.clone());
-        tokio::spawn(async move {
-            let dial = || {
-                dials.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                async {
-                    // Slow to fail, so the others queue behind it.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    Err::<TcpStream, _>(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))
-                }
-            };
-            pool.open(&k, target, "127.0.0.1:1".parse().unwrap(), &Bytes::new(), dial).await
-        })
-    });
-    for r in futures::future::join_all(opens).await {
-        let err = r.unwrap().expect_err("no tunnel through a failed dial").to_string();
+    let failing = |_| async {
+        // Slow to fail, so the others queue behind it.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))
+    };
+    let (results, dials) = burst(&pool, &k, target, 5, failing).await;
+    for r in results {
+        let err = r.expect_err("no tunnel through a failed dial").to_string();
         assert!(err.contains("connect timed out"), "{err}");
     }
-    assert_eq!(dials.load(std::sync::atomic::Ordering::SeqCst), 1, "the waiters did not each dial again");
+    assert_eq!(dials, 1, "the waiters did not each dial again");
     assert!(pool.is_empty());
     // A later stream dials afresh (the failure is not cached beyond those that waited).
     let ok = open(&pool, &k, target).await.unwrap();
