@@ -60,20 +60,34 @@ async fn handle(
     match to {
         Some(to) => match mesh.local_pod(dst.ip()) {
             // Boxed: a task is as large as its largest possible state, and every idle
-            // tunnel would otherwise carry the handoff's second flow record.
+            // tunnel would otherwise carry the handoff's second flow record and relay.
             Some(dst_pod) => {
                 let handoff = same_node::handoff(&mut flow, stream, mover, peer, dst, pod, dst_pod, mesh, timeout);
                 Box::pin(handoff).await
             }
             None => tunnel(&mut flow, stream, peer, dst, pod, to, mesh, timeout).await,
         },
-        None => match connect_in_pod(pod, None, dst, timeout).await {
-            Ok(upstream) => relay(&mut flow, stream, upstream, mover, None).await,
-            Err(reason) => {
-                flow.refused(Refusal::UpstreamUnreachable, &reason);
-                reset(stream);
-            }
-        },
+        // Boxed too: the plaintext relay's state (both splice pumps) is larger than a
+        // tunnel's, and would otherwise size every tunnel's task.
+        None => Box::pin(plain(&mut flow, stream, dst, mover, pod, timeout)).await,
+    }
+}
+
+/// To a destination outside the mesh: plain TCP from inside the pod.
+async fn plain(
+    flow: &mut Flow<'_>,
+    stream: TcpStream,
+    dst: SocketAddr,
+    mover: Mover,
+    pod: &PodContext,
+    timeout: Duration,
+) {
+    match connect_in_pod(pod, None, dst, timeout).await {
+        Ok(upstream) => relay(flow, stream, upstream, mover, None).await,
+        Err(reason) => {
+            flow.refused(Refusal::UpstreamUnreachable, &reason);
+            reset(stream);
+        }
     }
 }
 
@@ -172,64 +186,73 @@ fn source_verdict(pod: &PodContext, to: &Peer, dst: SocketAddr, mesh: &Mesh) -> 
 /// Through HBONE to the destination pod's agent: mTLS with our pod's identity, expecting
 /// the destination's. Any failure resets the app's connection — never a plaintext retry.
 #[allow(clippy::too_many_arguments, reason = "one call site; the pieces are what a tunnel needs")]
-async fn tunnel<'a>(
-    flow: &mut Flow<'a>,
+fn tunnel<'f, 'a: 'f>(
+    flow: &'f mut Flow<'a>,
     stream: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
     pod: &'a PodContext,
     to: &'a Peer,
-    mesh: &Mesh,
+    mesh: &'a Mesh,
     timeout: Duration,
-) {
+) -> impl std::future::Future<Output = ()> + Send + use<'f, 'a> {
+    // A plain function returning the future, not an `async fn`: an `async fn` keeps every
+    // argument for its whole life, and this future lives as long as the tunnel. What the
+    // setup needs is moved into its box here; the tunnel's future holds the flow record's
+    // reference, the socket and the box.
     flow.security = "mutual_tls";
     flow.src_identity = Some(&pod.identity);
     flow.dst_identity = Some(&to.identity);
-    let early = match early_bytes(&stream) {
-        Ok(b) => b,
+    let ready = match early_bytes(&stream) {
+        Ok(early) => {
+            let early_len = early.len() as u64;
+            // Boxed: the setup (pool lookup, maybe a dial and a TLS handshake) is a large
+            // state that lives only until the tunnel is open; inline, every idle
+            // connection's task would carry its size for the connection's whole life.
+            let setup = Box::pin(async move {
+                let key = hbone::client::PoolKey {
+                    src_pod: pod.netns.cookie(),
+                    src: pod.identity.clone(),
+                    dst: to.identity.clone(),
+                    dst_addr: SocketAddr::new(dst.ip(), HBONE_PORT),
+                };
+                let source = SocketAddr::new(pod.ips.first().copied().unwrap_or(peer.ip()), 0);
+                let dial = || async {
+                    let sock = pod.netns.stream_socket(key.dst_addr.is_ipv6()).await.map_err(std::io::Error::other)?;
+                    tokio::time::timeout(timeout, sock.connect(key.dst_addr))
+                        .await
+                        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+                };
+                mesh.pool.open(&key, dst, source, &early, dial).await
+            });
+            Some((stream, setup, early_len))
+        }
         Err(e) => {
             // The app's connection already failed (e.g. it reset it): nothing to carry,
             // and reading on would turn its reset into a clean end.
             flow.closed(0, 0, Some(format!("app connection: {e}")));
-            return reset(stream);
+            reset(stream);
+            None
         }
     };
-    let early_len = early.len() as u64;
-    // Boxed, with everything only it needs (pool key, dialer, early bytes): the setup (pool
-    // lookup, maybe a dial and a TLS handshake) is a large state that lives only until the
-    // tunnel is open; inline, every idle connection's task would carry its size for the
-    // connection's whole life.
-    let setup = Box::pin(async move {
-        let key = hbone::client::PoolKey {
-            src_pod: pod.netns.cookie(),
-            src: pod.identity.clone(),
-            dst: to.identity.clone(),
-            dst_addr: SocketAddr::new(dst.ip(), HBONE_PORT),
+    async move {
+        let Some((stream, setup, early_len)) = ready else { return };
+        // Not matched in place: the result would stay in this future for the tunnel's life.
+        let opened = setup.await;
+        let hbone::client::Tunnel { send, recv, slot } = match opened {
+            Ok(t) => t,
+            Err(e) => {
+                flow.refused(Refusal::TunnelFailed, &e.to_string());
+                return reset(stream);
+            }
         };
-        let source = SocketAddr::new(pod.ips.first().copied().unwrap_or(peer.ip()), 0);
-        let dial = || async {
-            let sock = pod.netns.stream_socket(key.dst_addr.is_ipv6()).await.map_err(std::io::Error::other)?;
-            tokio::time::timeout(timeout, sock.connect(key.dst_addr))
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
-        };
-        mesh.pool.open(&key, dst, source, &early, dial).await
-    });
-    // Not matched in place: the result would stay in this future for the tunnel's life.
-    let opened = setup.await;
-    let hbone::client::Tunnel { send, recv, slot } = match opened {
-        Ok(t) => t,
-        Err(e) => {
-            flow.refused(Refusal::TunnelFailed, &e.to_string());
-            return reset(stream);
+        flow.opened();
+        let result = hbone::splice(stream, send, recv).await;
+        drop(slot); // the stream is done: its place on the connection is free
+        match result {
+            Ok((sent, received)) => flow.closed(early_len + sent, received, None),
+            Err(e) => flow.closed(0, 0, Some(e.to_string())),
         }
-    };
-    flow.opened();
-    let result = hbone::splice(stream, send, recv).await;
-    drop(slot); // the stream is done: its place on the connection is free
-    match result {
-        Ok((sent, received)) => flow.closed(early_len + sent, received, None),
-        Err(e) => flow.closed(0, 0, Some(e.to_string())),
     }
 }
 
