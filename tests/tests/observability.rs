@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use selvedge_tests::{AgentOptions, Client, Lab};
+use selvedge_tests::{sys::wait_for, AgentOptions, Client, Lab};
 
 const PORT: u16 = 7000;
 
@@ -58,15 +58,10 @@ fn metrics_count_known_traffic_exactly() {
     assert_eq!(sample(&n1, "istio_tcp_received_bytes_total", &source), Some(3.0 * bytes as f64));
     assert_eq!(sample(&n1, "selvedge_enrolled_workloads", &[]), Some(1.0));
     // The three tunnels shared one pooled connection: one full TLS handshake, none resumed.
-    let mut handshakes = None;
-    for _ in 0..30 {
-        handshakes = sample(&metrics(&lab, "n1"), "selvedge_hbone_handshakes_total", &[("kind", "full")]);
-        if handshakes.is_some() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert_eq!(handshakes, Some(1.0), "one handshake for three tunnels");
+    let handshakes = wait_for(3, "the handshake counter", || {
+        sample(&metrics(&lab, "n1"), "selvedge_hbone_handshakes_total", &[("kind", "full")])
+    });
+    assert_eq!(handshakes, 1.0, "one handshake for three tunnels");
     assert!(sample(&n1, "selvedge_kernel_events_total", &[("counter", "captured")]).is_some_and(|v| v >= 3.0));
     assert!(sample(&n1, "selvedge_certificate_expiry_seconds", &[("identity", a)]).is_some_and(|v| v > 0.0));
 

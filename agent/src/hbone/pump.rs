@@ -161,6 +161,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::hbone::tests::read_stream;
 
     /// One end of the tunnel: the app's socket, the agent's socket for the pump, and the
     /// far end of the pump's stream (its send and receive halves).
@@ -190,16 +191,6 @@ mod tests {
         let (far_send, far_recv) = far.await.unwrap();
         let recv = response.await.unwrap().into_body();
         Ends { app, pump: splice(agent, send, recv), far_send, far_recv }
-    }
-
-    async fn read_stream(recv: &mut RecvStream) -> Result<Vec<u8>, h2::Error> {
-        let mut got = Vec::new();
-        while let Some(chunk) = recv.data().await {
-            let chunk = chunk?;
-            recv.flow_control().release_capacity(chunk.len())?;
-            got.extend_from_slice(&chunk);
-        }
-        Ok(got)
     }
 
     /// Megabytes both ways; `app_first`: which side half-closes first. The other direction

@@ -153,13 +153,19 @@ async fn round_trip(t: super::client::Tunnel, data: &[u8]) -> Vec<u8> {
     let super::client::Tunnel { mut send, mut recv, slot } = t;
     let _slot = slot;
     send.send_data(Bytes::copy_from_slice(data), true).unwrap();
+    read_stream(&mut recv).await.unwrap()
+}
+
+/// Everything a stream carries until END_STREAM, releasing capacity as it reads (also for
+/// the pump's tests).
+pub(super) async fn read_stream(recv: &mut h2::RecvStream) -> Result<Vec<u8>, h2::Error> {
     let mut got = Vec::new();
     while let Some(chunk) = recv.data().await {
-        let chunk = chunk.unwrap();
-        recv.flow_control().release_capacity(chunk.len()).unwrap();
+        let chunk = chunk?;
+        recv.flow_control().release_capacity(chunk.len())?;
         got.extend_from_slice(&chunk);
     }
-    got
+    Ok(got)
 }
 
 async fn records_settle(up: &Recorder, n: usize) -> Vec<(u16, String, Option<String>)> {
