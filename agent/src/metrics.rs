@@ -3,9 +3,11 @@
 //! map occupancy, reconcile drift).
 //!
 //! Cheap on the hot path: a connection resolves its label set once, when it is opened, and
-//! keeps the counter handles; bytes are added once, at close. Nothing is looked up per byte.
+//! keeps the counter handles; its copy loops add bytes as they move them (one atomic add per
+//! chunk, never a lookup), so a long-lived connection's bytes show in rates while it is open,
+//! and bytes moved before an error or a reset are never dropped from the totals.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use prometheus_client::{
@@ -118,17 +120,69 @@ impl std::fmt::Debug for Metrics {
 /// One connection's counters, resolved once.
 #[derive(Debug, Clone)]
 pub struct ConnMetrics {
-    closed: Counter,
-    sent: Counter,
-    received: Counter,
+    pub closed: Counter,
+    pub sent: Counter,
+    pub received: Counter,
 }
 
-impl ConnMetrics {
-    pub fn close(&self, sent: u64, received: u64) {
-        self.sent.inc_by(sent);
-        self.received.inc_by(received);
-        self.closed.inc();
+/// Bytes one way of one connection, counted as they move: its own total (for the access
+/// log) and, once the connection is counted as opened, its Prometheus byte counter.
+///
+/// Only the task that owns the connection adds; atomics make the count readable from
+/// wherever the connection's future is dropped or ends.
+#[derive(Debug, Default)]
+pub struct ByteCount {
+    total: AtomicU64,
+    counter: Option<Counter>,
+}
+
+impl ByteCount {
+    pub fn add(&self, n: u64) {
+        // One writer: a plain load and store, no locked add for the per-connection total.
+        let total = self.total.load(Ordering::Relaxed);
+        self.total.store(total + n, Ordering::Relaxed);
+        if let Some(c) = &self.counter {
+            c.inc_by(n);
+        }
     }
+
+    pub fn get(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// From now on, also count into `counter` (what was counted before is added to it).
+    pub fn report_to(&mut self, counter: Counter) {
+        counter.inc_by(self.get());
+        self.counter = Some(counter);
+    }
+}
+
+/// Something bytes are counted into as they move: one [`ByteCount`], or two at once (a
+/// same-node handoff counts for the source's record and the destination's).
+pub trait Count: Sync {
+    fn add(&self, n: u64);
+}
+
+impl Count for ByteCount {
+    fn add(&self, n: u64) {
+        ByteCount::add(self, n);
+    }
+}
+
+impl<A: Count, B: Count> Count for (&A, &B) {
+    fn add(&self, n: u64) {
+        self.0.add(n);
+        self.1.add(n);
+    }
+}
+
+/// A connection's bytes both ways: `sent` source → destination, `received` destination →
+/// source, on either side's agent (the access log's `bytes_sent`/`bytes_received`, and
+/// `istio_tcp_{sent,received}_bytes_total`).
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub sent: ByteCount,
+    pub received: ByteCount,
 }
 
 impl Default for Metrics {
@@ -314,14 +368,27 @@ mod tests {
     #[test]
     fn counts_connections_and_bytes_with_istio_names() {
         let m = Metrics::new();
+        // Bytes show while the connection is open, those counted before it was opened too.
+        let mut t = Tally::default();
+        t.sent.add(4);
         let c = m.open(&labels("source"));
-        c.close(10, 20);
-        m.open(&labels("source")).close(1, 2);
+        t.sent.report_to(c.sent);
+        t.received.report_to(c.received);
+        t.sent.add(6);
+        t.received.add(20);
+        let line = |text: &str, name: &str| text.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
+        assert!(line(&m.encode(), "istio_tcp_sent_bytes_total{").ends_with(" 10"), "counted while open");
+        assert_eq!((t.sent.get(), t.received.get()), (10, 20));
+        c.closed.inc();
+        let c = m.open(&labels("source"));
+        c.sent.inc_by(1);
+        c.received.inc_by(2);
+        c.closed.inc();
         m.denied("no_original_destination");
         m.kernel_totals(&[("captured", 5)]);
         m.kernel_totals(&[("captured", 7)]);
         let text = m.encode();
-        let line = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
+        let line = |name: &str| line(&text, name);
         assert!(line("istio_tcp_connections_opened_total{").ends_with(" 2"), "{text}");
         assert!(line("istio_tcp_sent_bytes_total{").ends_with(" 11"), "{text}");
         assert!(line("istio_tcp_received_bytes_total{").ends_with(" 22"), "{text}");

@@ -41,7 +41,7 @@ use crate::{
     hbone::client::Pool,
     identity::{IdentityManager, SpiffeId},
     inpod::PodNetns,
-    metrics::Metrics,
+    metrics::{Count, Metrics},
     policy::{authorize, Action, CompiledPolicy, ConnFacts, Decision, WorkloadMtls},
     state::Directory,
 };
@@ -231,20 +231,24 @@ pub async fn relay(
     cancel: Option<&Notify>,
 ) {
     flow.opened();
-    let (to_up, to_down, error) = carry(downstream, upstream, mover, cancel).await;
-    flow.closed(to_up, to_down, error);
+    let t = &flow.tally;
+    let error = carry(downstream, upstream, mover, cancel, &t.sent, &t.received).await;
+    flow.closed(error);
 }
 
 /// Move bytes both ways until both sides are done, or until `cancel` fires (a policy
-/// change now denies the connection: both sides are reset). Returns (bytes downstream →
-/// upstream, bytes upstream → downstream, why it ended abnormally).
+/// change now denies the connection: both sides are reset). Counts downstream → upstream
+/// (source → destination) into `sent` and the other way into `received` as they move;
+/// returns why it ended abnormally.
 async fn carry(
     mut downstream: TcpStream,
     mut upstream: TcpStream,
     mover: Mover,
     cancel: Option<&Notify>,
-) -> (u64, u64, Option<String>) {
-    let copy = zerocopy::relay(&mut downstream, &mut upstream, mover);
+    sent: &impl Count,
+    received: &impl Count,
+) -> Option<String> {
+    let copy = zerocopy::relay(&mut downstream, &mut upstream, mover, sent, received);
     let outcome = match cancel {
         Some(c) => tokio::select! {
             r = copy => Some(r),
@@ -253,12 +257,12 @@ async fn carry(
         None => Some(copy.await),
     };
     match outcome {
-        Some(Ok((to_up, to_down))) => (to_up, to_down, None),
-        Some(Err(e)) => (0, 0, Some(e.to_string())),
+        Some(Ok(())) => None,
+        Some(Err(e)) => Some(e.to_string()),
         None => {
             reset(downstream);
             reset(upstream);
-            (0, 0, Some(DENIED_LATER.into()))
+            Some(DENIED_LATER.into())
         }
     }
 }

@@ -73,6 +73,48 @@ fn metrics_count_known_traffic_exactly() {
     assert!(status == 200 && body.contains("istio_tcp_connections_opened_total"));
 }
 
+/// A connection is counted and listed on both sides while it is open, its bytes show in
+/// the metrics before it ends, and one that ends in a reset keeps its bytes and duration
+/// in the access log.
+#[test]
+fn open_connections_are_visible_on_both_sides_and_a_reset_keeps_their_bytes() {
+    let mut lab = Lab::two_nodes("live");
+    lab.serve("d", "echo", PORT);
+    let d = lab.get("d").addr(PORT);
+    let bytes = 50_000;
+    let mut app = std::process::Command::new(&lab.env.app);
+    app.args(["reset-after", &d.to_string(), &bytes.to_string(), "3000"]);
+    let pid = lab.spawn_in_pod("a", app);
+    let line = lab.child_first_line(pid, std::time::Duration::from_secs(5));
+    assert!(line.contains("\"exact\":true"), "echoed: {line} {}", lab.child_stderr(pid));
+
+    // Open (the app holds it for 3 s): listed by the destination's agent too, and counted.
+    let (ok, out) = lab.selvedge_on("n2", &["connections", "-o", "json"]);
+    assert!(ok, "{out}");
+    let a = "spiffe://cluster.local/ns/lab/sa/a";
+    let conns: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let inbound = |x: &serde_json::Value| x["direction"] == "inbound" && x["pod"] == "d" && x["src_identity"] == a;
+    assert!(conns.as_array().is_some_and(|c| c.iter().any(inbound)), "{out}");
+    for (node, reporter) in [("n1", "source"), ("n2", "destination")] {
+        let m = metrics(&lab, node);
+        let l = [("reporter", reporter), ("source_principal", a), ("destination_workload", "d")];
+        assert_eq!(sample(&m, "istio_tcp_connections_opened_total", &l), Some(1.0), "{node} while open: {m}");
+        assert_eq!(sample(&m, "istio_tcp_connections_closed_total", &l), Some(0.0), "{node} while open");
+        assert_eq!(sample(&m, "istio_tcp_sent_bytes_total", &l), Some(bytes as f64), "{node} while open");
+        assert_eq!(sample(&m, "istio_tcp_received_bytes_total", &l), Some(bytes as f64), "{node} while open");
+    }
+
+    // The app resets it: both records end in an error and keep the bytes and the time.
+    for (node, direction) in [("n1", "outbound"), ("n2", "inbound")] {
+        let e = lab
+            .agent(node)
+            .wait_access(direction, |e| e["direction"] == direction && e["message"] == "connection closed");
+        assert_eq!(e["result"], "error", "{node}: {e}");
+        assert_eq!((e["bytes_sent"].as_u64(), e["bytes_received"].as_u64()), (Some(bytes), Some(bytes)), "{node}: {e}");
+        assert!(e["duration_ms"].as_u64().is_some_and(|ms| ms >= 3000), "{node}: open for the app's 3 s: {e}");
+    }
+}
+
 #[test]
 fn refusals_are_logged_and_counted_with_their_reason() {
     let mut lab = Lab::two_nodes("refusals");

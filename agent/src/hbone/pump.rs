@@ -19,22 +19,30 @@ use h2::{RecvStream, SendStream};
 use tokio::net::TcpStream;
 
 use super::PumpError;
+use crate::metrics::ByteCount;
 
 /// Read buffers start small (an idle connection costs little) and double while reads fill
 /// them, up to this size (bulk transfers move big chunks).
 const BUF_START: usize = 16 * 1024;
 const BUF_MAX: usize = 1024 * 1024;
 
-/// Carry bytes both ways between `socket` and one stream until both directions have ended;
-/// resolves to (bytes socket → stream, bytes stream → socket), or to the first error, which
-/// ends both (the stream is reset).
+/// Carry bytes both ways between `socket` and one stream until both directions have ended,
+/// or until the first error, which ends both (the stream is reset). Bytes are counted into
+/// `up` (socket → stream) and `down` (stream → socket) as they move, so the counts hold
+/// whatever way the splice ends, even when it is dropped.
 ///
 /// Socket → stream: a buffer is allocated only once the socket is readable, filled, and
 /// handed to h2 whole (h2 frees it once written), within the peer's flow-control window;
 /// end of file becomes END_STREAM (a half-close). Stream → socket: capacity is released as
 /// bytes are written, so the window only moves as fast as the socket; END_STREAM shuts the
 /// socket's write side.
-pub fn splice(socket: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> Splice {
+pub fn splice<'c>(
+    socket: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    up: &'c ByteCount,
+    down: &'c ByteCount,
+) -> Splice<'c> {
     Splice {
         socket,
         send,
@@ -42,8 +50,8 @@ pub fn splice(socket: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> S
         read_size: BUF_START,
         up: Bytes::new(),
         down: Bytes::new(),
-        sent: 0,
-        received: 0,
+        sent: up,
+        received: down,
         up_done: false,
         down_done: false,
     }
@@ -51,7 +59,7 @@ pub fn splice(socket: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> S
 
 /// See [`splice`].
 #[derive(Debug)]
-pub struct Splice {
+pub struct Splice<'c> {
     socket: TcpStream,
     send: SendStream<Bytes>,
     recv: RecvStream,
@@ -61,13 +69,13 @@ pub struct Splice {
     up: Bytes,
     /// From the stream, not yet written to the socket.
     down: Bytes,
-    sent: u64,
-    received: u64,
+    sent: &'c ByteCount,
+    received: &'c ByteCount,
     up_done: bool,
     down_done: bool,
 }
 
-impl Splice {
+impl Splice<'_> {
     /// Socket → stream, as far as it can go now; Ok when done or waiting (woken later).
     fn poll_up(&mut self, cx: &mut Context<'_>) -> Result<(), PumpError> {
         while !self.up_done {
@@ -89,7 +97,7 @@ impl Splice {
                     self.up_done = true;
                 }
                 Ok(n) => {
-                    self.sent += n as u64;
+                    self.sent.add(n as u64);
                     if n >= self.read_size && self.read_size < BUF_MAX {
                         self.read_size *= 2;
                     }
@@ -113,7 +121,7 @@ impl Splice {
                 match self.socket.try_write(&self.down) {
                     Ok(n) => {
                         self.down.advance(n);
-                        self.received += n as u64;
+                        self.received.add(n as u64);
                         self.recv.flow_control().release_capacity(n)?;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -134,8 +142,8 @@ impl Splice {
     }
 }
 
-impl Future for Splice {
-    type Output = Result<(u64, u64), PumpError>;
+impl Future for Splice<'_> {
+    type Output = Result<(), PumpError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -146,7 +154,7 @@ impl Future for Splice {
             return Poll::Ready(Err(e));
         }
         if this.up_done && this.down_done {
-            Poll::Ready(Ok((this.sent, this.received)))
+            Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }
@@ -163,14 +171,17 @@ mod tests {
     use super::*;
     use crate::hbone::tests::read_stream;
 
-    /// One end of the tunnel: the app's socket, the agent's socket for the pump, and the
-    /// far end of the pump's stream (its send and receive halves).
+    /// One end of the tunnel: the app's socket, the pump (running), and the far end of the
+    /// pump's stream (its send and receive halves).
     struct Ends {
         app: TcpStream,
-        pump: Splice,
+        pump: Pumped,
         far_send: SendStream<Bytes>,
         far_recv: RecvStream,
     }
+
+    /// How the pump ended, and what it counted (socket → stream, stream → socket).
+    type Pumped = tokio::task::JoinHandle<(Result<(), PumpError>, u64, u64)>;
 
     async fn ends() -> Ends {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -190,14 +201,18 @@ mod tests {
         let (response, send) = sender.ready().await.unwrap().send_request(req, false).unwrap();
         let (far_send, far_recv) = far.await.unwrap();
         let recv = response.await.unwrap().into_body();
-        Ends { app, pump: splice(agent, send, recv), far_send, far_recv }
+        let pump = tokio::spawn(async move {
+            let (up, down) = (ByteCount::default(), ByteCount::default());
+            let r = splice(agent, send, recv, &up, &down).await;
+            (r, up.get(), down.get())
+        });
+        Ends { app, pump, far_send, far_recv }
     }
 
     /// Megabytes both ways; `app_first`: which side half-closes first. The other direction
     /// keeps flowing after it, and each end sees the other's end only after its bytes.
     async fn both_ways(app_first: bool) {
-        let Ends { app, pump, mut far_send, mut far_recv } = ends().await;
-        let pumped = tokio::spawn(pump);
+        let Ends { app, pump: pumped, mut far_send, mut far_recv } = ends().await;
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
         let (mut r, mut w) = app.into_split();
@@ -228,7 +243,9 @@ mod tests {
             far_to_app.await;
             let _w = app_to_far.await;
         }
-        assert_eq!(pumped.await.unwrap().unwrap(), (3_000_000, 1_000_000));
+        let (result, up, down) = pumped.await.unwrap();
+        assert!(result.is_ok());
+        assert_eq!((up, down), (3_000_000, 1_000_000));
     }
 
     #[tokio::test]
@@ -243,11 +260,23 @@ mod tests {
 
     #[tokio::test]
     async fn a_reset_app_ends_the_pump_with_an_error_and_resets_the_stream() {
-        let Ends { app, pump, far_send: _far_send, mut far_recv } = ends().await;
-        let pumped = tokio::spawn(pump);
+        let Ends { mut app, pump: pumped, mut far_send, mut far_recv } = ends().await;
+        // Bytes both ways first: what moved before the reset stays counted.
+        app.write_all(&[7; 5000]).await.unwrap();
+        far_send.send_data(Bytes::from_static(&[9; 300]), false).unwrap();
+        let mut got = [0; 300];
+        app.read_exact(&mut got).await.unwrap();
+        let mut seen = 0;
+        while seen < 5000 {
+            let chunk = far_recv.data().await.unwrap().unwrap();
+            far_recv.flow_control().release_capacity(chunk.len()).unwrap();
+            seen += chunk.len();
+        }
         socket2::SockRef::from(&app).set_linger(Some(std::time::Duration::ZERO)).unwrap();
         drop(app);
-        assert!(pumped.await.unwrap().is_err(), "a reset is not a clean end");
+        let (result, up, down) = pumped.await.unwrap();
+        assert!(result.is_err(), "a reset is not a clean end");
+        assert_eq!((up, down), (5000, 300), "the bytes moved before the reset are counted");
         assert!(read_stream(&mut far_recv).await.is_err(), "the far end sees the stream reset, not END_STREAM");
     }
 }

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::{splice, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
-use crate::{addr, identity::SpiffeId, tls};
+use crate::{addr, identity::SpiffeId, metrics::ByteCount, tls};
 
 /// What the server needs from the agent, for one pod.
 pub trait Upstream: Send + Sync + 'static {
@@ -27,15 +27,24 @@ pub trait Upstream: Send + Sync + 'static {
     fn cancelled(watch: &Self::Watch) -> &tokio::sync::Notify;
     /// Connect to the app at `target` inside this pod.
     fn connect(&self, target: SocketAddr) -> impl std::future::Future<Output = Result<TcpStream, String>> + Send;
-    /// Record one finished (or refused) tunnelled connection.
+    /// A served stream while it is open (from its 200 on): counted as opened, listed, and
+    /// counting its bytes as they move.
+    type Served<'a>: Send
+    where
+        Self: 'a;
+    /// The stream from `principal` at `peer` to `target` is through (answered 200).
+    fn served<'a>(&'a self, principal: &'a SpiffeId, peer: SocketAddr, target: SocketAddr) -> Self::Served<'a>;
+    /// Where its bytes are counted: (client → app, app → client).
+    fn tally<'s>(served: &'s Self::Served<'_>) -> (&'s ByteCount, &'s ByteCount);
+    /// The served stream ended; `error` says why when it ended abnormally.
+    fn ended(served: Self::Served<'_>, error: Option<String>);
+    /// Record one refused connection or stream.
     fn log(&self, record: Record<'_>);
 }
 
-/// How an inbound HBONE connection or stream ended.
+/// Why an inbound HBONE connection or stream was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// Served (200); `reason` holds a copy error, if any.
-    Served,
     /// TLS or HTTP/2 handshake failed or timed out.
     Handshake,
     /// The client certificate verified but is not an acceptable SVID.
@@ -50,18 +59,17 @@ pub enum Outcome {
     Denied,
 }
 
-/// One inbound HBONE connection, for the access log.
+/// One refused inbound HBONE connection or stream, for the access log.
 #[derive(Debug)]
 pub struct Record<'a> {
     pub outcome: Outcome,
     pub peer: SocketAddr,
     pub target: Option<SocketAddr>,
-    /// The verified client identity (the source principal).
+    /// The verified client identity (the source principal), once known.
     pub principal: Option<&'a SpiffeId>,
+    /// The HTTP status answered (0: none, the connection failed before HTTP/2).
     pub status: u16,
     pub reason: &'a str,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
 }
 
 /// How one pod's HBONE listener is set up.
@@ -96,7 +104,7 @@ pub async fn serve<U: Upstream>(listener: TcpListener, opts: ServerOptions, upst
 
 async fn connection<U: Upstream>(tcp: TcpStream, peer: SocketAddr, opts: ServerOptions, up: Arc<U>) {
     let refuse = |outcome, reason: &str| {
-        up.log(Record { outcome, peer, target: None, principal: None, status: 0, reason, bytes_in: 0, bytes_out: 0 });
+        up.log(Record { outcome, peer, target: None, principal: None, status: 0, reason });
     };
     let Ok(local) = tcp.local_addr().map(addr::canonical) else { return };
     let _ = tcp.set_nodelay(true);
@@ -152,20 +160,16 @@ pub fn check_target(req: &Request<h2::RecvStream>, local: SocketAddr) -> Result<
 /// Why a connection that was allowed got closed (HBONE streams and plaintext relays).
 pub const DENIED_LATER: &str = "closed: denied after a policy change";
 
-/// One access-log record of a stream.
-#[allow(clippy::too_many_arguments, reason = "a record's fields, named at each call site")]
+/// The access-log record of a refused stream.
 fn record<'a>(
     peer: SocketAddr,
     principal: &'a SpiffeId,
     target: Option<SocketAddr>,
     status: StatusCode,
     reason: &'a str,
-    bytes_in: u64,
-    bytes_out: u64,
 ) -> Record<'a> {
     Record {
         outcome: match status {
-            StatusCode::OK => Outcome::Served,
             StatusCode::METHOD_NOT_ALLOWED => Outcome::Method,
             StatusCode::SERVICE_UNAVAILABLE => Outcome::Unavailable,
             StatusCode::FORBIDDEN => Outcome::Denied,
@@ -176,8 +180,6 @@ fn record<'a>(
         principal: Some(principal),
         status: status.as_u16(),
         reason,
-        bytes_in,
-        bytes_out,
     }
 }
 
@@ -209,7 +211,7 @@ async fn open_stream<U: Upstream>(
         Ok(t) => t,
         Err((status, reason)) => {
             let _ = reply(&mut respond, status);
-            up.log(record(peer, principal, None, status, reason.as_str(), 0, 0));
+            up.log(record(peer, principal, None, status, reason.as_str()));
             return None;
         }
     };
@@ -218,7 +220,7 @@ async fn open_stream<U: Upstream>(
         Ok(w) => w,
         Err(reason) => {
             let _ = reply(&mut respond, StatusCode::FORBIDDEN);
-            up.log(record(peer, principal, Some(target), StatusCode::FORBIDDEN, reason.as_str(), 0, 0));
+            up.log(record(peer, principal, Some(target), StatusCode::FORBIDDEN, reason.as_str()));
             return None;
         }
     };
@@ -227,15 +229,16 @@ async fn open_stream<U: Upstream>(
         Err(reason) => {
             let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             let status = StatusCode::SERVICE_UNAVAILABLE;
-            up.log(record(peer, principal, Some(target), status, reason.as_str(), 0, 0));
+            up.log(record(peer, principal, Some(target), status, reason.as_str()));
             return None;
         }
     };
     let send = match reply(&mut respond, StatusCode::OK) {
         Ok(s) => s,
+        // Allowed and connected, but the client went away first: a served stream that
+        // ended at once.
         Err(e) => {
-            let reason = format!("stream gone: {e}");
-            up.log(record(peer, principal, Some(target), StatusCode::OK, reason.as_str(), 0, 0));
+            U::ended(up.served(principal, peer, target), Some(format!("stream gone: {e}")));
             return None;
         }
     };
@@ -259,15 +262,13 @@ fn serve_stream<U: Upstream>(
     async move {
         let _guard = guard;
         let Some(Open { app, send, recv, watch, target }) = opening.await else { return };
+        let served = up.served(&principal, peer, target);
+        let (to_app, to_client) = U::tally(&served);
         let result = tokio::select! {
-            r = splice(app, send, recv) => r.map_err(|e| e.to_string()),
+            r = splice(app, send, recv, to_client, to_app) => r.err().map(|e| e.to_string()),
             // Dropping the splice resets the stream and closes the app's socket.
-            () = U::cancelled(&watch).notified() => Err(DENIED_LATER.to_string()),
+            () = U::cancelled(&watch).notified() => Some(DENIED_LATER.to_string()),
         };
-        let (ok, principal) = (StatusCode::OK, &*principal);
-        match result {
-            Ok((to_client, to_app)) => up.log(record(peer, principal, Some(target), ok, "", to_app, to_client)),
-            Err(reason) => up.log(record(peer, principal, Some(target), ok, reason.as_str(), 0, 0)),
-        }
+        U::ended(served, result);
     }
 }

@@ -20,6 +20,7 @@ use super::{
 };
 use crate::{
     identity::{svid_params, BuiltinCa, BuiltinSource, IdentityManager, SpiffeId},
+    metrics::{ByteCount, Tally},
     tls,
 };
 
@@ -43,11 +44,13 @@ fn manager(ca: BuiltinCa) -> Arc<IdentityManager> {
     IdentityManager::new(Arc::new(BuiltinSource { ca, lifetime: Duration::from_secs(3600) }), provider, TD).unwrap()
 }
 
-/// Delivers to a loopback echo server and keeps every record.
+/// Delivers to a loopback echo server and keeps every record: (status, reason, principal),
+/// and for served streams the bytes (client → app, app → client).
 #[derive(Default)]
 struct Recorder {
     echo: Mutex<Option<SocketAddr>>,
     records: Mutex<Vec<(u16, String, Option<String>)>>,
+    served_bytes: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Upstream for Recorder {
@@ -75,6 +78,21 @@ impl Upstream for Recorder {
         // The target's IP is this listener's (checked by the server); the app is the echo.
         assert_eq!(target.ip(), echo.ip());
         TcpStream::connect(echo).await.map_err(|e| e.to_string())
+    }
+
+    type Served<'a> = (&'a Recorder, &'a SpiffeId, Tally);
+
+    fn served<'a>(&'a self, principal: &'a SpiffeId, _: SocketAddr, _: SocketAddr) -> Self::Served<'a> {
+        (self, principal, Tally::default())
+    }
+
+    fn tally<'s>(served: &'s Self::Served<'_>) -> (&'s ByteCount, &'s ByteCount) {
+        (&served.2.sent, &served.2.received)
+    }
+
+    fn ended((up, principal, tally): Self::Served<'_>, error: Option<String>) {
+        up.served_bytes.lock().push((tally.sent.get(), tally.received.get()));
+        up.records.lock().push((200, error.unwrap_or_default(), Some(principal.to_string())));
     }
 
     fn log(&self, r: Record<'_>) {
@@ -195,6 +213,8 @@ async fn tunnels_bytes_with_verified_identities_and_pools_connections() {
         recs.iter().all(|(s, _, p)| *s == 200 && p.as_deref() == Some("spiffe://lab.local/ns/shop/sa/web")),
         "{recs:?}"
     );
+    let n = payload.len() as u64;
+    assert_eq!(*f.up.served_bytes.lock(), [(n, n); 3], "each stream's bytes, both ways");
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Instant};
 use super::{Direction, PodContext};
 use crate::{
     identity::SpiffeId,
-    metrics::{ConnMetrics, LiveConnection, Metrics, TcpLabels, UNKNOWN},
+    metrics::{LiveConnection, Metrics, Tally, TcpLabels, UNKNOWN},
     state::Peer,
 };
 
@@ -88,8 +88,10 @@ pub struct Flow<'a> {
     /// The service dialled, when the destination was a service VIP.
     pub service: Option<String>,
     metrics: Option<&'a Metrics>,
-    /// Counter handles and the `/connections` entry, once opened.
-    conn: Option<(ConnMetrics, u64)>,
+    /// Bytes moved so far, each way; the copy loops add to it as they go.
+    pub tally: Tally,
+    /// The `connections_closed` counter and the `/connections` entry, once opened.
+    live: Option<(prometheus_client::metrics::counter::Counter, u64)>,
 }
 
 fn id_str(id: Option<&SpiffeId>) -> String {
@@ -117,7 +119,8 @@ impl<'a> Flow<'a> {
             dst_workload,
             service: None,
             metrics: None,
-            conn: None,
+            tally: Tally::default(),
+            live: None,
         }
     }
 
@@ -138,7 +141,8 @@ impl<'a> Flow<'a> {
             dst_workload: None,
             service: None,
             metrics: None,
-            conn: None,
+            tally: Tally::default(),
+            live: None,
         }
     }
 
@@ -173,6 +177,8 @@ impl<'a> Flow<'a> {
     pub fn opened(&mut self) {
         if let Some(m) = self.metrics {
             let counters = m.open(&self.labels("-"));
+            self.tally.sent.report_to(counters.sent);
+            self.tally.received.report_to(counters.received);
             let id = m.track(LiveConnection {
                 id: 0,
                 direction: self.direction.as_str(),
@@ -188,7 +194,7 @@ impl<'a> Flow<'a> {
                     .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                     .unwrap_or_default(),
             });
-            self.conn = Some((counters, id));
+            self.live = Some((counters.closed, id));
         }
     }
 
@@ -196,7 +202,7 @@ impl<'a> Flow<'a> {
     pub fn refused(&self, why: Refusal, detail: &str) {
         if let Some(m) = self.metrics {
             m.denied(why.code());
-            m.open(&self.labels(why.response_flags())).close(0, 0);
+            m.open(&self.labels(why.response_flags())).closed.inc();
         }
         tracing::warn!(
             target: "selvedge::access",
@@ -211,12 +217,14 @@ impl<'a> Flow<'a> {
         );
     }
 
-    /// Log (and count) a finished connection.
-    pub fn closed(&self, sent: u64, received: u64, error: Option<String>) {
-        if let (Some((c, id)), Some(m)) = (&self.conn, self.metrics) {
-            c.close(sent, received);
+    /// Log (and count) a finished connection, with the bytes its tally counted (also those
+    /// moved before an error or a cancel).
+    pub fn closed(&self, error: Option<String>) {
+        if let (Some((closed, id)), Some(m)) = (&self.live, self.metrics) {
+            closed.inc();
             m.untrack(*id);
         }
+        let (sent, received) = (self.tally.sent.get(), self.tally.received.get());
         tracing::info!(
             target: "selvedge::access",
             direction = self.direction.as_str(),

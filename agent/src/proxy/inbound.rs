@@ -14,6 +14,7 @@ use crate::{
     addr,
     hbone::server::Outcome,
     identity::SpiffeId,
+    metrics::ByteCount,
     policy::{ConnFacts, Decision},
 };
 
@@ -122,6 +123,18 @@ pub struct HboneUpstream {
     pub timeout: Duration,
 }
 
+impl HboneUpstream {
+    /// The record of a tunnelled connection from `principal` at `peer` to `target`.
+    fn flow<'a>(&'a self, principal: Option<&'a SpiffeId>, peer: SocketAddr, target: SocketAddr) -> Flow<'a> {
+        let mut flow = Flow::new(Direction::Inbound, &self.pod, peer, target).with_metrics(&self.mesh.metrics);
+        flow.security = "mutual_tls";
+        flow.src_identity = principal;
+        flow.dst_identity = Some(&self.pod.identity);
+        flow.src_workload = self.mesh.workload_at(peer.ip());
+        flow
+    }
+}
+
 impl crate::hbone::server::Upstream for HboneUpstream {
     type Guard = super::ConnGuard;
     type Watch = super::WatchGuard;
@@ -146,19 +159,25 @@ impl crate::hbone::server::Upstream for HboneUpstream {
         &watch.cancel
     }
 
+    type Served<'a> = Flow<'a>;
+
+    fn served<'a>(&'a self, principal: &'a SpiffeId, peer: SocketAddr, target: SocketAddr) -> Flow<'a> {
+        let mut flow = self.flow(Some(principal), peer, target);
+        flow.opened();
+        flow
+    }
+
+    fn tally<'s>(served: &'s Flow<'_>) -> (&'s ByteCount, &'s ByteCount) {
+        (&served.tally.sent, &served.tally.received)
+    }
+
+    fn ended(served: Flow<'_>, error: Option<String>) {
+        served.closed(error);
+    }
+
     fn log(&self, r: crate::hbone::server::Record<'_>) {
-        let mut flow = Flow::new(Direction::Inbound, &self.pod, r.peer, r.target.unwrap_or(r.peer))
-            .with_metrics(&self.mesh.metrics);
-        flow.security = "mutual_tls";
-        flow.src_identity = r.principal;
-        flow.dst_identity = Some(&self.pod.identity);
-        flow.src_workload = self.mesh.workload_at(r.peer.ip());
+        let flow = self.flow(r.principal, r.peer, r.target.unwrap_or(r.peer));
         let why = match r.outcome {
-            Outcome::Served => {
-                // Reported when the stream ends (opened and closed together).
-                flow.opened();
-                return flow.closed(r.bytes_in, r.bytes_out, (!r.reason.is_empty()).then(|| r.reason.to_string()));
-            }
             Outcome::Handshake => Refusal::TlsHandshake,
             Outcome::Certificate => Refusal::BadClientCertificate,
             Outcome::BadTarget => Refusal::BadTarget,

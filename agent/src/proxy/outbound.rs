@@ -230,7 +230,7 @@ fn tunnel<'f, 'a: 'f>(
         Err(e) => {
             // The app's connection already failed (e.g. it reset it): nothing to carry,
             // and reading on would turn its reset into a clean end.
-            flow.closed(0, 0, Some(format!("app connection: {e}")));
+            flow.closed(Some(format!("app connection: {e}")));
             reset(stream);
             None
         }
@@ -247,12 +247,11 @@ fn tunnel<'f, 'a: 'f>(
             }
         };
         flow.opened();
-        let result = hbone::splice(stream, send, recv).await;
+        flow.tally.sent.add(early_len); // went with the CONNECT request
+        let t = &flow.tally;
+        let result = hbone::splice(stream, send, recv, &t.sent, &t.received).await;
         drop(slot); // the stream is done: its place on the connection is free
-        match result {
-            Ok((sent, received)) => flow.closed(early_len + sent, received, None),
-            Err(e) => flow.closed(0, 0, Some(e.to_string())),
-        }
+        flow.closed(result.err().map(|e| e.to_string()));
     }
 }
 

@@ -63,7 +63,10 @@ pub async fn handoff(
     let _ = stream.set_nodelay(true);
     outbound.opened();
     inbound.opened();
-    let (sent, received, error) = carry(stream, app, mover, Some(&watch.cancel)).await;
-    inbound.closed(sent, received, error.clone());
-    outbound.closed(sent, received, error);
+    // Each byte counts for both records (the source's and the destination's).
+    let (sent, received) =
+        ((&outbound.tally.sent, &inbound.tally.sent), (&outbound.tally.received, &inbound.tally.received));
+    let error = carry(stream, app, mover, Some(&watch.cancel), &sent, &received).await;
+    inbound.closed(error.clone());
+    outbound.closed(error);
 }

@@ -10,7 +10,12 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
-use tokio::{io::Interest, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, Interest},
+    net::TcpStream,
+};
+
+use crate::metrics::Count;
 
 /// At most this much per `splice` call; the pipe is grown to hold it.
 const CHUNK: usize = 256 * 1024;
@@ -57,11 +62,10 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Move bytes `from` → `to` until `from` ends; then shut `to`'s write side. Returns the
-/// bytes moved.
-async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+/// Move bytes `from` → `to` until `from` ends; then shut `to`'s write side. Counts the
+/// bytes into `count` as they arrive at `to`.
+async fn pump(from: &TcpStream, to: &TcpStream, count: &impl Count) -> io::Result<()> {
     let mut pipe: Option<Pipe> = None;
-    let mut total = 0u64;
     loop {
         from.readable().await?;
         let p = match &pipe {
@@ -71,7 +75,7 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
         let n = match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), p.write.as_raw_fd(), CHUNK)) {
             Ok(0) => {
                 socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
-                return Ok(total);
+                return Ok(());
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -81,12 +85,35 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
         while left > 0 {
             to.writable().await?;
             match to.try_io(Interest::WRITABLE, || splice(p.read.as_raw_fd(), to.as_raw_fd(), left)) {
-                Ok(m) => left -= m,
+                Ok(m) => {
+                    left -= m;
+                    count.add(m as u64);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
         }
-        total += n as u64;
+    }
+}
+
+/// [`pump`] through a user-space buffer, made on the first bytes.
+async fn copy(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
+    to: &mut tokio::net::tcp::WriteHalf<'_>,
+    count: &impl Count,
+) -> io::Result<()> {
+    let mut buf = Vec::new();
+    loop {
+        from.as_ref().readable().await?;
+        if buf.is_empty() {
+            buf.resize(COPY_BUF, 0);
+        }
+        let n = match from.read(&mut buf).await? {
+            0 => return to.shutdown().await,
+            n => n,
+        };
+        to.write_all(&buf[..n]).await?;
+        count.add(n as u64);
     }
 }
 
@@ -103,11 +130,22 @@ pub enum Mover {
 /// Per-direction buffer of the copying mover.
 const COPY_BUF: usize = 64 * 1024;
 
-/// Relay both ways until both directions have ended; returns (bytes a→b, bytes b→a).
-pub async fn relay(a: &mut TcpStream, b: &mut TcpStream, mover: Mover) -> io::Result<(u64, u64)> {
+/// Relay both ways until both directions have ended, or until the first error. Bytes are
+/// counted as they move (a → b into `a_to_b`, b → a into `b_to_a`), so the counts hold
+/// however the relay ends.
+pub async fn relay(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    mover: Mover,
+    a_to_b: &impl Count,
+    b_to_a: &impl Count,
+) -> io::Result<()> {
     match mover {
-        Mover::Splice => tokio::try_join!(pump(a, b), pump(b, a)),
-        Mover::Copy => tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUF, COPY_BUF).await,
+        Mover::Splice => tokio::try_join!(pump(a, b, a_to_b), pump(b, a, b_to_a)).map(|_| ()),
+        Mover::Copy => {
+            let ((mut ar, mut aw), (mut br, mut bw)) = (a.split(), b.split());
+            tokio::try_join!(copy(&mut ar, &mut bw, a_to_b), copy(&mut br, &mut aw, b_to_a)).map(|_| ())
+        }
     }
 }
 
@@ -116,13 +154,26 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::proxy::tests::pair;
+    use crate::{metrics::ByteCount, proxy::tests::pair};
 
-    #[tokio::test]
-    async fn moves_every_byte_in_order_both_ways_with_half_close() {
-        let (mut app, mut down) = pair().await;
-        let (mut up, mut server) = pair().await;
-        let relayed = tokio::spawn(async move { relay(&mut down, &mut up, Mover::Splice).await });
+    /// Relay `down` ↔ `up` in a task; it ends with the result and the counts (down → up,
+    /// up → down).
+    fn spawn_relay(
+        mut down: TcpStream,
+        mut up: TcpStream,
+        mover: Mover,
+    ) -> tokio::task::JoinHandle<(io::Result<()>, u64, u64)> {
+        tokio::spawn(async move {
+            let (to_up, to_down) = (ByteCount::default(), ByteCount::default());
+            let r = relay(&mut down, &mut up, mover, &to_up, &to_down).await;
+            (r, to_up.get(), to_down.get())
+        })
+    }
+
+    async fn moves_every_byte_in_order_both_ways_with_half_close(mover: Mover) {
+        let (mut app, down) = pair().await;
+        let (up, mut server) = pair().await;
+        let relayed = spawn_relay(down, up, mover);
 
         // More than a pipe holds, so the write side waits for the reader at least once.
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
@@ -143,15 +194,43 @@ mod tests {
         let mut back = Vec::new();
         app.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"back");
-        assert_eq!(relayed.await.unwrap().unwrap(), (data.len() as u64, 4));
+        let (result, to_up, to_down) = relayed.await.unwrap();
+        assert!(result.is_ok());
+        assert_eq!((to_up, to_down), (data.len() as u64, 4));
     }
 
     #[tokio::test]
-    async fn a_reset_ends_the_relay_with_an_error() {
-        let (app, mut down) = pair().await;
-        let (mut up, _server) = pair().await;
-        let relayed = tokio::spawn(async move { relay(&mut down, &mut up, Mover::Splice).await });
+    async fn splice_moves_every_byte_in_order_both_ways_with_half_close() {
+        moves_every_byte_in_order_both_ways_with_half_close(Mover::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn copy_moves_every_byte_in_order_both_ways_with_half_close() {
+        moves_every_byte_in_order_both_ways_with_half_close(Mover::Copy).await;
+    }
+
+    /// A reset is an error, not a clean end, and what moved before it stays counted.
+    async fn a_reset_ends_the_relay_with_an_error_and_keeps_the_counts(mover: Mover) {
+        let (mut app, down) = pair().await;
+        let (up, mut server) = pair().await;
+        let relayed = spawn_relay(down, up, mover);
+        app.write_all(&[1; 7000]).await.unwrap();
+        server.read_exact(&mut [0; 7000]).await.unwrap();
+        server.write_all(&[2; 40]).await.unwrap();
+        app.read_exact(&mut [0; 40]).await.unwrap();
         crate::proxy::reset(app);
-        assert!(relayed.await.unwrap().is_err(), "a reset is an error, not a clean end");
+        let (result, to_up, to_down) = relayed.await.unwrap();
+        assert!(result.is_err(), "a reset is an error, not a clean end");
+        assert_eq!((to_up, to_down), (7000, 40));
+    }
+
+    #[tokio::test]
+    async fn a_reset_ends_a_splice_relay_with_an_error_and_keeps_the_counts() {
+        a_reset_ends_the_relay_with_an_error_and_keeps_the_counts(Mover::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn a_reset_ends_a_copy_relay_with_an_error_and_keeps_the_counts() {
+        a_reset_ends_the_relay_with_an_error_and_keeps_the_counts(Mover::Copy).await;
     }
 }

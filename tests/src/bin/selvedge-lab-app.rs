@@ -56,6 +56,7 @@ fn main() {
         "pingpong" => pingpong(addr(arg(1)), num(arg(2)), num(arg(3))),
         "connrate" => connrate(addr(arg(1)), num(arg(2))),
         "hold" => hold(addr(arg(1)), num(arg(2)), num(arg(3))),
+        "reset-after" => reset_after(addr(arg(1)), num(arg(2)), num(arg(3))),
         _ => usage(),
     }
 }
@@ -302,6 +303,28 @@ fn hold(to: SocketAddr, n: usize, seconds: usize) {
     println!("{}", json!({"open": held.len()}));
     let _ = std::io::stdout().flush();
     std::thread::sleep(Duration::from_secs(seconds as u64));
+}
+
+/// Through an echo server: send `n` bytes, read them back, say so, keep the connection
+/// open for `ms` milliseconds, then reset it (SO_LINGER 0) instead of closing it.
+fn reset_after(to: SocketAddr, n: usize, ms: usize) {
+    let mut s = connect(to);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let data = payload(n);
+    let mut got = vec![0u8; n];
+    if let Err(e) = s.write_all(&data).and_then(|()| s.read_exact(&mut got)) {
+        fail(&format!("echo: {e}"));
+    }
+    println!("{}", json!({"echoed": n, "exact": got == data}));
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(Duration::from_millis(ms as u64));
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt reads `linger` (of the size given) on a socket we own.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        let len = std::mem::size_of::<libc::linger>() as libc::socklen_t;
+        libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&raw const linger).cast(), len);
+    }
 }
 
 fn refusal_time(to: SocketAddr, n: usize) {
