@@ -7,7 +7,10 @@
 //! chunk, never a lookup), so a long-lived connection's bytes show in rates while it is open,
 //! and bytes moved before an error or a reset are never dropped from the totals.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
 
 use parking_lot::Mutex;
 use prometheus_client::{
@@ -91,7 +94,47 @@ pub struct Metrics {
     /// Last (full, resumed) totals seen from the HBONE pool.
     handshakes_last: Mutex<Vec<u64>>,
     /// Connections open right now, for `/connections`.
-    live: Mutex<std::collections::BTreeMap<u64, LiveConnection>>,
+    live: Mutex<Live>,
+}
+
+/// The open connections, and the strings they name: one copy of each pod name, namespace
+/// and identity however many connections name it (four strings in every entry were a
+/// good part of what an idle connection cost).
+#[derive(Default)]
+struct Live {
+    conns: std::collections::BTreeMap<u64, LiveConnection>,
+    names: std::collections::HashSet<Arc<str>>,
+}
+
+impl Live {
+    fn intern(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.names.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.names.insert(a.clone());
+        a
+    }
+
+    /// One connection's reference is going: the set forgets a name nobody else holds.
+    fn release(&mut self, name: Arc<str>) {
+        if Arc::strong_count(&name) == 2 {
+            self.names.remove(&name);
+        }
+    }
+}
+
+/// An open connection to list, in the words of its record.
+#[derive(Debug)]
+pub struct Listing<'a> {
+    pub direction: &'static str,
+    pub pod: &'a str,
+    pub namespace: &'a str,
+    pub src: std::net::SocketAddr,
+    pub dst: std::net::SocketAddr,
+    pub security: &'static str,
+    pub src_identity: &'a str,
+    pub dst_identity: &'a str,
 }
 
 /// One open connection, as `/connections` and `selvedge connections` show it.
@@ -99,15 +142,15 @@ pub struct Metrics {
 pub struct LiveConnection {
     pub id: u64,
     pub direction: &'static str,
-    pub pod: String,
-    pub namespace: String,
+    pub pod: Arc<str>,
+    pub namespace: Arc<str>,
     /// Addresses as such (serialized as "ip:port"): one entry per open connection, so no
     /// strings where a fixed-size value will do.
     pub src: std::net::SocketAddr,
     pub dst: std::net::SocketAddr,
     pub security: &'static str,
-    pub src_identity: String,
-    pub dst_identity: String,
+    pub src_identity: Arc<str>,
+    pub dst_identity: Arc<str>,
     pub opened_unix_ms: u64,
 }
 
@@ -210,7 +253,7 @@ impl Metrics {
             dry_run: Family::default(),
             handshakes: Family::default(),
             handshakes_last: Mutex::new(Vec::new()),
-            live: Mutex::new(std::collections::BTreeMap::new()),
+            live: Mutex::new(Live::default()),
             registry: Registry::default(),
         };
         // prometheus-client appends `_total` to counters.
@@ -298,19 +341,40 @@ impl Metrics {
     }
 
     /// List an open connection; returns its id.
-    pub fn track(&self, mut conn: LiveConnection) -> u64 {
+    pub fn track(&self, c: &Listing<'_>) -> u64 {
         let id = NEXT_CONNECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        conn.id = id;
-        self.live.lock().insert(id, conn);
+        let opened_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or_default();
+        let mut live = self.live.lock();
+        let conn = LiveConnection {
+            id,
+            direction: c.direction,
+            pod: live.intern(c.pod),
+            namespace: live.intern(c.namespace),
+            src: c.src,
+            dst: c.dst,
+            security: c.security,
+            src_identity: live.intern(c.src_identity),
+            dst_identity: live.intern(c.dst_identity),
+            opened_unix_ms,
+        };
+        live.conns.insert(id, conn);
         id
     }
 
     pub fn untrack(&self, id: u64) {
-        self.live.lock().remove(&id);
+        let mut live = self.live.lock();
+        if let Some(c) = live.conns.remove(&id) {
+            for name in [c.pod, c.namespace, c.src_identity, c.dst_identity] {
+                live.release(name);
+            }
+        }
     }
 
     pub fn live_connections(&self) -> serde_json::Value {
-        serde_json::to_value(self.live.lock().values().collect::<Vec<_>>()).unwrap_or_default()
+        serde_json::to_value(self.live.lock().conns.values().collect::<Vec<_>>()).unwrap_or_default()
     }
 
     /// The OpenMetrics text exposition.

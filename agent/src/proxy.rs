@@ -107,8 +107,8 @@ pub struct Mesh {
 
 impl Mesh {
     /// The workload behind an address, by the directory.
-    pub fn workload_at(&self, ip: std::net::IpAddr) -> Option<WorkloadName> {
-        self.directory.read().workloads.get(&ip.to_canonical()).map(WorkloadName::from)
+    pub fn workload_at(&self, ip: std::net::IpAddr) -> Option<WorkloadName<'static>> {
+        self.directory.read().workloads.get(&ip.to_canonical()).map(|p| WorkloadName::from(p).owned())
     }
 
     /// The pod behind an address when this agent serves it.
@@ -231,7 +231,7 @@ pub async fn relay(
     cancel: Option<&Notify>,
 ) {
     flow.opened();
-    let t = &flow.tally;
+    let t = &flow.state.tally;
     let error = carry(downstream, upstream, mover, cancel, &t.sent, &t.received).await;
     flow.closed(error);
 }

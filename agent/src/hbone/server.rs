@@ -28,16 +28,22 @@ pub trait Upstream: Send + Sync + 'static {
     /// Connect to the app at `target` inside this pod.
     fn connect(&self, target: SocketAddr) -> impl std::future::Future<Output = Result<TcpStream, String>> + Send;
     /// A served stream while it is open (from its 200 on): counted as opened, listed, and
-    /// counting its bytes as they move.
-    type Served<'a>: Send
-    where
-        Self: 'a;
+    /// counting its bytes as they move. Held by every open stream, so small: what the
+    /// stream's record needs at the end and the task has anyway is passed back then.
+    type Served: Send;
     /// The stream from `principal` at `peer` to `target` is through (answered 200).
-    fn served<'a>(&'a self, principal: &'a SpiffeId, peer: SocketAddr, target: SocketAddr) -> Self::Served<'a>;
+    fn served(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Self::Served;
     /// Where its bytes are counted: (client → app, app → client).
-    fn tally<'s>(served: &'s Self::Served<'_>) -> (&'s ByteCount, &'s ByteCount);
+    fn tally(served: &Self::Served) -> (&ByteCount, &ByteCount);
     /// The served stream ended; `error` says why when it ended abnormally.
-    fn ended(served: Self::Served<'_>, error: Option<String>);
+    fn ended(
+        &self,
+        served: Self::Served,
+        principal: &SpiffeId,
+        peer: SocketAddr,
+        target: SocketAddr,
+        error: Option<String>,
+    );
     /// Record one refused connection or stream.
     fn log(&self, record: Record<'_>);
 }
@@ -238,7 +244,7 @@ async fn open_stream<U: Upstream>(
         // Allowed and connected, but the client went away first: a served stream that
         // ended at once.
         Err(e) => {
-            U::ended(up.served(principal, peer, target), Some(format!("stream gone: {e}")));
+            up.ended(up.served(principal, peer, target), principal, peer, target, Some(format!("stream gone: {e}")));
             return None;
         }
     };
@@ -269,6 +275,6 @@ fn serve_stream<U: Upstream>(
             // Dropping the splice resets the stream and closes the app's socket.
             () = U::cancelled(&watch).notified() => Some(DENIED_LATER.to_string()),
         };
-        U::ended(served, result);
+        up.ended(served, &principal, peer, target, result);
     }
 }

@@ -80,19 +80,19 @@ impl Upstream for Recorder {
         TcpStream::connect(echo).await.map_err(|e| e.to_string())
     }
 
-    type Served<'a> = (&'a Recorder, &'a SpiffeId, Tally);
+    type Served = Tally;
 
-    fn served<'a>(&'a self, principal: &'a SpiffeId, _: SocketAddr, _: SocketAddr) -> Self::Served<'a> {
-        (self, principal, Tally::default())
+    fn served(&self, _: &SpiffeId, _: SocketAddr, _: SocketAddr) -> Tally {
+        Tally::default()
     }
 
-    fn tally<'s>(served: &'s Self::Served<'_>) -> (&'s ByteCount, &'s ByteCount) {
-        (&served.2.sent, &served.2.received)
+    fn tally(served: &Tally) -> (&ByteCount, &ByteCount) {
+        (&served.sent, &served.received)
     }
 
-    fn ended((up, principal, tally): Self::Served<'_>, error: Option<String>) {
-        up.served_bytes.lock().push((tally.sent.get(), tally.received.get()));
-        up.records.lock().push((200, error.unwrap_or_default(), Some(principal.to_string())));
+    fn ended(&self, tally: Tally, principal: &SpiffeId, _: SocketAddr, _: SocketAddr, error: Option<String>) {
+        self.served_bytes.lock().push((tally.sent.get(), tally.received.get()));
+        self.records.lock().push((200, error.unwrap_or_default(), Some(principal.to_string())));
     }
 
     fn log(&self, r: Record<'_>) {

@@ -1,12 +1,12 @@
 //! One proxied connection as the access log and the metrics see it, and why connections
 //! are refused.
 
-use std::{net::SocketAddr, time::Instant};
+use std::{borrow::Cow, net::SocketAddr, time::Instant};
 
 use super::{Direction, PodContext};
 use crate::{
     identity::SpiffeId,
-    metrics::{LiveConnection, Metrics, Tally, TcpLabels, UNKNOWN},
+    metrics::{Listing, Metrics, Tally, TcpLabels, UNKNOWN},
     state::Peer,
 };
 
@@ -54,16 +54,24 @@ impl Refusal {
     }
 }
 
-/// A workload's name and namespace, for labels.
+/// A workload's name and namespace, for labels: borrowed from the directory snapshot or
+/// the pod the connection holds anyway, owned only where neither lasts (a lookup).
 #[derive(Debug, Clone, Default)]
-pub struct WorkloadName {
-    pub name: String,
-    pub namespace: String,
+pub struct WorkloadName<'a> {
+    pub name: Cow<'a, str>,
+    pub namespace: Cow<'a, str>,
 }
 
-impl From<&Peer> for WorkloadName {
-    fn from(p: &Peer) -> Self {
-        WorkloadName { name: p.name.clone(), namespace: p.namespace.clone() }
+impl<'a> From<&'a Peer> for WorkloadName<'a> {
+    fn from(p: &'a Peer) -> Self {
+        WorkloadName { name: Cow::Borrowed(&p.name), namespace: Cow::Borrowed(&p.namespace) }
+    }
+}
+
+impl WorkloadName<'_> {
+    /// Owned, for keeping beyond the lookup that found it.
+    pub fn owned(&self) -> WorkloadName<'static> {
+        WorkloadName { name: Cow::Owned(self.name.to_string()), namespace: Cow::Owned(self.namespace.to_string()) }
     }
 }
 
@@ -76,22 +84,36 @@ pub struct Flow<'a> {
     pub namespace: &'a str,
     pub src: SocketAddr,
     pub dst: SocketAddr,
-    pub started: Instant,
     /// `mutual_tls` for HBONE, `none` for plaintext.
     pub security: &'static str,
     /// Verified identities (never taken from anything but a certificate).
     pub src_identity: Option<&'a SpiffeId>,
     pub dst_identity: Option<&'a SpiffeId>,
     /// The workloads at either end, where known.
-    pub src_workload: Option<WorkloadName>,
-    pub dst_workload: Option<WorkloadName>,
+    pub src_workload: Option<WorkloadName<'a>>,
+    pub dst_workload: Option<WorkloadName<'a>>,
     /// The service dialled, when the destination was a service VIP.
     pub service: Option<String>,
     metrics: Option<&'a Metrics>,
-    /// Bytes moved so far, each way; the copy loops add to it as they go.
+    /// Its clock, bytes and listing.
+    pub state: Opened,
+}
+
+/// What a connection's record accrues while it is open: the time it started, the bytes
+/// each way (the copy loops add to the tally as they go), and once opened, its
+/// `connections_closed` counter and `/connections` entry. Kept alone (see
+/// [`Flow::detach`]) by a connection whose record is cheap to describe again at the end.
+#[derive(Debug)]
+pub struct Opened {
+    pub started: Instant,
     pub tally: Tally,
-    /// The `connections_closed` counter and the `/connections` entry, once opened.
     live: Option<(prometheus_client::metrics::counter::Counter, u64)>,
+}
+
+impl Opened {
+    fn new() -> Self {
+        Opened { started: Instant::now(), tally: Tally::default(), live: None }
+    }
 }
 
 fn id_str(id: Option<&SpiffeId>) -> String {
@@ -100,7 +122,7 @@ fn id_str(id: Option<&SpiffeId>) -> String {
 
 impl<'a> Flow<'a> {
     pub fn new(direction: Direction, pod: &'a PodContext, src: SocketAddr, dst: SocketAddr) -> Self {
-        let me = WorkloadName { name: pod.name.clone(), namespace: pod.namespace.clone() };
+        let me = WorkloadName { name: Cow::Borrowed(&pod.name), namespace: Cow::Borrowed(&pod.namespace) };
         let (src_workload, dst_workload) = match direction {
             Direction::Outbound => (Some(me), None),
             Direction::Inbound => (None, Some(me)),
@@ -111,7 +133,6 @@ impl<'a> Flow<'a> {
             namespace: &pod.namespace,
             src,
             dst,
-            started: Instant::now(),
             security: "none",
             src_identity: None,
             dst_identity: None,
@@ -119,8 +140,7 @@ impl<'a> Flow<'a> {
             dst_workload,
             service: None,
             metrics: None,
-            tally: Tally::default(),
-            live: None,
+            state: Opened::new(),
         }
     }
 
@@ -133,7 +153,6 @@ impl<'a> Flow<'a> {
             namespace: "test",
             src,
             dst,
-            started: Instant::now(),
             security: "none",
             src_identity: None,
             dst_identity: None,
@@ -141,8 +160,7 @@ impl<'a> Flow<'a> {
             dst_workload: None,
             service: None,
             metrics: None,
-            tally: Tally::default(),
-            live: None,
+            state: Opened::new(),
         }
     }
 
@@ -153,8 +171,8 @@ impl<'a> Flow<'a> {
     }
 
     fn labels(&self, response_flags: &'static str) -> TcpLabels {
-        let name = |w: &Option<WorkloadName>| w.as_ref().map(|w| w.name.clone()).unwrap_or_else(|| UNKNOWN.into());
-        let ns = |w: &Option<WorkloadName>| w.as_ref().map(|w| w.namespace.clone()).unwrap_or_else(|| UNKNOWN.into());
+        let name = |w: &Option<WorkloadName>| w.as_ref().map_or(UNKNOWN, |w| &w.name).to_string();
+        let ns = |w: &Option<WorkloadName>| w.as_ref().map_or(UNKNOWN, |w| &w.namespace).to_string();
         TcpLabels {
             reporter: match self.direction {
                 Direction::Outbound => "source",
@@ -177,25 +195,31 @@ impl<'a> Flow<'a> {
     pub fn opened(&mut self) {
         if let Some(m) = self.metrics {
             let counters = m.open(&self.labels("-"));
-            self.tally.sent.report_to(counters.sent);
-            self.tally.received.report_to(counters.received);
-            let id = m.track(LiveConnection {
-                id: 0,
+            self.state.tally.sent.report_to(counters.sent);
+            self.state.tally.received.report_to(counters.received);
+            let id = m.track(&Listing {
                 direction: self.direction.as_str(),
-                pod: self.pod.to_string(),
-                namespace: self.namespace.to_string(),
+                pod: self.pod,
+                namespace: self.namespace,
                 src: self.src,
                 dst: self.dst,
                 security: self.security,
-                src_identity: id_str(self.src_identity),
-                dst_identity: id_str(self.dst_identity),
-                opened_unix_ms: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                    .unwrap_or_default(),
+                src_identity: &id_str(self.src_identity),
+                dst_identity: &id_str(self.dst_identity),
             });
-            self.live = Some((counters.closed, id));
+            self.state.live = Some((counters.closed, id));
         }
+    }
+
+    /// Keep only what accrues while open (the rest is described again at the end).
+    pub fn detach(self) -> Opened {
+        self.state
+    }
+
+    /// The record described again, with what accrued while it was open.
+    pub fn attach(mut self, state: Opened) -> Self {
+        self.state = state;
+        self
     }
 
     /// Log (and count) a connection refused before any byte moved.
@@ -220,11 +244,11 @@ impl<'a> Flow<'a> {
     /// Log (and count) a finished connection, with the bytes its tally counted (also those
     /// moved before an error or a cancel).
     pub fn closed(&self, error: Option<String>) {
-        if let (Some((closed, id)), Some(m)) = (&self.live, self.metrics) {
+        if let (Some((closed, id)), Some(m)) = (&self.state.live, self.metrics) {
             closed.inc();
             m.untrack(*id);
         }
-        let (sent, received) = (self.tally.sent.get(), self.tally.received.get());
+        let (sent, received) = (self.state.tally.sent.get(), self.state.tally.received.get());
         tracing::info!(
             target: "selvedge::access",
             direction = self.direction.as_str(),
@@ -234,7 +258,7 @@ impl<'a> Flow<'a> {
             src_identity = %id_str(self.src_identity), dst_identity = %id_str(self.dst_identity),
             service = %self.service.as_deref().unwrap_or(UNKNOWN),
             bytes_sent = sent, bytes_received = received,
-            duration_ms = self.started.elapsed().as_millis() as u64,
+            duration_ms = self.state.started.elapsed().as_millis() as u64,
             result = if error.is_some() { "error" } else { "ok" },
             reason = %error.unwrap_or_default(),
             "connection closed"

@@ -7,8 +7,8 @@ use selvedge_common::RESERVED_PORTS;
 use tokio::net::TcpListener;
 
 use super::{
-    accept_loop, connect_in_pod, relay, reset, ConnTracker, Direction, Flow, Mesh, Mover, PodContext, Refusal,
-    WatchGuard,
+    accept_loop, connect_in_pod, flow::Opened, relay, reset, ConnTracker, Direction, Flow, Mesh, Mover, PodContext,
+    Refusal, WatchGuard,
 };
 use crate::{
     addr,
@@ -159,20 +159,20 @@ impl crate::hbone::server::Upstream for HboneUpstream {
         &watch.cancel
     }
 
-    type Served<'a> = Flow<'a>;
+    type Served = Opened;
 
-    fn served<'a>(&'a self, principal: &'a SpiffeId, peer: SocketAddr, target: SocketAddr) -> Flow<'a> {
+    fn served(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Opened {
         let mut flow = self.flow(Some(principal), peer, target);
         flow.opened();
-        flow
+        flow.detach()
     }
 
-    fn tally<'s>(served: &'s Flow<'_>) -> (&'s ByteCount, &'s ByteCount) {
+    fn tally(served: &Opened) -> (&ByteCount, &ByteCount) {
         (&served.tally.sent, &served.tally.received)
     }
 
-    fn ended(served: Flow<'_>, error: Option<String>) {
-        served.closed(error);
+    fn ended(&self, served: Opened, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr, error: Option<String>) {
+        self.flow(Some(principal), peer, target).attach(served).closed(error);
     }
 
     fn log(&self, r: crate::hbone::server::Record<'_>) {

@@ -247,8 +247,8 @@ fn tunnel<'f, 'a: 'f>(
             }
         };
         flow.opened();
-        flow.tally.sent.add(early_len); // went with the CONNECT request
-        let t = &flow.tally;
+        flow.state.tally.sent.add(early_len); // went with the CONNECT request
+        let t = &flow.state.tally;
         let result = hbone::splice(stream, send, recv, &t.sent, &t.received).await;
         drop(slot); // the stream is done: its place on the connection is free
         flow.closed(result.err().map(|e| e.to_string()));

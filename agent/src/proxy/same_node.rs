@@ -64,8 +64,10 @@ pub async fn handoff(
     outbound.opened();
     inbound.opened();
     // Each byte counts for both records (the source's and the destination's).
-    let (sent, received) =
-        ((&outbound.tally.sent, &inbound.tally.sent), (&outbound.tally.received, &inbound.tally.received));
+    let (sent, received) = (
+        (&outbound.state.tally.sent, &inbound.state.tally.sent),
+        (&outbound.state.tally.received, &inbound.state.tally.received),
+    );
     let error = carry(stream, app, mover, Some(&watch.cancel), &sent, &received).await;
     inbound.closed(error.clone());
     outbound.closed(error);
