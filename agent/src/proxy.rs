@@ -276,6 +276,10 @@ pub async fn connect_in_pod(
 ) -> Result<TcpStream, String> {
     let sock = pod.netns.stream_socket(dst.is_ipv6()).await.map_err(|e| e.to_string())?;
     if let Some(src) = source {
+        if src.port() == 0 {
+            // The port is chosen at connect (fast); failing that, bind picks it (slow).
+            let _ = crate::sys::bind_address_no_port(&sock);
+        }
         sock.bind(src).map_err(|e| format!("bind {src}: {e}"))?;
     }
     match tokio::time::timeout(timeout, sock.connect(dst)).await {

@@ -1,5 +1,5 @@
 //! Thin wrappers over the few Linux interfaces the agent needs beyond std and tokio:
-//! cgroup v2 discovery, network-namespace cookies and `setns`.
+//! cgroup v2 discovery, network-namespace cookies, `setns` and one socket option.
 
 use std::{
     io,
@@ -103,6 +103,23 @@ pub fn netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// `IP_BIND_ADDRESS_NO_PORT`: a later bind to port 0 leaves the port to `connect`, which
+/// picks one unique for the connection's 4-tuple. A plain bind to port 0 must find a port
+/// no other socket on that address holds, scanning past every TIME_WAIT connection: 5 ms
+/// per bind with 15,000 of them (measured in a lab pod), 8 µs with this.
+pub fn bind_address_no_port(sock: &impl AsRawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid fd, and a pointer/length pair to a live c_int.
+    let rc = unsafe {
+        libc::setsockopt(sock.as_raw_fd(), libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT, (&raw const on).cast(), len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Move the calling thread into the network namespace `ns`.
 pub fn setns_net(ns: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: plain syscall on a valid fd; affects only the calling thread's netns.
@@ -127,6 +144,19 @@ pub fn is_bpffs(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bind_to_port_zero_leaves_the_port_to_connect() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        bind_address_no_port(&sock).unwrap();
+        sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        let bound = sock.local_addr().unwrap().as_socket().unwrap();
+        assert_eq!(bound.port(), 0, "no port taken at bind");
+        sock.connect(&server.local_addr().unwrap().into()).unwrap();
+        let connected = sock.local_addr().unwrap().as_socket().unwrap();
+        assert!(connected.port() != 0 && connected.ip() == bound.ip(), "connect chose it: {connected}");
+    }
 
     #[test]
     fn finds_hybrid_and_pure_v2_mounts() {

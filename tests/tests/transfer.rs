@@ -96,3 +96,27 @@ fn fast_path_never_reorders_when_the_app_writes_first() {
     assert!(s.stat("fast_path_miss") > misses_before, "the first write went over TCP: {:?}", s.stats);
     assert!(s.stat("fast_path_hit") > 0, "and later sends used the fast path: {:?}", s.stats);
 }
+
+/// Short connections to an app whose pod has four ephemeral ports: the agent's deliveries
+/// (from 127.0.0.6; each ends in TIME_WAIT on the agent's side, since it passes the
+/// client's half-close on first) take a source port unique per destination at connect. A
+/// bind to port 0 needed a port no socket held, so once the four were in TIME_WAIT every
+/// further delivery failed and its connection was refused.
+#[test]
+fn deliveries_reuse_source_ports_across_destinations() {
+    let mut lab = Lab::two_nodes("ports");
+    let ports = [PORT, PORT + 1, PORT + 2, PORT + 3];
+    for port in ports {
+        lab.serve("d", "echo", port);
+    }
+    let mut sysctl = std::process::Command::new("sysctl");
+    sysctl.args(["-qw", "net.ipv4.ip_local_port_range=40000 40003"]);
+    lab.run_in_pod_netns_as_host("d", sysctl);
+    for port in ports {
+        for round in 0..4 {
+            let dst = lab.get("d").addr(port);
+            let t = lab.transfer("a", dst, 1000).unwrap_or_else(|e| panic!("port {port}, round {round}: {e}"));
+            assert!(t.is_exact(), "port {port}, round {round}: {t:?}");
+        }
+    }
+}
