@@ -169,6 +169,10 @@ pub struct Datapath {
     enrolled: HashMap<MapData, u64, PodInfo>,
     slots: Array<MapData, u32>,
     inbound: SockMap<MapData>,
+    /// The `inbound` indices this agent has set: a sockmap cannot be read back from user
+    /// space (its slots all iterate, set or not, and a lookup of a 4-byte value is refused),
+    /// and the kernel drops a closed listener from it by itself.
+    inbound_set: std::collections::BTreeSet<u32>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -244,6 +248,7 @@ impl Datapath {
             enrolled: take(&mut ebpf, maps::ENROLLED)?,
             slots: take(&mut ebpf, maps::SLOTS)?,
             inbound: take(&mut ebpf, maps::INBOUND_LISTENERS)?,
+            inbound_set: std::collections::BTreeSet::new(),
             stats: take(&mut ebpf, maps::STATS)?,
             object,
             _ebpf: ebpf,
@@ -270,6 +275,7 @@ impl Datapath {
         self.inbound
             .set(pod_id, inbound_listener, 0)
             .map_err(map_err(maps::INBOUND_LISTENERS, format!("set pod {pod_id}")))?;
+        self.inbound_set.insert(pod_id);
         self.set_flags(netns_cookie, pod_id, strict)
     }
 
@@ -336,6 +342,7 @@ impl Datapath {
         }
         let _ = self.slots.set(pod_id, 0, 0);
         let _ = self.inbound.clear_index(&pod_id);
+        self.inbound_set.remove(&pod_id);
         Ok(())
     }
 
@@ -358,7 +365,8 @@ impl Datapath {
         .collect()
     }
 
-    /// Entries and capacity of the maps the agent holds (walks them: call occasionally).
+    /// Entries and capacity of the maps the agent holds (walks them: call occasionally). The
+    /// inbound listener map counts what this agent set (see `inbound_set`).
     pub fn occupancy(&self, flows: &FlowMaps) -> Vec<(&'static str, u64, u64)> {
         let cap = |name: &str| {
             aya::maps::MapInfo::from_pin(self.pin_dir.join("maps").join(name))
@@ -367,7 +375,7 @@ impl Datapath {
         };
         let enrolled = self.enrolled.keys().filter(Result::is_ok).count() as u64;
         let slots = self.slots.iter().filter(|v| matches!(v, Ok(x) if *x != 0)).count() as u64;
-        let inbound = self.inbound.indices().filter(Result::is_ok).count() as u64;
+        let inbound = self.inbound_set.len() as u64;
         let orig = flows.orig_dst.keys().filter(Result::is_ok).count() as u64;
         let pairs = flows.pairs.lock().keys().filter(Result::is_ok).count() as u64;
         vec![

@@ -57,6 +57,10 @@ fn metrics_count_known_traffic_exactly() {
     assert_eq!(sample(&n1, "istio_tcp_sent_bytes_total", &source), Some(3.0 * bytes as f64));
     assert_eq!(sample(&n1, "istio_tcp_received_bytes_total", &source), Some(3.0 * bytes as f64));
     assert_eq!(sample(&n1, "selvedge_enrolled_workloads", &[]), Some(1.0));
+    // One inbound listener for the one enrolled pod (it read 4096 of 4096: a sockmap's
+    // slots all iterate, set or not).
+    assert_eq!(sample(&n1, "selvedge_map_entries", &[("map", "SV_INBOUND")]), Some(1.0), "{n1}");
+    assert_eq!(sample(&n1, "selvedge_map_entries", &[("map", "SV_SLOTS")]), Some(1.0), "{n1}");
     // The three tunnels shared one pooled connection: one full TLS handshake, none resumed.
     let handshakes = wait_for(3, "the handshake counter", || {
         sample(&metrics(&lab, "n1"), "selvedge_hbone_handshakes_total", &[("kind", "full")])
