@@ -388,6 +388,14 @@ impl Lab {
         rx.recv_timeout(limit).unwrap_or_default()
     }
 
+    /// Stop a process started by `spawn_in_pod` (SIGKILL) and reap it.
+    pub fn stop_child(&mut self, pid: u32) {
+        if let Some((c, _)) = self.children.iter_mut().find(|(c, _)| c.id() == pid) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// What a process started by `spawn_in_pod` wrote to stderr.
     pub fn child_stderr(&self, pid: u32) -> String {
         self.children

@@ -166,16 +166,20 @@ fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>
     // over the warmed agent's RSS) is kept beside it.
     let half = plan.idle / 2;
     let rss0 = agents_rss(lab);
-    let hold_for = |lab: &mut Lab, seconds: &str| {
-        let hold = lab.spawn_in_pod("client", app(lab, &["hold", &echo.to_string(), &half.to_string(), seconds]));
-        let opened = lab.child_first_line(hold, Duration::from_secs(120)).contains("open");
+    // Each half holds its connections until both are measured (however long the second
+    // takes to open), then is stopped.
+    let hold = |lab: &mut Lab| {
+        let pid = lab.spawn_in_pod("client", app(lab, &["hold", &echo.to_string(), &half.to_string(), "600"]));
+        let opened = lab.child_first_line(pid, Duration::from_secs(120)).contains("open");
         std::thread::sleep(Duration::from_millis(1500));
-        opened
+        (pid, opened)
     };
-    let first = hold_for(lab, "8");
+    let (first_pid, first) = hold(lab);
     let rss_half = agents_rss(lab);
-    let second = hold_for(lab, "3");
+    let (second_pid, second) = hold(lab);
     let rss1 = agents_rss(lab);
+    lab.stop_child(first_pid);
+    lab.stop_child(second_pid);
     if first && second {
         for (i, side) in ["client_side", "server_side"].iter().enumerate() {
             let per = (rss1[i] - rss_half[i]) / half as f64;
