@@ -194,7 +194,8 @@ impl<'a> Flow<'a> {
     /// The connection is through: count it as opened (its labels are final now).
     pub fn opened(&mut self) {
         if let Some(m) = self.metrics {
-            let counters = m.open(&self.labels("-"));
+            let labels = self.labels("-");
+            let counters = m.open(&labels);
             self.state.tally.sent.report_to(counters.sent);
             self.state.tally.received.report_to(counters.received);
             let id = m.track(&Listing {
@@ -204,8 +205,8 @@ impl<'a> Flow<'a> {
                 src: self.src,
                 dst: self.dst,
                 security: self.security,
-                src_identity: &id_str(self.src_identity),
-                dst_identity: &id_str(self.dst_identity),
+                src_identity: &labels.source_principal,
+                dst_identity: &labels.destination_principal,
             });
             self.state.live = Some((counters.closed, id));
         }

@@ -124,12 +124,20 @@ pub struct HboneUpstream {
 }
 
 impl HboneUpstream {
-    /// The record of a tunnelled connection from `principal` at `peer` to `target`.
+    /// The record of a tunnelled connection from `principal` at `peer` to `target`, as
+    /// the access log has it.
     fn flow<'a>(&'a self, principal: Option<&'a SpiffeId>, peer: SocketAddr, target: SocketAddr) -> Flow<'a> {
         let mut flow = Flow::new(Direction::Inbound, &self.pod, peer, target).with_metrics(&self.mesh.metrics);
         flow.security = "mutual_tls";
         flow.src_identity = principal;
         flow.dst_identity = Some(&self.pod.identity);
+        flow
+    }
+
+    /// [`Self::flow`] with the source workload looked up, for the labels it is counted
+    /// under (at open or refusal; closing only adds to counters resolved then).
+    fn labelled<'a>(&'a self, principal: Option<&'a SpiffeId>, peer: SocketAddr, target: SocketAddr) -> Flow<'a> {
+        let mut flow = self.flow(principal, peer, target);
         flow.src_workload = self.mesh.workload_at(peer.ip());
         flow
     }
@@ -162,7 +170,7 @@ impl crate::hbone::server::Upstream for HboneUpstream {
     type Served = Opened;
 
     fn served(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Opened {
-        let mut flow = self.flow(Some(principal), peer, target);
+        let mut flow = self.labelled(Some(principal), peer, target);
         flow.opened();
         flow.detach()
     }
@@ -176,7 +184,7 @@ impl crate::hbone::server::Upstream for HboneUpstream {
     }
 
     fn log(&self, r: crate::hbone::server::Record<'_>) {
-        let flow = self.flow(r.principal, r.peer, r.target.unwrap_or(r.peer));
+        let flow = self.labelled(r.principal, r.peer, r.target.unwrap_or(r.peer));
         let why = match r.outcome {
             Outcome::Handshake => Refusal::TlsHandshake,
             Outcome::Certificate => Refusal::BadClientCertificate,
