@@ -146,6 +146,11 @@ impl FlowMaps {
         keys.len()
     }
 
+    /// Is the sockmap fast path on?
+    pub fn fast_path(&self) -> bool {
+        self.fast_path
+    }
+
     /// Put the agent's end of an app<->agent loopback connection in the fast-path sockhash.
     /// Must happen before the agent writes to it (see ebpf/src/skmsg.rs on ordering).
     /// Returns whether it joined: redirected bytes wait in the sockmap's own queue, which

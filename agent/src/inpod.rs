@@ -5,21 +5,31 @@
 //! one thing: create sockets there on request. Everything else (accept, connect, copy)
 //! runs on the shared tokio runtime; no per-pod process, no iptables.
 //!
-//! Connections need a fresh socket each, so the thread keeps a few spare IPv4 stream
-//! sockets made in advance: taking one is a lock and a pop, with no thread round trip on
-//! the connection's path; the thread tops the reserve up afterwards.
+//! Connections need a fresh socket each, so the thread keeps spare IPv4 stream sockets
+//! made in advance, ready for their use: taking one is a lock and a pop, with no thread
+//! round trip and no setup call on the connection's path. Two reserves: sockets for dials
+//! (`TCP_NODELAY` set) and sockets for deliveries to the pod's apps (also bound to the
+//! delivery source with the port left to `connect`). The thread tops a reserve up once it
+//! is half used, so waking it costs one wakeup per few connections, not one each.
 
 use std::{
     fs::File,
     io,
     net::SocketAddr,
+    net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsFd,
     path::{Path, PathBuf},
     sync::{mpsc, Arc},
 };
 
-/// Spare IPv4 stream sockets kept per pod.
+/// Spare IPv4 stream sockets kept per pod, per reserve.
 const SPARE_SOCKETS: usize = 8;
+/// A reserve is topped up when taking a socket leaves this many.
+const REFILL_AT: usize = SPARE_SOCKETS / 2;
+
+/// Source of the agent's connections to a pod's apps: a loopback address, which the pod's
+/// `sk_lookup` recognises as "from inside the pod" and leaves alone (Istio uses the same).
+pub const DELIVERY_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::oneshot;
@@ -58,13 +68,40 @@ enum Request {
     },
     Stream {
         ipv6: bool,
+        use_: Use,
         reply: oneshot::Sender<io::Result<Socket>>,
     },
-    /// Fill the spare IPv4 reserve back up.
+    /// Fill the spare IPv4 reserves back up.
     Refill,
 }
 
-type Spares = Arc<parking_lot::Mutex<Vec<Socket>>>;
+/// What a socket is made ready for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// A connection out of the pod (a tunnel to another node, a plaintext destination).
+    Dial,
+    /// A delivery to one of the pod's apps, from [`DELIVERY_SOURCE_V4`] (IPv4) or from
+    /// the pod's own address (IPv6: there are no spare loopback addresses).
+    Deliver,
+}
+
+/// The spare IPv4 sockets, one reserve per [`Use`].
+#[derive(Debug, Default)]
+struct Reserves {
+    dial: Vec<Socket>,
+    deliver: Vec<Socket>,
+}
+
+impl Reserves {
+    fn of(&mut self, use_: Use) -> &mut Vec<Socket> {
+        match use_ {
+            Use::Dial => &mut self.dial,
+            Use::Deliver => &mut self.deliver,
+        }
+    }
+}
+
+type Spares = Arc<parking_lot::Mutex<Reserves>>;
 
 /// Handle on one pod's network namespace.
 #[derive(Debug)]
@@ -76,7 +113,7 @@ pub struct PodNetns {
     cookie: u64,
     /// Requests to the pod's socket thread; dropping it ends the thread.
     tx: mpsc::Sender<Request>,
-    /// IPv4 stream sockets the thread made in advance.
+    /// IPv4 stream sockets the thread made in advance, ready for their use.
     spares: Spares,
 }
 
@@ -124,15 +161,26 @@ impl PodNetns {
         })
     }
 
-    /// An unconnected TCP socket inside the pod, ready for `connect`.
-    pub async fn stream_socket(&self, ipv6: bool) -> Result<tokio::net::TcpSocket, InpodError> {
-        let spare = if ipv6 { None } else { self.spares.lock().pop() };
-        let sock = match spare {
-            Some(s) => {
+    /// An unconnected TCP socket inside the pod with `TCP_NODELAY` set, ready for
+    /// `connect`; for [`Use::Deliver`] over IPv4, already bound to the delivery source.
+    pub async fn stream_socket(&self, ipv6: bool, use_: Use) -> Result<tokio::net::TcpSocket, InpodError> {
+        let spare = if ipv6 {
+            None
+        } else {
+            let mut spares = self.spares.lock();
+            let reserve = spares.of(use_);
+            let s = reserve.pop();
+            // Only the take that crosses the mark asks: one wakeup per few connections.
+            let refill = s.is_none() || reserve.len() == REFILL_AT;
+            drop(spares);
+            if refill {
                 let _ = self.tx.send(Request::Refill);
-                s
             }
-            None => self.ask(|reply| Request::Stream { ipv6, reply }, "create a socket".into()).await?,
+            s
+        };
+        let sock = match spare {
+            Some(s) => s,
+            None => self.ask(|reply| Request::Stream { ipv6, use_, reply }, "create a socket".into()).await?,
         };
         Ok(tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock)))
     }
@@ -173,21 +221,36 @@ fn serve(ns: File, rx: mpsc::Receiver<Request>, ready: mpsc::Sender<io::Result<u
             Request::Listen { addr, reply } => {
                 let _ = reply.send(listener(addr));
             }
-            Request::Stream { ipv6, reply } => {
-                let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
-                let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP));
-                let _ = reply.send(s);
+            Request::Stream { ipv6, use_, reply } => {
+                let _ = reply.send(stream_socket(ipv6, use_));
             }
             Request::Refill => {
-                while spares.lock().len() < SPARE_SOCKETS {
-                    match Socket::new(Domain::IPV4, Type::STREAM.nonblocking(), Some(Protocol::TCP)) {
-                        Ok(s) => spares.lock().push(s),
-                        Err(_) => break, // out of descriptors: connections fall back to asking
+                for use_ in [Use::Dial, Use::Deliver] {
+                    while spares.lock().of(use_).len() < SPARE_SOCKETS {
+                        match stream_socket(false, use_) {
+                            Ok(s) => spares.lock().of(use_).push(s),
+                            // Out of descriptors, say: connections fall back to asking.
+                            Err(_) => break,
+                        }
                     }
                 }
             }
         }
     }
+}
+
+/// A non-blocking TCP socket in this thread's netns, ready for `use_`. Every connection
+/// the agent makes carries small writes that must not wait (a CONNECT, an app's request).
+fn stream_socket(ipv6: bool, use_: Use) -> io::Result<Socket> {
+    let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
+    let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    s.set_nodelay(true)?;
+    if use_ == Use::Deliver && !ipv6 {
+        // The port is chosen at connect, unique per 4-tuple (see `sys::bind_address_no_port`).
+        sys::bind_address_no_port(&s)?;
+        s.bind(&SocketAddr::V4(SocketAddrV4::new(DELIVERY_SOURCE_V4, 0)).into())?;
+    }
+    Ok(s)
 }
 
 /// Keep the agent's ports out of the pod's ephemeral range (`ip_local_reserved_ports`, a
@@ -223,6 +286,8 @@ fn port_in(entry: &str, port: u16) -> bool {
 fn listener(addr: SocketAddr) -> io::Result<Socket> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    // Accepted connections inherit it: no call per connection.
+    s.set_nodelay(true)?;
     // During a DaemonSet rolling update (maxSurge) the next agent binds beside the one still
     // running; both serve until the old one drains. Pods cannot join: the bind guard
     // refuses their binds to the agent's ports.
@@ -238,11 +303,38 @@ fn listener(addr: SocketAddr) -> io::Result<Socket> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_come_ready_for_their_use() {
+        let server = listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        server.set_nonblocking(false).unwrap();
+        let at = server.local_addr().unwrap();
+        for use_ in [Use::Dial, Use::Deliver] {
+            let s = stream_socket(false, use_).unwrap();
+            assert!(s.nodelay().unwrap(), "{use_:?}: TCP_NODELAY set before connect");
+            let bound = s.local_addr().unwrap().as_socket().unwrap();
+            match use_ {
+                // Bound to the delivery source, the port left to connect.
+                Use::Deliver => assert_eq!(bound, SocketAddr::from((DELIVERY_SOURCE_V4, 0))),
+                Use::Dial => assert!(bound.ip().is_unspecified(), "a dial is not bound: {bound}"),
+            }
+            let _ = s.connect(&at);
+            let (accepted, from) = server.accept().unwrap();
+            if use_ == Use::Deliver {
+                assert_eq!(from.as_socket().unwrap().ip(), std::net::IpAddr::from(DELIVERY_SOURCE_V4));
+            }
+            assert!(s.nodelay().unwrap(), "{use_:?}: still set once connected");
+            // Accepted connections inherit it from the listener: no call per connection.
+            assert!(accepted.nodelay().unwrap(), "accepted socket inherits TCP_NODELAY");
+        }
+    }
+
     #[test]
     fn reserved_port_entries() {
-        assert!(super::port_in("15008", 15008));
-        assert!(super::port_in("15000-15010", 15008));
-        assert!(!super::port_in("15009-15010", 15008));
-        assert!(!super::port_in("", 15008));
+        assert!(port_in("15008", 15008));
+        assert!(port_in("15000-15010", 15008));
+        assert!(!port_in("15009-15010", 15008));
+        assert!(!port_in("", 15008));
     }
 }

@@ -41,6 +41,7 @@ use crate::{
     hbone::client::Pool,
     identity::{IdentityManager, SpiffeId},
     inpod::PodNetns,
+    inpod::Use,
     metrics::{Count, Metrics},
     policy::{authorize, Action, CompiledPolicy, ConnFacts, Decision, WorkloadMtls},
     state::Directory,
@@ -267,26 +268,17 @@ async fn carry(
     }
 }
 
-/// Connect from inside the pod's netns to `dst`, optionally from `source`.
+/// Connect from inside the pod's netns to `dst`, with a socket made ready for `use_`
+/// (`TCP_NODELAY`; a delivery's source bound: see `inpod::Use`).
 pub async fn connect_in_pod(
     pod: &PodContext,
-    source: Option<SocketAddr>,
+    use_: Use,
     dst: SocketAddr,
     timeout: Duration,
 ) -> Result<TcpStream, String> {
-    let sock = pod.netns.stream_socket(dst.is_ipv6()).await.map_err(|e| e.to_string())?;
-    if let Some(src) = source {
-        if src.port() == 0 {
-            // The port is chosen at connect (fast); failing that, bind picks it (slow).
-            let _ = crate::sys::bind_address_no_port(&sock);
-        }
-        sock.bind(src).map_err(|e| format!("bind {src}: {e}"))?;
-    }
+    let sock = pod.netns.stream_socket(dst.is_ipv6(), use_).await.map_err(|e| e.to_string())?;
     match tokio::time::timeout(timeout, sock.connect(dst)).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
-        }
+        Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(format!("connect {dst}: {e}")),
         Err(_) => Err(format!("connect {dst}: timed out after {}s", timeout.as_secs())),
     }

@@ -14,22 +14,14 @@ use crate::{
     addr,
     hbone::server::Outcome,
     identity::SpiffeId,
+    inpod::Use,
     metrics::ByteCount,
     policy::{ConnFacts, Decision},
 };
 
-/// Source of the agent's connections to the app: a loopback address, which the pod's
-/// `sk_lookup` recognises as "from inside the pod" and leaves alone (Istio uses the same).
-pub const DELIVERY_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
-
+/// Connect to the pod's app at `app`, from the delivery source (`inpod::Use::Deliver`).
 pub async fn deliver(pod: &PodContext, app: SocketAddr, timeout: Duration) -> Result<tokio::net::TcpStream, String> {
-    let source = match app {
-        SocketAddr::V4(_) => Some(SocketAddr::from((DELIVERY_SOURCE_V4, 0))),
-        // IPv6 has no spare loopback addresses; the pod's own address is used, and
-        // sk_lookup treats source == destination as local.
-        SocketAddr::V6(_) => None,
-    };
-    connect_in_pod(pod, source, app, timeout).await
+    connect_in_pod(pod, Use::Deliver, app, timeout).await
 }
 
 /// Serve one inbound listener until the task is aborted.
@@ -99,7 +91,6 @@ fn decide<'a>(
         flow.refused(Refusal::Policy, &decision.reason());
         return None;
     }
-    let _ = stream.set_nodelay(true);
     Some((flow, local, mesh.watchers.add(pod.clone(), facts)))
 }
 

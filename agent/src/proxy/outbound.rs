@@ -15,6 +15,7 @@ use crate::{
     addr,
     datapath::FlowMaps,
     hbone,
+    inpod::Use,
     policy::{authorize, ConnFacts, Decision},
     state::{Directory, Peer},
 };
@@ -82,7 +83,7 @@ async fn plain(
     pod: &PodContext,
     timeout: Duration,
 ) {
-    match connect_in_pod(pod, None, dst, timeout).await {
+    match connect_in_pod(pod, Use::Dial, dst, timeout).await {
         Ok(upstream) => relay(flow, stream, upstream, mover, None).await,
         Err(reason) => {
             flow.refused(Refusal::UpstreamUnreachable, &reason);
@@ -122,7 +123,8 @@ fn decide<'a>(
     };
     let mut dst = addr::from_abi(&orig);
     let mut mover = Mover::Splice;
-    if let Ok(local) = stream.local_addr() {
+    // The pair key needs the socket's own address: asked only when the fast path is on.
+    if let Some(local) = flows.fast_path().then(|| stream.local_addr().ok()).flatten() {
         let pair = PairKey { netns_cookie: cookie, local: addr::to_abi(local), remote: app };
         match flows.join_fast_path(&pair, stream) {
             Ok(true) => mover = Mover::Copy,
@@ -130,7 +132,6 @@ fn decide<'a>(
             Err(e) => tracing::debug!(pod = %pod.name, "fast path not used for this connection: {e}"),
         }
     }
-    let _ = stream.set_nodelay(true);
     // A service VIP stands for its endpoints: the agent picks one (the VIP itself is routed
     // nowhere; only captured connections can reach it).
     let mut service = None;
@@ -218,7 +219,11 @@ fn tunnel<'f, 'a: 'f>(
                 };
                 let source = SocketAddr::new(pod.ips.first().copied().unwrap_or(peer.ip()), 0);
                 let dial = || async {
-                    let sock = pod.netns.stream_socket(key.dst_addr.is_ipv6()).await.map_err(std::io::Error::other)?;
+                    let sock = pod
+                        .netns
+                        .stream_socket(key.dst_addr.is_ipv6(), Use::Dial)
+                        .await
+                        .map_err(std::io::Error::other)?;
                     tokio::time::timeout(timeout, sock.connect(key.dst_addr))
                         .await
                         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?

@@ -60,7 +60,6 @@ pub async fn handoff(
         Ok(app) => app,
         Err(reason) => return refuse(Refusal::UpstreamUnreachable, &reason, stream),
     };
-    let _ = stream.set_nodelay(true);
     outbound.opened();
     inbound.opened();
     // Each byte counts for both records (the source's and the destination's).
