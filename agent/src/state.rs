@@ -165,7 +165,7 @@ pub fn directory(cfg: &LocalConfig, trust_domain: &str) -> Result<Directory, Con
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     Unenroll(String),
-    Enroll(PodSpec),
+    Enroll(Box<PodSpec>),
     /// Same pod, same netns: only its inbound mTLS rule changes.
     SetMtls(String, WorkloadMtls),
 }
@@ -185,7 +185,7 @@ pub fn plan(current: &BTreeMap<String, PodSpec>, desired: &BTreeMap<String, PodS
                     || want.labels != cur.labels =>
             {
                 unenroll.push(Change::Unenroll(uid.clone()));
-                rest.push(Change::Enroll(want.clone()));
+                rest.push(Change::Enroll(Box::new(want.clone())));
             }
             Some(want) if want.mtls != cur.mtls => rest.push(Change::SetMtls(uid.clone(), want.mtls.clone())),
             Some(_) => {}
@@ -193,7 +193,7 @@ pub fn plan(current: &BTreeMap<String, PodSpec>, desired: &BTreeMap<String, PodS
     }
     for (uid, want) in desired {
         if !current.contains_key(uid) {
-            rest.push(Change::Enroll(want.clone()));
+            rest.push(Change::Enroll(Box::new(want.clone())));
         }
     }
     unenroll.extend(rest);
@@ -234,8 +234,8 @@ mod tests {
             vec![
                 Change::Unenroll("c".into()),
                 Change::SetMtls("b".into(), WorkloadMtls { strict: true, ..WorkloadMtls::default() }),
-                Change::Enroll(pod("c", "/c2", false)),
-                Change::Enroll(pod("d", "/d", false)),
+                Change::Enroll(Box::new(pod("c", "/c2", false))),
+                Change::Enroll(Box::new(pod("d", "/d", false))),
             ]
         );
         assert!(plan(&want, &want).is_empty());

@@ -1,6 +1,6 @@
 //! SPIFFE IDs in the shape Istio uses: `spiffe://<trust-domain>/ns/<namespace>/sa/<account>`.
 
-use std::{fmt, str::FromStr};
+use std::{fmt, str::FromStr, sync::Arc};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpiffeError {
@@ -14,6 +14,9 @@ pub struct SpiffeId {
     pub trust_domain: String,
     pub namespace: String,
     pub service_account: String,
+    /// Istio's principal form, made once: every connection authorized under this identity
+    /// shares it (a policy watcher keeps one per open connection).
+    principal: Arc<str>,
 }
 
 const SCHEME: &str = "spiffe://";
@@ -26,15 +29,15 @@ impl SpiffeId {
 }
 
 impl SpiffeId {
-    /// Istio's principal form: the ID without the scheme (`td/ns/x/sa/y`).
-    pub fn principal(&self) -> String {
-        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+    /// Istio's principal form: the ID without the scheme (`td/ns/x/sa/y`), shared.
+    pub fn principal(&self) -> Arc<str> {
+        self.principal.clone()
     }
 }
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{SCHEME}{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        write!(f, "{SCHEME}{}", self.principal)
     }
 }
 
@@ -76,7 +79,12 @@ impl FromStr for SpiffeId {
         if !valid_segment(ns) || !valid_segment(sa) {
             return Err(bad("namespace and service account must be letters, digits, '.', '-' or '_'"));
         }
-        Ok(Self { trust_domain: td.into(), namespace: (*ns).into(), service_account: (*sa).into() })
+        Ok(Self {
+            trust_domain: td.into(),
+            namespace: (*ns).into(),
+            service_account: (*sa).into(),
+            principal: rest.into(),
+        })
     }
 }
 
@@ -91,7 +99,7 @@ mod tests {
         assert_eq!(id.namespace, "shop");
         assert_eq!(id.service_account, "web-0");
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web-0");
-        assert_eq!(id.principal(), "cluster.local/ns/shop/sa/web-0");
+        assert_eq!(&*id.principal(), "cluster.local/ns/shop/sa/web-0");
         assert_eq!(SpiffeId::new("td", "ns", "sa").unwrap().to_string(), "spiffe://td/ns/ns/sa/sa");
     }
 

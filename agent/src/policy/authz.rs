@@ -1,7 +1,7 @@
 //! Istio `AuthorizationPolicy` at L4 (../shared/docs/policy.md): documents as written, a
 //! compiled form, and the pure decision `authorize(policies, workload, connection)`.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 mod doc;
 
@@ -132,7 +132,7 @@ struct CompiledRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnFacts {
     /// Verified peer identity without `spiffe://` (`td/ns/x/sa/y`); None for plaintext.
-    pub principal: Option<String>,
+    pub principal: Option<Arc<str>>,
     pub src_ip: IpAddr,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
@@ -171,7 +171,7 @@ impl CompiledRule {
             let actual: Option<String> = match key.as_str() {
                 "source.ip" => Some(c.src_ip.to_canonical().to_string()),
                 "source.namespace" => ns.map(str::to_string),
-                "source.principal" => c.principal.clone(),
+                "source.principal" => c.principal.as_deref().map(str::to_string),
                 "source.serviceAccount" => match (ns, sa) {
                     (Some(n), Some(s)) => Some(format!("{n}/{s}")),
                     _ => None,
