@@ -147,9 +147,11 @@ struct RunArgs {
     #[arg(long, env = config::ENV_MAX_PODS, default_value_t = selvedge_common::capacity::INBOUND_LISTENERS,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(selvedge_common::capacity::INBOUND_LISTENERS)))]
     max_pods: u32,
-    /// Threads carrying connections. Default: the CPUs this process may use (affinity and
-    /// cgroup quota). Match it to the node's CPU budget for the agent: more threads than
-    /// cores only adds cross-thread wakeups to every proxied byte.
+    /// Threads carrying connections. Default: half the CPUs this process may use (affinity
+    /// and cgroup quota), at least one. The agent shares its cores with the apps it
+    /// proxies, whose own work is about as large as its; threads beyond its share add
+    /// cross-thread wakeups and lock handoffs to every connection (see ARCHITECTURE.md,
+    /// "Performance"). Match it to the node's CPU budget for the agent.
     #[arg(long, env = config::ENV_WORKER_THREADS, value_parser = clap::value_parser!(u16).range(1..))]
     worker_threads: Option<u16>,
     /// eBPF object to load instead of the one embedded in this binary.
@@ -359,14 +361,21 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if rustls::crypto::aws_lc_rs::default_provider().install_default().is_err() {
         tracing::debug!("a rustls crypto provider was already installed");
     }
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.worker_threads {
-        rt.worker_threads(usize::from(n));
-    }
-    let rt = rt.enable_all().build().context("start the async runtime")?;
+    let threads = args.worker_threads.map(usize::from).unwrap_or_else(default_worker_threads);
+    tracing::info!(worker_threads = threads, "async runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
     rt.block_on(async move {
         let agent = Agent::start(settings, set_log_level)?;
         agent.run(args.status_file).await
     })?;
     Ok(())
+}
+
+/// Half the CPUs this process may use, at least one (`--worker-threads`).
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }

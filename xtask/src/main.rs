@@ -62,8 +62,8 @@ enum Task {
         /// Only the idle-connection memory rows (10,000 connections), for iterating on memory.
         #[arg(long, conflicts_with = "quick")]
         idle_only: bool,
-        /// Worker threads per agent (`--worker-threads`). Default: the agent's own (one
-        /// per core).
+        /// Worker threads per agent (`--worker-threads`). Default: the agent's own (half
+        /// the cores, at least one).
         #[arg(long)]
         agent_threads: Option<u16>,
     },

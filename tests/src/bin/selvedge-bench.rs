@@ -135,7 +135,7 @@ fn run(lab: &mut Lab, plan: &Plan) -> Value {
     idle_memory(lab, plan, r)
 }
 
-/// `--worker-threads` of the agents; 0 leaves the agent's default (one per core).
+/// `--worker-threads` of the agents; 0 leaves the agent's default (half the cores).
 static AGENT_THREADS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
 
 fn agent(fast_path: bool) -> AgentOptions {
