@@ -13,6 +13,7 @@
 pub mod addr;
 pub mod admin;
 pub mod app;
+pub mod cancel;
 pub mod cni;
 pub mod config;
 pub mod datapath;

@@ -7,10 +7,7 @@
 //! chunk, never a lookup), so a long-lived connection's bytes show in rates while it is open,
 //! and bytes moved before an error or a reset are never dropped from the totals.
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    Arc,
-};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use prometheus_client::{
@@ -18,6 +15,10 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+
+mod live;
+use live::Live;
+pub use live::{Listing, LiveConnection};
 
 /// Istio's labels for `istio_tcp_*`. `unknown` where a value is not known; principals only
 /// ever come from verified certificates.
@@ -95,63 +96,6 @@ pub struct Metrics {
     handshakes_last: Mutex<Vec<u64>>,
     /// Connections open right now, for `/connections`.
     live: Mutex<Live>,
-}
-
-/// The open connections, and the strings they name: one copy of each pod name, namespace
-/// and identity however many connections name it (four strings in every entry were a
-/// good part of what an idle connection cost).
-#[derive(Default)]
-struct Live {
-    conns: std::collections::BTreeMap<u64, LiveConnection>,
-    names: std::collections::HashSet<Arc<str>>,
-}
-
-impl Live {
-    fn intern(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.names.get(s) {
-            return a.clone();
-        }
-        let a: Arc<str> = Arc::from(s);
-        self.names.insert(a.clone());
-        a
-    }
-
-    /// One connection's reference is going: the set forgets a name nobody else holds.
-    fn release(&mut self, name: Arc<str>) {
-        if Arc::strong_count(&name) == 2 {
-            self.names.remove(&name);
-        }
-    }
-}
-
-/// An open connection to list, in the words of its record.
-#[derive(Debug)]
-pub struct Listing<'a> {
-    pub direction: &'static str,
-    pub pod: &'a str,
-    pub namespace: &'a str,
-    pub src: std::net::SocketAddr,
-    pub dst: std::net::SocketAddr,
-    pub security: &'static str,
-    pub src_identity: &'a str,
-    pub dst_identity: &'a str,
-}
-
-/// One open connection, as `/connections` and `selvedge connections` show it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LiveConnection {
-    pub id: u64,
-    pub direction: &'static str,
-    pub pod: Arc<str>,
-    pub namespace: Arc<str>,
-    /// Addresses as such (serialized as "ip:port"): one entry per open connection, so no
-    /// strings where a fixed-size value will do.
-    pub src: std::net::SocketAddr,
-    pub dst: std::net::SocketAddr,
-    pub security: &'static str,
-    pub src_identity: Arc<str>,
-    pub dst_identity: Arc<str>,
-    pub opened_unix_ms: u64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -342,39 +286,19 @@ impl Metrics {
 
     /// List an open connection; returns its id.
     pub fn track(&self, c: &Listing<'_>) -> u64 {
-        let id = NEXT_CONNECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let opened_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or_default();
-        let mut live = self.live.lock();
-        let conn = LiveConnection {
-            id,
-            direction: c.direction,
-            pod: live.intern(c.pod),
-            namespace: live.intern(c.namespace),
-            src: c.src,
-            dst: c.dst,
-            security: c.security,
-            src_identity: live.intern(c.src_identity),
-            dst_identity: live.intern(c.dst_identity),
-            opened_unix_ms,
-        };
-        live.conns.insert(id, conn);
-        id
+        self.live.lock().track(c, opened_unix_ms)
     }
 
     pub fn untrack(&self, id: u64) {
-        let mut live = self.live.lock();
-        if let Some(c) = live.conns.remove(&id) {
-            for name in [c.pod, c.namespace, c.src_identity, c.dst_identity] {
-                live.release(name);
-            }
-        }
+        self.live.lock().untrack(id);
     }
 
     pub fn live_connections(&self) -> serde_json::Value {
-        serde_json::to_value(self.live.lock().conns.values().collect::<Vec<_>>()).unwrap_or_default()
+        serde_json::to_value(self.live.lock().list()).unwrap_or_default()
     }
 
     /// The OpenMetrics text exposition.
@@ -384,9 +308,6 @@ impl Metrics {
         out
     }
 }
-
-/// A unique id per connection, for the admin API's connection list.
-pub static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 /// Add to each `(name, running total)` counter what its total grew by since `last` saw it.
 /// A restarted agent may see totals from before it (the kernel's); they only ever grow.

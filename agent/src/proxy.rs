@@ -38,6 +38,7 @@ use tokio::{
 };
 
 use crate::{
+    cancel::Cancel,
     hbone::client::Pool,
     identity::{IdentityManager, SpiffeId},
     inpod::PodNetns,
@@ -229,7 +230,7 @@ pub async fn relay(
     downstream: TcpStream,
     upstream: TcpStream,
     mover: Mover,
-    cancel: Option<&Notify>,
+    cancel: Option<&Cancel>,
 ) {
     flow.opened();
     let t = &flow.state.tally;
@@ -245,7 +246,7 @@ async fn carry(
     mut downstream: TcpStream,
     mut upstream: TcpStream,
     mover: Mover,
-    cancel: Option<&Notify>,
+    cancel: Option<&Cancel>,
     sent: &impl Count,
     received: &impl Count,
 ) -> Option<String> {
@@ -253,7 +254,7 @@ async fn carry(
     let outcome = match cancel {
         Some(c) => tokio::select! {
             r = copy => Some(r),
-            () = c.notified() => None,
+            () = c.cancelled() => None,
         },
         None => Some(copy.await),
     };

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::{splice, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
-use crate::{addr, identity::SpiffeId, metrics::ByteCount, tls};
+use crate::{addr, cancel::Cancel, identity::SpiffeId, metrics::ByteCount, tls};
 
 /// What the server needs from the agent, for one pod.
 pub trait Upstream: Send + Sync + 'static {
@@ -24,7 +24,7 @@ pub trait Upstream: Send + Sync + 'static {
     /// May `principal`, connecting from `peer`, reach `target`? Err(reason) answers 403.
     fn authorize(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Result<Self::Watch, String>;
     /// Notified when the connection must be closed (e.g. a policy now denies it).
-    fn cancelled(watch: &Self::Watch) -> &tokio::sync::Notify;
+    fn cancelled(watch: &Self::Watch) -> &Cancel;
     /// Connect to the app at `target` inside this pod.
     fn connect(&self, target: SocketAddr) -> impl std::future::Future<Output = Result<TcpStream, String>> + Send;
     /// A served stream while it is open (from its 200 on): counted as opened, listed, and
@@ -273,7 +273,7 @@ fn serve_stream<U: Upstream>(
         let result = tokio::select! {
             r = splice(app, send, recv, to_client, to_app) => r.err().map(|e| e.to_string()),
             // Dropping the splice resets the stream and closes the app's socket.
-            () = U::cancelled(&watch).notified() => Some(DENIED_LATER.to_string()),
+            () = U::cancelled(&watch).cancelled() => Some(DENIED_LATER.to_string()),
         };
         up.ended(served, &principal, peer, target, result);
     }

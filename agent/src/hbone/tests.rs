@@ -19,6 +19,7 @@ use super::{
     server::{self, Record, ServerOptions, Upstream},
 };
 use crate::{
+    cancel::Cancel,
     identity::{svid_params, BuiltinCa, BuiltinSource, IdentityManager, SpiffeId},
     metrics::{ByteCount, Tally},
     tls,
@@ -58,18 +59,18 @@ impl Upstream for Recorder {
 
     fn begin(&self) {}
 
-    type Watch = tokio::sync::Notify;
+    type Watch = Cancel;
 
     fn authorize(&self, principal: &SpiffeId, _: SocketAddr, _: SocketAddr) -> Result<Self::Watch, String> {
         // The in-process server denies one identity, to exercise the 403 path.
         if principal.service_account == "denied" {
             Err("denied by test policy".into())
         } else {
-            Ok(tokio::sync::Notify::new())
+            Ok(Cancel::default())
         }
     }
 
-    fn cancelled(watch: &Self::Watch) -> &tokio::sync::Notify {
+    fn cancelled(watch: &Self::Watch) -> &Cancel {
         watch
     }
 

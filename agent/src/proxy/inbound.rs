@@ -12,6 +12,7 @@ use super::{
 };
 use crate::{
     addr,
+    cancel::Cancel,
     hbone::server::Outcome,
     identity::SpiffeId,
     inpod::Use,
@@ -154,7 +155,7 @@ impl crate::hbone::server::Upstream for HboneUpstream {
         }
     }
 
-    fn cancelled(watch: &Self::Watch) -> &tokio::sync::Notify {
+    fn cancelled(watch: &Self::Watch) -> &Cancel {
         &watch.cancel
     }
 

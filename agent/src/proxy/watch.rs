@@ -5,17 +5,18 @@ use std::sync::{
     Arc,
 };
 
-use tokio::sync::Notify;
-
 use super::{Mesh, PodContext};
-use crate::policy::{authorize, ConnFacts, Decision};
+use crate::{
+    cancel::Cancel,
+    policy::{authorize, ConnFacts, Decision},
+};
 
 /// One open inbound connection as authorization saw it.
 #[derive(Debug)]
 struct Watched {
     pod: Arc<PodContext>,
     facts: ConnFacts,
-    cancel: Arc<Notify>,
+    cancel: Arc<Cancel>,
 }
 
 /// Open inbound connections, so a policy change can close those it now denies.
@@ -30,8 +31,8 @@ pub struct Watchers {
 pub struct WatchGuard {
     watchers: Arc<Watchers>,
     id: u64,
-    /// Notified when a policy change denies this connection.
-    pub cancel: Arc<Notify>,
+    /// Cancelled when a policy change denies this connection.
+    pub cancel: Arc<Cancel>,
 }
 
 impl Drop for WatchGuard {
@@ -43,7 +44,7 @@ impl Drop for WatchGuard {
 impl Watchers {
     pub fn add(self: &Arc<Self>, pod: Arc<PodContext>, facts: ConnFacts) -> WatchGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed) as u64;
-        let cancel = Arc::new(Notify::new());
+        let cancel = Arc::new(Cancel::default());
         self.open.lock().insert(id, Watched { pod, facts, cancel: cancel.clone() });
         WatchGuard { watchers: self.clone(), id, cancel }
     }
@@ -57,8 +58,8 @@ impl Watchers {
             let v = authorize(&policies, &w.pod.namespace, &w.pod.labels, &w.facts);
             if let Decision::Deny { .. } = v.decision {
                 tracing::info!(pod = %w.pod.name, src = %w.facts.src_ip, port = w.facts.dst_port, "{}: closing an open connection", v.decision.reason());
-                // notify_one keeps a permit if the connection is not waiting yet.
-                w.cancel.notify_one();
+                // Seen even if the connection is not waiting yet.
+                w.cancel.cancel();
                 closed += 1;
             }
         }
