@@ -15,8 +15,7 @@
 use std::{
     fs::File,
     io,
-    net::SocketAddr,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::AsFd,
     path::{Path, PathBuf},
     sync::{mpsc, Arc},
