@@ -1,4 +1,5 @@
-//! `selvedge-bench [--quick] [--out FILE]` (through `cargo xtask bench`): the same pods, in
+//! `selvedge-bench [--quick | --idle-only] [--agent-threads N] [--out FILE]` (through
+//! `cargo xtask bench`): the same pods, in
 //! one run, unmeshed (the baseline: the physical limit of this topology), meshed, and meshed
 //! with the sockmap fast path. Prints a table; writes every number as JSON.
 //!
@@ -21,8 +22,37 @@ struct Plan {
 const FULL: Plan = Plan { seconds: 10, pings: 5000, connrate_ms: 3000, idle: 10_000 };
 const QUICK: Plan = Plan { seconds: 2, pings: 500, connrate_ms: 1000, idle: 1000 };
 
+const USAGE: &str = "usage: selvedge-bench [--quick | --idle-only] [--agent-threads N] [--out FILE]
+  --quick            a smoke run, about a minute
+  --idle-only        only the idle-connection memory rows (10,000 connections)
+  --agent-threads N  the agents' --worker-threads (0: the agent's default)
+  --out FILE         also write every number there as JSON (cargo xtask bench: target/bench/<time>.json)
+Runs as root: it builds network namespaces and loads eBPF.";
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Anything else (a mistyped flag, --help) prints the usage rather than starting a
+    // run that takes minutes.
+    let mut rest = args.iter();
+    while let Some(a) = rest.next() {
+        match a.as_str() {
+            "--quick" | "--idle-only" => {}
+            "--out" | "--agent-threads" => {
+                if rest.next().is_none() {
+                    eprintln!("selvedge-bench: {a} takes a value\n{USAGE}");
+                    std::process::exit(2);
+                }
+            }
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            _ => {
+                eprintln!("selvedge-bench: unknown argument {a:?}\n{USAGE}");
+                std::process::exit(2);
+            }
+        }
+    }
     let quick = args.iter().any(|a| a == "--quick");
     // Only the idle-connection memory rows, at full size: for iterating on memory.
     let idle_only = args.iter().any(|a| a == "--idle-only");
