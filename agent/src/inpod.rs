@@ -80,7 +80,8 @@ pub enum Use {
     /// A connection out of the pod (a tunnel to another node, a plaintext destination).
     Dial,
     /// A delivery to one of the pod's apps, from [`DELIVERY_SOURCE_V4`] (IPv4) or from
-    /// the pod's own address (IPv6: there are no spare loopback addresses).
+    /// the pod's own address (IPv6 has no spare loopback addresses; `sk_lookup` treats
+    /// source == destination as from inside the pod).
     Deliver,
 }
 

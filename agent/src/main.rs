@@ -149,9 +149,9 @@ struct RunArgs {
     max_pods: u32,
     /// Threads carrying connections. Default: half the CPUs this process may use (affinity
     /// and cgroup quota), at least one. The agent shares its cores with the apps it
-    /// proxies, whose own work is about as large as its; threads beyond its share add
-    /// cross-thread wakeups and lock handoffs to every connection (see ARCHITECTURE.md,
-    /// "Performance"). Match it to the node's CPU budget for the agent.
+    /// proxies, whose own work per connection is of the same order as its; threads beyond
+    /// its share add cross-thread wakeups and lock handoffs to every connection (see
+    /// ARCHITECTURE.md, "Performance"). Match it to the node's CPU budget for the agent.
     #[arg(long, env = config::ENV_WORKER_THREADS, value_parser = clap::value_parser!(u16).range(1..))]
     worker_threads: Option<u16>,
     /// eBPF object to load instead of the one embedded in this binary.

@@ -23,7 +23,7 @@ pub trait Upstream: Send + Sync + 'static {
     type Watch: Send;
     /// May `principal`, connecting from `peer`, reach `target`? Err(reason) answers 403.
     fn authorize(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Result<Self::Watch, String>;
-    /// Notified when the connection must be closed (e.g. a policy now denies it).
+    /// Cancelled when the connection must be closed (e.g. a policy now denies it).
     fn cancelled(watch: &Self::Watch) -> &Cancel;
     /// Connect to the app at `target` inside this pod.
     fn connect(&self, target: SocketAddr) -> impl std::future::Future<Output = Result<TcpStream, String>> + Send;
