@@ -28,19 +28,21 @@ pub struct Listing<'a> {
     pub dst_identity: &'a str,
 }
 
-/// One open connection, as `/connections` and `selvedge connections` show it.
+/// One open connection, as `/connections` and `selvedge connections` show it. Borrows
+/// from the registry: a listing takes no reference to a shared name, so it can never keep
+/// one alive (a name is forgotten when the last connection naming it goes).
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct LiveConnection {
+pub struct LiveConnection<'a> {
     pub id: u64,
     pub direction: &'static str,
-    pub pod: Arc<str>,
-    pub namespace: Arc<str>,
+    pub pod: &'a str,
+    pub namespace: &'a str,
     /// Serialized as "ip:port".
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub security: &'static str,
-    pub src_identity: Arc<str>,
-    pub dst_identity: Arc<str>,
+    pub src_identity: &'a str,
+    pub dst_identity: &'a str,
     pub opened_unix_ms: u64,
 }
 
@@ -114,20 +116,20 @@ impl Live {
     }
 
     /// Every open connection, oldest first.
-    pub fn list(&self) -> Vec<LiveConnection> {
+    pub fn list(&self) -> Vec<LiveConnection<'_>> {
         let word = |i: u8| self.words.get(usize::from(i)).copied().unwrap_or("unknown");
         self.conns
             .iter()
             .map(|(&id, c)| LiveConnection {
                 id,
                 direction: word(c.direction),
-                pod: c.pod.clone(),
-                namespace: c.namespace.clone(),
+                pod: &c.pod,
+                namespace: &c.namespace,
                 src: c.src.into(),
                 dst: c.dst.into(),
                 security: word(c.security),
-                src_identity: c.src_identity.clone(),
-                dst_identity: c.dst_identity.clone(),
+                src_identity: &c.src_identity,
+                dst_identity: &c.dst_identity,
                 opened_unix_ms: c.opened_unix_ms,
             })
             .collect()
@@ -190,8 +192,7 @@ mod tests {
         assert_eq!((list[1].id, list[1].direction, list[1].security), (b, "inbound", "mutual_tls"));
         assert_eq!(list[1].src, "198.18.0.2:40001".parse::<SocketAddr>().unwrap());
         assert_eq!(list[1].dst, "[2001:db8::1]:8080".parse::<SocketAddr>().unwrap());
-        assert!(Arc::ptr_eq(&list[0].pod, &list[1].pod), "one shared copy of each name");
-        drop(list);
+        assert!(std::ptr::eq(list[0].pod, list[1].pod), "one shared copy of each name");
         live.untrack(a);
         assert_eq!(live.names.len(), 4, "still named by the other connection");
         live.untrack(b);
