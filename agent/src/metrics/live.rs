@@ -16,24 +16,8 @@ use std::{
 };
 
 /// An open connection to list, in the words of its record.
-#[derive(Debug)]
-pub struct Listing<'a> {
-    pub direction: &'static str,
-    pub pod: &'a str,
-    pub namespace: &'a str,
-    pub src: SocketAddr,
-    pub dst: SocketAddr,
-    pub security: &'static str,
-    pub src_identity: &'a str,
-    pub dst_identity: &'a str,
-}
-
-/// One open connection, as `/connections` and `selvedge connections` show it. Borrows
-/// from the registry: a listing takes no reference to a shared name, so it can never keep
-/// one alive (a name is forgotten when the last connection naming it goes).
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct LiveConnection<'a> {
-    pub id: u64,
+pub struct Listing<'a> {
     pub direction: &'static str,
     pub pod: &'a str,
     pub namespace: &'a str,
@@ -43,6 +27,17 @@ pub struct LiveConnection<'a> {
     pub security: &'static str,
     pub src_identity: &'a str,
     pub dst_identity: &'a str,
+}
+
+/// One open connection, as `/connections` and `selvedge connections` show it: its id,
+/// its listing's fields, when it opened. Borrows from the registry: a listing takes no
+/// reference to a shared name, so it can never keep one alive (a name is forgotten when
+/// the last connection naming it goes).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LiveConnection<'a> {
+    pub id: u64,
+    #[serde(flatten)]
+    pub conn: Listing<'a>,
     pub opened_unix_ms: u64,
 }
 
@@ -122,14 +117,16 @@ impl Live {
             .iter()
             .map(|(&id, c)| LiveConnection {
                 id,
-                direction: word(c.direction),
-                pod: &c.pod,
-                namespace: &c.namespace,
-                src: c.src.into(),
-                dst: c.dst.into(),
-                security: word(c.security),
-                src_identity: &c.src_identity,
-                dst_identity: &c.dst_identity,
+                conn: Listing {
+                    direction: word(c.direction),
+                    pod: &c.pod,
+                    namespace: &c.namespace,
+                    src: c.src.into(),
+                    dst: c.dst.into(),
+                    security: word(c.security),
+                    src_identity: &c.src_identity,
+                    dst_identity: &c.dst_identity,
+                },
                 opened_unix_ms: c.opened_unix_ms,
             })
             .collect()
@@ -188,11 +185,17 @@ mod tests {
         let b = live.track(&listing("inbound", "web", "198.18.0.2:40001"), 8);
         let list = live.list();
         assert_eq!(list.len(), 2);
-        assert_eq!((list[0].id, list[0].direction, list[0].opened_unix_ms), (a, "outbound", 7));
-        assert_eq!((list[1].id, list[1].direction, list[1].security), (b, "inbound", "mutual_tls"));
-        assert_eq!(list[1].src, "198.18.0.2:40001".parse::<SocketAddr>().unwrap());
-        assert_eq!(list[1].dst, "[2001:db8::1]:8080".parse::<SocketAddr>().unwrap());
-        assert!(std::ptr::eq(list[0].pod, list[1].pod), "one shared copy of each name");
+        assert_eq!((list[0].id, list[0].conn.direction, list[0].opened_unix_ms), (a, "outbound", 7));
+        assert_eq!((list[1].id, list[1].conn.direction, list[1].conn.security), (b, "inbound", "mutual_tls"));
+        assert_eq!(list[1].conn.src, "198.18.0.2:40001".parse::<SocketAddr>().unwrap());
+        assert_eq!(list[1].conn.dst, "[2001:db8::1]:8080".parse::<SocketAddr>().unwrap());
+        assert!(std::ptr::eq(list[0].conn.pod, list[1].conn.pod), "one shared copy of each name");
+        // The JSON the admin API serves: the listing's fields beside the id, as before.
+        let json = serde_json::to_value(&list[1]).unwrap();
+        assert_eq!(json["id"], b);
+        assert_eq!(json["src"], "198.18.0.2:40001");
+        assert_eq!(json["dst_identity"], "spiffe://td/ns/lab/sa/b");
+        assert_eq!(json["opened_unix_ms"], 8);
         live.untrack(a);
         assert_eq!(live.names.len(), 4, "still named by the other connection");
         live.untrack(b);
