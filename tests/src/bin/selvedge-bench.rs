@@ -30,18 +30,26 @@ const USAGE: &str = "usage: selvedge-bench [--quick | --idle-only] [--agent-thre
 Runs as root: it builds network namespaces and loads eBPF.";
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    // Anything else (a mistyped flag, --help) prints the usage rather than starting a
-    // run that takes minutes.
-    let mut rest = args.iter();
-    while let Some(a) = rest.next() {
+    // One pass over the arguments; anything else (a mistyped flag, --help) prints the
+    // usage rather than starting a run that takes minutes.
+    let (mut quick, mut idle_only, mut out) = (false, false, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || {
+            args.next().unwrap_or_else(|| {
+                eprintln!("selvedge-bench: {a} takes a value\n{USAGE}");
+                std::process::exit(2);
+            })
+        };
         match a.as_str() {
-            "--quick" | "--idle-only" => {}
-            "--out" | "--agent-threads" => {
-                if rest.next().is_none() {
-                    eprintln!("selvedge-bench: {a} takes a value\n{USAGE}");
-                    std::process::exit(2);
-                }
+            "--quick" => quick = true,
+            // Only the idle-connection memory rows, at full size: for iterating on memory.
+            "--idle-only" => idle_only = true,
+            "--out" => out = Some(value()),
+            // The agents' own default unless `--agent-threads N` (0: the default) says otherwise.
+            "--agent-threads" => {
+                let n = value().parse::<u16>().expect("--agent-threads takes a number");
+                AGENT_THREADS.store(n, std::sync::atomic::Ordering::Relaxed);
             }
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -53,16 +61,7 @@ fn main() {
             }
         }
     }
-    let quick = args.iter().any(|a| a == "--quick");
-    // Only the idle-connection memory rows, at full size: for iterating on memory.
-    let idle_only = args.iter().any(|a| a == "--idle-only");
-    let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).cloned();
     let plan = if quick { QUICK } else { FULL };
-    // The agents' own default unless `--agent-threads N` (0: the default) says otherwise.
-    if let Some(n) = args.iter().position(|a| a == "--agent-threads").and_then(|i| args.get(i + 1)) {
-        let n = n.parse::<u16>().expect("--agent-threads takes a number");
-        AGENT_THREADS.store(n, std::sync::atomic::Ordering::Relaxed);
-    }
 
     let mut lab = Lab::new("bench");
     lab.node("n1").node("n2");
