@@ -17,13 +17,18 @@ struct Plan {
     pings: usize,
     connrate_ms: usize,
     idle: usize,
+    /// How long the idle-memory rows let the agents settle (after the warm-up, after each
+    /// half opens) and let the held connections close before the next mode.
+    settle_ms: u64,
 }
 
-const FULL: Plan = Plan { seconds: 10, pings: 5000, connrate_ms: 3000, idle: 10_000 };
-const QUICK: Plan = Plan { seconds: 2, pings: 500, connrate_ms: 1000, idle: 1000 };
+const FULL: Plan = Plan { seconds: 10, pings: 5000, connrate_ms: 3000, idle: 10_000, settle_ms: 1500 };
+/// Under a minute in all, lab set-up included: one second per tool, and shorter settles
+/// (its memory rows, from 1,000 connections, are a smoke check, not a figure to quote).
+const QUICK: Plan = Plan { seconds: 1, pings: 500, connrate_ms: 1000, idle: 1000, settle_ms: 500 };
 
 const USAGE: &str = "usage: selvedge-bench [--quick | --idle-only] [--agent-threads N] [--out FILE]
-  --quick            a smoke run, about a minute
+  --quick            a smoke run, under a minute
   --idle-only        only the idle-connection memory rows (10,000 connections)
   --agent-threads N  the agents' --worker-threads (0: the agent's default)
   --out FILE         also write every number there as JSON (cargo xtask bench: target/bench/<time>.json)
@@ -94,8 +99,10 @@ fn main() {
         }
         assert_meshed(&mut lab, meshed);
         eprintln!("bench: {mode} ...");
-        let rows = if idle_only { idle_memory(&mut lab, &FULL, serde_json::Map::new()) } else { run(&mut lab, &plan) };
-        results.insert(mode.into(), rows);
+        let rows = if idle_only { serde_json::Map::new() } else { run(&mut lab, &plan) };
+        // Memory per idle connection is the agents' alone: no baseline row.
+        let rows = if meshed { idle_memory(&mut lab, if idle_only { &FULL } else { &plan }, rows) } else { rows };
+        results.insert(mode.into(), Value::Object(rows));
     }
     let report = json!({
         "date": time_now(),
@@ -113,7 +120,7 @@ fn main() {
     }
 }
 
-fn run(lab: &mut Lab, plan: &Plan) -> Value {
+fn run(lab: &mut Lab, plan: &Plan) -> serde_json::Map<String, Value> {
     let (near, far) = (lab.get("near").ip, lab.get("far").ip);
     let mut r = serde_json::Map::new();
     let echo = SocketAddr::from((far, 7000));
@@ -161,7 +168,7 @@ fn run(lab: &mut Lab, plan: &Plan) -> Value {
         r.insert("agent_cpu_s_per_1000_connections".into(), json!(cpu / n * 1000.0));
     }
     tool_rows(lab, plan, &mut r);
-    idle_memory(lab, plan, r)
+    r
 }
 
 /// `--worker-threads` of the agents; 0 leaves the agent's default (half the cores).
@@ -173,7 +180,7 @@ fn agent(fast_path: bool) -> AgentOptions {
 }
 
 /// Agent memory per idle meshed connection, per side.
-fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>) -> Value {
+fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
     let echo = SocketAddr::from((lab.get("far").ip, 7000));
     // Last, on freshly started agents (bulk transfers leave the allocator holding buffers
     // that idle connections would reuse): agent memory per idle connection, per side.
@@ -186,7 +193,7 @@ fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>
     // their stacks): what is left to measure is what each idle connection holds.
     let warm = lab.spawn_in_pod("client", app(lab, &["hold", &echo.to_string(), "200", "1"]));
     let _ = lab.child_first_line(warm, Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(plan.settle_ms + 1000));
     // Idle connections held open, in two equal steps: agent memory per connection, per
     // side, is what the second step adds. The first step takes the one-time growth (pools,
     // tables and allocator pages reaching their working size) and leaves a steady floor:
@@ -200,7 +207,7 @@ fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>
     let hold = |lab: &mut Lab| {
         let pid = lab.spawn_in_pod("client", app(lab, &["hold", &echo.to_string(), &half.to_string(), "600"]));
         let opened = lab.child_first_line(pid, Duration::from_secs(120)).contains("open");
-        std::thread::sleep(Duration::from_millis(1500));
+        std::thread::sleep(Duration::from_millis(plan.settle_ms));
         (pid, opened)
     };
     let (first_pid, first) = hold(lab);
@@ -221,8 +228,8 @@ fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>
             r.insert(format!("agent_rss_kb_all_{side}"), json!(rss1[i]));
         }
     }
-    std::thread::sleep(Duration::from_secs(3));
-    Value::Object(r)
+    std::thread::sleep(Duration::from_millis(2 * plan.settle_ms));
+    r
 }
 
 /// A meshed row measured on a pod the agent failed to enroll would be an unmeshed number
@@ -330,6 +337,8 @@ fn print_table(report: &Value) {
         let v = |m: &str| r[m][k].as_f64();
         let cell = |x: Option<f64>| x.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
         let ratio = match (v("baseline"), v("selvedge")) {
+            // The agents' own CPU and memory: the baseline's figure is idle agents, no ratio.
+            _ if k.starts_with("agent_") => "-".into(),
             (Some(b), Some(s)) if b > 0.0 => format!("{:.2}x", s / b),
             _ => "-".into(),
         };
