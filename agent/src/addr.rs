@@ -24,6 +24,24 @@ pub fn from_abi(a: &SockAddr) -> SocketAddr {
     canonical(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), a.port))
 }
 
+/// An address and a port as records held for a connection's whole life keep them: 20
+/// bytes, where a `SocketAddr` takes 32 (it has room for an IPv6 flow label and scope id,
+/// which no record needs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compact(IpAddr, u16);
+
+impl From<SocketAddr> for Compact {
+    fn from(a: SocketAddr) -> Self {
+        Self(a.ip(), a.port())
+    }
+}
+
+impl From<Compact> for SocketAddr {
+    fn from(a: Compact) -> Self {
+        SocketAddr::new(a.0, a.1)
+    }
+}
+
 /// `::ffff:a.b.c.d` (as a dual-stack listener reports IPv4 peers) becomes `a.b.c.d`.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())

@@ -18,7 +18,7 @@ mod same_node;
 mod watch;
 mod zerocopy;
 
-pub use flow::{Flow, Refusal, WorkloadName};
+pub use flow::{Flow, Refusal, Security, WorkloadName};
 pub use watch::{WatchGuard, Watchers};
 pub use zerocopy::Mover;
 

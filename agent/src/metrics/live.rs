@@ -8,12 +8,14 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
 };
+
+use crate::addr::Compact;
 
 /// An open connection to list, in the words of its record.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -41,22 +43,6 @@ pub struct LiveConnection<'a> {
     pub opened_unix_ms: u64,
 }
 
-/// An address and a port: 20 bytes where a `SocketAddr` takes 32.
-#[derive(Debug, Clone, Copy)]
-struct Addr(IpAddr, u16);
-
-impl From<SocketAddr> for Addr {
-    fn from(a: SocketAddr) -> Self {
-        Self(a.ip(), a.port())
-    }
-}
-
-impl From<Addr> for SocketAddr {
-    fn from(a: Addr) -> Self {
-        SocketAddr::new(a.0, a.1)
-    }
-}
-
 /// What is held per open connection (its id is the key).
 #[derive(Debug)]
 struct Held {
@@ -65,8 +51,8 @@ struct Held {
     src_identity: Arc<str>,
     dst_identity: Arc<str>,
     opened_unix_ms: u64,
-    src: Addr,
-    dst: Addr,
+    src: Compact,
+    dst: Compact,
     direction: u8,
     security: u8,
 }

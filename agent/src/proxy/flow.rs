@@ -1,10 +1,11 @@
 //! One proxied connection as the access log and the metrics see it, and why connections
 //! are refused.
 
-use std::{borrow::Cow, net::SocketAddr, time::Instant};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use super::{Direction, PodContext};
 use crate::{
+    addr::Compact,
     identity::SpiffeId,
     metrics::{Listing, Metrics, Tally, TcpLabels, UNKNOWN},
     state::Peer,
@@ -54,24 +55,63 @@ impl Refusal {
     }
 }
 
-/// A workload's name and namespace, for labels: borrowed from the directory snapshot or
-/// the pod the connection holds anyway, owned only where neither lasts (a lookup).
-#[derive(Debug, Clone, Default)]
-pub struct WorkloadName<'a> {
-    pub name: Cow<'a, str>,
-    pub namespace: Cow<'a, str>,
+/// A workload's name and namespace, for labels: the pod or directory entry the connection
+/// holds anyway, or a copy where neither lasts (a lookup). One pointer and a tag: a record
+/// holds two for its connection's whole life.
+#[derive(Debug, Clone)]
+pub enum WorkloadName<'a> {
+    Pod(&'a PodContext),
+    Peer(&'a Peer),
+    Owned(Arc<(String, String)>),
 }
 
 impl<'a> From<&'a Peer> for WorkloadName<'a> {
     fn from(p: &'a Peer) -> Self {
-        WorkloadName { name: Cow::Borrowed(&p.name), namespace: Cow::Borrowed(&p.namespace) }
+        WorkloadName::Peer(p)
     }
 }
 
 impl WorkloadName<'_> {
+    pub fn name(&self) -> &str {
+        match self {
+            WorkloadName::Pod(p) => &p.name,
+            WorkloadName::Peer(p) => &p.name,
+            WorkloadName::Owned(o) => &o.0,
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        match self {
+            WorkloadName::Pod(p) => &p.namespace,
+            WorkloadName::Peer(p) => &p.namespace,
+            WorkloadName::Owned(o) => &o.1,
+        }
+    }
+
     /// Owned, for keeping beyond the lookup that found it.
     pub fn owned(&self) -> WorkloadName<'static> {
-        WorkloadName { name: Cow::Owned(self.name.to_string()), namespace: Cow::Owned(self.namespace.to_string()) }
+        WorkloadName::Owned(Arc::new((self.name().to_string(), self.namespace().to_string())))
+    }
+}
+
+/// How a connection is carried: its `connection_security_policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// Plaintext.
+    None,
+    /// Through HBONE.
+    MutualTls,
+    /// Handed from one pod to another on this node (see `same_node`).
+    SameNode,
+}
+
+impl Security {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Security::None => "none",
+            Security::MutualTls => "mutual_tls",
+            Security::SameNode => "same_node",
+        }
     }
 }
 
@@ -82,18 +122,20 @@ pub struct Flow<'a> {
     /// The pod whose listener accepted the connection.
     pub pod: &'a str,
     pub namespace: &'a str,
-    pub src: SocketAddr,
-    pub dst: SocketAddr,
-    /// `mutual_tls` for HBONE, `none` for plaintext.
-    pub security: &'static str,
+    /// Where from and where to ([`Self::src`], [`Self::dst`]), held compactly: an open
+    /// connection holds its record for its whole life.
+    src: Compact,
+    dst: Compact,
+    pub security: Security,
     /// Verified identities (never taken from anything but a certificate).
     pub src_identity: Option<&'a SpiffeId>,
     pub dst_identity: Option<&'a SpiffeId>,
     /// The workloads at either end, where known.
     pub src_workload: Option<WorkloadName<'a>>,
     pub dst_workload: Option<WorkloadName<'a>>,
-    /// The service dialled, when the destination was a service VIP.
-    pub service: Option<String>,
+    /// The service dialled (its FQDN, from the directory snapshot the connection holds),
+    /// when the destination was a service VIP.
+    pub service: Option<&'a str>,
     metrics: Option<&'a Metrics>,
     /// Its clock, bytes and listing.
     pub state: Opened,
@@ -122,7 +164,7 @@ fn id_str(id: Option<&SpiffeId>) -> String {
 
 impl<'a> Flow<'a> {
     pub fn new(direction: Direction, pod: &'a PodContext, src: SocketAddr, dst: SocketAddr) -> Self {
-        let me = WorkloadName { name: Cow::Borrowed(&pod.name), namespace: Cow::Borrowed(&pod.namespace) };
+        let me = WorkloadName::Pod(pod);
         let (src_workload, dst_workload) = match direction {
             Direction::Outbound => (Some(me), None),
             Direction::Inbound => (None, Some(me)),
@@ -131,9 +173,9 @@ impl<'a> Flow<'a> {
             direction,
             pod: &pod.name,
             namespace: &pod.namespace,
-            src,
-            dst,
-            security: "none",
+            src: src.into(),
+            dst: dst.into(),
+            security: Security::None,
             src_identity: None,
             dst_identity: None,
             src_workload,
@@ -151,9 +193,9 @@ impl<'a> Flow<'a> {
             direction: Direction::Outbound,
             pod: "test",
             namespace: "test",
-            src,
-            dst,
-            security: "none",
+            src: src.into(),
+            dst: dst.into(),
+            security: Security::None,
             src_identity: None,
             dst_identity: None,
             src_workload: None,
@@ -164,6 +206,14 @@ impl<'a> Flow<'a> {
         }
     }
 
+    pub fn src(&self) -> SocketAddr {
+        self.src.into()
+    }
+
+    pub fn dst(&self) -> SocketAddr {
+        self.dst.into()
+    }
+
     /// Report to `metrics` (flows without it only log: in-process tests).
     pub fn with_metrics(mut self, metrics: &'a Metrics) -> Self {
         self.metrics = Some(metrics);
@@ -171,8 +221,8 @@ impl<'a> Flow<'a> {
     }
 
     fn labels(&self, response_flags: &'static str) -> TcpLabels {
-        let name = |w: &Option<WorkloadName>| w.as_ref().map_or(UNKNOWN, |w| &w.name).to_string();
-        let ns = |w: &Option<WorkloadName>| w.as_ref().map_or(UNKNOWN, |w| &w.namespace).to_string();
+        let name = |w: &Option<WorkloadName>| w.as_ref().map_or(UNKNOWN, WorkloadName::name).to_string();
+        let ns = |w: &Option<WorkloadName>| w.as_ref().map_or(UNKNOWN, WorkloadName::namespace).to_string();
         TcpLabels {
             reporter: match self.direction {
                 Direction::Outbound => "source",
@@ -184,10 +234,10 @@ impl<'a> Flow<'a> {
             destination_workload: name(&self.dst_workload),
             destination_workload_namespace: ns(&self.dst_workload),
             destination_principal: id_str(self.dst_identity),
-            destination_service: self.service.clone().unwrap_or_else(|| UNKNOWN.into()),
+            destination_service: self.service.unwrap_or(UNKNOWN).to_string(),
             request_protocol: "tcp",
             response_flags,
-            connection_security_policy: self.security,
+            connection_security_policy: self.security.as_str(),
         }
     }
 
@@ -202,9 +252,9 @@ impl<'a> Flow<'a> {
                 direction: self.direction.as_str(),
                 pod: self.pod,
                 namespace: self.namespace,
-                src: self.src,
-                dst: self.dst,
-                security: self.security,
+                src: self.src(),
+                dst: self.dst(),
+                security: self.security.as_str(),
                 src_identity: &labels.source_principal,
                 dst_identity: &labels.destination_principal,
             });
@@ -233,10 +283,10 @@ impl<'a> Flow<'a> {
             target: "selvedge::access",
             direction = self.direction.as_str(),
             pod = %self.pod, namespace = %self.namespace,
-            src = %self.src, dst = %self.dst,
-            security = self.security,
+            src = %self.src(), dst = %self.dst(),
+            security = self.security.as_str(),
             src_identity = %id_str(self.src_identity), dst_identity = %id_str(self.dst_identity),
-            service = %self.service.as_deref().unwrap_or(UNKNOWN),
+            service = %self.service.unwrap_or(UNKNOWN),
             result = "refused", reason_code = why.code(), reason = detail,
             "connection refused"
         );
@@ -254,15 +304,46 @@ impl<'a> Flow<'a> {
             target: "selvedge::access",
             direction = self.direction.as_str(),
             pod = %self.pod, namespace = %self.namespace,
-            src = %self.src, dst = %self.dst,
-            security = self.security,
+            src = %self.src(), dst = %self.dst(),
+            security = self.security.as_str(),
             src_identity = %id_str(self.src_identity), dst_identity = %id_str(self.dst_identity),
-            service = %self.service.as_deref().unwrap_or(UNKNOWN),
+            service = %self.service.unwrap_or(UNKNOWN),
             bytes_sent = sent, bytes_received = received,
             duration_ms = self.state.started.elapsed().as_millis() as u64,
             result = if error.is_some() { "error" } else { "ok" },
             reason = %error.unwrap_or_default(),
             "connection closed"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An open connection holds its record for its whole life (the outbound task holds it
+    /// inline): 328 bytes before addresses, security, workloads and service were compact.
+    #[test]
+    fn a_record_is_compact() {
+        assert!(std::mem::size_of::<Flow<'static>>() <= 216, "{}", std::mem::size_of::<Flow<'static>>());
+        assert_eq!(std::mem::size_of::<Option<WorkloadName<'static>>>(), 16);
+    }
+
+    #[test]
+    fn a_record_reads_back_its_addresses_and_words() {
+        for (src, dst) in [("198.18.0.2:40001", "198.18.1.10:8080"), ("[2001:db8::2]:40001", "[2001:db8::1]:443")] {
+            let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+            let mut flow = Flow::for_test(src, dst);
+            assert_eq!((flow.src(), flow.dst()), (src, dst));
+            assert_eq!(flow.security.as_str(), "none");
+            flow.security = Security::MutualTls;
+            flow.service = Some("db.lab.svc.cluster.local");
+            let labels = flow.labels("-");
+            assert_eq!(labels.connection_security_policy, "mutual_tls");
+            assert_eq!(labels.destination_service, "db.lab.svc.cluster.local");
+            assert_eq!(labels.source_workload, UNKNOWN);
+        }
+        let owned = WorkloadName::Owned(Arc::new(("api".into(), "lab".into()))).owned();
+        assert_eq!((owned.name(), owned.namespace()), ("api", "lab"));
     }
 }

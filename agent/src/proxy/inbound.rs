@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 
 use super::{
     accept_loop, connect_in_pod, flow::Opened, relay, reset, ConnTracker, Direction, Flow, Mesh, Mover, PodContext,
-    Refusal, WatchGuard,
+    Refusal, Security, WatchGuard,
 };
 use crate::{
     addr,
@@ -120,7 +120,7 @@ impl HboneUpstream {
     /// the access log has it.
     fn flow<'a>(&'a self, principal: Option<&'a SpiffeId>, peer: SocketAddr, target: SocketAddr) -> Flow<'a> {
         let mut flow = Flow::new(Direction::Inbound, &self.pod, peer, target).with_metrics(&self.mesh.metrics);
-        flow.security = "mutual_tls";
+        flow.security = Security::MutualTls;
         flow.src_identity = principal;
         flow.dst_identity = Some(&self.pod.identity);
         flow

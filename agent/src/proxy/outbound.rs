@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{
     accept_loop, connect_in_pod, relay, reset, same_node, ConnTracker, Direction, Flow, Mesh, Mover, PodContext,
-    Refusal, WorkloadName,
+    Refusal, Security, WorkloadName,
 };
 use crate::{
     addr,
@@ -136,7 +136,7 @@ fn decide<'a>(
     // nowhere; only captured connections can reach it).
     let mut service = None;
     if let Some(svc) = directory.services.get(&addr::canonical(dst)) {
-        service = Some(svc.fqdn.clone());
+        service = Some(svc.fqdn.as_str());
         match svc.pick() {
             Some(endpoint) => dst = endpoint,
             None => {
@@ -201,7 +201,7 @@ fn tunnel<'f, 'a: 'f>(
     // argument for its whole life, and this future lives as long as the tunnel. What the
     // setup needs is moved into its box here; the tunnel's future holds the flow record's
     // reference, the socket and the box.
-    flow.security = "mutual_tls";
+    flow.security = Security::MutualTls;
     flow.src_identity = Some(&pod.identity);
     flow.dst_identity = Some(&to.identity);
     let ready = match early_bytes(&stream) {

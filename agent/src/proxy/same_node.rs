@@ -11,11 +11,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use selvedge_common::RESERVED_PORTS;
 use tokio::net::TcpStream;
 
-use super::{carry, inbound, reset, Direction, Flow, Mesh, Mover, PodContext, Refusal};
+use super::{carry, inbound, reset, Direction, Flow, Mesh, Mover, PodContext, Refusal, Security};
 use crate::policy::{ConnFacts, Decision};
-
-/// `connection_security_policy` of a same-node handoff.
-pub const SECURITY: &str = "same_node";
 
 /// Carry `stream` (from `src_pod`'s app, going to `dst`) to `dst_pod`'s app on this node.
 /// `outbound` is the source leg's record, already labelled with both workloads; `mover`
@@ -32,15 +29,15 @@ pub async fn handoff(
     mesh: &Mesh,
     timeout: Duration,
 ) {
-    outbound.security = SECURITY;
+    outbound.security = Security::SameNode;
     let src_ip = src_pod.ips.first().copied().unwrap_or(peer.ip());
     let mut inbound =
         Flow::new(Direction::Inbound, &dst_pod, SocketAddr::new(src_ip, peer.port()), dst).with_metrics(&mesh.metrics);
-    inbound.security = SECURITY;
+    inbound.security = Security::SameNode;
     inbound.src_identity = Some(&src_pod.identity);
     inbound.dst_identity = Some(&dst_pod.identity);
     inbound.src_workload = outbound.src_workload.clone();
-    inbound.service = outbound.service.clone();
+    inbound.service = outbound.service;
     let refuse = |why: Refusal, detail: &str, stream: TcpStream| {
         inbound.refused(why, detail);
         outbound.refused(why, detail);
