@@ -8,8 +8,11 @@
 //!   destination IP), one stream per proxied connection;
 //! * `pump.rs` — the byte pumps between a TCP socket and a stream, half-close carried both
 //!   ways;
+//! * `batch.rs` — how a connection's task is spawned, so one write carries the frames of
+//!   every stream ready in the same turn;
 //! * this file — flow-control settings and limits.
 
+mod batch;
 pub mod client;
 mod pump;
 pub mod server;

@@ -337,7 +337,7 @@ impl Pool {
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| TunnelError::H2(to, e))?;
-        tokio::spawn(async move {
+        super::batch::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(dst = %to, "HBONE connection ended: {e}");
             }

@@ -104,7 +104,7 @@ pub async fn serve<U: Upstream>(listener: TcpListener, opts: ServerOptions, upst
                 continue;
             }
         };
-        tokio::spawn(connection(tcp, addr::canonical(peer), opts.clone(), upstream.clone()));
+        super::batch::spawn(connection(tcp, addr::canonical(peer), opts.clone(), upstream.clone()));
     }
 }
 
