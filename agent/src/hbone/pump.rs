@@ -57,6 +57,28 @@ pub fn splice<'c>(
     }
 }
 
+/// Read what `socket` holds into `buf`'s spare room. A read that returns less than that
+/// room has emptied the socket, so the socket's readiness is cleared as a WouldBlock would
+/// clear it: the next poll waits for new bytes instead of spending a `recvfrom` to learn
+/// there are none (one per message each way; tokio clears the readiness only if no new
+/// event came in since it was read, so bytes arriving meanwhile are never missed).
+fn read_draining(socket: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let room = buf.capacity() - buf.len();
+    let mut got = 0;
+    let read = socket.try_io(tokio::io::Interest::READABLE, || {
+        got = socket.try_read_buf(buf)?;
+        if got > 0 && got < room {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    });
+    match read {
+        Ok(()) => Ok(got),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        Err(e) => Err(e),
+    }
+}
+
 /// See [`splice`].
 #[derive(Debug)]
 pub struct Splice<'c> {
@@ -91,7 +113,7 @@ impl Splice<'_> {
                 return Ok(());
             }
             let mut buf = BytesMut::with_capacity(self.read_size);
-            match self.socket.try_read_buf(&mut buf) {
+            match read_draining(&self.socket, &mut buf) {
                 Ok(0) => {
                     self.send.send_data(Bytes::new(), true)?;
                     self.up_done = true;
