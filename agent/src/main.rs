@@ -374,13 +374,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// The runtime for `threads` worker threads. One thread gets tokio's current-thread
-/// scheduler, not the multi-thread one with a single worker: that one runs a task woken by
-/// the running task next (its LIFO slot), so the HBONE connection's task ran after each
-/// stream that handed it a frame, and every frame went out in a TLS record and a write of
-/// its own. The current-thread scheduler queues it behind the streams already ready, and
-/// one write carries their frames together. Under wrk with 16 kept-alive connections: TLS
-/// writes per request 1.93 -> 1.30, requests per second +32 % (ARCHITECTURE.md,
-/// "Performance").
+/// scheduler, not the multi-thread one with a single worker, so that one write to an HBONE
+/// connection carries the frames of every stream ready in the same turn (why, and what
+/// it measured: `hbone/batch.rs`, which does the same with several workers).
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()

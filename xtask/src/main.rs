@@ -57,7 +57,7 @@ enum Task {
     /// meshed, and meshed with the fast path; prints a table, writes target/bench/<time>.json.
     Bench {
         /// A smoke run that finishes in under a minute (one second per tool; its memory rows
-        /// come from 1,000 connections)
+        /// come from 1,000 connections).
         #[arg(long)]
         quick: bool,
         /// Only the idle-connection memory rows (10,000 connections), for iterating on memory.

@@ -48,7 +48,6 @@ fn main() {
         };
         match a.as_str() {
             "--quick" => quick = true,
-            // Only the idle-connection memory rows, at full size: for iterating on memory.
             "--idle-only" => idle_only = true,
             "--out" => out = Some(value()),
             // The agents' own default unless `--agent-threads N` (0: the default) says otherwise.
@@ -67,6 +66,8 @@ fn main() {
         }
     }
     let plan = if quick { QUICK } else { FULL };
+    // `--idle-only` iterates on memory: its rows at full size.
+    let idle_plan = if idle_only { &FULL } else { &plan };
 
     let mut lab = Lab::new("bench");
     lab.node("n1").node("n2");
@@ -101,7 +102,7 @@ fn main() {
         eprintln!("bench: {mode} ...");
         let rows = if idle_only { serde_json::Map::new() } else { run(&mut lab, &plan) };
         // Memory per idle connection is the agents' alone: no baseline row.
-        let rows = if meshed { idle_memory(&mut lab, if idle_only { &FULL } else { &plan }, rows) } else { rows };
+        let rows = if meshed { idle_memory(&mut lab, idle_plan, rows) } else { rows };
         results.insert(mode.into(), Value::Object(rows));
     }
     let report = json!({
