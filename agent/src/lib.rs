@@ -5,6 +5,7 @@
 //! * [`state`]    — desired enrollment and the plan towards it (pure);
 //! * [`addr`]     — std addresses <-> the kernel ABI's address form (pure);
 //! * [`sys`]      — cgroup v2, netns cookies, `setns`;
+//! * [`tuning`]   — the one restart that sets glibc's copy tunable (why: the module);
 //! * [`datapath`] — eBPF load/attach/pin and maps: the only module that imports aya;
 //! * [`inpod`]    — one thread per pod netns that creates the agent's sockets there;
 //! * [`proxy`]    — outbound (15001) and inbound (15006) proxying and the access log;
@@ -28,3 +29,4 @@ pub mod proxy;
 pub mod state;
 pub mod sys;
 pub mod tls;
+pub mod tuning;

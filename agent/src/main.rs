@@ -324,6 +324,8 @@ fn cert_source(args: &RunArgs) -> anyhow::Result<config::CertSourceConfig> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    // First, before any thread exists: may replace this process with a tuned copy of it.
+    selvedge::tuning::reexec_with_copy_threshold();
     let set_log_level = init_tracing(args.log_format);
     let certs = cert_source(&args)?;
     let cgroup = match args.cgroup {
