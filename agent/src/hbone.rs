@@ -26,6 +26,9 @@ pub use pump::{splice, Splice};
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_FRAME: u32 = 1024 * 1024;
+/// TLS records sealed but not yet written that a connection holds before it writes them
+/// out (rustls's default is 64 KiB): one `writev` carries this much.
+pub const TLS_SEND_BUFFER: usize = 256 * 1024;
 /// Streams per connection; more wait (client) or are refused (server).
 pub const MAX_STREAMS: u32 = 100;
 /// A TLS handshake that has not finished by then is dropped with everything it holds.

@@ -31,7 +31,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW};
+use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER};
 use crate::{
     identity::{identity_valid_at, IdentityManager, SpiffeId},
     tls,
@@ -313,7 +313,7 @@ impl Pool {
         let _ = tcp.set_nodelay(true);
         let cfg = self.client_config(key)?;
         let name = ServerName::IpAddress(to.ip().into());
-        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(cfg).connect(name, tcp))
+        let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(cfg).connect(name, tcp))
             .await
             .map_err(|_| TunnelError::Tls(to, "handshake timed out".into()))?
             .map_err(|e| TunnelError::Tls(to, e.to_string()))?;
@@ -329,6 +329,7 @@ impl Pool {
                 _ => return Err(TunnelError::Tls(to, "resumed session: not the expected server".into())),
             }
         }
+        tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
         self.handshakes[usize::from(resumed)].fetch_add(1, Ordering::Relaxed);
         let (sender, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
