@@ -46,8 +46,10 @@ pub fn reexec_with_copy_threshold() {
         let Some(value) = tunables_with_copy_threshold(current.as_deref()) else { return };
         let mut args = std::env::args_os();
         let arg0 = args.next().unwrap_or_else(|| "selvedge".into());
-        let err =
-            std::process::Command::new("/proc/self/exe").arg0(arg0).args(args).env("GLIBC_TUNABLES", value).exec();
+        // The binary's own path, so the process keeps its name (`/proc/self/exe` would
+        // make it "exe"); that link only when the file was replaced since it started.
+        let exe = std::env::current_exe().ok().filter(|p| p.exists()).unwrap_or_else(|| "/proc/self/exe".into());
+        let err = std::process::Command::new(exe).arg0(arg0).args(args).env("GLIBC_TUNABLES", value).exec();
         eprintln!("selvedge: could not restart with {TUNABLE} set ({err}); running with glibc's default copies");
     }
 }
