@@ -8,6 +8,7 @@
 //!   destination IP), one stream per proxied connection;
 //! * `pump.rs` — the byte pumps between a TCP socket and a stream, half-close carried both
 //!   ways;
+//! * `readahead.rs` — the connection's socket read in large pieces under rustls;
 //! * `batch.rs` — how a connection's task is spawned, so one write carries the frames of
 //!   every stream ready in the same turn;
 //! * this file — flow-control settings and limits.
@@ -15,6 +16,7 @@
 mod batch;
 pub mod client;
 mod pump;
+mod readahead;
 pub mod server;
 #[cfg(test)]
 mod tests;

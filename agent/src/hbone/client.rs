@@ -31,7 +31,9 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER};
+use super::{
+    readahead::ReadAhead, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER,
+};
 use crate::{
     identity::{identity_valid_at, IdentityManager, SpiffeId},
     tls,
@@ -313,10 +315,11 @@ impl Pool {
         let _ = tcp.set_nodelay(true);
         let cfg = self.client_config(key)?;
         let name = ServerName::IpAddress(to.ip().into());
-        let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(cfg).connect(name, tcp))
-            .await
-            .map_err(|_| TunnelError::Tls(to, "handshake timed out".into()))?
-            .map_err(|e| TunnelError::Tls(to, e.to_string()))?;
+        let mut tls =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(cfg).connect(name, ReadAhead::new(tcp)))
+                .await
+                .map_err(|_| TunnelError::Tls(to, "handshake timed out".into()))?
+                .map_err(|e| TunnelError::Tls(to, e.to_string()))?;
         let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         if resumed {
             // The server's certificate was verified in the first handshake; it must still

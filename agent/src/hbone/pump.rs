@@ -62,7 +62,7 @@ pub fn splice<'c>(
 /// clear it: the next poll waits for new bytes instead of spending a `recvfrom` to learn
 /// there are none (one per message each way; tokio clears the readiness only if no new
 /// event came in since it was read, so bytes arriving meanwhile are never missed).
-fn read_draining(socket: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+pub(super) fn read_draining(socket: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     let room = buf.capacity() - buf.len();
     let mut got = 0;
     let read = socket.try_io(tokio::io::Interest::READABLE, || {

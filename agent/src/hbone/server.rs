@@ -11,7 +11,7 @@ use selvedge_common::RESERVED_PORTS;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::{splice, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER};
+use super::{readahead::ReadAhead, splice, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER};
 use crate::{addr, cancel::Cancel, identity::SpiffeId, metrics::ByteCount, tls};
 
 /// What the server needs from the agent, for one pod.
@@ -114,7 +114,7 @@ async fn connection<U: Upstream>(tcp: TcpStream, peer: SocketAddr, opts: ServerO
     };
     let Ok(local) = tcp.local_addr().map(addr::canonical) else { return };
     let _ = tcp.set_nodelay(true);
-    let mut stream = match tokio::time::timeout(opts.handshake_timeout, opts.tls.accept(tcp)).await {
+    let mut stream = match tokio::time::timeout(opts.handshake_timeout, opts.tls.accept(ReadAhead::new(tcp))).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return refuse(Outcome::Handshake, &format!("TLS handshake failed: {e}")),
         Err(_) => return refuse(Outcome::Handshake, "TLS handshake timed out"),
