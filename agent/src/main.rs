@@ -34,6 +34,10 @@ enum Command {
     /// Changes apply live. On SIGTERM the agent
     /// drains and exits; pins stay, so enrolled pods stay fail-closed (their connects are
     /// refused) until an agent runs again or `selvedge uninstall` removes everything.
+    /// On x86-64 glibc it first restarts itself once (same PID) with
+    /// `GLIBC_TUNABLES=glibc.cpu.x86_rep_movsb_threshold=1073741824`, unless that tunable is
+    /// already set: on AMD EPYC, glibc's `rep movsb` made the copy into each TLS record
+    /// cost 3.5 times the encryption.
     Run(Box<RunArgs>),
     /// Detach every program and remove every pin under the pin directory. Enrolled pods
     /// go back to unmeshed networking. Stop the agent first.
