@@ -168,7 +168,8 @@ struct RunArgs {
     #[arg(long, env = config::ENV_STATUS_FILE)]
     status_file: Option<PathBuf>,
     /// Log format. The level is SELVEDGE_LOG (an EnvFilter, default info) and can be
-    /// changed at runtime with the admin API's /logging?level=….
+    /// changed at runtime with the admin API's /logging?level=…. Text is coloured only when
+    /// stderr is a terminal and NO_COLOR is unset.
     #[arg(long, env = config::ENV_LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Admin API: /config_dump, /connections, /logging, /quitquitquit. Loopback only.
@@ -234,18 +235,26 @@ enum LogFormat {
 
 /// Logs to stderr; returns the function that changes the filter at runtime.
 fn init_tracing(format: LogFormat) -> selvedge::admin::SetLogLevel {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::{fmt, prelude::*, reload, EnvFilter};
     let initial = EnvFilter::try_from_env("SELVEDGE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(initial);
     let registry = tracing_subscriber::registry().with(filter);
+    let colour = colour_logs(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
     match format {
-        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).init(),
+        LogFormat::Text => registry.with(fmt::layer().with_ansi(colour).with_writer(std::io::stderr)).init(),
         LogFormat::Json => registry.with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr)).init(),
     }
     Box::new(move |level: &str| {
         let f = EnvFilter::try_new(level).map_err(|e| format!("bad log filter {level:?}: {e}"))?;
         handle.reload(f).map_err(|e| e.to_string())
     })
+}
+
+/// Text logs are coloured only on a terminal, and not when `NO_COLOR` is set (no-color.org):
+/// a journal, a file or a container runtime's log pipe would keep the escape codes.
+fn colour_logs(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(std::ffi::OsStr::is_empty)
 }
 
 fn inspect(view: selvedge::inspect::View, args: &InspectArgs) -> anyhow::Result<()> {
@@ -397,4 +406,19 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 /// Half the CPUs this process may use, at least one (`--worker-threads`).
 fn default_worker_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::colour_logs;
+
+    #[test]
+    fn text_logs_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(colour_logs(true, None));
+        assert!(colour_logs(true, Some(OsStr::new(""))), "an empty NO_COLOR does not count");
+        assert!(!colour_logs(true, Some(OsStr::new("1"))));
+        assert!(!colour_logs(false, None), "a pipe or a file gets no escape codes");
+    }
 }
