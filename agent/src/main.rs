@@ -340,6 +340,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // First, before any thread exists: may replace this process with a tuned copy of it.
     selvedge::tuning::reexec_with_copy_threshold();
     let set_log_level = init_tracing(args.log_format);
+    // Held to the end of `run`: dropping it logs the access lines still queued.
+    let _access_log = selvedge::proxy::accesslog::start().context("start the access-log thread")?;
     let certs = cert_source(&args)?;
     let cgroup = match args.cgroup {
         Some(c) => c,

@@ -9,8 +9,10 @@
 //! this agent serves the destination too, is handed to it directly (`same_node`); to
 //! anything else, plain TCP. Plaintext copies end in [`relay`]: bytes both ways with
 //! half-close carried across, moved by `splice(2)` (`zerocopy`). Every connection
-//! produces one access-log event per leg.
+//! produces one access-log event per leg (`accesslog`: closed connections' lines are
+//! logged off the data path's thread).
 
+pub mod accesslog;
 mod flow;
 pub mod inbound;
 pub mod outbound;

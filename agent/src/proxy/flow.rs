@@ -293,27 +293,31 @@ impl<'a> Flow<'a> {
     }
 
     /// Log (and count) a finished connection, with the bytes its tally counted (also those
-    /// moved before an error or a cancel).
+    /// moved before an error or a cancel). The line itself is logged by the access-log
+    /// thread (`accesslog`).
     pub fn closed(&self, error: Option<String>) {
         if let (Some((closed, id)), Some(m)) = (&self.state.live, self.metrics) {
             closed.inc();
             m.untrack(*id);
         }
-        let (sent, received) = (self.state.tally.sent.get(), self.state.tally.received.get());
-        tracing::info!(
-            target: "selvedge::access",
-            direction = self.direction.as_str(),
-            pod = %self.pod, namespace = %self.namespace,
-            src = %self.src(), dst = %self.dst(),
-            security = self.security.as_str(),
-            src_identity = %id_str(self.src_identity), dst_identity = %id_str(self.dst_identity),
-            service = %self.service.unwrap_or(UNKNOWN),
-            bytes_sent = sent, bytes_received = received,
-            duration_ms = self.state.started.elapsed().as_millis() as u64,
-            result = if error.is_some() { "error" } else { "ok" },
-            reason = %error.unwrap_or_default(),
-            "connection closed"
-        );
+        if !super::accesslog::enabled() {
+            return;
+        }
+        super::accesslog::log(super::accesslog::Closed {
+            direction: self.direction.as_str(),
+            pod: self.pod.to_string(),
+            namespace: self.namespace.to_string(),
+            src: self.src(),
+            dst: self.dst(),
+            security: self.security.as_str(),
+            src_identity: id_str(self.src_identity),
+            dst_identity: id_str(self.dst_identity),
+            service: self.service.unwrap_or(UNKNOWN).to_string(),
+            sent: self.state.tally.sent.get(),
+            received: self.state.tally.received.get(),
+            duration_ms: self.state.started.elapsed().as_millis() as u64,
+            error,
+        });
     }
 }
 
