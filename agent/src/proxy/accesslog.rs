@@ -9,10 +9,11 @@
 //! records gathered, in a batch, at most [`LINGER`] after the first of them. A line's
 //! timestamp can therefore trail the close by up to [`LINGER`]; its `duration_ms` is exact.
 //!
-//! Nothing is dropped: past [`CAP`] waiting records, a connection logs its own line, as
-//! before. What is queued is logged when the guard from [`start`] is dropped (the agent
-//! returning from `run`, an error included). Without [`start`] (unit tests), lines are
-//! logged in place.
+//! Nothing is dropped while the agent runs: past [`CAP`] waiting records, a connection logs
+//! its own line, as before. When the guard from [`start`] is dropped (the agent returning
+//! from `run`, an error included), what is queued is logged after the batch in progress.
+//! Only an agent killed outright loses lines: at most the last [`LINGER`] of them. Without
+//! [`start`] (unit tests), lines are logged in place.
 
 use std::{
     net::SocketAddr,
@@ -93,7 +94,8 @@ pub struct Drain(Arc<Batches<Closed>>);
 
 impl Drop for Drain {
     fn drop(&mut self) {
-        self.0.take().into_iter().for_each(Closed::log);
+        // After the batch the log thread may be logging (the process ends right after).
+        self.0.finish(|batch| batch.into_iter().for_each(Closed::log));
     }
 }
 
@@ -119,6 +121,8 @@ pub fn start() -> std::io::Result<Drain> {
 struct Batches<T> {
     items: Mutex<Vec<T>>,
     filled: Condvar,
+    /// Held while a batch is handed on, taken before `items`: [`Self::finish`] waits for it.
+    busy: Mutex<()>,
     batch: usize,
     cap: usize,
     linger: Duration,
@@ -126,7 +130,7 @@ struct Batches<T> {
 
 impl<T> Batches<T> {
     fn new(batch: usize, cap: usize, linger: Duration) -> Self {
-        Batches { items: Mutex::new(Vec::new()), filled: Condvar::new(), batch, cap, linger }
+        Batches { items: Mutex::new(Vec::new()), filled: Condvar::new(), busy: Mutex::new(()), batch, cap, linger }
     }
 
     /// Queue `item`, or hand it back when `cap` items are waiting.
@@ -147,17 +151,23 @@ impl<T> Batches<T> {
         std::mem::take(&mut *self.items.lock())
     }
 
+    /// Once the batch being handed on (if any) is done, hand on what is left to `last`.
+    fn finish(&self, last: impl FnOnce(Vec<T>)) {
+        let _busy = self.busy.lock();
+        last(self.take());
+    }
+
     /// Hand each batch to `each`, forever.
     fn serve(&self, mut each: impl FnMut(Vec<T>)) -> ! {
         loop {
-            let batch = {
+            {
                 let mut items = self.items.lock();
                 self.filled.wait_while(&mut items, |i| i.is_empty());
                 let deadline = Instant::now() + self.linger;
                 while items.len() < self.batch && !self.filled.wait_until(&mut items, deadline).timed_out() {}
-                std::mem::take(&mut *items)
-            };
-            each(batch);
+            }
+            let _busy = self.busy.lock();
+            each(self.take());
         }
     }
 }
@@ -201,6 +211,37 @@ mod tests {
         b.push(7).unwrap();
         let (_, batch) = rx.recv_timeout(Duration::from_secs(5)).expect("taken within 5 s");
         assert_eq!(batch, [7]);
+    }
+
+    #[test]
+    fn finishing_waits_for_the_batch_being_handed_on() {
+        let b = Arc::new(Batches::new(2, 10_000, Duration::from_secs(3600)));
+        let (started, in_batch) = mpsc::channel();
+        let (release, held) = mpsc::channel::<()>();
+        let done = Arc::new(Mutex::new(Vec::new()));
+        {
+            let (b, done) = (b.clone(), done.clone());
+            std::thread::spawn(move || {
+                b.serve(|batch| {
+                    started.send(()).unwrap();
+                    held.recv().unwrap();
+                    done.lock().extend(batch);
+                })
+            });
+        }
+        b.push(1).unwrap();
+        b.push(2).unwrap();
+        in_batch.recv_timeout(Duration::from_secs(5)).expect("the batch is being handed on");
+        b.push(3).unwrap();
+        let finisher = {
+            let (b, done) = (b.clone(), done.clone());
+            std::thread::spawn(move || b.finish(|rest| done.lock().extend(rest)))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!finisher.is_finished(), "finish waits while a batch is being handed on");
+        release.send(()).unwrap();
+        finisher.join().unwrap();
+        assert_eq!(*done.lock(), [1, 2, 3], "the batch, then what was left, in order");
     }
 
     #[test]
