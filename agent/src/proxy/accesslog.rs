@@ -178,11 +178,11 @@ mod tests {
 
     use super::*;
 
-    /// A taker thread that reports each batch, and when it took it.
-    fn served(b: &Arc<Batches<u32>>) -> mpsc::Receiver<(Instant, Vec<u32>)> {
+    /// A taker thread that reports each batch.
+    fn served(b: &Arc<Batches<u32>>) -> mpsc::Receiver<Vec<u32>> {
         let (tx, rx) = mpsc::channel();
         let b = b.clone();
-        std::thread::spawn(move || b.serve(|batch| tx.send((Instant::now(), batch)).unwrap()));
+        std::thread::spawn(move || b.serve(|batch| tx.send(batch).unwrap()));
         rx
     }
 
@@ -194,7 +194,7 @@ mod tests {
         for i in 0..100 {
             b.push(i).unwrap();
         }
-        let (_, batch) = rx.recv_timeout(Duration::from_secs(5)).expect("a full batch without the linger");
+        let batch = rx.recv_timeout(Duration::from_secs(5)).expect("a full batch without the linger");
         assert_eq!(batch, (0..100).collect::<Vec<_>>(), "every item once, in order");
         for i in 100..130 {
             b.push(i).unwrap();
@@ -209,7 +209,7 @@ mod tests {
         let b = Arc::new(Batches::new(100, 10_000, Duration::from_millis(20)));
         let rx = served(&b);
         b.push(7).unwrap();
-        let (_, batch) = rx.recv_timeout(Duration::from_secs(5)).expect("taken within 5 s");
+        let batch = rx.recv_timeout(Duration::from_secs(5)).expect("taken within 5 s");
         assert_eq!(batch, [7]);
     }
 
