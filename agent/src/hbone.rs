@@ -11,10 +11,12 @@
 //! * `readahead.rs` — the connection's socket read in large pieces under rustls;
 //! * `batch.rs` — how a connection's task is spawned, so one write carries the frames of
 //!   every stream ready in the same turn;
+//! * `coalesce.rs` — the connection's TLS stream, whose records wait for the end of the turn;
 //! * this file — flow-control settings and limits.
 
 mod batch;
 pub mod client;
+mod coalesce;
 mod pump;
 mod readahead;
 pub mod server;

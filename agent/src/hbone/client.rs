@@ -32,7 +32,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::{
-    readahead::ReadAhead, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER,
+    batch::Turns, coalesce::Coalesced, readahead::ReadAhead, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME,
+    MAX_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER,
 };
 use crate::{
     identity::{identity_valid_at, IdentityManager, SpiffeId},
@@ -334,14 +335,16 @@ impl Pool {
         }
         tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
         self.handshakes[usize::from(resumed)].fetch_add(1, Ordering::Relaxed);
+        let turns = Turns::default();
         let (sender, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(Coalesced::new(tls, turns.clone()))
             .await
             .map_err(|e| TunnelError::H2(to, e))?;
-        super::batch::spawn(async move {
+        turns.arm();
+        super::batch::spawn(turns, async move {
             if let Err(e) = conn.await {
                 tracing::debug!(dst = %to, "HBONE connection ended: {e}");
             }

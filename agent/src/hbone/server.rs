@@ -11,7 +11,10 @@ use selvedge_common::RESERVED_PORTS;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::{readahead::ReadAhead, splice, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER};
+use super::{
+    batch::Turns, coalesce::Coalesced, readahead::ReadAhead, splice, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS,
+    STREAM_WINDOW, TLS_SEND_BUFFER,
+};
 use crate::{addr, cancel::Cancel, identity::SpiffeId, metrics::ByteCount, tls};
 
 /// What the server needs from the agent, for one pod.
@@ -104,11 +107,15 @@ pub async fn serve<U: Upstream>(listener: TcpListener, opts: ServerOptions, upst
                 continue;
             }
         };
-        super::batch::spawn(connection(tcp, addr::canonical(peer), opts.clone(), upstream.clone()));
+        let turns = Turns::default();
+        super::batch::spawn(
+            turns.clone(),
+            connection(tcp, addr::canonical(peer), opts.clone(), upstream.clone(), turns),
+        );
     }
 }
 
-async fn connection<U: Upstream>(tcp: TcpStream, peer: SocketAddr, opts: ServerOptions, up: Arc<U>) {
+async fn connection<U: Upstream>(tcp: TcpStream, peer: SocketAddr, opts: ServerOptions, up: Arc<U>, turns: Turns) {
     let refuse = |outcome, reason: &str| {
         up.log(Record { outcome, peer, target: None, principal: None, status: 0, reason });
     };
@@ -129,12 +136,13 @@ async fn connection<U: Upstream>(tcp: TcpStream, peer: SocketAddr, opts: ServerO
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
-        .handshake::<_, Bytes>(stream)
+        .handshake::<_, Bytes>(Coalesced::new(stream, turns.clone()))
         .await
     {
         Ok(c) => c,
         Err(e) => return refuse(Outcome::Handshake, &format!("HTTP/2 handshake failed: {e}")),
     };
+    turns.arm();
     while let Some(next) = conn.accept().await {
         let Ok((req, respond)) = next else { break };
         tokio::spawn(serve_stream(req, respond, peer, local, principal.clone(), up.clone()));

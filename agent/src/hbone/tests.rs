@@ -27,7 +27,7 @@ use crate::{
 
 const TD: &str = "lab.local";
 
-fn id(ns: &str, sa: &str) -> SpiffeId {
+pub(super) fn id(ns: &str, sa: &str) -> SpiffeId {
     SpiffeId::new(TD, ns, sa).unwrap()
 }
 
@@ -40,7 +40,7 @@ fn ca(name: &str) -> BuiltinCa {
     ca
 }
 
-fn manager(ca: BuiltinCa) -> Arc<IdentityManager> {
+pub(super) fn manager(ca: BuiltinCa) -> Arc<IdentityManager> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     IdentityManager::new(Arc::new(BuiltinSource { ca, lifetime: Duration::from_secs(3600) }), provider, TD).unwrap()
 }
@@ -127,7 +127,7 @@ async fn echo_server() -> SocketAddr {
 }
 
 /// The same root loaded twice: once for the agent's manager, once for the test.
-fn shared_ca() -> (BuiltinCa, BuiltinCa) {
+pub(super) fn shared_ca() -> (BuiltinCa, BuiltinCa) {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let dir = std::env::temp_dir().join(format!("selvedge-hbone-{}-{n}", std::process::id()));

@@ -369,9 +369,16 @@ fn tool_rows(lab: &mut Lab, plan: &Plan, r: &mut serde_json::Map<String, Value>)
             args.extend(["-H", h]);
         }
         args.push(&url);
+        let cpu0 = agents_cpu(lab);
         let out = lab.run_in_pod("client", command("wrk", &args));
+        let cpu = agents_cpu(lab) - cpu0;
         if let Some(rps) = wrk_rps(&out) {
             r.insert(row.into(), json!(rps));
+            // What each kept-alive request costs the two agents (µs): request/response
+            // work, without connection setup.
+            if extra.is_none() && rps > 0.0 {
+                r.insert("agent_cpu_us_per_keepalive_request".into(), json!(cpu / (rps * plan.seconds as f64) * 1e6));
+            }
         }
     }
 }

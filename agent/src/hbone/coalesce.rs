@@ -1,0 +1,338 @@
+//! An HBONE connection's TLS stream as h2 sees it: what h2 writes is sealed into TLS
+//! records at once, and written to the socket about once per turn of the connection's task.
+//!
+//! h2 keeps a DATA frame of 256 bytes or more apart from its write buffer (to write it
+//! without a copy) and flushes before it takes the next one, and tokio-rustls writes to the
+//! socket on every write. So a turn that sent the responses of nine streams made nine
+//! `writev`s of one record each, where the frames of small requests left together: under
+//! wrk with 16 kept-alive connections and 1 KiB responses, the destination's agent made
+//! one `writev` per request, the source's one per three (ARCHITECTURE.md, "Performance").
+//!
+//! [`Coalesced`] seals every write into rustls's send buffer without writing it. The first
+//! flush in a turn of the connection's task writes the records out, so a lone frame (a
+//! ping-pong's, a new connection's) is not delayed. Once h2's connection runs
+//! ([`Turns::arm`]), a second flush in the same turn holds them instead and wakes the task,
+//! which runs again behind the tasks ready now (other streams, whose frames join them); h2
+//! ends every turn with a flush, so the next turn's first one writes them all in one
+//! `writev`. Bulk transfers are not held (past [`HOLD_AT_MOST`] a flush writes); a full
+//! send buffer ([`super::TLS_SEND_BUFFER`]) is written out at once, as before, and so is
+//! every flush during the handshakes.
+
+use std::{
+    io::{self, IoSlice, Write},
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::batch::Turns;
+
+/// A TLS stream whose sealed records can be held: tokio-rustls's client or server stream.
+pub trait Seal: AsyncRead + AsyncWrite + Unpin {
+    /// Seal plaintext into records without writing them; 0 when the send buffer is full.
+    fn seal(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Whether sealed records wait to be written.
+    fn holds_records(&self) -> bool;
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Seal for tokio_rustls::client::TlsStream<IO> {
+    fn seal(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.get_mut().1.writer().write_vectored(bufs)
+    }
+    fn holds_records(&self) -> bool {
+        self.get_ref().1.wants_write()
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Seal for tokio_rustls::server::TlsStream<IO> {
+    fn seal(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.get_mut().1.writer().write_vectored(bufs)
+    }
+    fn holds_records(&self) -> bool {
+        self.get_ref().1.wants_write()
+    }
+}
+
+/// See the module documentation.
+pub struct Coalesced<S> {
+    tls: S,
+    turns: Turns,
+    /// The last turn whose flush wrote at once.
+    wrote: Option<u64>,
+    /// The turn whose flush held the records not yet written.
+    held: Option<u64>,
+    /// Plaintext sealed since the last write.
+    sealed: usize,
+}
+
+/// More sealed bytes than this are written at the next flush, held or not: they fill whole
+/// segments already, and holding them would only leave the socket idle for a turn.
+const HOLD_AT_MOST: usize = 64 * 1024;
+
+impl<S: Seal> Coalesced<S> {
+    /// `turns`: those of the task that will drive this stream ([`super::batch::spawn`]).
+    pub fn new(tls: S, turns: Turns) -> Self {
+        Self { tls, turns, wrote: None, held: None, sealed: 0 }
+    }
+
+    fn write_all(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(Pin::new(&mut self.tls).poll_flush(cx))?;
+        self.held = None;
+        self.sealed = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: Seal> AsyncRead for Coalesced<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
+    }
+}
+
+impl<S: Seal> AsyncWrite for Coalesced<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if bufs.iter().all(|b| b.is_empty()) {
+            return Poll::Ready(Ok(0));
+        }
+        loop {
+            let n = this.tls.seal(bufs)?;
+            if n > 0 {
+                this.sealed += n;
+                return Poll::Ready(Ok(n));
+            }
+            // The send buffer is full: write it out to make room.
+            ready!(this.write_all(cx))?;
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let Some(now) = this.turns.holding() else { return this.write_all(cx) };
+        if !this.tls.holds_records() {
+            this.held = None;
+            return Poll::Ready(Ok(()));
+        }
+        let write_now = match this.held {
+            // Past the bound, write: held or not.
+            _ if this.sealed > HOLD_AT_MOST => true,
+            Some(turn) if turn == now => return Poll::Ready(Ok(())),
+            // The first flush of a turn writes at once (with what an earlier turn held): a
+            // lone frame, a ping-pong's, is not delayed.
+            _ => this.wrote != Some(now),
+        };
+        if write_now {
+            ready!(this.write_all(cx))?;
+            this.wrote = Some(now);
+        } else {
+            // A second flush this turn: h2 has more frames than it buffers. Hold them and
+            // run again behind the tasks ready now, whose frames join them.
+            this.held = Some(now);
+            cx.waker().wake_by_ref();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.held = None;
+        Pin::new(&mut this.tls).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        future::poll_fn,
+        sync::{
+            atomic::{AtomicUsize, Ordering::SeqCst},
+            Arc,
+        },
+    };
+
+    use rustls::pki_types::ServerName;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+    };
+    use tokio_rustls::{client, TlsAcceptor, TlsConnector};
+
+    use super::*;
+    use crate::{
+        hbone::{
+            batch,
+            tests::{id, manager, shared_ca},
+        },
+        tls,
+    };
+
+    /// A TCP stream that counts the writes that reached the socket.
+    struct Counted(TcpStream, Arc<AtomicUsize>);
+
+    impl AsyncRead for Counted {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        }
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let r = Pin::new(&mut self.0).poll_write_vectored(cx, bufs);
+            if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+                self.1.fetch_add(1, SeqCst);
+            }
+            r
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    /// A real TLS 1.3 connection on loopback: the client side counted, and a task that
+    /// reads everything the server side receives.
+    async fn pair() -> (client::TlsStream<Counted>, Arc<AtomicUsize>, tokio::task::JoinHandle<Vec<u8>>) {
+        let (ca, _) = shared_ca();
+        let ids = manager(ca);
+        let (src, dst) = (id("shop", "web"), id("shop", "db"));
+        ids.acquire(&src).await.unwrap();
+        ids.acquire(&dst).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        let acceptor = TlsAcceptor::from(tls::server_config(&ids, &dst).unwrap());
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut got = Vec::new();
+            tls.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let writes = Arc::new(AtomicUsize::new(0));
+        let tcp = Counted(TcpStream::connect(at).await.unwrap(), writes.clone());
+        let cfg = tls::client_config(&ids, &src, &dst, 0).unwrap();
+        let mut tls = TlsConnector::from(cfg).connect(ServerName::IpAddress(at.ip().into()), tcp).await.unwrap();
+        tls.get_mut().1.set_buffer_limit(Some(crate::hbone::TLS_SEND_BUFFER));
+        (tls, writes, server)
+    }
+
+    /// Hand `frames` over as h2 does with large DATA frames: each written, then flushed.
+    async fn write_and_flush_each<S: Seal>(io: &mut Coalesced<S>, frames: &[Vec<u8>]) {
+        poll_fn(|cx| {
+            for f in frames {
+                let mut at = 0;
+                while at < f.len() {
+                    match Pin::new(&mut *io).poll_write(cx, &f[at..]) {
+                        Poll::Ready(Ok(n)) if n > 0 => at += n,
+                        other => panic!("write: {other:?}"),
+                    }
+                }
+                assert!(matches!(Pin::new(&mut *io).poll_flush(cx), Poll::Ready(Ok(()))));
+            }
+            Poll::Ready(())
+        })
+        .await
+    }
+
+    fn frames(n: usize, len: usize) -> Vec<Vec<u8>> {
+        (0..n).map(|i| vec![b'a' + i as u8; len]).collect()
+    }
+
+    /// Frames flushed one by one in a turn: the first leaves at once, the others are held
+    /// and leave together in the next turn. The peer gets every byte, in order.
+    #[tokio::test]
+    async fn frames_flushed_again_in_a_turn_leave_together_in_the_next() {
+        let (tls, writes, server) = pair().await;
+        let turns = Turns::default();
+        let mut io = Coalesced::new(tls, turns.clone());
+        turns.arm();
+        let sent = frames(4, 1200);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task_frames = sent.clone();
+        batch::spawn(turns, async move {
+            let before = writes.load(SeqCst);
+            write_and_flush_each(&mut io, &task_frames).await;
+            let first_turn = writes.load(SeqCst) - before;
+            // The held records asked for another turn; h2 ends each turn with a flush.
+            tokio::task::yield_now().await;
+            poll_fn(|cx| Pin::new(&mut io).poll_flush(cx)).await.unwrap();
+            let both_turns = writes.load(SeqCst) - before;
+            io.shutdown().await.unwrap();
+            tx.send((first_turn, both_turns)).unwrap();
+        });
+        assert_eq!(rx.await.unwrap(), (1, 2), "writes after the first turn, after the second");
+        assert_eq!(server.await.unwrap(), sent.concat());
+    }
+
+    /// Before h2's handshake is done, and outside the connection's task, every flush
+    /// writes.
+    #[tokio::test]
+    async fn flushes_before_arming_or_outside_a_turn_write_at_once() {
+        let (tls, writes, server) = pair().await;
+        let turns = Turns::default();
+        let mut io = Coalesced::new(tls, turns.clone());
+        let sent = frames(6, 1200);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task_frames = sent[..3].to_vec();
+        batch::spawn(turns.clone(), async move {
+            let before = writes.load(SeqCst);
+            write_and_flush_each(&mut io, &task_frames).await;
+            tx.send((writes.load(SeqCst) - before, io, writes)).ok().unwrap();
+        });
+        let (unarmed, mut io, writes) = rx.await.unwrap();
+        assert_eq!(unarmed, 3);
+        turns.arm();
+        let before = writes.load(SeqCst);
+        write_and_flush_each(&mut io, &sent[3..]).await;
+        assert_eq!(writes.load(SeqCst) - before, 3);
+        io.shutdown().await.unwrap();
+        assert_eq!(server.await.unwrap(), sent.concat());
+    }
+
+    /// Past [`HOLD_AT_MOST`] sealed bytes, a second flush in the turn writes: bulk
+    /// transfers are not held.
+    #[tokio::test]
+    async fn bulk_is_not_held() {
+        let (tls, _, server) = pair().await;
+        let turns = Turns::default();
+        let mut io = Coalesced::new(tls, turns.clone());
+        turns.arm();
+        let sent = frames(3, HOLD_AT_MOST / 2 + 1);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task_frames = sent.clone();
+        batch::spawn(turns, async move {
+            write_and_flush_each(&mut io, &task_frames[..2]).await;
+            let small_held = io.held.is_some();
+            write_and_flush_each(&mut io, &task_frames[2..]).await;
+            let bulk_held = io.held.is_some() || io.tls.holds_records();
+            io.shutdown().await.unwrap();
+            tx.send((small_held, bulk_held)).unwrap();
+        });
+        assert_eq!(rx.await.unwrap(), (true, false), "held after 2 frames (under the bound), after 3 (over it)");
+        assert_eq!(server.await.unwrap(), sent.concat());
+    }
+}
