@@ -242,8 +242,12 @@ fn init_tracing(format: LogFormat) -> selvedge::admin::SetLogLevel {
     let registry = tracing_subscriber::registry().with(filter);
     let colour = colour_logs(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
     match format {
-        LogFormat::Text => registry.with(fmt::layer().with_ansi(colour).with_writer(std::io::stderr)).init(),
-        LogFormat::Json => registry.with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr)).init(),
+        LogFormat::Text => {
+            registry.with(fmt::layer().with_ansi(colour).with_writer(selvedge::proxy::accesslog::writer)).init()
+        }
+        LogFormat::Json => registry
+            .with(fmt::layer().json().flatten_event(true).with_writer(selvedge::proxy::accesslog::writer))
+            .init(),
     }
     Box::new(move |level: &str| {
         let f = EnvFilter::try_new(level).map_err(|e| format!("bad log filter {level:?}: {e}"))?;

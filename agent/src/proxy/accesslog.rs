@@ -14,8 +14,14 @@
 //! from `run`, an error included), what is queued is logged after the batch in progress.
 //! Only an agent killed outright loses lines: at most the last [`LINGER`] of them. Without
 //! [`start`] (unit tests), lines are logged in place.
+//!
+//! The log's writer is [`writer`]: stderr, one `write` per line, except on the log thread,
+//! whose batch of lines is gathered and written in one `write` when the batch is done (a
+//! line per connection per agent made a system call each).
 
 use std::{
+    cell::RefCell,
+    io::{self, Write},
     net::SocketAddr,
     sync::{Arc, OnceLock},
     time::{Duration, Instant},
@@ -67,6 +73,45 @@ impl Closed {
     }
 }
 
+thread_local! {
+    /// On the log thread during a batch: the batch's lines, not yet written.
+    static GATHERED: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+}
+
+/// The writer every log line goes through (`tracing_subscriber`'s `with_writer`).
+pub fn writer() -> Writer {
+    Writer
+}
+
+/// See [`writer`].
+#[derive(Debug)]
+pub struct Writer;
+
+impl Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let gathered = GATHERED.with_borrow_mut(|g| g.as_mut().map(|lines| lines.extend_from_slice(buf)).is_some());
+        if gathered {
+            return Ok(buf.len());
+        }
+        io::stderr().write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stderr().flush()
+    }
+}
+
+/// Log `batch`, its lines written to stderr at once (one `write`, as far as the pipe or
+/// file takes it).
+fn log_batch(batch: Vec<Closed>) {
+    GATHERED.set(Some(Vec::new()));
+    batch.into_iter().for_each(Closed::log);
+    if let Some(lines) = GATHERED.take() {
+        // Nowhere to report a failed write of the log: as for any other line.
+        let _ = io::stderr().write_all(&lines);
+    }
+}
+
 /// Whether the access log is on (the level filter can change at runtime).
 pub fn enabled() -> bool {
     tracing::enabled!(target: "selvedge::access", tracing::Level::INFO)
@@ -95,7 +140,7 @@ pub struct Drain(Arc<Batches<Closed>>);
 impl Drop for Drain {
     fn drop(&mut self) {
         // After the batch the log thread may be logging (the process ends right after).
-        self.0.finish(|batch| batch.into_iter().for_each(Closed::log));
+        self.0.finish(log_batch);
     }
 }
 
@@ -105,10 +150,8 @@ pub fn start() -> std::io::Result<Drain> {
     let queue = QUEUE.get_or_init(|| {
         let queue = Arc::new(Batches::new(BATCH, CAP, LINGER));
         let worker = queue.clone();
-        started = std::thread::Builder::new()
-            .name("access-log".into())
-            .spawn(move || worker.serve(|batch| batch.into_iter().for_each(Closed::log)))
-            .map(drop);
+        started =
+            std::thread::Builder::new().name("access-log".into()).spawn(move || worker.serve(log_batch)).map(drop);
         queue
     });
     started.map(|()| Drain(queue.clone()))
@@ -242,6 +285,20 @@ mod tests {
         release.send(()).unwrap();
         finisher.join().unwrap();
         assert_eq!(*done.lock(), [1, 2, 3], "the batch, then what was left, in order");
+    }
+
+    /// Lines written during a batch are gathered, in order, to be written at once; the
+    /// batch leaves nothing gathering behind it.
+    #[test]
+    fn a_batch_gathers_its_lines_and_leaves_later_lines_unbuffered() {
+        GATHERED.set(Some(Vec::new()));
+        let mut w = writer();
+        w.write_all(b"one\n").unwrap();
+        w.write_all(b"two\n").unwrap();
+        assert_eq!(GATHERED.take().as_deref(), Some(&b"one\ntwo\n"[..]));
+        log_batch(Vec::new());
+        assert!(GATHERED.take().is_none(), "no gathering outside a batch");
+        assert_eq!(w.write(b"").unwrap(), 0);
     }
 
     #[test]
