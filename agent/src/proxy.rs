@@ -45,7 +45,7 @@ use crate::{
     identity::{IdentityManager, SpiffeId},
     inpod::{PodNetns, Use},
     metrics::{Count, Metrics},
-    policy::{authorize, Action, CompiledPolicy, ConnFacts, Decision, WorkloadMtls},
+    policy::{authorize, Action, CompiledPolicy, ConnFacts, Decision, Verdict, WorkloadMtls},
     state::Directory,
 };
 
@@ -71,15 +71,19 @@ impl PodContext {
     /// dry-run or AUDIT policies).
     pub fn authorize(&self, mesh: &Mesh, facts: &ConnFacts) -> Decision {
         let policies = mesh.policies.read().clone();
-        let v = authorize(&policies, &self.namespace, &self.labels, facts);
-        for (policy, action) in &v.dry_run {
+        let Verdict { decision, dry_run, audit } = authorize(&policies, &self.namespace, &self.labels, facts);
+        for (policy, action) in &dry_run {
             mesh.metrics.dry_run(policy, action_str(*action));
-            tracing::info!(pod = %self.name, policy = %policy, action = action_str(*action), src = %facts.src_ip, "dry-run policy matched (not enforced)");
         }
-        for policy in &v.audit {
-            tracing::info!(pod = %self.name, policy = %policy, src = %facts.src_ip, "AUDIT policy matched");
+        // Their lines are logged by the access-log thread, not formatted here.
+        if (!dry_run.is_empty() || !audit.is_empty()) && accesslog::PolicyMatch::enabled() {
+            let dry_run = dry_run.into_iter().map(|(policy, a)| (policy, Some(action_str(a))));
+            for (policy, dry_run) in dry_run.chain(audit.into_iter().map(|policy| (policy, None))) {
+                let pod = self.name.clone();
+                accesslog::log(accesslog::PolicyMatch { pod, policy, src: facts.src_ip, dry_run });
+            }
         }
-        v.decision
+        decision
     }
 }
 

@@ -121,6 +121,27 @@ fn denials_are_logged_with_the_policy_and_counted() {
     });
     let (_, metrics) = lab.http_on_node("n2", "127.0.0.1:15020".parse().unwrap(), "GET", "/metrics").unwrap();
     assert!(metrics.lines().any(|l| l.starts_with("selvedge_denials_total{reason=\"policy\"} 2")), "{metrics}");
+    // Policies that report without deciding: each match is logged at the destination, with
+    // the policy, the pod and the source (by the agent's log thread, shortly after).
+    lab.set_policies(&[
+        "{metadata: {name: dry, namespace: shop, annotations: {istio.io/dry-run: \"true\"}}, spec: {action: DENY, rules: [{}]}}",
+        "{metadata: {name: watch, namespace: shop}, spec: {action: AUDIT, rules: [{}]}}",
+    ]);
+    assert!(reaches(&lab, "a", "d", 8080), "neither policy decides");
+    let src = lab.get("a").ip.to_string();
+    let dry =
+        lab.agent("n2").wait_event("the dry-run match", |e| e["message"] == "dry-run policy matched (not enforced)");
+    assert_eq!(
+        (&dry["policy"], &dry["action"], &dry["pod"], &dry["src"]),
+        (&"shop/dry".into(), &"DENY".into(), &"d".into(), &src.clone().into()),
+        "{dry}"
+    );
+    let audit = lab.agent("n2").wait_event("the AUDIT match", |e| e["message"] == "AUDIT policy matched");
+    assert_eq!(
+        (&audit["policy"], &audit["pod"], &audit["src"]),
+        (&"shop/watch".into(), &"d".into(), &src.into()),
+        "{audit}"
+    );
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! The access log's lines for finished connections, logged by a thread of their own.
+//! The access log's lines for finished connections, and the lines of AUDIT and dry-run
+//! policies that matched a connection, logged by a thread of their own.
 //!
 //! Logging an event costs a few microseconds in the formatter, serde and the writer, but on
 //! the thread that carries every connection it cost more: that code and its data pushed the
@@ -103,12 +104,71 @@ impl Write for Writer {
 
 /// Log `batch`, its lines written to stderr at once (one `write`, as far as the pipe or
 /// file takes it).
-fn log_batch(batch: Vec<Closed>) {
+fn log_batch(batch: Vec<Line>) {
     GATHERED.set(Some(Vec::new()));
-    batch.into_iter().for_each(Closed::log);
+    batch.into_iter().for_each(Line::log);
     if let Some(lines) = GATHERED.take() {
         // Nowhere to report a failed write of the log: as for any other line.
         let _ = io::stderr().write_all(&lines);
+    }
+}
+
+/// A policy that reported on a connection without deciding it: an AUDIT policy, or a
+/// dry-run one (its action given). Logged by the log thread like a closed connection, so
+/// that the line is not formatted during the connection's authorization.
+#[derive(Debug)]
+pub struct PolicyMatch {
+    pub pod: String,
+    pub policy: String,
+    pub src: std::net::IpAddr,
+    /// The dry-run policy's action; `None` for AUDIT.
+    pub dry_run: Option<&'static str>,
+}
+
+impl PolicyMatch {
+    fn log(self) {
+        let Self { pod, policy, src, dry_run } = self;
+        match dry_run {
+            Some(action) => {
+                tracing::info!(target: "selvedge::proxy", pod = %pod, policy = %policy, action, src = %src, "dry-run policy matched (not enforced)")
+            }
+            None => {
+                tracing::info!(target: "selvedge::proxy", pod = %pod, policy = %policy, src = %src, "AUDIT policy matched")
+            }
+        }
+    }
+
+    /// Whether these lines are on (the level filter can change at runtime).
+    pub fn enabled() -> bool {
+        tracing::enabled!(target: "selvedge::proxy", tracing::Level::INFO)
+    }
+}
+
+/// A line the log thread logs.
+#[derive(Debug)]
+pub enum Line {
+    Closed(Closed),
+    Policy(PolicyMatch),
+}
+
+impl Line {
+    fn log(self) {
+        match self {
+            Line::Closed(c) => c.log(),
+            Line::Policy(p) => p.log(),
+        }
+    }
+}
+
+impl From<Closed> for Line {
+    fn from(c: Closed) -> Self {
+        Line::Closed(c)
+    }
+}
+
+impl From<PolicyMatch> for Line {
+    fn from(p: PolicyMatch) -> Self {
+        Line::Policy(p)
     }
 }
 
@@ -117,25 +177,26 @@ pub fn enabled() -> bool {
     tracing::enabled!(target: "selvedge::access", tracing::Level::INFO)
 }
 
-/// Log `closed`: queued for the log thread once [`start`]ed, else (or when the queue is
+/// Log `line`: queued for the log thread once [`start`]ed, else (or when the queue is
 /// full) here.
-pub fn log(closed: Closed) {
+pub fn log(line: impl Into<Line>) {
+    let line = line.into();
     match QUEUE.get() {
         Some(queue) => {
-            if let Err(closed) = queue.push(closed) {
-                closed.log();
+            if let Err(line) = queue.push(line) {
+                line.log();
             }
         }
-        None => closed.log(),
+        None => line.log(),
     }
 }
 
-static QUEUE: OnceLock<Arc<Batches<Closed>>> = OnceLock::new();
+static QUEUE: OnceLock<Arc<Batches<Line>>> = OnceLock::new();
 
 /// Logs what is still queued when dropped.
 #[derive(Debug)]
 #[must_use = "dropping it logs what is queued; keep it while connections close"]
-pub struct Drain(Arc<Batches<Closed>>);
+pub struct Drain(Arc<Batches<Line>>);
 
 impl Drop for Drain {
     fn drop(&mut self) {
