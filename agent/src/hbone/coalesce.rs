@@ -216,7 +216,9 @@ mod tests {
 
     /// A real TLS 1.3 connection on loopback: the client side counted, and a task that
     /// reads everything the server side receives.
-    async fn pair() -> (client::TlsStream<Counted>, Arc<AtomicUsize>, tokio::task::JoinHandle<Vec<u8>>) {
+    /// The client side wrapped, with the turns it counts by (not armed).
+    async fn pair() -> (Coalesced<client::TlsStream<Counted>>, Turns, Arc<AtomicUsize>, tokio::task::JoinHandle<Vec<u8>>)
+    {
         let (ca, _) = shared_ca();
         let ids = manager(ca);
         let (src, dst) = (id("shop", "web"), id("shop", "db"));
@@ -237,7 +239,8 @@ mod tests {
         let cfg = tls::client_config(&ids, &src, &dst, 0).unwrap();
         let mut tls = TlsConnector::from(cfg).connect(ServerName::IpAddress(at.ip().into()), tcp).await.unwrap();
         tls.get_mut().1.set_buffer_limit(Some(crate::hbone::TLS_SEND_BUFFER));
-        (tls, writes, server)
+        let turns = Turns::default();
+        (Coalesced::new(tls, turns.clone()), turns, writes, server)
     }
 
     /// Hand `frames` over as h2 does with large DATA frames: each written, then flushed.
@@ -266,9 +269,7 @@ mod tests {
     /// and leave together in the next turn. The peer gets every byte, in order.
     #[tokio::test]
     async fn frames_flushed_again_in_a_turn_leave_together_in_the_next() {
-        let (tls, writes, server) = pair().await;
-        let turns = Turns::default();
-        let mut io = Coalesced::new(tls, turns.clone());
+        let (mut io, turns, writes, server) = pair().await;
         turns.arm();
         let sent = frames(4, 1200);
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -292,9 +293,7 @@ mod tests {
     /// writes.
     #[tokio::test]
     async fn flushes_before_arming_or_outside_a_turn_write_at_once() {
-        let (tls, writes, server) = pair().await;
-        let turns = Turns::default();
-        let mut io = Coalesced::new(tls, turns.clone());
+        let (mut io, turns, writes, server) = pair().await;
         let sent = frames(6, 1200);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task_frames = sent[..3].to_vec();
@@ -317,9 +316,7 @@ mod tests {
     /// transfers are not held.
     #[tokio::test]
     async fn bulk_is_not_held() {
-        let (tls, _, server) = pair().await;
-        let turns = Turns::default();
-        let mut io = Coalesced::new(tls, turns.clone());
+        let (mut io, turns, _, server) = pair().await;
         turns.arm();
         let sent = frames(3, HOLD_AT_MOST / 2 + 1);
         let (tx, rx) = tokio::sync::oneshot::channel();
