@@ -58,10 +58,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Seal for tokio_rustls::server::TlsStrea
 pub struct Coalesced<S> {
     tls: S,
     turns: Turns,
-    /// The last turn whose flush wrote at once.
+    /// The last turn whose flush wrote: records sealed after it in that turn are held.
     wrote: Option<u64>,
-    /// The turn whose flush held the records not yet written.
-    held: Option<u64>,
     /// Plaintext sealed since the last write.
     sealed: usize,
 }
@@ -73,12 +71,11 @@ const HOLD_AT_MOST: usize = 64 * 1024;
 impl<S: Seal> Coalesced<S> {
     /// `turns`: those of the task that will drive this stream ([`super::batch::spawn`]).
     pub fn new(tls: S, turns: Turns) -> Self {
-        Self { tls, turns, wrote: None, held: None, sealed: 0 }
+        Self { tls, turns, wrote: None, sealed: 0 }
     }
 
     fn write_all(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(Pin::new(&mut self.tls).poll_flush(cx))?;
-        self.held = None;
         self.sealed = 0;
         Poll::Ready(Ok(()))
     }
@@ -123,33 +120,24 @@ impl<S: Seal> AsyncWrite for Coalesced<S> {
         let this = self.get_mut();
         let Some(now) = this.turns.holding() else { return this.write_all(cx) };
         if !this.tls.holds_records() {
-            this.held = None;
             return Poll::Ready(Ok(()));
         }
-        let write_now = match this.held {
-            // Past the bound, write: held or not.
-            _ if this.sealed > HOLD_AT_MOST => true,
-            Some(turn) if turn == now => return Poll::Ready(Ok(())),
-            // The first flush of a turn writes at once (with what an earlier turn held): a
-            // lone frame, a ping-pong's, is not delayed.
-            _ => this.wrote != Some(now),
-        };
-        if write_now {
+        // The first flush of a turn writes at once (with what an earlier turn held): a lone
+        // frame, a ping-pong's, is not delayed. Past the bound, write: held or not.
+        if this.wrote != Some(now) || this.sealed > HOLD_AT_MOST {
             ready!(this.write_all(cx))?;
             this.wrote = Some(now);
         } else {
-            // A second flush this turn: h2 has more frames than it buffers. Hold them and
-            // run again behind the tasks ready now, whose frames join them.
-            this.held = Some(now);
+            // A later flush this turn: h2 has more frames than it buffers. Hold them and run
+            // again behind the tasks ready now, whose frames join them (waking a task that
+            // is running, again or not, schedules it once).
             cx.waker().wake_by_ref();
         }
         Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.held = None;
-        Pin::new(&mut this.tls).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
     }
 }
 
@@ -323,9 +311,9 @@ mod tests {
         let task_frames = sent.clone();
         batch::spawn(turns, async move {
             write_and_flush_each(&mut io, &task_frames[..2]).await;
-            let small_held = io.held.is_some();
+            let small_held = io.tls.holds_records();
             write_and_flush_each(&mut io, &task_frames[2..]).await;
-            let bulk_held = io.held.is_some() || io.tls.holds_records();
+            let bulk_held = io.tls.holds_records();
             io.shutdown().await.unwrap();
             tx.send((small_held, bulk_held)).unwrap();
         });
