@@ -194,15 +194,12 @@ fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>
     // their stacks): what is left to measure is what each idle connection holds.
     let warm = lab.spawn_in_pod("client", app(lab, &["hold", &echo.to_string(), "200", "1"]));
     let _ = lab.child_first_line(warm, Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(plan.settle_ms + 1000));
-    // Idle connections held open, in two equal steps: agent memory per connection, per
-    // side, is what the second step adds. The first step takes the one-time growth (pools,
-    // tables and allocator pages reaching their working size) and leaves a steady floor:
-    // the RSS of a freshly warmed agent varies by tens of megabytes from run to run with
-    // the same code, which swamped a figure taken from it. That figure (all connections
-    // over the warmed agent's RSS) is kept beside it.
+    std::thread::sleep(Duration::from_millis(plan.settle_ms));
+    let rss0 = settled_rss(lab);
+    // Idle connections held open, in two equal steps. The figure is what all of them add
+    // to the warmed agent, per connection; what the second step alone adds is kept beside
+    // it (the marginal cost at this scale: tables that double as they fill double there).
     let half = plan.idle / 2;
-    let rss0 = agents_rss(lab);
     // Each half holds its connections until both are measured (however long the second
     // takes to open), then is stopped.
     let hold = |lab: &mut Lab| {
@@ -212,17 +209,17 @@ fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>
         (pid, opened)
     };
     let (first_pid, first) = hold(lab);
-    let rss_half = agents_rss(lab);
+    let rss_half = settled_rss(lab);
     let (second_pid, second) = hold(lab);
-    let rss1 = agents_rss(lab);
+    let rss1 = settled_rss(lab);
     lab.stop_child(first_pid);
     lab.stop_child(second_pid);
     if first && second {
         for (i, side) in ["client_side", "server_side"].iter().enumerate() {
-            let per = (rss1[i] - rss_half[i]) / half as f64;
-            r.insert(format!("agent_rss_kb_per_idle_connection_{side}"), json!(per));
             let all = (rss1[i] - rss0[i]) / (2 * half) as f64;
-            r.insert(format!("agent_rss_kb_per_idle_connection_from_warm_{side}"), json!(all));
+            r.insert(format!("agent_rss_kb_per_idle_connection_{side}"), json!(all));
+            let second = (rss1[i] - rss_half[i]) / half as f64;
+            r.insert(format!("agent_rss_kb_per_idle_connection_second_half_{side}"), json!(second));
             // The readings behind them, to tell a noisy run from a change.
             r.insert(format!("agent_rss_kb_warm_{side}"), json!(rss0[i]));
             r.insert(format!("agent_rss_kb_half_{side}"), json!(rss_half[i]));
@@ -285,6 +282,23 @@ fn agents_cpu(lab: &mut Lab) -> f64 {
             (t(11) + t(12)) / tick
         })
         .sum()
+}
+
+/// The agents' resident memory once it has stopped moving: two readings a second apart
+/// within 1 % of each other (at most 15 s). A burst's freed memory goes back to the kernel
+/// a second or two after it ends (the agent's allocator housekeeping), in steps; a reading
+/// taken at a fixed delay landed before or after a step by chance.
+fn settled_rss(lab: &mut Lab) -> [f64; 2] {
+    let mut last = agents_rss(lab);
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = agents_rss(lab);
+        if now.iter().zip(last).all(|(n, l)| (n - l).abs() <= 0.01 * l) {
+            return now;
+        }
+        last = now;
+    }
+    last
 }
 
 /// Resident memory of the n1 and n2 agents, KiB.
