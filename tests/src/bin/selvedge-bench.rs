@@ -20,12 +20,17 @@ struct Plan {
     /// How long the idle-memory rows let the agents settle (after the warm-up, after each
     /// half opens) and let the held connections close before the next mode.
     settle_ms: u64,
+    /// How long a burst's freed memory takes to leave the agents' RSS (mimalloc's 1 s purge
+    /// delay and the agent's 1 s housekeeping tick) before the idle rows read it; 0 reads
+    /// at once.
+    purge_ms: u64,
 }
 
-const FULL: Plan = Plan { seconds: 10, pings: 5000, connrate_ms: 3000, idle: 10_000, settle_ms: 1500 };
-/// Under a minute in all, lab set-up included: one second per tool, and shorter settles
-/// (its memory rows, from 1,000 connections, are a smoke check, not a figure to quote).
-const QUICK: Plan = Plan { seconds: 1, pings: 500, connrate_ms: 1000, idle: 1000, settle_ms: 500 };
+const FULL: Plan = Plan { seconds: 10, pings: 5000, connrate_ms: 3000, idle: 10_000, settle_ms: 1500, purge_ms: 2500 };
+/// Under a minute in all, lab set-up included: one second per tool, and shorter settles.
+/// It opens 1,000 idle connections but reports only the raw RSS readings: without the
+/// purge wait, a per-connection figure from so few is noise (it read −38 to +17 KB).
+const QUICK: Plan = Plan { seconds: 1, pings: 500, connrate_ms: 1000, idle: 1000, settle_ms: 500, purge_ms: 0 };
 
 const USAGE: &str = "usage: selvedge-bench [--quick | --idle-only] [--agent-threads N] [--out FILE]
   --quick            a smoke run, under a minute
@@ -195,7 +200,7 @@ fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>
     let warm = lab.spawn_in_pod("client", app(lab, &["hold", &echo.to_string(), "200", "1"]));
     let _ = lab.child_first_line(warm, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(plan.settle_ms));
-    let rss0 = settled_rss(lab);
+    let rss0 = settled_rss(lab, plan);
     // Idle connections held open, in two equal steps. The figure is what all of them add
     // to the warmed agent, per connection; what the second step alone adds is kept beside
     // it (the marginal cost at this scale: tables that double as they fill double there).
@@ -209,17 +214,19 @@ fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>
         (pid, opened)
     };
     let (first_pid, first) = hold(lab);
-    let rss_half = settled_rss(lab);
+    let rss_half = settled_rss(lab, plan);
     let (second_pid, second) = hold(lab);
-    let rss1 = settled_rss(lab);
+    let rss1 = settled_rss(lab, plan);
     lab.stop_child(first_pid);
     lab.stop_child(second_pid);
     if first && second {
         for (i, side) in ["client_side", "server_side"].iter().enumerate() {
-            let all = (rss1[i] - rss0[i]) / (2 * half) as f64;
-            r.insert(format!("agent_rss_kb_per_idle_connection_{side}"), json!(all));
-            let second = (rss1[i] - rss_half[i]) / half as f64;
-            r.insert(format!("agent_rss_kb_per_idle_connection_second_half_{side}"), json!(second));
+            if plan.purge_ms > 0 {
+                let all = (rss1[i] - rss0[i]) / (2 * half) as f64;
+                r.insert(format!("agent_rss_kb_per_idle_connection_{side}"), json!(all));
+                let second = (rss1[i] - rss_half[i]) / half as f64;
+                r.insert(format!("agent_rss_kb_per_idle_connection_second_half_{side}"), json!(second));
+            }
             // The readings behind them, to tell a noisy run from a change.
             r.insert(format!("agent_rss_kb_warm_{side}"), json!(rss0[i]));
             r.insert(format!("agent_rss_kb_half_{side}"), json!(rss_half[i]));
@@ -284,14 +291,17 @@ fn agents_cpu(lab: &mut Lab) -> f64 {
         .sum()
 }
 
-/// The agents' resident memory once it has stopped moving: two readings a second apart
-/// within 1 % of each other (at most 15 s). A burst's freed memory goes back to the kernel
-/// a second or two after it ends (the agent's allocator housekeeping), in steps; a reading
-/// taken at a fixed delay landed before or after a step by chance.
-fn settled_rss(lab: &mut Lab) -> [f64; 2] {
+/// The agents' resident memory once a burst's freed memory has left it (`Plan::purge_ms`)
+/// and it has stopped moving: two readings half a second apart within 1 % of each other
+/// (at most 10 s more).
+fn settled_rss(lab: &mut Lab, plan: &Plan) -> [f64; 2] {
+    if plan.purge_ms == 0 {
+        return agents_rss(lab);
+    }
+    std::thread::sleep(Duration::from_millis(plan.purge_ms));
     let mut last = agents_rss(lab);
-    for _ in 0..15 {
-        std::thread::sleep(Duration::from_secs(1));
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(500));
         let now = agents_rss(lab);
         if now.iter().zip(last).all(|(n, l)| (n - l).abs() <= 0.01 * l) {
             return now;
