@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 /// The allocator: many small allocations live as long as their connections, and bursts of
 /// short-lived ones (setup, handshakes) come and go. mimalloc keeps them in per-size pages
-/// and gives freed pages back to the kernel within milliseconds, where glibc's arenas kept
-/// a burst's high-water mark resident (ARCHITECTURE "Performance").
+/// and gives freed pages back to the kernel a second or two later (with the housekeeping
+/// thread below), where glibc's arenas kept a burst's high-water mark resident
+/// (ARCHITECTURE "Performance").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
