@@ -83,7 +83,17 @@ impl<S: Seal> Coalesced<S> {
 
 impl<S: Seal> AsyncRead for Coalesced<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
+        let this = self.get_mut();
+        let (room, before) = (buf.remaining(), buf.filled().len());
+        let read = ready!(Pin::new(&mut this.tls).poll_read(cx, buf));
+        // The peer's end of the stream (or an error) can reach h2 before the flush that
+        // would write what an earlier flush held, and h2 may then drop the connection
+        // without flushing: write it now, as it would have been written without holding.
+        // Best effort: what the socket cannot take at once stays sealed.
+        if (read.is_err() || (room > 0 && buf.filled().len() == before)) && this.tls.holds_records() {
+            let _ = this.write_all(cx);
+        }
+        Poll::Ready(read)
     }
 }
 
@@ -207,6 +217,22 @@ mod tests {
     /// The client side wrapped, with the turns it counts by (not armed).
     async fn pair() -> (Coalesced<client::TlsStream<Counted>>, Turns, Arc<AtomicUsize>, tokio::task::JoinHandle<Vec<u8>>)
     {
+        pair_served_by(|mut tls| async move {
+            let mut got = Vec::new();
+            tls.read_to_end(&mut got).await.unwrap();
+            got
+        })
+        .await
+    }
+
+    /// [`pair`], with `serve` run on the server side's stream.
+    async fn pair_served_by<F, Fut>(
+        serve: F,
+    ) -> (Coalesced<client::TlsStream<Counted>>, Turns, Arc<AtomicUsize>, tokio::task::JoinHandle<Vec<u8>>)
+    where
+        F: FnOnce(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Vec<u8>> + Send,
+    {
         let (ca, _) = shared_ca();
         let ids = manager(ca);
         let (src, dst) = (id("shop", "web"), id("shop", "db"));
@@ -217,10 +243,7 @@ mod tests {
         let acceptor = TlsAcceptor::from(tls::server_config(&ids, &dst).unwrap());
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let mut tls = acceptor.accept(tcp).await.unwrap();
-            let mut got = Vec::new();
-            tls.read_to_end(&mut got).await.unwrap();
-            got
+            serve(acceptor.accept(tcp).await.unwrap()).await
         });
         let writes = Arc::new(AtomicUsize::new(0));
         let tcp = Counted(TcpStream::connect(at).await.unwrap(), writes.clone());
@@ -275,6 +298,50 @@ mod tests {
         });
         assert_eq!(rx.await.unwrap(), (1, 2), "writes after the first turn, after the second");
         assert_eq!(server.await.unwrap(), sent.concat());
+    }
+
+    /// Records held in a turn leave with a shutdown in the same turn (h2's GOAWAY and
+    /// close), and when the peer's end of the stream is read before the next turn's flush
+    /// (a peer that half-closes TCP without TLS close_notify, after which h2 may drop the
+    /// connection without flushing).
+    #[tokio::test]
+    async fn held_records_leave_with_a_shutdown_or_at_the_peers_end() {
+        let (mut io, turns, _, server) = pair().await;
+        turns.arm();
+        let sent = frames(3, 1200);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task_frames = sent.clone();
+        batch::spawn(turns.clone(), async move {
+            write_and_flush_each(&mut io, &task_frames).await;
+            let held = io.tls.holds_records();
+            io.shutdown().await.unwrap();
+            tx.send(held).unwrap();
+        });
+        assert!(rx.await.unwrap(), "the second and third frames were held");
+        assert_eq!(server.await.unwrap(), sent.concat());
+
+        // The peer half-closes TCP (no close_notify), then reads the three frames.
+        let (mut io, turns, _, peer) = pair_served_by(|mut tls| async move {
+            tls.get_mut().0.shutdown().await.unwrap();
+            let mut got = vec![0u8; 3 * 1200];
+            tls.read_exact(&mut got).await.unwrap();
+            got
+        })
+        .await;
+        turns.arm();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task_frames = sent.clone();
+        batch::spawn(turns, async move {
+            write_and_flush_each(&mut io, &task_frames).await;
+            let held = io.tls.holds_records();
+            let mut rest = Vec::new();
+            let end = io.read_to_end(&mut rest).await;
+            tx.send((held, end.is_err(), io)).ok().unwrap();
+        });
+        let (held, eof_error, _io) = rx.await.unwrap();
+        assert!(held && eof_error, "held: {held}, end of stream without close_notify is an error: {eof_error}");
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), peer).await;
+        assert_eq!(got.expect("the held frames never reached the peer").unwrap(), sent.concat());
     }
 
     /// Before h2's handshake is done, and outside the connection's task, every flush
