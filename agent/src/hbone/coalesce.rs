@@ -311,7 +311,7 @@ mod tests {
         let sent = frames(3, 1200);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task_frames = sent.clone();
-        batch::spawn(turns.clone(), async move {
+        batch::spawn(turns, async move {
             write_and_flush_each(&mut io, &task_frames).await;
             let held = io.tls.holds_records();
             io.shutdown().await.unwrap();
