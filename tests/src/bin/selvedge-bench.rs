@@ -110,11 +110,13 @@ fn main() {
         let rows = if meshed { idle_memory(&mut lab, idle_plan, rows) } else { rows };
         results.insert(mode.into(), Value::Object(rows));
     }
+    let added = added_latency(&results);
     let report = json!({
         "date": time_now(),
         "machine": machine(),
         "quick": quick,
         "results": results,
+        "added_latency_us": added,
     });
     print_table(&report);
     if let Some(path) = out {
@@ -346,6 +348,24 @@ fn machine() -> String {
     format!("{cores} cores, kernel {}, agent worker threads: {threads}", kernel.trim())
 }
 
+/// A latency row: microseconds that a mesh adds to the baseline (the agents' own CPU
+/// rows, also in µs, are not latencies).
+fn is_latency(key: &str) -> bool {
+    key.ends_with("_us") && !key.starts_with("agent_")
+}
+
+/// Per meshed mode, what it adds to each latency row of the baseline, µs.
+fn added_latency(results: &serde_json::Map<String, Value>) -> Value {
+    let base = &results.get("baseline").cloned().unwrap_or_default();
+    let mut out = serde_json::Map::new();
+    for (mode, rows) in results.iter().filter(|(m, _)| *m != "baseline") {
+        let rows = rows.as_object().into_iter().flatten().filter(|(k, _)| is_latency(k));
+        let added = rows.filter_map(|(k, v)| Some((k.clone(), json!(v.as_f64()? - base[k].as_f64()?))));
+        out.insert(mode.clone(), Value::Object(added.collect()));
+    }
+    Value::Object(out)
+}
+
 fn print_table(report: &Value) {
     let r = &report["results"];
     let modes = ["baseline", "selvedge", "selvedge+fastpath"];
@@ -355,7 +375,10 @@ fn print_table(report: &Value) {
         report["machine"].as_str().unwrap_or(""),
         if report["quick"] == true { " (quick)" } else { "" }
     );
-    println!("{:<44} {:>12} {:>12} {:>12} {:>9}", "measure", modes[0], modes[1], "+fast path", "vs base");
+    println!(
+        "{:<44} {:>12} {:>12} {:>12} {:>9} {:>9}",
+        "measure", modes[0], modes[1], "+fast path", "vs base", "added"
+    );
     let mut keys: Vec<&String> = r["selvedge"].as_object().map(|o| o.keys().collect()).unwrap_or_default();
     keys.sort();
     for k in keys {
@@ -367,7 +390,18 @@ fn print_table(report: &Value) {
             (Some(b), Some(s)) if b > 0.0 => format!("{:.2}x", s / b),
             _ => "-".into(),
         };
-        println!("{k:<44} {:>12} {:>12} {:>12} {:>9}", cell(v(modes[0])), cell(v(modes[1])), cell(v(modes[2])), ratio);
+        let added = match report["added_latency_us"]["selvedge"][k].as_f64() {
+            Some(a) => format!("{a:+.1}"),
+            None => "-".into(),
+        };
+        println!(
+            "{k:<44} {:>12} {:>12} {:>12} {:>9} {:>9}",
+            cell(v(modes[0])),
+            cell(v(modes[1])),
+            cell(v(modes[2])),
+            ratio,
+            added
+        );
     }
 }
 
