@@ -43,34 +43,45 @@ pub async fn serve(
 /// this future, so what it holds across the long wait is kept small: the flow record, the
 /// sockets and the copy's state. Setup (pool, dial, handshake, app connect) is boxed and
 /// freed once done, and large values are lent to the paths below, never moved into them.
-async fn handle(
+///
+/// A plain function returning the future, not an `async fn`: an `async fn` keeps its
+/// arguments beside the locals it moves them into. What choosing the path looks at (the
+/// destination, its directory entry, the destination pod) lives in a block that ends
+/// before the tunnel's long wait, so none of it is kept for the tunnel's life.
+#[allow(clippy::manual_async_fn, reason = "an async fn would keep a second copy of its arguments (see above)")]
+fn handle(
     stream: TcpStream,
     peer: SocketAddr,
     pod: Arc<PodContext>,
     flows: Arc<FlowMaps>,
     mesh: Arc<Mesh>,
     timeout: Duration,
-) {
-    let (pod, flows, mesh) = (&*pod, &*flows, &*mesh);
-    let directory = mesh.directory.read().clone();
-    // Decided in a plain function: what it looks at (keys, addresses, the service) is not
-    // kept in this future for the connection's life.
-    let Some(Decided { mut flow, dst, mover, to }) = decide(&stream, peer, pod, flows, mesh, &directory) else {
-        return reset(stream);
-    };
-    match to {
-        Some(to) => match mesh.local_pod(dst.ip()) {
-            // Boxed: a task is as large as its largest possible state, and every idle
-            // tunnel would otherwise carry the handoff's second flow record and relay.
-            Some(dst_pod) => {
-                let handoff = same_node::handoff(&mut flow, stream, mover, peer, dst, pod, dst_pod, mesh, timeout);
-                Box::pin(handoff).await
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        let directory = mesh.directory.read().clone();
+        let mut flow;
+        let tunnel = {
+            // Decided in a plain function: what it looks at (keys, addresses, the service) is
+            // not kept in this future for the connection's life.
+            let Some(Decided { flow: decided, dst, mover, to }) =
+                decide(&stream, peer, &pod, &flows, &mesh, &directory)
+            else {
+                return reset(stream);
+            };
+            flow = decided;
+            // Boxed, the plaintext relay and the handoff: a task is as large as its largest
+            // possible state, and both are larger than a tunnel's (two splice pumps; the
+            // handoff's second flow record and relay).
+            let Some(to) = to else {
+                return Box::pin(plain(&mut flow, stream, dst, mover, &pod, timeout)).await;
+            };
+            if let Some(dst_pod) = mesh.local_pod(dst.ip()) {
+                let handoff = same_node::handoff(&mut flow, stream, mover, peer, dst, &pod, dst_pod, &mesh, timeout);
+                return Box::pin(handoff).await;
             }
-            None => tunnel(&mut flow, stream, peer, dst, pod, to, mesh, timeout).await,
-        },
-        // Boxed too: the plaintext relay's state (both splice pumps) is larger than a
-        // tunnel's, and would otherwise size every tunnel's task.
-        None => Box::pin(plain(&mut flow, stream, dst, mover, pod, timeout)).await,
+            tunnel(&mut flow, stream, peer, dst, &pod, to, &mesh, timeout)
+        };
+        tunnel.await
     }
 }
 
@@ -242,13 +253,16 @@ fn tunnel<'f, 'a: 'f>(
     };
     async move {
         let Some((stream, setup, early_len)) = ready else { return };
-        // Not matched in place: the result would stay in this future for the tunnel's life.
-        let opened = setup.await;
-        let hbone::client::Tunnel { send, recv, slot } = match opened {
-            Ok(t) => t,
-            Err(e) => {
-                flow.refused(Refusal::TunnelFailed, &e.to_string());
-                return reset(stream);
+        // Awaited and matched in a block of its own: the result would otherwise stay in this
+        // future for the tunnel's life.
+        let hbone::client::Tunnel { send, recv, slot } = {
+            let opened = setup.await;
+            match opened {
+                Ok(t) => t,
+                Err(e) => {
+                    flow.refused(Refusal::TunnelFailed, &e.to_string());
+                    return reset(stream);
+                }
             }
         };
         flow.opened();
