@@ -164,7 +164,7 @@ impl Agent {
             bpf_object: settings.bpf_object.clone(),
             max_pods: settings.max_pods,
         };
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = Arc::new(crate::tls::crypto_provider());
         let source: Arc<dyn CertSource> = match &settings.certs {
             CertSourceConfig::Builtin { ca_dir, lifetime } => {
                 let ca = BuiltinCa::load(ca_dir).map_err(|e| AppError::Ca {

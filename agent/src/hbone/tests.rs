@@ -41,7 +41,7 @@ fn ca(name: &str) -> BuiltinCa {
 }
 
 pub(super) fn manager(ca: BuiltinCa) -> Arc<IdentityManager> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(crate::tls::crypto_provider());
     IdentityManager::new(Arc::new(BuiltinSource { ca, lifetime: Duration::from_secs(3600) }), provider, TD).unwrap()
 }
 
