@@ -4,6 +4,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use futures::future::Either;
 use selvedge_common::{OrigDstKey, PairKey, HBONE_PORT};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -45,9 +46,13 @@ pub async fn serve(
 /// freed once done, and large values are lent to the paths below, never moved into them.
 ///
 /// A plain function returning the future, not an `async fn`: an `async fn` keeps its
-/// arguments beside the locals it moves them into. What choosing the path looks at (the
-/// destination, its directory entry, the destination pod) lives in a block that ends
-/// before the tunnel's long wait, so none of it is kept for the tunnel's life.
+/// arguments beside the locals it moves them into. A value an `async` block captures stays
+/// in it for the block's whole life even once moved out, so what only the decision and
+/// the setup use (the socket on its way to the pump, the peer, the flow maps, the timeout)
+/// comes in one box, unpacked in a block that ends before the connection's one long wait;
+/// so does everything choosing the path looks at (the destination, its directory entry,
+/// the destination pod). That wait is a single `await`: a value live at two of them would
+/// be kept for the life of both.
 #[allow(clippy::manual_async_fn, reason = "an async fn would keep a second copy of its arguments (see above)")]
 fn handle(
     stream: TcpStream,
@@ -57,10 +62,12 @@ fn handle(
     mesh: Arc<Mesh>,
     timeout: Duration,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let accepted = Box::new(Accepted { stream, peer, flows, timeout });
     async move {
         let directory = mesh.directory.read().clone();
         let mut flow;
-        let tunnel = {
+        let path = {
+            let Accepted { stream, peer, flows, timeout } = *accepted;
             // Decided in a plain function: what it looks at (keys, addresses, the service) is
             // not kept in this future for the connection's life.
             let Some(Decided { flow: decided, dst, mover, to }) =
@@ -72,18 +79,30 @@ fn handle(
             // Boxed, the plaintext relay and the handoff: a task is as large as its largest
             // possible state, and both are larger than a tunnel's (two splice pumps; the
             // handoff's second flow record and relay).
-            let Some(to) = to else {
-                return Box::pin(plain(&mut flow, stream, dst, mover, &pod, timeout)).await;
-            };
-            if let Some(dst_pod) = mesh.local_pod(dst.ip()) {
-                let handoff = same_node::handoff(&mut flow, stream, mover, peer, dst, &pod, dst_pod, &mesh, timeout);
-                return Box::pin(handoff).await;
+            match to {
+                None => Either::Right(Box::pin(plain(&mut flow, stream, dst, mover, &pod, timeout)) as Boxed<'_>),
+                Some(to) => match mesh.local_pod(dst.ip()) {
+                    Some(dst_pod) => Either::Right(Box::pin(same_node::handoff(
+                        &mut flow, stream, mover, peer, dst, &pod, dst_pod, &mesh, timeout,
+                    )) as Boxed<'_>),
+                    None => Either::Left(tunnel(&mut flow, stream, peer, dst, &pod, to, &mesh, timeout)),
+                },
             }
-            tunnel(&mut flow, stream, peer, dst, &pod, to, &mesh, timeout)
         };
-        tunnel.await
+        path.await
     }
 }
+
+/// What an accepted connection brings that only its decision and setup use.
+struct Accepted {
+    stream: TcpStream,
+    peer: SocketAddr,
+    flows: Arc<FlowMaps>,
+    timeout: Duration,
+}
+
+/// A path other than a tunnel, boxed.
+type Boxed<'f> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'f>>;
 
 /// To a destination outside the mesh: plain TCP from inside the pod.
 async fn plain(
@@ -210,8 +229,8 @@ fn tunnel<'f, 'a: 'f>(
 ) -> impl std::future::Future<Output = ()> + Send + use<'f, 'a> {
     // A plain function returning the future, not an `async fn`: an `async fn` keeps every
     // argument for its whole life, and this future lives as long as the tunnel. What the
-    // setup needs is moved into its box here; the tunnel's future holds the flow record's
-    // reference, the socket and the box.
+    // setup needs, the app's socket included, is moved into its box here; the tunnel's
+    // future holds the flow record's reference and the box, then the pump.
     flow.security = Security::MutualTls;
     flow.src_identity = Some(&pod.identity);
     flow.dst_identity = Some(&to.identity);
@@ -239,9 +258,10 @@ fn tunnel<'f, 'a: 'f>(
                         .await
                         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
                 };
-                mesh.pool.open(&key, dst, source, &early, dial).await
+                let opened = mesh.pool.open(&key, dst, source, &early, dial).await;
+                (stream, opened, early_len)
             });
-            Some((stream, setup, early_len))
+            Some(setup)
         }
         Err(e) => {
             // The app's connection already failed (e.g. it reset it): nothing to carry,
@@ -252,13 +272,14 @@ fn tunnel<'f, 'a: 'f>(
         }
     };
     async move {
-        let Some((stream, setup, early_len)) = ready else { return };
+        let Some(setup) = ready else { return };
         // Awaited and matched in a block of its own: the result would otherwise stay in this
-        // future for the tunnel's life.
-        let hbone::client::Tunnel { send, recv, slot } = {
-            let opened = setup.await;
+        // future for the tunnel's life. The app's socket rides in the setup's box until
+        // then: captured here, it would stay beside the pump's for the tunnel's life.
+        let (stream, hbone::client::Tunnel { send, recv, slot }, early_len) = {
+            let (stream, opened, early_len) = setup.await;
             match opened {
-                Ok(t) => t,
+                Ok(t) => (stream, t, early_len),
                 Err(e) => {
                     flow.refused(Refusal::TunnelFailed, &e.to_string());
                     return reset(stream);
@@ -287,5 +308,24 @@ fn early_bytes(stream: &TcpStream) -> std::io::Result<bytes::Bytes> {
         Ok(n) => Ok(bytes::Bytes::copy_from_slice(&buf[..n])),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(bytes::Bytes::new()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size of what `f` returns, known without calling it.
+    fn size_of_output<A, B, C, D, E, G, R>(_: fn(A, B, C, D, E, G) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every open client-side connection is one task holding this future. tokio's task cell
+    /// is its 32 B header, scheduler and id (16 B), the future with the accept loop's guard
+    /// (16 B more), a 48 B trailer, in 128-byte steps: up to 528 B the cell is 640 B. It was
+    /// 752 B (an 896 B cell), then 616 B (768), then 464 B with the accept-time values boxed
+    /// and the setup carrying the app's socket (nightly rustc's `-Zprint-type-sizes`).
+    #[test]
+    fn an_accepted_connections_task_fits_a_640_byte_cell() {
+        let size = size_of_output(super::handle);
+        assert!(size <= 528, "the outbound task's future is {size} B");
     }
 }
