@@ -383,8 +383,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(?settings, "starting");
     raise_fd_limit();
     // One crypto provider for the whole process, installed explicitly.
-    tracing::info!(aes_gcm = selvedge::tls::AesGcm::for_this_cpu().name(), "TLS record encryption");
-    if selvedge::tls::crypto_provider().install_default().is_err() {
+    let aes_gcm = selvedge::tls::AesGcm::for_this_cpu();
+    tracing::info!(aes_gcm = aes_gcm.name(), "TLS record encryption");
+    if selvedge::tls::provider_with(aes_gcm).install_default().is_err() {
         tracing::debug!("a rustls crypto provider was already installed");
     }
     let threads = args.worker_threads.map(usize::from).unwrap_or_else(default_worker_threads);

@@ -25,7 +25,7 @@ use rustls::{
 use crate::identity::{identity_of, identity_valid_at, IdentityManager, SpiffeId};
 
 mod provider;
-pub use provider::{crypto_provider, AesGcm};
+pub use provider::{crypto_provider, provider_with, AesGcm};
 
 pub const ALPN_H2: &[u8] = b"h2";
 
