@@ -7,7 +7,9 @@
 //! | 15021 | all          | `/healthz/ready` |
 //!
 //! Handlers read state the agent publishes ([`AdminState`]); none of them touches the
-//! datapath or blocks the proxy.
+//! datapath or blocks the proxy. `/config_dump` asks the run loop for a fresh document
+//! and waits for it (up to [`DUMP_WAIT`]): the document grows with the cluster, so it is
+//! built only when someone reads it.
 
 use std::{
     convert::Infallible,
@@ -32,13 +34,22 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 pub const DEFAULT_METRICS: &str = "0.0.0.0:15020";
 pub const DEFAULT_READINESS: &str = "0.0.0.0:15021";
 
+/// How long `/config_dump` waits for the run loop (busy applying a change, or draining at
+/// shutdown) before serving the last document it built.
+pub const DUMP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Changes the log filter at runtime (`/logging?level=…`).
 pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// What the endpoints serve, kept current by the agent.
 pub struct AdminState {
-    /// The `/config_dump` document, replaced whole.
+    /// The `/config_dump` document, replaced whole each time the run loop answers
+    /// [`AdminState::dump_wanted`].
     pub snapshot: RwLock<serde_json::Value>,
+    /// A `/config_dump` request wakes the run loop to build the document.
+    pub dump_wanted: Notify,
+    /// Counts the documents built; a request waits for it to move.
+    pub dump_built: tokio::sync::watch::Sender<u64>,
     pub ready: AtomicBool,
     /// Why not ready, for the readiness body.
     pub not_ready: RwLock<String>,
@@ -126,7 +137,12 @@ pub async fn serve(listener: TcpListener, which: Endpoints, state: Arc<AdminStat
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&req, which, &state)) }
+                async move {
+                    if which == Endpoints::Admin && req.method() == Method::GET && req.uri().path() == "/config_dump" {
+                        fresh_dump(&state).await;
+                    }
+                    Ok::<_, Infallible>(handle(&req, which, &state))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
         });
@@ -150,7 +166,18 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
     req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
 }
 
-/// Route one request.
+/// Have the run loop build a new `/config_dump` document, and wait for it (at most
+/// [`DUMP_WAIT`]).
+async fn fresh_dump(state: &AdminState) {
+    let mut built = state.dump_built.subscribe();
+    built.borrow_and_update();
+    state.dump_wanted.notify_one();
+    if tokio::time::timeout(DUMP_WAIT, built.changed()).await.is_err() {
+        tracing::debug!("config dump: the run loop did not answer in time; serving the last document");
+    }
+}
+
+/// Route one request (`/config_dump` serves the last document built: see [`fresh_dump`]).
 pub fn handle(req: &Request<Incoming>, which: Endpoints, state: &AdminState) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     match (which, req.method(), path) {

@@ -205,6 +205,8 @@ impl Agent {
         });
         let admin = Arc::new(AdminState {
             snapshot: parking_lot::RwLock::new(serde_json::Value::Null),
+            dump_wanted: tokio::sync::Notify::new(),
+            dump_built: tokio::sync::watch::Sender::new(0),
             ready: std::sync::atomic::AtomicBool::new(false),
             not_ready: parking_lot::RwLock::new("starting".into()),
             metrics: mesh.metrics.clone(),
@@ -274,6 +276,10 @@ impl Agent {
         loop {
             tokio::select! {
                 () = stop_requested(&mut term, &self.admin.quit) => break,
+                () = self.admin.dump_wanted.notified() => {
+                    self.publish_dump();
+                    continue;
+                }
                 _ = tick.tick() => {}
             }
             ticks += 1;
@@ -555,7 +561,7 @@ impl Agent {
             enrolled: self.pods.values().map(|p| p.spec.name.as_str()).collect(),
             failed: self.failed.iter().map(|(k, v)| (k.as_str(), v.reason.clone())).collect(),
             waiting: self.waiting.values().map(String::as_str).collect(),
-            stats: self.datapath.named_stats().into_iter().collect(),
+            stats: self.kernel_view.counters().iter().copied().collect(),
         };
         let text = serde_json::to_string_pretty(&status).unwrap_or_default();
         let tmp = path.with_extension("tmp");

@@ -12,6 +12,7 @@
 
 mod logs;
 mod pins;
+mod walk;
 
 use std::{
     collections::BTreeMap,
@@ -31,6 +32,7 @@ use selvedge_common::{
 };
 
 pub use pins::uninstall;
+pub use walk::{KernelFacts, KernelWalk};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded when the agent was built
 /// through xtask (empty otherwise; then `--bpf-object` or a file beside the binary is used).
@@ -370,58 +372,20 @@ impl Datapath {
         .collect()
     }
 
-    /// Entries and capacity of the maps the agent holds (walks them: call occasionally). The
-    /// inbound listener map counts what this agent set (see `inbound_set`).
-    pub fn occupancy(&self, flows: &FlowMaps) -> Vec<(&'static str, u64, u64)> {
-        let cap = |name: &str| {
-            aya::maps::MapInfo::from_pin(self.pin_dir.join("maps").join(name))
-                .map(|i| u64::from(i.max_entries()))
-                .unwrap_or(0)
-        };
-        let enrolled = self.enrolled.keys().filter(Result::is_ok).count() as u64;
-        let slots = self.slots.iter().filter(|v| matches!(v, Ok(x) if *x != 0)).count() as u64;
-        let inbound = self.inbound_set.len() as u64;
-        let orig = flows.orig_dst.keys().filter(Result::is_ok).count() as u64;
-        let pairs = flows.pairs.lock().keys().filter(Result::is_ok).count() as u64;
-        vec![
-            (maps::ENROLLED, enrolled, cap(maps::ENROLLED)),
-            (maps::SLOTS, slots, cap(maps::SLOTS)),
-            (maps::INBOUND_LISTENERS, inbound, cap(maps::INBOUND_LISTENERS)),
-            (maps::ORIG_DST, orig, cap(maps::ORIG_DST)),
-            (maps::PAIRS, pairs, cap(maps::PAIRS)),
-        ]
+    /// A reader of what the kernel holds (map entries, attached programs) that works from
+    /// the pins alone: run its walk off the runtime's threads.
+    pub fn walker(&self) -> KernelWalk {
+        KernelWalk::new(self.pin_dir.clone())
+    }
+
+    /// The number of inbound listener slots this agent has set (see `inbound_set`).
+    pub fn inbound_listeners(&self) -> u64 {
+        self.inbound_set.len() as u64
     }
 
     /// The pinned links (attachments) present now.
     pub fn links(&self) -> Vec<String> {
-        let mut out: Vec<String> = std::fs::read_dir(self.pin_dir.join("links"))
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-            .unwrap_or_default();
-        out.sort();
-        out
-    }
-
-    /// Each pinned link and the program the kernel has attached through it: (link, program
-    /// id, program name, program type), read from the kernel.
-    pub fn programs(&self) -> Vec<(String, u32, String, String)> {
-        let mut by_id = std::collections::BTreeMap::new();
-        for info in aya::programs::loaded_programs().filter_map(Result::ok) {
-            let name = info.name_as_str().unwrap_or_default().to_string();
-            by_id.insert(info.id(), (name, format!("{:?}", info.program_type())));
-        }
-        self.links()
-            .into_iter()
-            .map(|link| {
-                let path = self.pin_dir.join("links").join(&link);
-                let prog = aya::programs::links::PinnedLink::from_pin(&path)
-                    .ok()
-                    .and_then(|p| aya::programs::links::FdLink::from(p).info().ok())
-                    .map(|i| i.program_id())
-                    .unwrap_or(0);
-                let (name, kind) = by_id.get(&prog).cloned().unwrap_or_else(|| ("?".into(), "?".into()));
-                (link, prog, name, kind)
-            })
-            .collect()
+        links(&self.pin_dir)
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -438,6 +402,15 @@ impl Datapath {
         }
         out
     }
+}
+
+/// The links pinned under `pin_dir`, sorted.
+fn links(pin_dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(pin_dir.join("links"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    out.sort();
+    out
 }
 
 fn load_object(path: Option<&Path>) -> Result<Vec<u8>, DatapathError> {

@@ -6,43 +6,95 @@ use std::{collections::BTreeMap, sync::atomic::Ordering};
 use serde_json::{json, Value};
 
 use super::Agent;
+use crate::datapath::KernelFacts;
 
-/// Every this many ticks (of 500 ms), walk the eBPF maps and list the kernel's programs:
-/// both read a lot from the kernel, so the dump and the metrics share one recent result.
+/// Every this many ticks (of 500 ms), walk the eBPF maps and list the kernel's programs;
+/// the dump and the metrics share the latest result.
 const KERNEL_VIEW_EVERY: u64 = 10;
 
-/// What the occasional kernel walk found.
+/// The kernel as the agent last read it. The counters are read each tick (a few lookups);
+/// the maps' entries and the programs come from a walk on a blocking thread (thousands of
+/// lookups), so the dump's and the metrics' copy of them lags a change by up to a tick.
 #[derive(Debug, Default)]
 pub(super) struct KernelView {
-    /// (map, entries, capacity)
-    maps: Vec<(&'static str, u64, u64)>,
-    /// (link, program id, program name, program type)
-    programs: Vec<(String, u32, String, String)>,
+    facts: Option<KernelFacts>,
+    counters: Vec<(&'static str, u64)>,
+    walking: Option<tokio::task::JoinHandle<KernelFacts>>,
+    /// Something changed while a walk ran: walk again once it ends.
+    again: bool,
+}
+
+impl KernelView {
+    pub(super) fn counters(&self) -> &[(&'static str, u64)] {
+        &self.counters
+    }
 }
 
 impl Agent {
-    /// Refresh readiness, the config dump and the state-derived metrics; `after_change`
-    /// also re-reads the kernel (links and maps just changed).
+    /// Refresh readiness and the state-derived metrics; `after_change`
+    /// also has the kernel walked again (links and maps just changed).
     pub(super) fn refresh_observability(&mut self, after_change: bool) {
         self.ticks += 1;
         let metrics = &self.mesh.metrics;
         metrics.set_enrolled(self.pods.len());
-        metrics.kernel_totals(&self.datapath.named_stats());
+        self.kernel_view.counters = self.datapath.named_stats();
+        metrics.kernel_totals(&self.kernel_view.counters);
         metrics.handshake_totals(self.mesh.pool.handshakes());
         for c in self.mesh.ids.status() {
             metrics.cert_expiry(&c.identity, c.not_after);
         }
+        self.collect_kernel_walk();
         if after_change || self.ticks.is_multiple_of(KERNEL_VIEW_EVERY) {
-            self.kernel_view =
-                KernelView { maps: self.datapath.occupancy(&self.flows), programs: self.datapath.programs() };
-            for (map, entries, capacity) in &self.kernel_view.maps {
-                self.mesh.metrics.map_occupancy(map, *entries, *capacity);
-            }
+            self.walk_kernel();
         }
         let readiness = self.readiness();
         self.admin.ready.store(readiness.is_ok(), Ordering::SeqCst);
         *self.admin.not_ready.write() = readiness.err().unwrap_or_default();
+    }
+
+    /// Build the `/config_dump` document and hand it to the admin endpoint that asked.
+    /// Only on request: with thousands of peers and services it takes milliseconds, and
+    /// built every tick it stalled every connection on the runtime's thread that long.
+    pub(super) fn publish_dump(&mut self) {
         *self.admin.snapshot.write() = self.config_dump();
+        self.admin.dump_built.send_modify(|n| *n += 1);
+    }
+
+    /// Start a walk of the kernel's maps and programs on a blocking thread, or ask for one
+    /// after the walk running now. The very first walk runs here, so the dump describes
+    /// the kernel from the start.
+    fn walk_kernel(&mut self) {
+        let walker = self.datapath.walker();
+        let inbound = self.datapath.inbound_listeners();
+        if self.kernel_view.facts.is_none() && self.kernel_view.walking.is_none() {
+            self.publish_kernel_facts(walker.walk(inbound));
+        } else if self.kernel_view.walking.is_some() {
+            self.kernel_view.again = true;
+        } else {
+            self.kernel_view.walking = Some(tokio::task::spawn_blocking(move || walker.walk(inbound)));
+        }
+    }
+
+    /// Take the result of a walk that has ended, if any.
+    fn collect_kernel_walk(&mut self) {
+        if !self.kernel_view.walking.as_ref().is_some_and(tokio::task::JoinHandle::is_finished) {
+            return;
+        }
+        let Some(done) = self.kernel_view.walking.take().and_then(futures::FutureExt::now_or_never) else { return };
+        match done {
+            Ok(facts) => self.publish_kernel_facts(facts),
+            Err(e) => tracing::warn!("walking the kernel's maps failed: {e}"),
+        }
+        if std::mem::take(&mut self.kernel_view.again) {
+            self.walk_kernel();
+        }
+    }
+
+    fn publish_kernel_facts(&mut self, facts: KernelFacts) {
+        for (map, entries, capacity) in &facts.maps {
+            self.mesh.metrics.map_occupancy(map, *entries, *capacity);
+        }
+        self.kernel_view.facts = Some(facts);
     }
 
     /// Ready: programs attached (done before this can run), the config (or the first
@@ -90,6 +142,8 @@ impl Agent {
             .chain(self.failed.iter().map(|(uid, f)| json!({"uid": uid, "enrolled": false, "reason": f.reason, "closed": f.closed.is_some()})))
             .chain(self.waiting.iter().map(|(uid, name)| json!({"uid": uid, "name": name, "enrolled": false, "reason": "waiting for its network namespace (CNI ADD, or a running process found in /proc)"})))
             .collect();
+        let none = KernelFacts::default();
+        let facts = self.kernel_view.facts.as_ref().unwrap_or(&none);
         let directory = self.mesh.directory.read().clone();
         let peers: Vec<Value> = directory
             .workloads
@@ -164,12 +218,12 @@ impl Agent {
                 "cgroup": self.settings.cgroup,
                 "fast_path": self.settings.fast_path,
                 "links": self.datapath.links(),
-                "programs": self.kernel_view.programs.iter()
+                "programs": facts.programs.iter()
                     .map(|(link, id, name, kind)| json!({"link": link, "program_id": id, "program": name, "type": kind}))
                     .collect::<Vec<_>>(),
-                "maps": self.kernel_view.maps.iter()
+                "maps": facts.maps.iter()
                     .map(|(m, e, c)| json!({"name": m, "entries": e, "capacity": c})).collect::<Vec<_>>(),
-                "counters": self.datapath.named_stats().into_iter().collect::<BTreeMap<_, _>>(),
+                "counters": self.kernel_view.counters.iter().copied().collect::<BTreeMap<_, _>>(),
             },
         })
     }

@@ -92,6 +92,7 @@ impl super::Agent {
                     c.dirty = true;
                 }
                 Some((req, reply)) = cni_requests.recv() => c.accept(req, reply, &self.settings.node),
+                () = self.admin.dump_wanted.notified() => self.publish_dump(),
                 _ = tick.tick() => {
                     ticks += 1;
                     // Every 5 s while pods wait for their netns; every 30 s regardless
