@@ -57,6 +57,8 @@ pub enum AppError {
     Tls(#[from] crate::tls::TlsSetupError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error("config: working out what it asks for failed: {0}")]
+    Computation(String),
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(#[source] std::io::Error),
     #[error("pod {pod}: no free pod slot ({max} pods per node, see --max-pods); its inbound stays closed")]
@@ -136,7 +138,7 @@ pub struct Agent {
     /// Ticks of the run loop, to do the occasional heavier refresh.
     ticks: u64,
     /// The config last applied (for the config dump).
-    last_config: LocalConfig,
+    last_config: Arc<LocalConfig>,
     /// Maps and programs as last read from the kernel (refreshed every few seconds).
     kernel_view: dump::KernelView,
     conns: Arc<ConnTracker>,
@@ -222,7 +224,7 @@ impl Agent {
             mesh,
             admin,
             ticks: 0,
-            last_config: LocalConfig::default(),
+            last_config: Arc::default(),
             kernel_view: dump::KernelView::default(),
             conns: Arc::new(ConnTracker::default()),
             pods: BTreeMap::new(),
@@ -262,7 +264,7 @@ impl Agent {
             .map_err(|source| config::ConfigError::Read { path: path.clone(), source })?;
         let cfg = LocalConfig::parse(&text, &path)?;
         let mut last_text = Some(text);
-        self.apply(&cfg).await?;
+        self.apply(Arc::new(cfg)).await?;
         self.applied_new_config();
         self.sweep_stale()?;
         self.refresh_observability(true);
@@ -299,19 +301,26 @@ impl Agent {
             }
             // Parse the text just read (not the file again) so what is applied is what is
             // remembered. Only a changed config counts as a new generation; a retry of
-            // failed pods re-applies the current one.
-            let parsed = match &text {
-                Some(t) => LocalConfig::parse(t, &path),
-                None => LocalConfig::load(&path),
+            // failed pods re-applies the current one. Parsed on a blocking thread: a
+            // cluster-sized file takes tens of milliseconds, which the runtime's thread
+            // (the data path's) does not wait out.
+            let parse = {
+                let (text, path) = (text.clone(), path.clone());
+                tokio::task::spawn_blocking(move || match &text {
+                    Some(t) => LocalConfig::parse(t, &path),
+                    None => LocalConfig::load(&path),
+                })
             };
+            let parsed = parse.await;
             last_text = text;
             match parsed {
-                Ok(cfg) => match self.apply(&cfg).await {
+                Ok(Ok(cfg)) => match self.apply(Arc::new(cfg)).await {
                     Ok(()) if changed => self.applied_new_config(),
                     Ok(()) => {}
                     Err(e) => tracing::error!("config not applied: {e}"),
                 },
-                Err(e) => tracing::error!("config not applied, keeping the previous one: {e}"),
+                Ok(Err(e)) => tracing::error!("config not applied, keeping the previous one: {e}"),
+                Err(e) => tracing::error!("config not applied, keeping the previous one: the parser failed: {e}"),
             }
             retry_at = tokio::time::Instant::now() + Duration::from_secs(5);
             if let Err(e) = self.sweep_stale() {
@@ -327,20 +336,24 @@ impl Agent {
     }
 
     /// Enroll and unenroll to match `cfg`. Per-pod failures are recorded, not fatal.
-    async fn apply(&mut self, cfg: &LocalConfig) -> Result<(), AppError> {
-        let mesh = state::Mesh {
-            node: &self.settings.node,
-            trust_domain: &self.settings.trust_domain,
-            root_namespace: &self.settings.root_namespace,
+    async fn apply(&mut self, cfg: Arc<LocalConfig>) -> Result<(), AppError> {
+        // Everything that can fail is computed before anything changes, on a blocking
+        // thread: with thousands of workloads it takes milliseconds the data path, on the
+        // runtime's thread, does not wait out.
+        let compute = {
+            let cfg = cfg.clone();
+            let (node, td, root) =
+                (self.settings.node.clone(), self.settings.trust_domain.clone(), self.settings.root_namespace.clone());
+            tokio::task::spawn_blocking(move || -> Result<_, config::ConfigError> {
+                let mesh = state::Mesh { node: &node, trust_domain: &td, root_namespace: &root };
+                Ok((state::desired(&cfg, &mesh)?, state::directory(&cfg, &td)?, cfg.compile_policies(&root)?))
+            })
         };
-        // Everything that can fail is computed before anything changes.
-        let desired = state::desired(cfg, &mesh)?;
+        let (desired, directory, policies) = compute.await.map_err(|e| AppError::Computation(e.to_string()))??;
         let waiting = desired.waiting;
         let desired = desired.pods;
-        let directory = state::directory(cfg, &self.settings.trust_domain)?;
-        let policies = cfg.compile_policies(&self.settings.root_namespace)?;
-        *self.mesh.directory.write() = Arc::new(directory);
-        *self.mesh.policies.write() = Arc::new(policies);
+        let old_directory = std::mem::replace(&mut *self.mesh.directory.write(), Arc::new(directory));
+        let old_policies = std::mem::replace(&mut *self.mesh.policies.write(), Arc::new(policies));
         // Cached verdicts were for the old policies and workloads (an IP may now be someone
         // else's): forget them all.
         let forgot = self.flows.clear_verdicts();
@@ -352,7 +365,9 @@ impl Agent {
         if closed > 0 {
             tracing::info!(closed, "open connections closed after a policy change");
         }
-        self.last_config = cfg.clone();
+        let old_config = std::mem::replace(&mut self.last_config, cfg);
+        // What the old state frees (thousands of entries) is freed off the runtime's thread.
+        tokio::task::spawn_blocking(move || drop((old_directory, old_policies, old_config)));
         self.waiting = waiting;
         let current: BTreeMap<String, PodSpec> = self.pods.iter().map(|(k, v)| (k.clone(), v.spec.clone())).collect();
         let gone: Vec<String> = self.failed.keys().filter(|uid| !desired.contains_key(*uid)).cloned().collect();

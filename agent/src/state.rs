@@ -2,14 +2,14 @@
 //! caller (`app`) carries the plan out.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::atomic::{AtomicUsize, Ordering},
 };
 
 use crate::{
-    config::{ConfigError, LocalConfig},
+    config::{ConfigError, LocalConfig, Workload},
     identity::SpiffeId,
     policy::{resolve_mtls, WorkloadMtls},
 };
@@ -139,13 +139,32 @@ pub fn directory(cfg: &LocalConfig, trust_domain: &str) -> Result<Directory, Con
             }
         }
     }
+    // Workloads by (namespace, label, value), in config order: each service looks only at
+    // those carrying its rarest selector pair. (A scan of every workload per service kept
+    // the runtime's thread 60 ms at 5,000 workloads and 500 services, on every change.)
+    let mut by_label: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
+    for (i, w) in cfg.workloads.iter().enumerate() {
+        for (k, v) in &w.labels {
+            by_label.entry((&w.namespace, k, v)).or_default().push(i);
+        }
+    }
     for svc in &cfg.services {
-        let selected: Vec<IpAddr> = cfg
-            .workloads
+        let selects = |w: &&Workload| {
+            w.namespace == svc.namespace && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+        };
+        let rarest = svc
+            .selector
             .iter()
-            .filter(|w| w.namespace == svc.namespace && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-            .flat_map(|w| w.ips.iter().copied())
-            .collect();
+            .map(|(k, v)| {
+                by_label.get(&(svc.namespace.as_str(), k.as_str(), v.as_str())).map_or(&[][..], Vec::as_slice)
+            })
+            .min_by_key(|list| list.len());
+        let candidates: Vec<&Workload> = match rarest {
+            Some(list) => list.iter().map(|&i| &cfg.workloads[i]).collect(),
+            None => cfg.workloads.iter().collect(),
+        };
+        let selected: Vec<IpAddr> =
+            candidates.into_iter().filter(selects).flat_map(|w| w.ips.iter().copied()).collect();
         for vip in &svc.vips {
             for p in &svc.ports {
                 let target = p.target_port.unwrap_or(p.port);
@@ -281,6 +300,47 @@ mod tests {
             Path::new("x"),
         );
         assert!(bad.unwrap_err().to_string().contains("selector"));
+    }
+
+    #[test]
+    fn each_service_selects_exactly_the_workloads_its_selector_matches() {
+        // Workloads over two namespaces with overlapping labels; services with one and two
+        // selector pairs, some matching nothing. The directory must hold, for each service,
+        // the IPs of every workload the selector matches, in config order.
+        let mut text = String::from("workloads:\n");
+        for i in 0..120 {
+            let ns = if i % 3 == 0 { "a" } else { "b" };
+            text += &format!(
+                "- {{uid: w{i}, name: w{i}, namespace: {ns}, node: n, ips: [198.18.{}.{}], labels: {{app: x{}, tier: t{}}}}}\n",
+                i / 100,
+                i % 100 + 1,
+                i % 7,
+                i % 4
+            );
+        }
+        text += "services:\n";
+        let selectors = ["{app: x3}", "{tier: t1}", "{app: x2, tier: t0}", "{app: x9}", "{tier: t2, app: x5}"];
+        for (j, sel) in selectors.iter().enumerate() {
+            for ns in ["a", "b"] {
+                text += &format!("- {{name: s{j}, namespace: {ns}, vips: [198.19.{j}.{}], ports: [{{port: 80}}], selector: {sel}}}\n", if ns == "a" { 1 } else { 2 });
+            }
+        }
+        let cfg = LocalConfig::parse(&text, Path::new("x")).unwrap();
+        let dir = directory(&cfg, "td").unwrap();
+        for svc in &cfg.services {
+            let want: Vec<SocketAddr> = cfg
+                .workloads
+                .iter()
+                .filter(|w| {
+                    w.namespace == svc.namespace && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                })
+                .flat_map(|w| w.ips.iter().map(|ip| SocketAddr::new(*ip, 80)))
+                .collect();
+            let got = &dir.services[&SocketAddr::new(svc.vips[0], 80)].endpoints;
+            assert_eq!(got, &want, "service {}/{}", svc.namespace, svc.name);
+        }
+        assert!(dir.services.values().any(|s| s.endpoints.is_empty()), "some selector matches nothing");
+        assert!(dir.services.values().any(|s| s.endpoints.len() > 5));
     }
 
     #[test]

@@ -150,7 +150,7 @@ impl super::Agent {
             }
             c.problems = converted.problems;
         }
-        match self.apply(&converted.config).await {
+        match self.apply(Arc::new(converted.config)).await {
             Ok(()) => {
                 let first = self.generation == 0;
                 self.applied_new_config();
