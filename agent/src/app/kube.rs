@@ -140,10 +140,22 @@ impl super::Agent {
         self.shutdown(status_file.as_ref()).await
     }
 
-    async fn apply_snapshot(&mut self, c: &mut Cluster, snap: &Snapshot) {
+    async fn apply_snapshot(&mut self, c: &mut Cluster, snap: &Arc<Snapshot>) {
         let mut networks: BTreeMap<String, PodNetwork> = c.discovered.clone();
         networks.extend(c.registry.networks().map(|(k, v)| (k.clone(), v.clone())));
-        let converted = k8s::to_config(snap, &self.settings.node, &c.settings.mesh_label, &networks);
+        // Converted on a blocking thread, as the config it yields is worked out (`apply`):
+        // a large cluster's state takes milliseconds the data path does not wait out.
+        let convert = {
+            let (snap, node, key) = (snap.clone(), self.settings.node.clone(), c.settings.mesh_label.clone());
+            tokio::task::spawn_blocking(move || k8s::to_config(&snap, &node, &key, &networks))
+        };
+        let converted = match convert.await {
+            Ok(converted) => converted,
+            Err(e) => {
+                tracing::error!("cluster state not applied, keeping the previous one: converting it failed: {e}");
+                return;
+            }
+        };
         if converted.problems != c.problems {
             for p in converted.problems.iter().filter(|p| !c.problems.contains(p)) {
                 tracing::warn!("cluster state: {p}");
