@@ -10,6 +10,7 @@
 //! Links are replaced atomically on start (new link pinned beside the old one, then renamed
 //! over it), so capture never has a gap and a new agent always runs its own programs.
 
+mod batch;
 mod logs;
 mod pins;
 mod walk;
@@ -138,14 +139,30 @@ impl FlowMaps {
         self.verdicts.lock().insert(key, VERDICT_DENY, 0).map_err(map_err(maps::VERDICTS, "cache a denial"))
     }
 
-    /// Forget every cached verdict (policies or workloads changed). Returns how many.
+    /// Forget every cached verdict (policies or workloads changed). Returns how many. A
+    /// batch of entries per system call: the map holds up to 65,536, and this runs on the
+    /// runtime's thread at every change (key by key it took two calls per entry).
     pub fn clear_verdicts(&self) -> usize {
+        use aya::maps::IterableMap;
         let mut v = self.verdicts.lock();
-        let keys: Vec<VerdictKey> = v.keys().filter_map(Result::ok).collect();
-        for k in &keys {
-            let _ = v.remove(k);
+        let data = IterableMap::<VerdictKey, u32>::map(&*v);
+        // The kernel's own key and value sizes: its writes must fit the buffers.
+        let cleared = data
+            .info()
+            .map_err(std::io::Error::other)
+            .and_then(|info| batch::delete_all(data.fd().as_fd(), info.key_size(), info.value_size()));
+        match cleared {
+            Ok(n) => n,
+            Err(e) => {
+                // Stale denials would refuse what the new state may allow: key by key.
+                tracing::warn!("clearing cached verdicts in batches failed ({e}); one by one");
+                let keys: Vec<VerdictKey> = v.keys().filter_map(Result::ok).collect();
+                for k in &keys {
+                    let _ = v.remove(k);
+                }
+                keys.len()
+            }
         }
-        keys.len()
     }
 
     /// Is the sockmap fast path on?

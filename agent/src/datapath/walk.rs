@@ -5,10 +5,10 @@
 
 use std::{os::fd::AsFd, path::PathBuf};
 
-mod batch;
-
 use aya::maps::{Map, MapData, MapInfo, SockHash};
 use selvedge_common::{maps, PairKey};
+
+use super::batch;
 
 /// Reads the pinned maps and links under one pin directory. Cheap to clone; every walk
 /// opens the pins afresh (a few system calls), so it sees whatever is pinned now.

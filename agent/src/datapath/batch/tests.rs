@@ -2,7 +2,7 @@
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
-use super::each_value;
+use super::{delete_all, each_value};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
@@ -82,4 +82,17 @@ fn an_empty_hash_map_reads_as_empty() {
     let mut n = 0;
     each_value(map.as_fd(), 8, 8, |_| n += 1).unwrap();
     assert_eq!(n, 0);
+}
+
+#[test]
+fn a_hash_map_is_emptied_in_batches() {
+    let map = create(HASH, 16, 4, 65536);
+    for i in 0..5000u64 {
+        put(&map, &[i.to_ne_bytes(), (i * 7).to_ne_bytes()].concat(), &1u32.to_ne_bytes());
+    }
+    assert_eq!(delete_all(map.as_fd(), 16, 4).unwrap(), 5000);
+    let mut left = 0;
+    each_value(map.as_fd(), 16, 4, |_| left += 1).unwrap();
+    assert_eq!(left, 0, "nothing is left");
+    assert_eq!(delete_all(map.as_fd(), 16, 4).unwrap(), 0, "an empty map: nothing to delete");
 }

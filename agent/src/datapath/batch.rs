@@ -1,5 +1,6 @@
-//! `BPF_MAP_LOOKUP_BATCH`: a map's entries many per system call (aya has no batch
-//! operations). Array and hash maps have it (kernel 5.6 on); sockmaps do not.
+//! `BPF_MAP_LOOKUP_BATCH` and `BPF_MAP_LOOKUP_AND_DELETE_BATCH`: a map's entries many per
+//! system call (aya has no batch operations). Array and hash maps have the first, hash maps
+//! the second (kernel 5.6 on); sockmaps neither.
 
 use std::{
     io,
@@ -7,6 +8,7 @@ use std::{
 };
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
 /// Entries asked for per call (doubled while a hash bucket holds more).
 const CHUNK: usize = 1024;
 const CHUNK_MAX: usize = 1 << 20;
@@ -29,6 +31,24 @@ struct BatchAttr {
 /// Call `each` with every value of the map behind `fd` (keys `key_size`, values
 /// `value_size` bytes), in one system call per [`CHUNK`] entries.
 pub(super) fn each_value(
+    fd: BorrowedFd<'_>,
+    key_size: u32,
+    value_size: u32,
+    each: impl FnMut(&[u8]),
+) -> io::Result<()> {
+    batches(BPF_MAP_LOOKUP_BATCH, fd, key_size, value_size, each)
+}
+
+/// Delete every entry of the hash map behind `fd`, [`CHUNK`] per system call; returns how
+/// many there were.
+pub(super) fn delete_all(fd: BorrowedFd<'_>, key_size: u32, value_size: u32) -> io::Result<usize> {
+    let mut n = 0;
+    batches(BPF_MAP_LOOKUP_AND_DELETE_BATCH, fd, key_size, value_size, |_| n += 1)?;
+    Ok(n)
+}
+
+fn batches(
+    cmd: libc::c_long,
     fd: BorrowedFd<'_>,
     key_size: u32,
     value_size: u32,
@@ -55,9 +75,7 @@ pub(super) fn each_value(
         // SAFETY: `attr` names buffers of `chunk` keys and `chunk` values and two position
         // buffers at least as large as a key and a bucket index, all alive for the call; the
         // kernel writes the filled count back into `attr`.
-        let r = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &raw mut attr, std::mem::size_of::<BatchAttr>())
-        };
+        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, &raw mut attr, std::mem::size_of::<BatchAttr>()) };
         let err = (r < 0).then(io::Error::last_os_error);
         match err.as_ref().and_then(io::Error::raw_os_error) {
             // A hash bucket holds more entries than asked for: ask for more, from the same place.
