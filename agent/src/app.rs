@@ -588,6 +588,8 @@ impl Agent {
     /// Stop accepting, let open connections finish (bounded), leave pins in place so
     /// enrolled pods stay fail-closed until the next agent starts.
     async fn shutdown(mut self, status_file: Option<&PathBuf>) -> Result<(), AppError> {
+        // While draining, the loop no longer answers `/config_dump`: it serves this one.
+        self.publish_dump();
         tracing::info!(open = self.conns.active(), "shutting down: draining connections");
         for p in self.pods.values_mut() {
             for t in p.accept_tasks.drain(..) {
