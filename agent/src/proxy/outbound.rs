@@ -302,11 +302,23 @@ fn tunnel<'f, 'a: 'f>(
 /// Read into the stack and copied out at its exact length: a heap buffer of the maximum
 /// size per accepted connection would be held by every connection still being set up, and
 /// a burst of them leaves the allocator's high-water mark (the agent's RSS) up for good.
+///
+/// A read shorter than the buffer has emptied the socket: its readiness is cleared then (as
+/// the HBONE pump does, `hbone::pump::read_draining`), so the pump's first poll waits for
+/// new bytes instead of spending a `recvfrom` that returns EAGAIN (one per connection).
 fn early_bytes(stream: &TcpStream) -> std::io::Result<bytes::Bytes> {
     let mut buf = [0u8; EARLY_MAX];
-    match stream.try_read(&mut buf) {
-        Ok(n) => Ok(bytes::Bytes::copy_from_slice(&buf[..n])),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(bytes::Bytes::new()),
+    let mut got = 0;
+    let read = stream.try_io(tokio::io::Interest::READABLE, || {
+        got = stream.try_read(&mut buf)?;
+        if got > 0 && got < EARLY_MAX {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    });
+    match read {
+        Ok(()) => Ok(bytes::Bytes::copy_from_slice(&buf[..got])),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(bytes::Bytes::copy_from_slice(&buf[..got])),
         Err(e) => Err(e),
     }
 }
