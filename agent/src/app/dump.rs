@@ -64,12 +64,14 @@ impl Agent {
     /// after the walk running now. The very first walk runs here, so the dump describes
     /// the kernel from the start.
     fn walk_kernel(&mut self) {
+        if self.kernel_view.walking.is_some() {
+            self.kernel_view.again = true;
+            return;
+        }
         let walker = self.datapath.walker();
         let inbound = self.datapath.inbound_listeners();
-        if self.kernel_view.facts.is_none() && self.kernel_view.walking.is_none() {
+        if self.kernel_view.facts.is_none() {
             self.publish_kernel_facts(walker.walk(inbound));
-        } else if self.kernel_view.walking.is_some() {
-            self.kernel_view.again = true;
         } else {
             self.kernel_view.walking = Some(tokio::task::spawn_blocking(move || walker.walk(inbound)));
         }

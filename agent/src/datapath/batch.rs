@@ -76,22 +76,26 @@ fn batches(
         // buffers at least as large as a key and a bucket index, all alive for the call; the
         // kernel writes the filled count back into `attr`.
         let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, &raw mut attr, std::mem::size_of::<BatchAttr>()) };
-        let err = (r < 0).then(io::Error::last_os_error);
-        match err.as_ref().and_then(io::Error::raw_os_error) {
-            // A hash bucket holds more entries than asked for: ask for more, from the same place.
-            Some(libc::ENOSPC) if chunk < CHUNK_MAX => {
-                chunk *= 2;
-                keys.resize(ks * chunk, 0);
-                values.resize(vs * chunk, 0);
-                continue;
+        // ENOENT: the last batch (possibly empty).
+        let last = r < 0;
+        if last {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                // A hash bucket holds more entries than asked for: ask for more, from the
+                // same place.
+                Some(libc::ENOSPC) if chunk < CHUNK_MAX => {
+                    chunk *= 2;
+                    keys.resize(ks * chunk, 0);
+                    values.resize(vs * chunk, 0);
+                    continue;
+                }
+                Some(libc::ENOENT) => {}
+                _ => return Err(e),
             }
-            // ENOENT: the last batch (possibly empty).
-            None | Some(libc::ENOENT) => {}
-            Some(_) => return Err(err.unwrap_or_else(io::Error::last_os_error)),
         }
         let got = (attr.count as usize).min(chunk);
         values[..got * vs].chunks_exact(vs).for_each(&mut each);
-        if err.is_some() || got == 0 {
+        if last || got == 0 {
             return Ok(());
         }
         std::mem::swap(&mut from, &mut next);

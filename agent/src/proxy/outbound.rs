@@ -317,9 +317,8 @@ fn early_bytes(stream: &TcpStream) -> std::io::Result<bytes::Bytes> {
         Ok(())
     });
     match read {
-        Ok(()) => Ok(bytes::Bytes::copy_from_slice(&buf[..got])),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(bytes::Bytes::copy_from_slice(&buf[..got])),
-        Err(e) => Err(e),
+        Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => Err(e),
+        _ => Ok(bytes::Bytes::copy_from_slice(&buf[..got])),
     }
 }
 
