@@ -67,6 +67,11 @@ enum Task {
         /// the cores, at least one).
         #[arg(long)]
         agent_threads: Option<u16>,
+        /// Measure every mode this many times, in mirrored order (baseline, Selvedge, fast
+        /// path, then the reverse), and report each row's median. Default: 2 (1 with
+        /// --quick or --idle-only).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        rounds: Option<u16>,
     },
     /// Build and run the agent on this machine in the foreground (Ctrl-C stops it; pins
     /// stay, so enrolled pods stay fail-closed, unless --uninstall).
@@ -106,7 +111,9 @@ fn run() -> anyhow::Result<()> {
         Task::Build { release } => tasks::build(&root, release).map(|_| ()),
         Task::Test { no_setup, cargo_test_args } => tasks::test(&root, !no_setup, &cargo_test_args),
         Task::Demo { keep } => tasks::demo(&root, keep),
-        Task::Bench { quick, idle_only, agent_threads } => tasks::bench(&root, quick, idle_only, agent_threads),
+        Task::Bench { quick, idle_only, agent_threads, rounds } => {
+            tasks::bench(&root, quick, idle_only, agent_threads, rounds)
+        }
         Task::Load { config, node, uninstall, run_args } => tasks::load(&root, &config, node, uninstall, &run_args),
         Task::Lab { cmd } => lab::run(&root, cmd),
     }

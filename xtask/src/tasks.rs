@@ -65,7 +65,13 @@ pub fn demo(root: &Path, keep: bool) -> anyhow::Result<()> {
     cmd::run(&mut c)
 }
 
-pub fn bench(root: &Path, quick: bool, idle_only: bool, agent_threads: Option<u16>) -> anyhow::Result<()> {
+pub fn bench(
+    root: &Path,
+    quick: bool,
+    idle_only: bool,
+    agent_threads: Option<u16>,
+    rounds: Option<u16>,
+) -> anyhow::Result<()> {
     setup::run()?;
     if !cmd::is_root() {
         bail!("the benchmarks build network namespaces and load eBPF: run them as root");
@@ -86,6 +92,9 @@ pub fn bench(root: &Path, quick: bool, idle_only: bool, agent_threads: Option<u1
     }
     if let Some(n) = agent_threads {
         c.arg("--agent-threads").arg(n.to_string());
+    }
+    if let Some(n) = rounds {
+        c.arg("--rounds").arg(n.to_string());
     }
     cmd::run(&mut c)
 }

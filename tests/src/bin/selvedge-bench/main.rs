@@ -1,7 +1,8 @@
-//! `selvedge-bench [--quick | --idle-only] [--agent-threads N] [--out FILE]` (through
-//! `cargo xtask bench`): the same pods, in
-//! one run, unmeshed (the baseline: the physical limit of this topology), meshed, and meshed
-//! with the sockmap fast path. Prints a table; writes every number as JSON.
+//! `selvedge-bench [--quick | --idle-only] [--rounds N] [--agent-threads N] [--out FILE]`
+//! (through `cargo xtask bench`): the same pods, in one run, unmeshed (the baseline: the
+//! physical limit of this topology), meshed, and meshed with the sockmap fast path, each
+//! measured once per round in mirrored order (`rounds.rs`). Prints a table of the medians;
+//! writes every number as JSON.
 //!
 //! Tools: iperf3 for throughput (a real, standard client); the lab app for what iperf3 does
 //! not measure (ping-pong latency percentiles, connection rate and time to first byte, idle
@@ -11,6 +12,8 @@ use std::{net::SocketAddr, process::Command, time::Duration};
 
 use selvedge_tests::{AgentOptions, Lab};
 use serde_json::{json, Value};
+
+mod rounds;
 
 struct Plan {
     seconds: u32,
@@ -32,9 +35,11 @@ const FULL: Plan = Plan { seconds: 10, pings: 5000, connrate_ms: 3000, idle: 10_
 /// purge wait, a per-connection figure from so few is noise (it read −38 to +17 KB).
 const QUICK: Plan = Plan { seconds: 1, pings: 500, connrate_ms: 1000, idle: 1000, settle_ms: 500, purge_ms: 0 };
 
-const USAGE: &str = "usage: selvedge-bench [--quick | --idle-only] [--agent-threads N] [--out FILE]
-  --quick            a smoke run, under a minute
-  --idle-only        only the idle-connection memory rows (10,000 connections)
+const USAGE: &str = "usage: selvedge-bench [--quick | --idle-only] [--rounds N] [--agent-threads N] [--out FILE]
+  --quick            a smoke run, under a minute (one round)
+  --idle-only        only the idle-connection memory rows (10,000 connections, one round)
+  --rounds N         measure every mode N times, in mirrored order, and report medians
+                     (default 2: baseline, Selvedge, fast path, then the reverse)
   --agent-threads N  the agents' --worker-threads (0: the agent's default)
   --out FILE         also write every number there as JSON (cargo xtask bench: target/bench/<time>.json)
 Runs as root: it builds network namespaces and loads eBPF.";
@@ -42,7 +47,7 @@ Runs as root: it builds network namespaces and loads eBPF.";
 fn main() {
     // One pass over the arguments; anything else (a mistyped flag, --help) prints the
     // usage rather than starting a run that takes minutes.
-    let (mut quick, mut idle_only, mut out) = (false, false, None);
+    let (mut quick, mut idle_only, mut out, mut rounds) = (false, false, None, None);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || {
@@ -55,6 +60,13 @@ fn main() {
             "--quick" => quick = true,
             "--idle-only" => idle_only = true,
             "--out" => out = Some(value()),
+            "--rounds" => match value().parse::<usize>() {
+                Ok(n) if n > 0 => rounds = Some(n),
+                _ => {
+                    eprintln!("selvedge-bench: --rounds takes a number of at least 1\n{USAGE}");
+                    std::process::exit(2);
+                }
+            },
             // The agents' own default unless `--agent-threads N` (0: the default) says otherwise.
             "--agent-threads" => {
                 let n = value().parse::<u16>().expect("--agent-threads takes a number");
@@ -90,33 +102,42 @@ fn main() {
     lab.tune_for_load("client");
     std::thread::sleep(Duration::from_millis(300));
 
-    let mut results = serde_json::Map::new();
     // Idle-connection memory has no baseline (no agent to measure without the mesh).
     let modes: &[&str] =
         if idle_only { &["selvedge", "selvedge+fastpath"] } else { &["baseline", "selvedge", "selvedge+fastpath"] };
-    for &mode in modes {
-        let meshed = mode != "baseline";
-        for pod in ["client", "near", "far"] {
-            lab.set_pod(pod, meshed, false);
+    let rounds = rounds.unwrap_or(if quick || idle_only { 1 } else { 2 });
+    let mut measured: Vec<rounds::Round> = Vec::new();
+    for round in 0..rounds {
+        let mut results = rounds::Round::new();
+        for mode in rounds::order(modes, round) {
+            switch(&mut lab, mode);
+            eprintln!("bench: round {} of {rounds}: {mode} ...", round + 1);
+            let rows = if idle_only { serde_json::Map::new() } else { run(&mut lab, &plan) };
+            results.insert(mode.into(), Value::Object(rows));
         }
-        let fast_path = mode == "selvedge+fastpath";
-        for n in ["n1", "n2"] {
-            lab.start_agent(n, agent(fast_path));
-        }
-        assert_meshed(&mut lab, meshed);
-        eprintln!("bench: {mode} ...");
-        let rows = if idle_only { serde_json::Map::new() } else { run(&mut lab, &plan) };
-        // Memory per idle connection is the agents' alone: no baseline row.
-        let rows = if meshed { idle_memory(&mut lab, idle_plan, rows) } else { rows };
-        results.insert(mode.into(), Value::Object(rows));
+        measured.push(results);
     }
+    // Memory per idle connection is the agents' alone (no baseline row) and slow to
+    // measure: once per meshed mode, after the rounds, filed with the first round's rows.
+    for &mode in modes.iter().filter(|m| **m != "baseline") {
+        switch(&mut lab, mode);
+        eprintln!("bench: idle connections: {mode} ...");
+        if let Some(Value::Object(rows)) = measured[0].remove(mode) {
+            let rows = idle_memory(&mut lab, idle_plan, rows);
+            measured[0].insert(mode.into(), Value::Object(rows));
+        }
+    }
+    let results = rounds::medians(&measured);
     let added = added_latency(&results);
     let report = json!({
         "date": time_now(),
         "machine": machine(),
         "quick": quick,
+        "rounds": rounds,
         "results": results,
         "added_latency_us": added,
+        "ratio_by_round": rounds::ratios_by_round(&measured),
+        "by_round": measured,
     });
     print_table(&report);
     if let Some(path) = out {
@@ -126,6 +147,18 @@ fn main() {
         std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default()).expect("write bench JSON");
         println!("\nJSON: {path}");
     }
+}
+
+/// Enroll the pods (or not) and restart both agents with the mode's fast-path setting.
+fn switch(lab: &mut Lab, mode: &str) {
+    let meshed = mode != "baseline";
+    for pod in ["client", "near", "far"] {
+        lab.set_pod(pod, meshed, false);
+    }
+    for n in ["n1", "n2"] {
+        lab.start_agent(n, agent(mode == "selvedge+fastpath"));
+    }
+    assert_meshed(lab, meshed);
 }
 
 fn run(lab: &mut Lab, plan: &Plan) -> serde_json::Map<String, Value> {
@@ -187,16 +220,11 @@ fn agent(fast_path: bool) -> AgentOptions {
     AgentOptions { fast_path, worker_threads: (threads > 0).then_some(threads), ..AgentOptions::default() }
 }
 
-/// Agent memory per idle meshed connection, per side.
+/// Agent memory per idle meshed connection, per side, added to `r`.
 fn idle_memory(lab: &mut Lab, plan: &Plan, mut r: serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
     let echo = SocketAddr::from((lab.get("far").ip, 7000));
-    // Last, on freshly started agents (bulk transfers leave the allocator holding buffers
-    // that idle connections would reuse): agent memory per idle connection, per side.
-    let fast_path = lab.agent("n1").opts.fast_path;
-    for n in ["n1", "n2"] {
-        lab.start_agent(n, agent(fast_path));
-    }
-    assert_meshed(lab, lab.get("client").enrolled);
+    // On agents `switch` has just started: bulk transfers would leave the allocator
+    // holding buffers that idle connections reuse.
     // Warm up first (certificates issued, pooled HBONE connections, worker threads and
     // their stacks): what is left to measure is what each idle connection holds.
     let warm = lab.spawn_in_pod("client", app(lab, &["hold", &echo.to_string(), "200", "1"]));
@@ -376,8 +404,8 @@ fn print_table(report: &Value) {
         if report["quick"] == true { " (quick)" } else { "" }
     );
     println!(
-        "{:<44} {:>12} {:>12} {:>12} {:>9} {:>9}",
-        "measure", modes[0], modes[1], "+fast path", "vs base", "added"
+        "{:<44} {:>12} {:>12} {:>12} {:>9} {:>11} {:>9}",
+        "measure", modes[0], modes[1], "+fast path", "vs base", "by round", "added"
     );
     let mut keys: Vec<&String> = r["selvedge"].as_object().map(|o| o.keys().collect()).unwrap_or_default();
     keys.sort();
@@ -390,16 +418,26 @@ fn print_table(report: &Value) {
             (Some(b), Some(s)) if b > 0.0 => format!("{:.2}x", s / b),
             _ => "-".into(),
         };
+        // The lowest and highest of the per-round ratios: how far one reading can be trusted.
+        let spread = match report["ratio_by_round"]["selvedge"][k].as_array() {
+            Some(r) if r.len() > 1 && !k.starts_with("agent_") => {
+                let r: Vec<f64> = r.iter().filter_map(Value::as_f64).collect();
+                let (lo, hi) = r.iter().fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+                format!("{lo:.2}-{hi:.2}")
+            }
+            _ => "-".into(),
+        };
         let added = match report["added_latency_us"]["selvedge"][k].as_f64() {
             Some(a) => format!("{a:+.1}"),
             None => "-".into(),
         };
         println!(
-            "{k:<44} {:>12} {:>12} {:>12} {:>9} {:>9}",
+            "{k:<44} {:>12} {:>12} {:>12} {:>9} {:>11} {:>9}",
             cell(v(modes[0])),
             cell(v(modes[1])),
             cell(v(modes[2])),
             ratio,
+            spread,
             added
         );
     }
