@@ -335,8 +335,11 @@ impl Drop for Agent {
     }
 }
 
+/// The end of an agent's log: its last 30 lines, or from its last `Error:` line on (with
+/// `RUST_BACKTRACE` set, the error's backtrace alone is longer than 30 lines).
 fn tail(p: &Path) -> String {
     let text = std::fs::read_to_string(p).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+    let from = lines.iter().rposition(|l| l.starts_with("Error: ")).unwrap_or(lines.len().saturating_sub(30));
+    lines[from..].iter().take(30).copied().collect::<Vec<_>>().join("\n")
 }
