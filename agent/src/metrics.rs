@@ -94,6 +94,9 @@ pub struct Metrics {
     handshakes: Family<Handshake, Counter>,
     /// Last (full, resumed) totals seen from the HBONE pool.
     handshakes_last: Mutex<Vec<u64>>,
+    dialled_ahead: Counter,
+    /// Last total of connections the HBONE pool dialled ahead of need.
+    dialled_ahead_last: std::sync::atomic::AtomicU64,
     /// Connections open right now, for `/connections`.
     live: Mutex<Live>,
 }
@@ -197,6 +200,8 @@ impl Metrics {
             dry_run: Family::default(),
             handshakes: Family::default(),
             handshakes_last: Mutex::new(Vec::new()),
+            dialled_ahead: Counter::default(),
+            dialled_ahead_last: std::sync::atomic::AtomicU64::new(0),
             live: Mutex::new(Live::default()),
             registry: Registry::default(),
         };
@@ -234,7 +239,18 @@ impl Metrics {
             "TLS handshakes of outgoing HBONE connections, full or resumed (session tickets)",
             m.handshakes.clone(),
         );
+        registry.register(
+            "selvedge_hbone_dialled_ahead",
+            "Outgoing HBONE connections dialled before any stream needed them (a key's free stream slots ran low)",
+            m.dialled_ahead.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Fold in the HBONE pool's running total of connections dialled ahead of need.
+    pub fn dialled_ahead_total(&self, total: u64) {
+        let last = self.dialled_ahead_last.swap(total, std::sync::atomic::Ordering::Relaxed);
+        self.dialled_ahead.inc_by(total.saturating_sub(last));
     }
 
     /// Fold in the HBONE pool's running (full, resumed) handshake totals.

@@ -40,6 +40,7 @@ impl Agent {
         self.kernel_view.counters = self.datapath.named_stats();
         metrics.kernel_totals(&self.kernel_view.counters);
         metrics.handshake_totals(self.mesh.pool.handshakes());
+        metrics.dialled_ahead_total(self.mesh.pool.dialled_ahead());
         for c in self.mesh.ids.status() {
             metrics.cert_expiry(&c.identity, c.not_after);
         }

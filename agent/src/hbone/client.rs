@@ -12,6 +12,12 @@
 //! dialled wait for it and take its slots, so a burst of new streams to one destination
 //! opens one connection per [`MAX_STREAMS`], not one each (every connection costs a TLS
 //! handshake and some 35 KB of buffers).
+//!
+//! Ahead of need: once a stream leaves a key's connections with fewer free slots than a
+//! quarter of the newest one's limit, the next connection is dialled in the background
+//! ([`Pool::short_of_slots`], [`Pool::prewarm`]), so the streams of a growing burst find
+//! it ready instead of each waiting for a TCP and TLS handshake. Unused, it is closed with
+//! the idle ones.
 
 use std::{
     collections::HashMap,
@@ -111,9 +117,18 @@ struct Pooled {
 }
 
 impl Pooled {
+    /// Streams it may carry at once: the peer's limit, at most ours.
+    fn limit(&self) -> usize {
+        self.sender.current_max_send_streams().min(MAX_STREAMS as usize)
+    }
+
+    fn free(&self) -> usize {
+        self.limit().saturating_sub(self.usage.active.load(Ordering::Acquire))
+    }
+
     /// Take a slot if the connection has one free.
     fn reserve(&self) -> Option<Slot> {
-        let limit = self.sender.current_max_send_streams().min(MAX_STREAMS as usize);
+        let limit = self.limit();
         self.usage
             .active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
@@ -149,6 +164,8 @@ pub struct Pool {
     configs: Mutex<HashMap<(SpiffeId, SpiffeId), Arc<rustls::ClientConfig>>>,
     /// Handshakes made: full, resumed.
     handshakes: [AtomicU64; 2],
+    /// Connections dialled ahead of need.
+    ahead: AtomicU64,
 }
 
 impl std::fmt::Debug for Pool {
@@ -166,7 +183,13 @@ impl Pool {
             next_id: AtomicU64::new(0),
             configs: Mutex::new(HashMap::new()),
             handshakes: [AtomicU64::new(0), AtomicU64::new(0)],
+            ahead: AtomicU64::new(0),
         }
+    }
+
+    /// Connections dialled ahead of need so far.
+    pub fn dialled_ahead(&self) -> u64 {
+        self.ahead.load(Ordering::Relaxed)
     }
 
     /// TLS handshakes made so far: (full, resumed).
@@ -262,21 +285,80 @@ impl Pool {
             let sender =
                 self.connect(key, dial).await.inspect_err(|e| *failed = Some((Instant::now(), e.to_string())))?;
             *failed = None;
-            // A fresh connection has room for at least this stream.
-            let usage = Usage { active: AtomicUsize::new(1), epoch: Instant::now(), idle_since_ms: AtomicU64::new(0) };
-            let conn = Pooled { id: self.next_id.fetch_add(1, Ordering::Relaxed), sender, usage: Arc::new(usage) };
+            // A fresh connection has room for at least this stream. In the pool before the
+            // gate opens: the waiters find it.
+            let conn = self.add(key, sender, 1);
             let slot = Slot(conn.usage.clone());
-            // In the pool before the gate opens: the waiters find it.
-            self.conns.lock().entry(key.clone()).or_default().push(conn.clone());
             Ok((conn, slot, true))
         }
         .await;
+        self.release(key, gate);
+        result
+    }
+
+    /// Whether a connection should be dialled for `key` ahead of its streams: it has
+    /// connections, their free stream slots are fewer than a quarter of the newest one's
+    /// limit, and nobody is dialling for it already. (No connection at all: the next
+    /// stream dials, there is nothing to be ahead of.)
+    pub fn short_of_slots(&self, key: &PoolKey) -> bool {
+        self.slots_short(key) && !self.gates.lock().contains_key(key)
+    }
+
+    fn slots_short(&self, key: &PoolKey) -> bool {
+        let conns = self.conns.lock();
+        let Some(cs) = conns.get(key) else { return false };
+        let free: usize = cs.iter().map(Pooled::free).sum();
+        cs.last().is_some_and(|newest| free < newest.limit().div_ceil(4))
+    }
+
+    /// Dial one more connection for `key` before a stream needs it (see
+    /// [`Pool::short_of_slots`]); it joins the pool carrying nothing. Streams that find no
+    /// free slot meanwhile wait for it instead of dialling their own. Does nothing when a
+    /// dial for `key` is under way or the slots are no longer short; a failure is only
+    /// logged (the next stream that finds no slot dials, and fails, for itself). Returns
+    /// whether a connection was added.
+    pub async fn prewarm<D, F>(&self, key: &PoolKey, dial: D) -> bool
+    where
+        D: Fn() -> F,
+        F: std::future::Future<Output = std::io::Result<TcpStream>>,
+    {
+        let gate = self.gates.lock().entry(key.clone()).or_default().clone();
+        let added = async {
+            let Ok(_dialling) = gate.failed.try_lock() else { return false };
+            if !self.slots_short(key) {
+                return false;
+            }
+            match self.connect(key, dial).await {
+                Ok(sender) => {
+                    self.add(key, sender, 0);
+                    self.ahead.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(e) => {
+                    tracing::debug!(dst = %key.dst_addr, "HBONE connection dialled ahead of need: {e}");
+                    false
+                }
+            }
+        }
+        .await;
+        self.release(key, gate);
+        added
+    }
+
+    /// A new connection for `key`, carrying `active` streams, in the pool.
+    fn add(&self, key: &PoolKey, sender: SendRequest<Bytes>, active: usize) -> Pooled {
+        let usage = Usage { active: AtomicUsize::new(active), epoch: Instant::now(), idle_since_ms: AtomicU64::new(0) };
+        let conn = Pooled { id: self.next_id.fetch_add(1, Ordering::Relaxed), sender, usage: Arc::new(usage) };
+        self.conns.lock().entry(key.clone()).or_default().push(conn.clone());
+        conn
+    }
+
+    /// Done with `key`'s gate: removed when nobody else holds it (nobody is waiting).
+    fn release(&self, key: &PoolKey, gate: Arc<Gate>) {
         let mut gates = self.gates.lock();
-        // Only the map and this call hold it: nobody is waiting.
         if Arc::strong_count(&gate) == 2 {
             gates.remove(key);
         }
-        result
     }
 
     /// Close the connections that have carried nothing for `idle` (dropping the last

@@ -249,6 +249,78 @@ async fn more_streams_than_one_connection_carries_open_another_connection() {
     assert!(pool.is_empty());
 }
 
+/// Streams held open on `pool` until a quarter of a connection's slots is left, then one
+/// more: the point where a connection is wanted ahead of need.
+async fn hold_until_short(pool: &Pool, k: &PoolKey, target: SocketAddr) -> Vec<Tunnel> {
+    let limit = super::MAX_STREAMS as usize;
+    let mut held = Vec::new();
+    for _ in 0..limit - limit.div_ceil(4) {
+        held.push(open(pool, k, target).await.unwrap());
+    }
+    assert!(!pool.short_of_slots(k), "a quarter of the slots left is enough");
+    held.push(open(pool, k, target).await.unwrap());
+    assert!(pool.short_of_slots(k), "fewer than a quarter left");
+    held
+}
+
+#[tokio::test]
+async fn a_connection_is_dialled_ahead_before_the_slots_run_out() {
+    let f = fixture(Duration::from_secs(5)).await;
+    let pool = Pool::new(f.ids.clone());
+    let k = key(&f, id("shop", "web"), f.server_id.clone());
+    let target = SocketAddr::new(f.server.ip(), f.echo.port());
+    assert!(!pool.short_of_slots(&k), "no connection yet: the first stream dials it");
+    let mut held = hold_until_short(&pool, &k, target).await;
+    let to = k.dst_addr;
+    assert!(pool.prewarm(&k, || TcpStream::connect(to)).await);
+    assert_eq!((pool.len(), pool.dialled_ahead()), (2, 1));
+    assert!(!pool.short_of_slots(&k), "the new connection's slots are the headroom");
+    assert!(!pool.prewarm(&k, || TcpStream::connect(to)).await, "nothing more to dial");
+    assert_eq!(pool.reap(Duration::from_secs(3600)), 0, "unused, but not idle for long yet");
+    // The streams beyond the first connection's limit go on it, dialling nothing.
+    let dials = std::sync::atomic::AtomicUsize::new(0);
+    let counted = || {
+        dials.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        TcpStream::connect(to)
+    };
+    while held.len() < super::MAX_STREAMS as usize + 10 {
+        held.push(pool.open(&k, target, "127.0.0.1:1".parse().unwrap(), &Bytes::new(), counted).await.unwrap());
+    }
+    assert_eq!((dials.into_inner(), pool.len()), (0, 2));
+    assert_eq!(round_trip(held.pop().unwrap(), b"ahead").await, b"ahead");
+    drop(held);
+    assert_eq!(pool.reap(Duration::ZERO), 2, "idle, both are closed");
+}
+
+#[tokio::test]
+async fn streams_that_find_no_slot_wait_for_the_connection_dialled_ahead() {
+    let f = fixture(Duration::from_secs(5)).await;
+    let pool = Arc::new(Pool::new(f.ids.clone()));
+    let k = key(&f, id("shop", "web"), f.server_id.clone());
+    let target = SocketAddr::new(f.server.ip(), f.echo.port());
+    let held = hold_until_short(&pool, &k, target).await;
+    // A slow dial ahead; meanwhile more streams than the first connection has room for.
+    let ahead = {
+        let (pool, k) = (pool.clone(), k.clone());
+        tokio::spawn(async move {
+            let slow = || async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                TcpStream::connect(k.dst_addr).await
+            };
+            pool.prewarm(&k, slow).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!pool.short_of_slots(&k), "a dial is under way");
+    let (tunnels, dials) = burst(&pool, &k, target, 40, TcpStream::connect).await;
+    assert!(ahead.await.unwrap());
+    assert_eq!((dials, pool.len()), (0, 2), "the streams with no slot took the one dialled ahead");
+    for t in tunnels {
+        assert_eq!(round_trip(t.unwrap(), b"x").await, b"x");
+    }
+    drop(held);
+}
+
 /// `n` streams opened at once on `pool`, each dialling with `dial` when it finds no free
 /// slot; returns their results and how many dials were made.
 async fn burst<D, F>(

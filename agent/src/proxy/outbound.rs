@@ -222,9 +222,9 @@ fn tunnel<'f, 'a: 'f>(
     stream: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
-    pod: &'a PodContext,
+    pod: &'a Arc<PodContext>,
     to: &'a Peer,
-    mesh: &'a Mesh,
+    mesh: &'a Arc<Mesh>,
     timeout: Duration,
 ) -> impl std::future::Future<Output = ()> + Send + use<'f, 'a> {
     // A plain function returning the future, not an `async fn`: an `async fn` keeps every
@@ -248,17 +248,13 @@ fn tunnel<'f, 'a: 'f>(
                     dst_addr: SocketAddr::new(dst.ip(), HBONE_PORT),
                 };
                 let source = SocketAddr::new(pod.ips.first().copied().unwrap_or(peer.ip()), 0);
-                let dial = || async {
-                    let sock = pod
-                        .netns
-                        .stream_socket(key.dst_addr.is_ipv6(), Use::Dial)
-                        .await
-                        .map_err(std::io::Error::other)?;
-                    tokio::time::timeout(timeout, sock.connect(key.dst_addr))
-                        .await
-                        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
-                };
-                let opened = mesh.pool.open(&key, dst, source, &early, dial).await;
+                let opened = mesh.pool.open(&key, dst, source, &early, || dial(pod, key.dst_addr, timeout)).await;
+                // The key's free stream slots are running low: the next connection is
+                // dialled now, off every stream's path (`hbone::client`, "Ahead of need").
+                if opened.is_ok() && mesh.pool.short_of_slots(&key) {
+                    let (pod, mesh) = (pod.clone(), mesh.clone());
+                    tokio::spawn(async move { mesh.pool.prewarm(&key, || dial(&pod, key.dst_addr, timeout)).await });
+                }
                 (stream, opened, early_len)
             });
             Some(setup)
@@ -293,6 +289,14 @@ fn tunnel<'f, 'a: 'f>(
         drop(slot); // the stream is done: its place on the connection is free
         flow.closed(result.err().map(|e| e.to_string()));
     }
+}
+
+/// A TCP connection from inside `pod` to a peer agent's HBONE port.
+async fn dial(pod: &PodContext, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let sock = pod.netns.stream_socket(to.is_ipv6(), Use::Dial).await.map_err(std::io::Error::other)?;
+    tokio::time::timeout(timeout, sock.connect(to))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 /// What the app has already written (a client that speaks first usually has by the time
