@@ -120,6 +120,12 @@ pub struct Workload {
     pub netns: Option<PathBuf>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Ports the node's health checks (the kubelet's probes) connect to in plaintext: from
+    /// an address of the agent's own network namespace (the node's), a connection to one of
+    /// them is exempt from STRICT and from AuthorizationPolicy, as Istio's ambient mode
+    /// exempts kubelet probes. In a cluster, read from the pod's probes.
+    #[serde(default)]
+    pub probe_ports: Vec<u16>,
 }
 
 fn default_namespace() -> String {
@@ -198,6 +204,9 @@ impl LocalConfig {
             }
             if w.name.is_empty() || w.node.is_empty() {
                 return Err(bad("name and node must not be empty".into()));
+            }
+            if w.probe_ports.contains(&0) {
+                return Err(bad("probePorts: 0 is not a port".into()));
             }
             if let Some(ns) = &w.netns {
                 if !ns.is_absolute() {
@@ -323,13 +332,14 @@ mod tests {
     #[test]
     fn parses_a_full_workload() {
         let c = parse(
-            "workloads:\n- uid: u1\n  name: a\n  namespace: ns\n  serviceAccount: sa\n  node: n1\n  ips: [198.18.1.10]\n  netns: /run/netns/a\n  labels: {app: a}\npeerAuthentications:\n- metadata: {name: d, namespace: ns}\n  spec: {mtls: {mode: STRICT}}\n",
+            "workloads:\n- uid: u1\n  name: a\n  namespace: ns\n  serviceAccount: sa\n  node: n1\n  ips: [198.18.1.10]\n  netns: /run/netns/a\n  labels: {app: a}\n  probePorts: [8080, 15021]\npeerAuthentications:\n- metadata: {name: d, namespace: ns}\n  spec: {mtls: {mode: STRICT}}\n",
         )
         .unwrap();
         let w = &c.workloads[0];
         assert_eq!(c.peer_authentications.len(), 1);
         assert_eq!(w.service_account, "sa");
         assert_eq!(w.ips, vec!["198.18.1.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(w.probe_ports, [8080, 15021]);
         assert_eq!(c.local_workloads("n1").count(), 1);
         assert_eq!(c.local_workloads("n2").count(), 0);
     }
@@ -352,6 +362,8 @@ mod tests {
         let pa = parse("peerAuthentications:\n- metadata: {name: x, namespace: n}\n  spec: {portLevelMtls: {\"80\": {mode: STRICT}}}\n")
             .unwrap_err();
         assert!(pa.to_string().contains("portLevelMtls needs spec.selector"), "{pa}");
+        let zero = parse("workloads:\n- {uid: u, name: a, node: n, probePorts: [0]}\n").unwrap_err();
+        assert!(zero.to_string().contains("probePorts"), "{zero}");
         let ip = parse("workloads:\n- {uid: u, name: a, node: n, ips: [not-an-ip]}\n").unwrap_err();
         assert!(matches!(ip, ConfigError::Parse { .. }));
     }

@@ -110,7 +110,10 @@ pub fn desired(cfg: &LocalConfig, mesh: &Mesh<'_>) -> Result<Desired, ConfigErro
             identity: identity_of(cfg, index, mesh.trust_domain)?,
             ips: w.ips.clone(),
             netns,
-            mtls: resolve_mtls(&cfg.peer_authentications, mesh.root_namespace, &w.namespace, &w.labels),
+            mtls: WorkloadMtls {
+                probe_ports: w.probe_ports.iter().copied().collect(),
+                ..resolve_mtls(&cfg.peer_authentications, mesh.root_namespace, &w.namespace, &w.labels)
+            },
             labels: w.labels.clone(),
         };
         out.pods.insert(w.uid.clone(), spec);

@@ -129,6 +129,50 @@ pub fn setns_net(ns: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Is `ip` an address of one of the calling thread's network namespace's interfaces
+/// (loopback excluded)? For the agent's runtime thread that namespace is the node's, so
+/// this says "the connection comes from the node itself" (the kubelet). Read afresh on
+/// every call (a netlink dump, tens of microseconds): addresses come and go with the CNI.
+pub fn is_own_address(ip: std::net::IpAddr) -> io::Result<bool> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ip = ip.to_canonical();
+    if ip.is_loopback() {
+        return Ok(false);
+    }
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: out-parameter for the list, freed below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut found = false;
+    let mut at = head;
+    while !at.is_null() && !found {
+        // SAFETY: a node of the list getifaddrs returned; its address, when not null,
+        // points to a sockaddr of the family it names.
+        unsafe {
+            let addr = (*at).ifa_addr;
+            if !addr.is_null() {
+                let own = match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = addr.cast::<libc::sockaddr_in>();
+                        Some(IpAddr::V4(Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr))))
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = addr.cast::<libc::sockaddr_in6>();
+                        Some(IpAddr::V6(Ipv6Addr::from((*sin6).sin6_addr.s6_addr)))
+                    }
+                    _ => None,
+                };
+                found = own.is_some_and(|o| o.to_canonical() == ip);
+            }
+            at = (*at).ifa_next;
+        }
+    }
+    // SAFETY: the list getifaddrs allocated, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(found)
+}
+
 /// Is a bpffs mounted at (or above) `dir`?
 pub fn is_bpffs(dir: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -144,6 +188,24 @@ pub fn is_bpffs(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_addresses_are_the_namespaces_interfaces_but_not_loopback() {
+        // Every address `ip` lists for this namespace's interfaces, loopback aside.
+        let out = std::process::Command::new("ip").args(["-o", "addr", "show"]).output().expect("run ip");
+        let listed: Vec<std::net::IpAddr> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().skip_while(|w| !w.starts_with("inet")).nth(1))
+            .filter_map(|a| a.split('/').next()?.parse().ok())
+            .filter(|a: &std::net::IpAddr| !a.is_loopback())
+            .collect();
+        assert!(!listed.is_empty(), "this namespace has an address besides loopback");
+        for a in listed {
+            assert!(is_own_address(a).unwrap(), "{a} is this namespace's");
+        }
+        assert!(!is_own_address("127.0.0.1".parse().unwrap()).unwrap(), "loopback never counts");
+        assert!(!is_own_address("198.18.255.254".parse().unwrap()).unwrap(), "an address no interface holds");
+    }
 
     #[test]
     fn a_bind_to_port_zero_leaves_the_port_to_connect() {

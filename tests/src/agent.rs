@@ -184,7 +184,8 @@ impl Agent {
         for p in pods.iter().filter(|p| p.enrolled) {
             let _ = writeln!(
                 y,
-                "- uid: uid-{name}\n  name: {name}\n  namespace: {namespace}\n  serviceAccount: {name}\n  node: {node}\n  ips: [{ip}]\n  netns: {ns}\n  labels: {{app: {name}, role: {role}}}",
+                "- uid: uid-{name}\n  name: {name}\n  namespace: {namespace}\n  serviceAccount: {name}\n  node: {node}\n  ips: [{ip}]\n  netns: {ns}\n  labels: {{app: {name}, role: {role}}}\n  probePorts: {probes:?}",
+                probes = p.probe_ports,
                 name = p.name,
                 role = p.role,
                 node = p.node,

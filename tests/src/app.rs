@@ -98,6 +98,12 @@ impl Lab {
         parse(&self.run_in_pod(pod, self.app(&["ask", &to.to_string()])))
     }
 
+    /// `ask` from `node` itself (its network namespace, like the kubelet).
+    pub fn ask_on_node(&self, node: &str, to: SocketAddr) -> Result<Ask, String> {
+        let ns = self.node_netns(node);
+        parse(&self.run_in_netns(&ns, self.app(&["ask", &to.to_string()])))
+    }
+
     /// `ask` from a host process inside `pod`'s netns (not in the pod's cgroup).
     pub fn ask_as_host(&self, pod: &str, to: SocketAddr) -> Result<Ask, String> {
         parse(&self.run_in_pod_netns_as_host(pod, self.app(&["ask", &to.to_string()])))

@@ -192,6 +192,7 @@ impl Cluster {
             strict: false,
             role: req.name.clone(),
             permissive_ports: Vec::new(),
+            probe_ports: Vec::new(),
             namespace: req.namespace.clone(),
         };
         self.lab.insert_pod(pod.clone());

@@ -37,6 +37,8 @@ pub struct Pod {
     pub role: String,
     /// With `strict`: ports left PERMISSIVE by `portLevelMtls`.
     pub permissive_ports: Vec<u16>,
+    /// Ports the node's health checks probe (the workload's `probePorts`).
+    pub probe_ports: Vec<u16>,
     /// Its namespace (default `lab`); its identity is spiffe://cluster.local/ns/<ns>/sa/<name>.
     pub namespace: String,
 }
@@ -225,6 +227,7 @@ impl Lab {
             strict: false,
             role: name.into(),
             permissive_ports: Vec::new(),
+            probe_ports: Vec::new(),
             namespace: "lab".into(),
         };
         self.pods.insert(name.into(), pod);
@@ -240,6 +243,11 @@ impl Lab {
         let p = self.pods.get_mut(pod).unwrap_or_else(|| panic!("no pod {pod}"));
         p.strict = true;
         p.permissive_ports = ports.to_vec();
+    }
+
+    /// Declare the ports the node probes on `pod` (takes effect at the next `write_configs`).
+    pub fn set_probe_ports(&mut self, pod: &str, ports: &[u16]) {
+        self.pods.get_mut(pod).unwrap_or_else(|| panic!("no pod {pod}")).probe_ports = ports.to_vec();
     }
 
     /// Move `pod` to `namespace` (before its agent starts, or then `write_configs`).
@@ -491,6 +499,11 @@ impl Lab {
     /// pod's network (like `nsenter --net`), which Selvedge must leave alone.
     pub fn run_in_pod_netns_as_host(&self, pod: &str, cmd: Command) -> String {
         self.run_in(Place { netns: Some(&self.get(pod).netns), cgroup: None }, cmd)
+    }
+
+    /// Run a command in the network namespace `netns` (no cgroup of the lab's).
+    pub fn run_in_netns(&self, netns: &std::path::Path, cmd: Command) -> String {
+        self.run_in(Place { netns: Some(netns), cgroup: None }, cmd)
     }
 
     fn run_in(&self, place: Place<'_>, cmd: Command) -> String {

@@ -117,3 +117,47 @@ fn strict_ports_are_refused_by_the_agent_when_the_kernel_must_pass_plaintext() {
     let r = lab.ask("a", d8080).expect("mTLS reaches the STRICT port");
     assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
 }
+
+/// Plaintext that must not reach the app: refused by the agent (a reset, or an accepted
+/// connection closed before any server answers) or dropped by the kernel.
+fn never_reaches_the_app(r: Result<selvedge_tests::Ask, String>, what: &str) {
+    if let Ok(r) = r {
+        assert!(r.server.is_none(), "{what}: {r:?}");
+    }
+}
+
+#[test]
+fn the_nodes_probes_reach_strict_pods_on_their_probe_ports_only() {
+    const PROBE: u16 = 9090;
+    let mut lab = lab("probes");
+    lab.serve("d", "whoami", PROBE);
+    lab.set_pod("d", true, true);
+    lab.set_probe_ports("d", &[PROBE]);
+    // d admits only a's identity: the kubelet has none, and its probes are not governed.
+    let a = lab.get("a").principal();
+    lab.set_policies(&[&format!(
+        "{{metadata: {{name: only-a, namespace: lab}}, spec: {{selector: {{matchLabels: {{app: d}}}}, rules: [{{from: [{{source: {{principals: [\"{a}\"]}}}}]}}]}}}}"
+    )]);
+    let (d8080, probe) = (lab.get("d").addr(PORT), lab.get("d").addr(PROBE));
+
+    let r = lab.ask_on_node("n2", probe).expect("d's own node reaches its probe port in plaintext");
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY, "through the agent: {r:?}");
+    lab.agent("n2").wait_access("the probe, marked as one", |e| {
+        e["security"] == "node_probe" && e["dst"].as_str().is_some_and(|d| d.ends_with(&format!(":{PROBE}")))
+    });
+    never_reaches_the_app(lab.ask_on_node("n2", d8080), "the node to a port no probe uses");
+    lab.agent("n2").wait_access("that refusal, as STRICT", |e| {
+        e["result"] == "refused" && e["reason"].as_str().is_some_and(|r| r.contains("STRICT"))
+    });
+    never_reaches_the_app(lab.ask_on_node("n1", probe), "another node is not d's node");
+    never_reaches_the_app(lab.ask("c", probe), "an unmeshed pod is not the node");
+    let r = lab.ask("a", probe).expect("a reaches the probe port over mTLS, as allowed");
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
+
+    // No probe port left: d is all STRICT again and the kernel drops the node's plaintext too.
+    let before = lab.agent("n2").fresh_status().stat("inbound_strict_drop");
+    lab.set_probe_ports("d", &[]);
+    lab.write_configs();
+    never_reaches_the_app(lab.ask_on_node("n2", probe), "no probe port declared");
+    assert!(lab.agent("n2").fresh_status().stat("inbound_strict_drop") > before, "dropped in the kernel");
+}

@@ -138,7 +138,7 @@ impl Agent {
                     "uid": s.uid, "name": s.name, "namespace": s.namespace,
                     "identity": s.identity.to_string(), "ips": s.ips, "node": self.settings.node,
                     "netns": s.netns, "netns_cookie": p.ctx.netns.cookie(), "pod_slot": p.pod_id,
-                    "mtls": {"strict": s.mtls.strict, "kernel_drops_plaintext": s.mtls.kernel_strict(), "ports": s.mtls.ports},
+                    "mtls": {"strict": s.mtls.strict, "kernel_drops_plaintext": s.mtls.kernel_strict(), "ports": s.mtls.ports, "probe_ports": s.mtls.probe_ports},
                     "enrolled": true,
                 })
             })

@@ -8,7 +8,7 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, Service};
 use kube::api::DynamicObject;
 use serde_json::json;
 
@@ -191,7 +191,32 @@ fn workload(pod: &Pod, node: &str, networks: &BTreeMap<String, PodNetwork>) -> O
         ips,
         netns: network.map(|n| n.netns.clone()),
         labels: m.labels.clone().unwrap_or_default(),
+        probe_ports: probe_ports(spec),
     })
+}
+
+/// The ports the kubelet probes (liveness, readiness, startup; TCP, HTTP or gRPC) in any
+/// container, init containers included (a sidecar may be probed); a named port resolved
+/// against that container's own ports, one that names none skipped.
+fn probe_ports(spec: &PodSpec) -> Vec<u16> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let mut out = BTreeSet::new();
+    for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+        let named =
+            |name: &str| c.ports.iter().flatten().find(|p| p.name.as_deref() == Some(name)).map(|p| p.container_port);
+        for probe in [&c.liveness_probe, &c.readiness_probe, &c.startup_probe].into_iter().flatten() {
+            let ports = [probe.tcp_socket.as_ref().map(|t| &t.port), probe.http_get.as_ref().map(|h| &h.port)];
+            for port in ports.into_iter().flatten() {
+                let n = match port {
+                    IntOrString::Int(n) => Some(*n),
+                    IntOrString::String(name) => named(name).or_else(|| name.parse().ok()),
+                };
+                out.extend(n.and_then(|n| u16::try_from(n).ok()).filter(|n| *n > 0));
+            }
+            out.extend(probe.grpc.as_ref().and_then(|g| u16::try_from(g.port).ok()).filter(|n| *n > 0));
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// One IP, one workload. A pod being deleted loses its IPs to a live one, then the newest

@@ -89,6 +89,41 @@ fn meshed_pods_become_workloads_local_ones_with_their_netns() {
 }
 
 #[test]
+fn probed_ports_are_read_from_every_containers_probes() {
+    use k8s_openapi::api::core::v1::{Container, ContainerPort, GRPCAction, HTTPGetAction, Probe, TCPSocketAction};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let http = |port: IntOrString| Probe {
+        http_get: Some(HTTPGetAction { port, ..Default::default() }),
+        ..Default::default()
+    };
+    let app = Container {
+        name: "app".into(),
+        ports: Some(vec![ContainerPort { name: Some("health".into()), container_port: 8081, ..Default::default() }]),
+        liveness_probe: Some(http(IntOrString::String("health".into()))),
+        readiness_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(8080), ..Default::default() }),
+            ..Default::default()
+        }),
+        startup_probe: Some(http(IntOrString::String("nowhere".into()))),
+        ..Default::default()
+    };
+    let sidecar = Container {
+        name: "sidecar".into(),
+        startup_probe: Some(Probe { grpc: Some(GRPCAction { port: 9090, service: None }), ..Default::default() }),
+        ..Default::default()
+    };
+    let mut probed = pod("p", "shop", "n1", "198.18.1.12", 1);
+    let spec = probed.spec.as_mut().unwrap();
+    spec.containers = vec![app];
+    spec.init_containers = Some(vec![sidecar]);
+    let s = snap(vec![probed, pod("q", "shop", "n1", "198.18.1.13", 1)], vec![ns("shop", true)]);
+    let out = to_config(&s, "n1", KEY, &BTreeMap::new());
+    let ports: Vec<&[u16]> = out.config.workloads.iter().map(|w| w.probe_ports.as_slice()).collect();
+    // The named port resolves through the container's ports; one that names none is skipped.
+    assert_eq!(ports, [&[8080, 8081, 9090][..], &[][..]]);
+}
+
+#[test]
 fn a_reused_ip_belongs_to_the_newer_live_pod_only() {
     let mut old = pod("old", "shop", "n1", "198.18.1.10", 100);
     let new = pod("new", "shop", "n1", "198.18.1.10", 200);

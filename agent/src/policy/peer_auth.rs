@@ -5,7 +5,7 @@
 //! next level; `portLevelMtls` (selector policies only) overrides per target port; the
 //! default is PERMISSIVE; `DISABLE` means PERMISSIVE (agents always speak mTLS).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
@@ -103,6 +103,9 @@ pub struct WorkloadMtls {
     pub strict: bool,
     /// Ports whose rule differs from `strict`.
     pub ports: BTreeMap<u16, bool>,
+    /// The workload's probe ports (`config::Workload::probe_ports`): plaintext from the
+    /// node to them is admitted whatever the rule.
+    pub probe_ports: BTreeSet<u16>,
 }
 
 impl WorkloadMtls {
@@ -110,10 +113,16 @@ impl WorkloadMtls {
         self.ports.get(&port).copied().unwrap_or(self.strict)
     }
 
-    /// The kernel can only drop per pod: it does so when *every* port is STRICT. Otherwise
-    /// the kernel passes plaintext and the agent refuses it per port.
+    /// The kernel can only drop per pod: it does so when *every* port is STRICT and none
+    /// is a probe port. Otherwise the kernel passes plaintext and the agent refuses it per
+    /// port (admitting the node's probes).
     pub fn kernel_strict(&self) -> bool {
-        self.strict && self.ports.values().all(|s| *s)
+        self.strict && self.ports.values().all(|s| *s) && self.probe_ports.is_empty()
+    }
+
+    /// Is `port` one of the workload's probe ports?
+    pub fn probe_port(&self, port: u16) -> bool {
+        self.probe_ports.contains(&port)
     }
 }
 
@@ -148,7 +157,7 @@ pub fn resolve_mtls(
             }
         }
     }
-    WorkloadMtls { strict, ports }
+    WorkloadMtls { strict, ports, probe_ports: BTreeSet::new() }
 }
 
 #[cfg(test)]
@@ -203,6 +212,16 @@ mod tests {
         let q = pa("shop", "db", "{selector: {matchLabels: {app: db}}, portLevelMtls: {\"5432\": {mode: STRICT}}}");
         let m = resolve_mtls(&[q], "istio-system", "shop", &labels("db"));
         assert!(m.strict_for(5432) && !m.strict_for(80) && !m.kernel_strict());
+    }
+
+    #[test]
+    fn a_probe_port_keeps_the_kernel_from_dropping_a_strict_pods_plaintext() {
+        let p = pa("shop", "db", "{mtls: {mode: STRICT}}");
+        let mut m = resolve_mtls(&[p], "istio-system", "shop", &labels("db"));
+        assert!(m.kernel_strict() && !m.probe_port(8080));
+        m.probe_ports.insert(8080);
+        assert!(m.probe_port(8080) && m.strict_for(8080), "still STRICT; only the node's probes pass");
+        assert!(!m.kernel_strict(), "the agent must see plaintext to admit the node's probes");
     }
 
     #[test]

@@ -103,6 +103,9 @@ pub enum Security {
     MutualTls,
     /// Handed from one pod to another on this node (see `same_node`).
     SameNode,
+    /// Plaintext from the node itself to one of the pod's probe ports (the kubelet's health
+    /// checks), admitted whatever STRICT or AuthorizationPolicy say (`proxy::inbound`).
+    NodeProbe,
 }
 
 impl Security {
@@ -111,6 +114,7 @@ impl Security {
             Security::None => "none",
             Security::MutualTls => "mutual_tls",
             Security::SameNode => "same_node",
+            Security::NodeProbe => "node_probe",
         }
     }
 }

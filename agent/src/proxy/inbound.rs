@@ -53,7 +53,7 @@ async fn handle(
         return reset(stream);
     };
     match deliver(&pod, local, timeout).await {
-        Ok(app) => relay(&mut flow, stream, app, Mover::Splice, Some(&watch.cancel)).await,
+        Ok(app) => relay(&mut flow, stream, app, Mover::Splice, watch.as_ref().map(|w| &*w.cancel)).await,
         Err(reason) => {
             flow.refused(Refusal::UpstreamUnreachable, &reason);
             reset(stream);
@@ -62,19 +62,26 @@ async fn handle(
 }
 
 /// May this plaintext connection reach the app? Its record, the app's address (where the
-/// client was going) and its registration with the policy watcher; None when refused
-/// (logged; the caller resets it).
+/// client was going) and its registration with the policy watcher (none for the node's
+/// probes, which policy does not govern); None when refused (logged; the caller resets it).
 fn decide<'a>(
     stream: &tokio::net::TcpStream,
     peer: SocketAddr,
     pod: &'a Arc<PodContext>,
     mesh: &'a Mesh,
-) -> Option<(Flow<'a>, SocketAddr, WatchGuard)> {
+) -> Option<(Flow<'a>, SocketAddr, Option<WatchGuard>)> {
     let peer = addr::canonical(peer);
     let local = stream.local_addr().map(addr::canonical).ok()?;
     let mut flow = Flow::new(Direction::Inbound, pod, peer, local).with_metrics(&mesh.metrics);
     // Plaintext: the source workload is known only by address, never its principal.
     flow.src_workload = mesh.workload_at(peer.ip());
+    if node_probe(pod, peer, local.port()) {
+        // The kubelet's health check: admitted as Istio's ambient mode admits it (there it
+        // never reaches ztunnel), whatever STRICT or AuthorizationPolicy say; marked as such
+        // in the access log, metrics and `/connections`.
+        flow.security = Security::NodeProbe;
+        return Some((flow, local, None));
+    }
     if pod.mtls.read().strict_for(local.port()) {
         // PeerAuthentication STRICT: the kernel drops plaintext for all-STRICT pods; a pod
         // with some plaintext ports gets it refused here, port by port.
@@ -92,7 +99,20 @@ fn decide<'a>(
         flow.refused(Refusal::Policy, &decision.reason());
         return None;
     }
-    Some((flow, local, mesh.watchers.add(pod.clone(), facts)))
+    Some((flow, local, Some(mesh.watchers.add(pod.clone(), facts))))
+}
+
+/// Plaintext to one of the pod's probe ports from an address of the node itself (the
+/// agent's runtime thread lives in the node's network namespace). Another node, a pod, or
+/// an address the agent cannot check is not the node.
+fn node_probe(pod: &PodContext, peer: SocketAddr, port: u16) -> bool {
+    if !pod.mtls.read().probe_port(port) {
+        return false;
+    }
+    crate::sys::is_own_address(peer.ip()).unwrap_or_else(|e| {
+        tracing::warn!(pod = %pod.name, src = %peer, "cannot list the node's addresses, not admitting as a probe: {e}");
+        false
+    })
 }
 
 /// What authorization knows of a tunnelled connection.
