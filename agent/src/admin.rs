@@ -2,7 +2,7 @@
 //!
 //! | port  | address      | paths |
 //! |-------|--------------|-------|
-//! | 15000 | 127.0.0.1    | `/config_dump`, `/connections`, `/logging?level=…`, `/quitquitquit` |
+//! | 15000 | 127.0.0.1    | `/config_dump`, `/connections`, `/logging?level=…`, `/quitquitquit`, `/readiness/handover` |
 //! | 15020 | all          | `/metrics`, `/stats/prometheus` |
 //! | 15021 | all          | `/healthz/ready` |
 //!
@@ -57,6 +57,9 @@ pub struct AdminState {
     pub set_log_level: SetLogLevel,
     /// `/quitquitquit` wakes the agent's run loop.
     pub quit: Notify,
+    /// `/readiness/handover`: a newer agent on this node wants the readiness port
+    /// ([`serve_readiness`]).
+    pub handover: Notify,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -114,6 +117,80 @@ pub async fn bind(
         }
     }
     Ok(out)
+}
+
+/// How long an agent that handed its readiness port over waits before it takes the port
+/// back if it is free again (the newer agent went away before this one was stopped).
+pub const HANDBACK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serve the readiness endpoint on `addr`, starting with `listener` when this agent could
+/// bind it.
+///
+/// During a DaemonSet rolling update the old agent and the new one share the node's network
+/// and the kubelet probes the new pod at the same port, so whoever holds it answers: the old
+/// agent, ready, would make the new pod ready before it is, and the rollout would stop the
+/// old agent early. So an agent that finds the port taken asks the holder (its admin API,
+/// `admin`) to hand it over, and the holder closes its listener: the new pod is then ready
+/// when the new agent says so. The old agent keeps serving traffic until it is stopped, and
+/// takes the port back after [`HANDBACK`] if it is free again (never by asking).
+pub async fn serve_readiness(
+    listener: Option<TcpListener>,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    state: Arc<AdminState>,
+) {
+    let mut listener = match listener {
+        Some(l) => l,
+        None => take_over(addr, admin).await,
+    };
+    loop {
+        tokio::select! {
+            () = serve(listener, Endpoints::Readiness, state.clone()) => return,
+            () = state.handover.notified() => {}
+        }
+        tracing::info!(%addr, "readiness port handed over to a newer agent on this node; taken back if free after {HANDBACK:?}");
+        tokio::time::sleep(HANDBACK).await;
+        listener = bind_when_free(addr).await;
+    }
+}
+
+/// Bind `addr`; when another agent holds it, ask that agent to hand it over, then bind it
+/// once it is free.
+pub async fn take_over(addr: SocketAddr, admin: SocketAddr) -> TcpListener {
+    if let Ok(l) = TcpListener::bind(addr).await {
+        return l;
+    }
+    match ask_handover(admin).await {
+        Ok(()) => tracing::info!(%addr, "readiness port: the agent holding it was asked to hand it over"),
+        Err(e) => {
+            tracing::warn!(%addr, "readiness port: could not ask its holder to hand it over ({e}); taking it when it frees up")
+        }
+    }
+    bind_when_free(addr).await
+}
+
+/// `POST /readiness/handover` to the admin API at `admin`; Ok once it answered 200.
+async fn ask_handover(admin: SocketAddr) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await?;
+        s.write_all(
+            b"POST /readiness/handover HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(2), exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 2 s"))??;
+    let status = String::from_utf8_lossy(answer.split(|b| *b == b'\n').next().unwrap_or_default()).trim().to_string();
+    if status.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("answered {status:?}")))
+    }
 }
 
 /// Bind `addr` as soon as nobody else holds it.
@@ -207,10 +284,66 @@ pub fn handle(req: &Request<Incoming>, which: Endpoints, state: &AdminState) -> 
                 "usage: /logging?level=<filter, e.g. debug or selvedge=trace>\n",
             ),
         },
+        (Endpoints::Admin, &Method::POST, "/readiness/handover") => {
+            state.handover.notify_waiters();
+            reply(StatusCode::OK, "text/plain", "handing the readiness port over\n")
+        }
         (Endpoints::Admin, &Method::POST, "/quitquitquit") => {
             state.quit.notify_one();
             reply(StatusCode::OK, "text/plain", "shutting down\n")
         }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn state(ready: bool) -> Arc<AdminState> {
+        Arc::new(AdminState {
+            snapshot: RwLock::new(serde_json::Value::Null),
+            dump_wanted: Notify::new(),
+            dump_built: tokio::sync::watch::Sender::new(0),
+            ready: AtomicBool::new(ready),
+            not_ready: RwLock::new("starting".into()),
+            metrics: Arc::new(Metrics::new()),
+            set_log_level: Box::new(|_| Ok(())),
+            quit: Notify::new(),
+            handover: Notify::new(),
+        })
+    }
+
+    /// The status line of `GET /healthz/ready` at `addr`, as the kubelet's probe sees it.
+    async fn probe(addr: SocketAddr) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        answer.lines().next().unwrap_or_default().to_string()
+    }
+
+    #[tokio::test]
+    async fn a_newer_agent_takes_the_readiness_port_over_and_answers_for_itself() {
+        // The old agent, ready: its admin API and its readiness endpoint.
+        let old = state(true);
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ready_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (admin, ready) = (admin_listener.local_addr().unwrap(), ready_listener.local_addr().unwrap());
+        tokio::spawn(serve(admin_listener, Endpoints::Admin, old.clone()));
+        tokio::spawn(serve_readiness(Some(ready_listener), ready, admin, old.clone()));
+        assert!(probe(ready).await.contains("200"), "the old agent answers while it holds the port");
+
+        // A new agent on the same node, not ready yet, finds the port taken and asks for it.
+        let new = state(false);
+        let taken = tokio::time::timeout(std::time::Duration::from_secs(10), take_over(ready, admin))
+            .await
+            .expect("the old agent hands the port over");
+        tokio::spawn(serve(taken, Endpoints::Readiness, new.clone()));
+        let answer = probe(ready).await;
+        assert!(answer.contains("503"), "the probe now sees the new agent, not ready: {answer}");
+        new.ready.store(true, Ordering::SeqCst);
+        assert!(probe(ready).await.contains("200"), "and ready once it says so");
     }
 }

@@ -214,6 +214,7 @@ impl Agent {
             metrics: mesh.metrics.clone(),
             set_log_level,
             quit: tokio::sync::Notify::new(),
+            handover: tokio::sync::Notify::new(),
         });
         let (datapath, flows) = Datapath::open(&opts)?;
         tracing::info!(pin_dir = %settings.pin_dir.display(), cgroup = %settings.cgroup.display(), "eBPF programs attached");
@@ -246,8 +247,11 @@ impl Agent {
     async fn serve_admin(&self) -> Result<(), AppError> {
         let s = &self.settings;
         for (addr, which, listener) in admin::bind(s.admin_addr, s.metrics_addr, s.readiness_addr).await? {
-            let state = self.admin.clone();
+            let (state, admin_addr) = (self.admin.clone(), s.admin_addr);
             tokio::spawn(async move {
+                if which == admin::Endpoints::Readiness {
+                    return admin::serve_readiness(listener, addr, admin_addr, state).await;
+                }
                 let listener = match listener {
                     Some(l) => l,
                     None => admin::bind_when_free(addr).await,

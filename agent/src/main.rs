@@ -173,14 +173,15 @@ struct RunArgs {
     /// stderr is a terminal and NO_COLOR is unset.
     #[arg(long, env = config::ENV_LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Admin API: /config_dump, /connections, /logging, /quitquitquit. Loopback only.
+    /// Admin API: /config_dump, /connections, /logging, /quitquitquit, /readiness/handover. Loopback only.
     #[arg(long, env = "SELVEDGE_ADMIN_ADDR", default_value = selvedge::admin::DEFAULT_ADMIN)]
     admin_addr: std::net::SocketAddr,
     /// Prometheus metrics (/metrics, /stats/prometheus).
     #[arg(long, env = "SELVEDGE_METRICS_ADDR", default_value = selvedge::admin::DEFAULT_METRICS)]
     metrics_addr: std::net::SocketAddr,
     /// Readiness (/healthz/ready): ready once programs are attached, local workloads
-    /// enrolled and their certificates present.
+    /// enrolled and their certificates present. An older agent on the node that holds the
+    /// port (a rolling update) is asked to hand it over.
     #[arg(long, env = "SELVEDGE_READINESS_ADDR", default_value = selvedge::admin::DEFAULT_READINESS)]
     readiness_addr: std::net::SocketAddr,
     /// SPIFFE trust domain of this mesh: identities are spiffe://<TD>/ns/<ns>/sa/<sa>.
