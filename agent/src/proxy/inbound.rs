@@ -75,6 +75,11 @@ fn decide<'a>(
     let mut flow = Flow::new(Direction::Inbound, pod, peer, local).with_metrics(&mesh.metrics);
     // Plaintext: the source workload is known only by address, never its principal.
     flow.src_workload = mesh.workload_at(peer.ip());
+    if RESERVED_PORTS.contains(&local.port()) {
+        // Delivering to the agent's own port would loop back into this listener.
+        flow.refused(Refusal::ReservedPort, "destination is a port reserved for the agent");
+        return None;
+    }
     if node_probe(pod, peer, local.port()) {
         // The kubelet's health check: admitted as Istio's ambient mode admits it (there it
         // never reaches ztunnel), whatever STRICT or AuthorizationPolicy say; marked as such
@@ -86,11 +91,6 @@ fn decide<'a>(
         // PeerAuthentication STRICT: the kernel drops plaintext for all-STRICT pods; a pod
         // with some plaintext ports gets it refused here, port by port.
         flow.refused(Refusal::PlaintextStrict, "plaintext refused: PeerAuthentication STRICT for this port");
-        return None;
-    }
-    if RESERVED_PORTS.contains(&local.port()) {
-        // Delivering to the agent's own port would loop back into this listener.
-        flow.refused(Refusal::ReservedPort, "destination is a port reserved for the agent");
         return None;
     }
     // Plaintext carries no principal: it matches no `principals` and every `notPrincipals`.
