@@ -11,7 +11,10 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, OnceLock,
+    },
 };
 
 use crate::{
@@ -94,6 +97,9 @@ pub struct Lab {
     agents: BTreeMap<String, Agent>,
     /// Processes started in pods, with their stderr files.
     children: Vec<(Child, PathBuf)>,
+    /// The first stdout line of each process started in a pod, by pid, once written (see
+    /// `spawn_in_pod`).
+    first_lines: BTreeMap<u32, Arc<OnceLock<String>>>,
 }
 
 impl Lab {
@@ -128,6 +134,7 @@ impl Lab {
             policies: Vec::new(),
             agents: BTreeMap::new(),
             children: Vec::new(),
+            first_lines: BTreeMap::new(),
         }
     }
 
@@ -372,28 +379,41 @@ impl Lab {
     pub fn spawn_in_pod(&mut self, pod: &str, cmd: Command) -> u32 {
         let p = self.get(pod).clone();
         let stderr = self.dir.join(format!("{pod}-{}.err", self.children.len()));
-        let child = proc::spawn(cmd, Place { netns: Some(&p.netns), cgroup: Some(&p.cgroup) }, Some(&stderr));
+        let mut child = proc::spawn(cmd, Place { netns: Some(&p.netns), cgroup: Some(&p.cgroup) }, Some(&stderr));
         let pid = child.id();
+        // Its stdout is read from the start, whether anyone asks for it or not: a server
+        // that reports on stdout (iperf3, sockperf) would otherwise fill the pipe after
+        // enough runs and stop in `write` mid-measurement.
+        if let Some(out) = child.stdout.take() {
+            let first = Arc::new(OnceLock::new());
+            let set = Arc::clone(&first);
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(out);
+                let mut line = String::new();
+                let _ = std::io::BufRead::read_line(&mut reader, &mut line);
+                let _ = set.set(line);
+                let _ = std::io::copy(&mut reader, &mut std::io::sink());
+            });
+            self.first_lines.insert(pid, first);
+        }
         self.children.push((child, stderr));
         pid
     }
 
     /// The first line a process started by `spawn_in_pod` writes to stdout ("" if it exits
-    /// or stays silent for `limit`).
+    /// or stays silent for `limit`, or if it was asked for before).
     pub fn child_first_line(&mut self, pid: u32, limit: std::time::Duration) -> String {
-        let Some(out) = self.children.iter_mut().find(|(c, _)| c.id() == pid).and_then(|(c, _)| c.stdout.take()) else {
-            return String::new();
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let mut reader = std::io::BufReader::new(out);
-            let _ = std::io::BufRead::read_line(&mut reader, &mut line);
-            let _ = tx.send(line);
-            // Keep reading so the child never blocks (or dies) on a full or closed pipe.
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
-        });
-        rx.recv_timeout(limit).unwrap_or_default()
+        let Some(first) = self.first_lines.remove(&pid) else { return String::new() };
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(line) = first.get() {
+                return line.clone();
+            }
+            if std::time::Instant::now() >= deadline {
+                return String::new();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// Stop a process started by `spawn_in_pod` (SIGKILL) and reap it.

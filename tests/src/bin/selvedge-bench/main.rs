@@ -94,9 +94,7 @@ fn main() {
     lab.start_agent("n2", agent(false));
     for pod in ["near", "far"] {
         lab.serve(pod, "echo", 7000);
-        // Its reports go to a file: on the stdout pipe the lab keeps (and reads only for a
-        // first line) they filled the pipe after enough runs, and the server stopped in
-        // `write` with eight streams' windows full (a run hung for minutes).
+        // Its reports go to a file in the lab's directory, to be read after a run.
         let mut iperf = Command::new("iperf3");
         iperf.args(["-s", "-p", "5201", "--logfile"]).arg(lab.dir.join(format!("iperf3-{pod}.log")));
         lab.spawn_in_pod(pod, iperf);
