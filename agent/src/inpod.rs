@@ -211,6 +211,9 @@ fn serve(ns: File, rx: mpsc::Receiver<Request>, ready: mpsc::Sender<io::Result<u
         if let Err(e) = reserve_agent_ports() {
             tracing::warn!("agent ports not reserved in the pod's netns (an app's connection could take one): {e}");
         }
+        if let Err(e) = migrate_on_close() {
+            tracing::warn!("listener migration not enabled in the pod's netns (connections queued at a stopping agent's listeners are reset in a rolling update): {e}");
+        }
     }
     if ready.send(entered).is_err() || !ok {
         return;
@@ -271,6 +274,20 @@ fn reserve_agent_ports() -> io::Result<()> {
         return Ok(());
     }
     std::fs::write(FILE, all.join(","))
+}
+
+/// Let the kernel move the connections queued at a closing listener to another listener of
+/// its `SO_REUSEPORT` group instead of resetting them (`tcp_migrate_req`, a per-netns
+/// sysctl, Linux 5.14). In a rolling update both agents listen in the pod; when the old one
+/// stops, what its listeners had accepted in the kernel but it had not yet taken goes to the
+/// new agent's. It only concerns reuseport groups: an app's own listener without
+/// `SO_REUSEPORT` is unaffected.
+fn migrate_on_close() -> io::Result<()> {
+    const FILE: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    if std::fs::read_to_string(FILE)?.trim() == "1" {
+        return Ok(());
+    }
+    std::fs::write(FILE, "1")
 }
 
 /// Is `port` in a reserved-ports entry (`N` or `A-B`)?

@@ -67,6 +67,9 @@ impl Status {
 #[derive(Debug, Clone)]
 pub struct AgentSpec {
     pub node: String,
+    /// Names this agent's status and log files: the node's name, or another one for a
+    /// second agent beside it (a rolling update's new agent).
+    pub instance: String,
     pub node_netns: PathBuf,
     pub pods_cgroup: PathBuf,
     pub agent_cgroup: PathBuf,
@@ -89,10 +92,10 @@ impl Agent {
         self.spec.dir.join(format!("agent-{}.yaml", self.spec.node))
     }
     pub fn status_path(&self) -> PathBuf {
-        self.spec.dir.join(format!("agent-{}.status.json", self.spec.node))
+        self.spec.dir.join(format!("agent-{}.status.json", self.spec.instance))
     }
     pub fn log_path(&self) -> PathBuf {
-        self.spec.dir.join(format!("agent-{}.log", self.spec.node))
+        self.spec.dir.join(format!("agent-{}.log", self.spec.instance))
     }
     /// `--state-dir` in Kubernetes mode: the CNI socket and the pod registry.
     pub fn state_dir(&self) -> PathBuf {
@@ -290,6 +293,17 @@ impl Agent {
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("agent running");
         proc::signal(&c, libc::SIGTERM);
+        c.wait().expect("wait for agent")
+    }
+
+    /// Freeze the agent for `stall`, then SIGTERM it as it resumes and wait: it is asked to
+    /// stop with whatever the kernel queued at its listeners meanwhile still queued.
+    pub fn stop_after_stall(&mut self, stall: std::time::Duration) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("agent running");
+        proc::signal(&c, libc::SIGSTOP);
+        std::thread::sleep(stall);
+        proc::signal(&c, libc::SIGTERM);
+        proc::signal(&c, libc::SIGCONT);
         c.wait().expect("wait for agent")
     }
 

@@ -282,9 +282,33 @@ impl Lab {
 
     /// Start (or restart) the agent of `node`; returns once it reports ready.
     pub fn start_agent(&mut self, node: &str, opts: AgentOptions) {
+        let spec = self.agent_spec(node, node);
+        if let Some(mut old) = self.agents.remove(node) {
+            old.kill();
+        }
+        let pods: Vec<Pod> = self.pods.values().cloned().collect();
+        let agent = Agent::start(&self.env, spec, opts, &pods, &self.services, &self.policies);
+        self.agents.insert(node.into(), agent);
+    }
+
+    /// A rolling update's surge: start a second agent on `node` beside the running one
+    /// (same pins, config and cgroup; its own status and log files) and return once it
+    /// reports ready. The new agent becomes the node's; the old one is handed back, still
+    /// running, for the test to stop.
+    pub fn surge_agent(&mut self, node: &str, opts: AgentOptions) -> Agent {
+        let old = self.agents.remove(node).unwrap_or_else(|| panic!("no agent on {node} to replace"));
+        let spec = self.agent_spec(node, &format!("{node}-surge"));
+        let pods: Vec<Pod> = self.pods.values().cloned().collect();
+        let agent = Agent::start(&self.env, spec, opts, &pods, &self.services, &self.policies);
+        self.agents.insert(node.into(), agent);
+        old
+    }
+
+    fn agent_spec(&self, node: &str, instance: &str) -> AgentSpec {
         let n = self.nodes.get(node).unwrap_or_else(|| panic!("no node {node}"));
         let spec = AgentSpec {
             node: node.into(),
+            instance: instance.into(),
             node_netns: PathBuf::from("/run/netns").join(&n.netns),
             pods_cgroup: n.cgroup.clone(),
             agent_cgroup: self.root_cgroup.join(format!("agent-{node}")),
@@ -293,12 +317,7 @@ impl Lab {
             ca_dir: self.dir.join("ca"),
         };
         std::fs::create_dir_all(&spec.agent_cgroup).expect("agent cgroup");
-        if let Some(mut old) = self.agents.remove(node) {
-            old.kill();
-        }
-        let pods: Vec<Pod> = self.pods.values().cloned().collect();
-        let agent = Agent::start(&self.env, spec, opts, &pods, &self.services, &self.policies);
-        self.agents.insert(node.into(), agent);
+        spec
     }
 
     /// Thaw a paused agent (usable while other threads hold `&Lab`).

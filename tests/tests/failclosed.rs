@@ -161,3 +161,89 @@ fn the_nodes_probes_reach_strict_pods_on_their_probe_ports_only() {
     never_reaches_the_app(lab.ask_on_node("n2", probe), "no probe port declared");
     assert!(lab.agent("n2").fresh_status().stat("inbound_strict_drop") > before, "dropped in the kernel");
 }
+
+/// The pid of the process listening on TCP `port` in `node`'s network namespace.
+fn holder(lab: &Lab, node: &str, port: u16) -> Option<u32> {
+    let mut ss = std::process::Command::new("ss");
+    ss.args(["-Hltnp", &format!("sport = :{port}")]);
+    let out = lab.run_in_netns(&lab.node_netns(node), ss);
+    let at = out.find("pid=")? + 4;
+    out[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+fn wait_for_holder(lab: &Lab, node: &str, port: u16, pid: u32, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while holder(lab, node, port) != Some(pid) {
+        assert!(std::time::Instant::now() < deadline, "{what}: port {port} held by {:?}", holder(lab, node, port));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_rolling_update_hands_the_node_over_without_refusing_a_connection() {
+    let mut lab = lab("rollout");
+    let (a, d) = (lab.get("a").addr(PORT), lab.get("d").addr(PORT));
+    lab.ask("a", d).expect("works with the old agent");
+    let mut old = lab.surge_agent("n1", AgentOptions::default());
+    let (old_pid, new_pid) = (old.pid().unwrap(), lab.agent("n1").pid().unwrap());
+
+    let mut sysctl = std::process::Command::new("cat");
+    sysctl.arg("/proc/sys/net/ipv4/tcp_migrate_req");
+    assert_eq!(lab.run_in_pod("a", sysctl).trim(), "1", "a stopping agent's queued connections move to the new one");
+
+    // The kubelet probes the new pod at the node's readiness port: the new agent answers.
+    wait_for_holder(&lab, "n1", 15021, new_pid, "the readiness port handed over");
+    let (status, _) = lab.http_on_node("n1", "127.0.0.1:15021".parse().unwrap(), "GET", "/healthz/ready").unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(holder(&lab, "n1", 15000), Some(old_pid), "the admin API stays with the old agent meanwhile");
+
+    // Both agents serve, past a kernel-state check (every 10 s) of each, while connections
+    // keep opening both ways; then the old agent stops (SIGTERM, as the kubelet does) under
+    // the same load. No connection is refused, and every one is carried by an agent.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (failures, asked) = std::thread::scope(|s| {
+        // Two clients each way.
+        let load: Vec<_> = [("a", d), ("c", a), ("a", d), ("c", a)]
+            .into_iter()
+            .map(|(from, to)| {
+                let (lab, stop) = (&lab, &stop);
+                s.spawn(move || {
+                    let (mut failures, mut asked) = (Vec::new(), 0);
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        asked += 1;
+                        match lab.ask(from, to) {
+                            Ok(r) if r.server.as_ref().is_some_and(|v| v.peer.ip().to_string() == AGENT_DELIVERY) => {}
+                            other => failures.push(format!("{from} -> {to}: {other:?}")),
+                        }
+                    }
+                    (failures, asked)
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_secs(12));
+        // Frozen for a moment first, so its listeners hold connections the kernel accepted
+        // when it stops: without listener migration in the pods those were reset (4 of 4
+        // runs; 0 of 6 with it).
+        let status = old.stop_after_stall(std::time::Duration::from_millis(300));
+        assert!(status.success(), "the old agent drains and exits cleanly: {status}");
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        load.into_iter().map(|t| t.join().unwrap()).fold((Vec::new(), 0), |(mut f, n), (f1, n1)| {
+            f.extend(f1);
+            (f, n + n1)
+        })
+    });
+    assert!(failures.is_empty(), "{} of {asked} connections failed during the rollout: {failures:#?}", failures.len());
+    assert!(asked > 20, "the load ran ({asked} connections)");
+    let drift = |events: Vec<serde_json::Value>| {
+        events.into_iter().filter(|e| e["message"].as_str().is_some_and(|m| m.contains("drift"))).count()
+    };
+    assert_eq!(drift(old.events()), 0, "the old agent never fought the new one over the kernel's state");
+    assert_eq!(drift(lab.agent("n1").events()), 0, "nor the new one the old");
+
+    // The new agent takes the admin port once the old one has freed it, and carries on alone.
+    wait_for_holder(&lab, "n1", 15000, new_pid, "the admin API taken over");
+    lab.ask("a", d).expect("outbound after the rollout");
+    let r = lab.ask("c", a).expect("inbound after the rollout");
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
+}
