@@ -365,7 +365,12 @@ impl Agent {
             tracing::debug!(forgot, "cached connect verdicts cleared");
         }
         // Live changes: what the new policies deny is closed now, not at its next connect.
-        let closed = self.mesh.watchers.recheck(&self.mesh);
+        // On a blocking thread: with thousands of open connections it takes milliseconds
+        // (tens with hundreds of policies), which the data path does not wait out.
+        let (watchers, policies) = (self.mesh.watchers.clone(), self.mesh.policies.read().clone());
+        let closed = tokio::task::spawn_blocking(move || watchers.recheck(&policies))
+            .await
+            .map_err(|e| AppError::Computation(e.to_string()))?;
         if closed > 0 {
             tracing::info!(closed, "open connections closed after a policy change");
         }

@@ -9,6 +9,7 @@ mod authz;
 mod peer_auth;
 
 pub use authz::{
-    authorize, Action, AuthorizationPolicy, AuthzError, CompiledPolicy, ConnFacts, Decision, Scope, Verdict,
+    applicable, authorize, decide, Action, AuthorizationPolicy, AuthzError, CompiledPolicy, ConnFacts, Decision, Scope,
+    Verdict,
 };
 pub use peer_auth::{resolve_mtls, MtlsMode, PeerAuthError, PeerAuthentication, WorkloadMtls};

@@ -413,7 +413,22 @@ pub fn authorize(
     labels: &BTreeMap<String, String>,
     c: &ConnFacts,
 ) -> Verdict {
-    let applicable: Vec<&CompiledPolicy> = policies.iter().filter(|p| p.selects(namespace, labels)).collect();
+    decide(&applicable(policies, namespace, labels), c)
+}
+
+/// The policies that apply to a workload in `namespace` with `labels`: the part of
+/// [`authorize`] that depends on the workload only, for deciding many of its connections
+/// at once.
+pub fn applicable<'a>(
+    policies: &'a [CompiledPolicy],
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> Vec<&'a CompiledPolicy> {
+    policies.iter().filter(|p| p.selects(namespace, labels)).collect()
+}
+
+/// [`authorize`] given the workload's [`applicable`] policies.
+pub fn decide(applicable: &[&CompiledPolicy], c: &ConnFacts) -> Verdict {
     let mut v = Verdict { decision: Decision::Allow, dry_run: Vec::new(), audit: Vec::new() };
     for p in applicable.iter().filter(|p| p.dry_run) {
         if matches!(p.action, Action::Allow | Action::Deny) && p.matches(c) {

@@ -11,13 +11,7 @@ use super::{
     Refusal, Security, WatchGuard,
 };
 use crate::{
-    addr,
-    cancel::Cancel,
-    hbone::server::Outcome,
-    identity::SpiffeId,
-    inpod::Use,
-    metrics::ByteCount,
-    policy::{ConnFacts, Decision},
+    addr, cancel::Cancel, hbone::server::Outcome, identity::SpiffeId, inpod::Use, metrics::ByteCount, policy::ConnFacts,
 };
 
 /// Connect to the pod's app at `app`, from the delivery source (`inpod::Use::Deliver`).
@@ -95,11 +89,13 @@ fn decide<'a>(
     }
     // Plaintext carries no principal: it matches no `principals` and every `notPrincipals`.
     let facts = ConnFacts { principal: None, src_ip: peer.ip(), dst_ip: local.ip(), dst_port: local.port() };
-    if let decision @ Decision::Deny { .. } = pod.authorize(mesh, &facts) {
-        flow.refused(Refusal::Policy, &decision.reason());
-        return None;
+    match mesh.watchers.admit(pod, mesh, facts) {
+        Ok(watch) => Some((flow, local, Some(watch))),
+        Err(decision) => {
+            flow.refused(Refusal::Policy, &decision.reason());
+            None
+        }
     }
-    Some((flow, local, Some(mesh.watchers.add(pod.clone(), facts))))
 }
 
 /// Plaintext to one of the pod's probe ports from an address of the node itself (the
@@ -169,10 +165,7 @@ impl crate::hbone::server::Upstream for HboneUpstream {
 
     fn authorize(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Result<Self::Watch, String> {
         let facts = hbone_facts(principal, peer, target);
-        match self.pod.authorize(&self.mesh, &facts) {
-            Decision::Allow => Ok(self.mesh.watchers.add(self.pod.clone(), facts)),
-            deny => Err(deny.reason()),
-        }
+        self.mesh.watchers.admit(&self.pod, &self.mesh, facts).map_err(|deny| deny.reason())
     }
 
     fn cancelled(watch: &Self::Watch) -> &Cancel {

@@ -12,7 +12,7 @@ use selvedge_common::RESERVED_PORTS;
 use tokio::net::TcpStream;
 
 use super::{carry, inbound, reset, Direction, Flow, Mesh, Mover, PodContext, Refusal, Security};
-use crate::policy::{ConnFacts, Decision};
+use crate::policy::ConnFacts;
 
 /// Carry `stream` (from `src_pod`'s app, going to `dst`) to `dst_pod`'s app on this node.
 /// `outbound` is the source leg's record, already labelled with both workloads; `mover`
@@ -49,10 +49,10 @@ pub async fn handoff(
     // Exactly what the destination's HBONE server would see: our principal, our pod's IP.
     let facts =
         ConnFacts { principal: Some(src_pod.identity.principal()), src_ip, dst_ip: dst.ip(), dst_port: dst.port() };
-    if let decision @ Decision::Deny { .. } = dst_pod.authorize(mesh, &facts) {
-        return refuse(Refusal::Policy, &decision.reason(), stream);
-    }
-    let watch = mesh.watchers.add(dst_pod.clone(), facts);
+    let watch = match mesh.watchers.admit(&dst_pod, mesh, facts) {
+        Ok(watch) => watch,
+        Err(decision) => return refuse(Refusal::Policy, &decision.reason(), stream),
+    };
     let app = match Box::pin(inbound::deliver(&dst_pod, dst, timeout)).await {
         Ok(app) => app,
         Err(reason) => return refuse(Refusal::UpstreamUnreachable, &reason, stream),
