@@ -190,7 +190,7 @@ impl Agent {
             pool: hbone::client::Pool::new(ids.clone()),
             ids,
             metrics: Arc::new(crate::metrics::Metrics::new()),
-            policies: parking_lot::RwLock::new(Arc::new(Vec::new())),
+            policies: parking_lot::RwLock::new(Arc::default()),
             watchers: Arc::new(proxy::Watchers::default()),
             local: parking_lot::RwLock::new(std::collections::HashMap::new()),
         });
@@ -350,7 +350,11 @@ impl Agent {
                 (self.settings.node.clone(), self.settings.trust_domain.clone(), self.settings.root_namespace.clone());
             tokio::task::spawn_blocking(move || -> Result<_, config::ConfigError> {
                 let mesh = state::Mesh { node: &node, trust_domain: &td, root_namespace: &root };
-                Ok((state::desired(&cfg, &mesh)?, state::directory(&cfg, &td)?, cfg.compile_policies(&root)?))
+                Ok((
+                    state::desired(&cfg, &mesh)?,
+                    state::directory(&cfg, &td)?,
+                    crate::policy::PolicySet::new(cfg.compile_policies(&root)?),
+                ))
             })
         };
         let (desired, directory, policies) = compute.await.map_err(|e| AppError::Computation(e.to_string()))??;

@@ -45,7 +45,7 @@ use crate::{
     identity::{IdentityManager, SpiffeId},
     inpod::{PodNetns, Use},
     metrics::{Count, Metrics},
-    policy::{authorize, Action, CompiledPolicy, ConnFacts, Decision, Verdict, WorkloadMtls},
+    policy::{decide, Action, ConnFacts, Decision, PolicySet, Verdict, WorkloadMtls},
     state::Directory,
 };
 
@@ -71,7 +71,7 @@ impl PodContext {
     /// dry-run or AUDIT policies).
     pub fn authorize(&self, mesh: &Mesh, facts: &ConnFacts) -> Decision {
         let policies = mesh.policies.read().clone();
-        let Verdict { decision, dry_run, audit } = authorize(&policies, &self.namespace, &self.labels, facts);
+        let Verdict { decision, dry_run, audit } = decide(&policies.applicable(&self.namespace, &self.labels), facts);
         for (policy, action) in &dry_run {
             mesh.metrics.dry_run(policy, action_str(*action));
         }
@@ -105,7 +105,7 @@ pub struct Mesh {
     pub ids: Arc<IdentityManager>,
     pub metrics: Arc<Metrics>,
     /// AuthorizationPolicies, compiled (replaced whole on each config change).
-    pub policies: parking_lot::RwLock<Arc<Vec<CompiledPolicy>>>,
+    pub policies: parking_lot::RwLock<Arc<PolicySet>>,
     /// Open inbound connections, re-checked when policies change.
     pub watchers: Arc<Watchers>,
     /// Pods this agent serves, by IP (canonical): destinations of same-node handoffs.

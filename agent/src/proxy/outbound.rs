@@ -17,7 +17,7 @@ use crate::{
     datapath::FlowMaps,
     hbone,
     inpod::Use,
-    policy::{authorize, ConnFacts, Decision},
+    policy::{ConnFacts, Decision},
     state::{Directory, Peer},
 };
 
@@ -211,7 +211,7 @@ fn source_verdict(pod: &PodContext, to: &Peer, dst: SocketAddr, mesh: &Mesh) -> 
         dst_port: dst.port(),
     };
     let policies = mesh.policies.read().clone();
-    authorize(&policies, &to.namespace, &to.labels, &facts).decision
+    crate::policy::decide(&policies.applicable(&to.namespace, &to.labels), &facts).decision
 }
 
 /// Through HBONE to the destination pod's agent: mTLS with our pod's identity, expecting

@@ -11,7 +11,7 @@ use std::{
 use super::{Mesh, PodContext};
 use crate::{
     cancel::Cancel,
-    policy::{applicable, decide, CompiledPolicy, ConnFacts, Decision},
+    policy::{decide, CompiledPolicy, ConnFacts, Decision, PolicySet},
 };
 
 /// How many connections a recheck looks at per hold of the lock: accepts and closes, which
@@ -106,7 +106,7 @@ impl<P: Workload> Watchers<P> {
     /// Authorize every open connection again under `policies`; close those now denied.
     /// Returns how many. Meant for a blocking thread: it takes the lock for [`CHUNK`]
     /// connections at a time, and selects each pod's policies once, not per connection.
-    pub fn recheck(&self, policies: &[CompiledPolicy]) -> usize {
+    pub fn recheck(&self, policies: &PolicySet) -> usize {
         // Keyed by the pod's allocation, which the entry keeps alive (no other pod can reuse
         // the address while the recheck runs).
         let mut per_pod: HashMap<*const P, (Arc<P>, Vec<&CompiledPolicy>)> = HashMap::new();
@@ -129,7 +129,7 @@ impl<P: Workload> Watchers<P> {
             for (pod, facts, cancel) in chunk {
                 let (_, applies) = per_pod
                     .entry(Arc::as_ptr(&pod))
-                    .or_insert_with(|| (pod.clone(), applicable(policies, pod.namespace(), pod.labels())));
+                    .or_insert_with(|| (pod.clone(), policies.applicable(pod.namespace(), pod.labels())));
                 let v = decide(applies, &facts);
                 if let Decision::Deny { .. } = v.decision {
                     tracing::info!(pod = %pod.name(), src = %facts.src_ip, port = facts.dst_port, "{}: closing an open connection", v.decision.reason());
@@ -195,8 +195,7 @@ mod tests {
         }
         guards.retain(|(i, ..)| i % 7 != 0);
         // db admits only api; web is selected by no policy.
-        let policies =
-            [policy("metadata: {name: db, namespace: shop}\nspec: {selector: {matchLabels: {app: db}}, rules: [{from: [{source: {principals: [td/ns/shop/sa/api]}}]}]}")];
+        let policies = PolicySet::new(vec![policy("metadata: {name: db, namespace: shop}\nspec: {selector: {matchLabels: {app: db}}, rules: [{from: [{source: {principals: [td/ns/shop/sa/api]}}]}]}")]);
         let closed = w.recheck(&policies);
         let (mut expected, mut last_denied) = (0, 0);
         for (i, target, who, guard) in &guards {
@@ -208,7 +207,7 @@ mod tests {
         }
         assert!(last_denied >= 2 * CHUNK, "denied connections in the third chunk too ({last_denied})");
         assert_eq!(closed, expected);
-        assert_eq!(w.recheck(&[]), 0, "no policy: nothing denied");
+        assert_eq!(w.recheck(&PolicySet::default()), 0, "no policy: nothing denied");
         drop(guards);
         assert!(w.open.lock().is_empty(), "dropped guards unregister");
     }
