@@ -372,9 +372,15 @@ impl Agent {
         // On a blocking thread: with thousands of open connections it takes milliseconds
         // (tens with hundreds of policies), which the data path does not wait out.
         let (watchers, policies) = (self.mesh.watchers.clone(), self.mesh.policies.read().clone());
-        let closed = tokio::task::spawn_blocking(move || watchers.recheck(&policies))
-            .await
-            .map_err(|e| AppError::Computation(e.to_string()))?;
+        let closed = match tokio::task::spawn_blocking(move || watchers.recheck(&policies)).await {
+            Ok(closed) => closed,
+            Err(e) => {
+                // Fail closed: what the new policies deny must not stay open unchecked.
+                let closed = self.mesh.watchers.close_all();
+                tracing::error!(closed, "policy recheck failed ({e}); closed every open inbound connection");
+                closed
+            }
+        };
         if closed > 0 {
             tracing::info!(closed, "open connections closed after a policy change");
         }

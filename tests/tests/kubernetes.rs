@@ -254,12 +254,13 @@ fn drift_in_the_kernel_is_detected_repaired_and_counted() {
     args.extend(key.iter().map(String::as_str));
     let out = std::process::Command::new("bpftool").args(&args).output().expect("run bpftool");
     assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    // Rewritten in place, not un-enrolled and enrolled again (which leaves a gap).
     wait_for(20, "the drift reported (checked every 10 s)", || {
-        c.lab
-            .agent_ref("n1")
-            .events()
-            .into_iter()
-            .find(|e| e["message"].as_str().is_some_and(|m| m.contains("drift") && m.contains("missing")))
+        c.lab.agent_ref("n1").events().into_iter().find(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("drift") && m.contains("missing") && m.contains("rewritten"))
+        })
     });
     wait_for(15, "the drift counted", || {
         let (_, m) = c.lab.http_on_node("n1", "127.0.0.1:15020".parse().unwrap(), "GET", "/metrics").ok()?;

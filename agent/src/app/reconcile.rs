@@ -30,11 +30,22 @@ impl super::Agent {
             })
             .collect();
         for (uid, problem) in broken {
-            let Some(spec) = self.pods.get(&uid).map(|p| p.spec.clone()) else { continue };
-            tracing::warn!(pod = %spec.name, namespace = %spec.namespace, "drift: {problem}; enrolling it again");
+            let Some(p) = self.pods.get(&uid) else { continue };
+            let (spec, cookie, pod_id) = (p.spec.clone(), p.ctx.netns.cookie(), p.pod_id);
             self.mesh.metrics.drift(1);
-            self.unenroll(&uid);
-            self.try_enroll(&spec).await;
+            // Rewritten in place: the pod's listeners, slot and `sk_lookup` instance are
+            // still the agent's, and un-enrolling first would leave its connections
+            // uncaptured until the enrollment is made again (tens of milliseconds).
+            match self.datapath.set_flags(cookie, pod_id, p.spec.mtls.kernel_strict()) {
+                Ok(()) => {
+                    tracing::warn!(pod = %spec.name, namespace = %spec.namespace, "drift: {problem}; entry rewritten");
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %spec.name, namespace = %spec.namespace, "drift: {problem}; rewriting it failed ({e}), enrolling it again");
+                    self.unenroll(&uid);
+                    self.try_enroll(&spec).await;
+                }
+            }
         }
         if let Err(e) = self.remove_orphans("drift: a kernel enrollment belongs to no pod; removing it") {
             tracing::error!("stale enrollment not removed: {e}");

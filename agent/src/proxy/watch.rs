@@ -103,6 +103,15 @@ impl<P: Workload> Watchers<P> {
         WatchGuard { watchers: self.clone(), id, cancel }
     }
 
+    /// Close every open connection (when they could not be rechecked). Returns how many.
+    pub fn close_all(&self) -> usize {
+        let open = self.open.lock();
+        for w in open.values() {
+            w.cancel.cancel();
+        }
+        open.len()
+    }
+
     /// Authorize every open connection again under `policies`; close those now denied.
     /// Returns how many. Meant for a blocking thread: it takes the lock for [`CHUNK`]
     /// connections at a time, and selects each pod's policies once, not per connection.
@@ -208,6 +217,8 @@ mod tests {
         assert!(last_denied >= 2 * CHUNK, "denied connections in the third chunk too ({last_denied})");
         assert_eq!(closed, expected);
         assert_eq!(w.recheck(&PolicySet::default()), 0, "no policy: nothing denied");
+        assert_eq!(w.close_all(), guards.len());
+        assert!(guards.iter().all(|(.., g)| g.cancel.is_cancelled()));
         drop(guards);
         assert!(w.open.lock().is_empty(), "dropped guards unregister");
     }
