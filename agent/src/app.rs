@@ -71,6 +71,15 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cgroup {path} is not a cgroup v2 directory (--cgroup must name one, e.g. the pods' parent cgroup)")]
+    NotCgroup2 { path: PathBuf },
+    #[error("{source}; {left}")]
+    StartAbandoned {
+        #[source]
+        source: Box<AppError>,
+        /// What this failed start did with the kernel state (see `Datapath::abandon`).
+        left: String,
+    },
     #[error("status file {path}: {source}")]
     Status {
         path: PathBuf,
@@ -94,6 +103,17 @@ async fn stop_requested(term: &mut tokio::signal::unix::Signal, quit: &tokio::sy
     }
 }
 
+/// What was read and checked before the kernel was touched, for the run loop to start with.
+#[derive(Debug)]
+enum Initial {
+    /// The config file's text and the config it parses to.
+    File {
+        text: String,
+        config: LocalConfig,
+    },
+    Kube(kube::KubeStart),
+}
+
 /// An enrolled pod and what serves it.
 #[derive(Debug)]
 struct Enrolled {
@@ -112,6 +132,25 @@ struct Failed {
     closed: Option<u64>,
 }
 
+/// Config changes refused while the config in force stays (a parse or validation error,
+/// an emptied or deleted file, a cluster state that could not be worked out).
+#[derive(Debug, Default, Clone, Serialize)]
+struct Rejections {
+    /// How many since the agent started.
+    total: u64,
+    /// The newest refusal, until a later config is applied.
+    last: Option<Rejected>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Rejected {
+    reason: String,
+    /// When it was refused (Unix seconds).
+    at: u64,
+    /// The generation that stayed in force.
+    kept_generation: u64,
+}
+
 /// What `--status-file` holds, rewritten after every change.
 #[derive(Debug, Serialize)]
 struct Status<'a> {
@@ -119,6 +158,9 @@ struct Status<'a> {
     ready: bool,
     /// Incremented each time a new (changed, valid) config is applied.
     generation: u64,
+    config_rejected_total: u64,
+    /// The newest refused config change, while no later one has been applied.
+    config_last_rejected: Option<&'a Rejected>,
     enrolled: Vec<&'a str>,
     failed: BTreeMap<&'a str, String>,
     /// On this node, meshed, network namespace not known yet.
@@ -148,13 +190,33 @@ pub struct Agent {
     /// Pods on this node whose network namespace is not known yet (uid → namespace/name).
     waiting: BTreeMap<String, String>,
     generation: u64,
+    rejections: Rejections,
     /// Whether stale kernel entries from a previous agent have been swept.
     swept: bool,
+    /// Made by `start` before anything was attached; taken by `run`.
+    initial: Option<Initial>,
+    admin_listeners: Vec<(SocketAddr, admin::Endpoints, Option<TcpListener>)>,
 }
 
 impl Agent {
-    /// Load and attach everything; nothing is enrolled yet.
-    pub fn start(settings: Settings, set_log_level: admin::SetLogLevel) -> Result<Self, AppError> {
+    /// Check and read everything that can be checked — the cgroup, the config file (or the
+    /// kubeconfig and state directory), the admin addresses, the certificate source —, then
+    /// load and attach the programs; nothing is enrolled yet. A bad flag or config fails
+    /// here with the kernel untouched.
+    pub async fn start(settings: Settings, set_log_level: admin::SetLogLevel) -> Result<Self, AppError> {
+        if !sys::is_cgroup2(&settings.cgroup) {
+            return Err(AppError::NotCgroup2 { path: settings.cgroup.clone() });
+        }
+        let initial = match &settings.source {
+            config::Source::File(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| config::ConfigError::Read { path: path.clone(), source })?;
+                let config = LocalConfig::parse(&text, path)?;
+                Initial::File { text, config }
+            }
+            config::Source::Kube(ks) => Initial::Kube(kube::KubeStart::prepare(ks).await?),
+        };
+        let admin_listeners = admin::bind(settings.admin_addr, settings.metrics_addr, settings.readiness_addr).await?;
         let mount = sys::cgroup2_mount().map_err(|source| AppError::Cgroup { what: "find cgroup2".into(), source })?;
         let agent_cgroup_id =
             sys::own_cgroup_id(&mount).map_err(|source| AppError::Cgroup { what: "read own cgroup".into(), source })?;
@@ -232,22 +294,40 @@ impl Agent {
             failed: BTreeMap::new(),
             waiting: BTreeMap::new(),
             generation: 0,
+            rejections: Rejections::default(),
             swept: false,
+            initial: Some(initial),
+            admin_listeners,
         })
     }
 
     /// Serve until SIGTERM/SIGINT, then drain.
-    pub async fn run(self, status_file: Option<PathBuf>) -> Result<(), AppError> {
-        match self.settings.source.clone() {
-            config::Source::File(path) => self.run_file(path, status_file).await,
-            config::Source::Kube(k) => self.run_kube(k, status_file).await,
+    pub async fn run(mut self, status_file: Option<PathBuf>) -> Result<(), AppError> {
+        match (self.settings.source.clone(), self.initial.take()) {
+            (config::Source::File(path), Some(Initial::File { text, config })) => {
+                self.run_file(path, text, config, status_file).await
+            }
+            (config::Source::Kube(k), Some(Initial::Kube(prepared))) => self.run_kube(k, prepared, status_file).await,
+            _ => Err(AppError::Computation("the agent was started twice".into())),
         }
     }
 
-    async fn serve_admin(&self) -> Result<(), AppError> {
-        let s = &self.settings;
-        for (addr, which, listener) in admin::bind(s.admin_addr, s.metrics_addr, s.readiness_addr).await? {
-            let (state, admin_addr) = (self.admin.clone(), s.admin_addr);
+    /// A start that failed after the programs were attached: stop serving what it
+    /// enrolled and leave the kernel as it was found (see `Datapath::abandon`); the error
+    /// says what was left and why.
+    fn abandon_start(mut self, e: AppError) -> AppError {
+        let uids: Vec<String> = self.pods.keys().cloned().collect();
+        for uid in &uids {
+            self.unenroll(uid);
+        }
+        let left = self.datapath.abandon();
+        tracing::error!("start failed after the programs were attached: {e}; {left}");
+        AppError::StartAbandoned { source: Box::new(e), left }
+    }
+
+    fn serve_admin(&mut self) {
+        for (addr, which, listener) in std::mem::take(&mut self.admin_listeners) {
+            let (state, admin_addr) = (self.admin.clone(), self.settings.admin_addr);
             tokio::spawn(async move {
                 if which == admin::Endpoints::Readiness {
                     return admin::serve_readiness(listener, addr, admin_addr, state).await;
@@ -259,20 +339,29 @@ impl Agent {
                 admin::serve(listener, which, state).await;
             });
         }
-        Ok(())
     }
 
-    async fn run_file(mut self, path: PathBuf, status_file: Option<PathBuf>) -> Result<(), AppError> {
-        self.serve_admin().await?;
-        let text = std::fs::read_to_string(&path)
-            .map_err(|source| config::ConfigError::Read { path: path.clone(), source })?;
-        let cfg = LocalConfig::parse(&text, &path)?;
-        let mut last_text = Some(text);
+    /// The file loop's first apply: a failure here abandons the start.
+    async fn first_apply(&mut self, cfg: LocalConfig, status_file: Option<&PathBuf>) -> Result<(), AppError> {
         self.apply(Arc::new(cfg)).await?;
         self.applied_new_config();
         self.sweep_stale()?;
         self.refresh_observability(true);
-        self.write_status(status_file.as_ref(), true)?;
+        self.write_status(status_file, true)
+    }
+
+    async fn run_file(
+        mut self,
+        path: PathBuf,
+        text: String,
+        cfg: LocalConfig,
+        status_file: Option<PathBuf>,
+    ) -> Result<(), AppError> {
+        self.serve_admin();
+        let mut last_text = Some(text);
+        if let Err(e) = self.first_apply(cfg, status_file.as_ref()).await {
+            return Err(self.abandon_start(e));
+        }
         tracing::info!(enrolled = self.pods.len(), failed = self.failed.len(), "started");
 
         let mut term = sigterm()?;
@@ -308,23 +397,28 @@ impl Agent {
             // failed pods re-applies the current one. Parsed on a blocking thread: a
             // cluster-sized file takes tens of milliseconds, which the runtime's thread
             // (the data path's) does not wait out.
-            let parse = {
+            // A retry re-applies the config in force, never text that was refused.
+            let parsed = if changed {
                 let (text, path) = (text.clone(), path.clone());
                 tokio::task::spawn_blocking(move || match &text {
                     Some(t) => LocalConfig::parse(t, &path),
                     None => LocalConfig::load(&path),
                 })
+                .await
+                .map_err(|e| format!("the parser failed: {e}"))
+                .and_then(|r| r.map(Arc::new).map_err(|e| e.to_string()))
+            } else {
+                Ok(self.last_config.clone())
             };
-            let parsed = parse.await;
             last_text = text;
             match parsed {
-                Ok(Ok(cfg)) => match self.apply(Arc::new(cfg)).await {
+                Ok(cfg) => match self.apply(cfg).await {
                     Ok(()) if changed => self.applied_new_config(),
                     Ok(()) => {}
-                    Err(e) => tracing::error!("config not applied: {e}"),
+                    Err(e) if changed => self.reject_config(e.to_string()),
+                    Err(e) => tracing::error!("retrying failed workloads: {e}"),
                 },
-                Ok(Err(e)) => tracing::error!("config not applied, keeping the previous one: {e}"),
-                Err(e) => tracing::error!("config not applied, keeping the previous one: the parser failed: {e}"),
+                Err(reason) => self.reject_config(reason),
             }
             retry_at = tokio::time::Instant::now() + Duration::from_secs(5);
             if let Err(e) = self.sweep_stale() {
@@ -419,12 +513,27 @@ impl Agent {
 
     fn applied_new_config(&mut self) {
         self.generation += 1;
+        self.rejections.last = None;
+        self.mesh.metrics.set_config_generation(self.generation);
         tracing::info!(
             generation = self.generation,
             enrolled = self.pods.len(),
             failed = self.failed.len(),
             "config applied"
         );
+    }
+
+    /// A config change was refused: the one in force stays. Logged, counted, and kept for
+    /// the status file, `/config_dump` (`selvedge status`) and the metrics.
+    fn reject_config(&mut self, reason: String) {
+        tracing::error!(
+            generation_in_force = self.generation,
+            "config not applied, keeping the one in force: {reason}"
+        );
+        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.rejections.total += 1;
+        self.rejections.last = Some(Rejected { reason, at, kept_generation: self.generation });
+        self.mesh.metrics.config_rejected();
     }
 
     /// Enroll, or record why not; a pod whose netns was reached stays closed on failure.
@@ -592,6 +701,8 @@ impl Agent {
             node: &self.settings.node,
             ready,
             generation: self.generation,
+            config_rejected_total: self.rejections.total,
+            config_last_rejected: self.rejections.last.as_ref(),
             enrolled: self.pods.values().map(|p| p.spec.name.as_str()).collect(),
             failed: self.failed.iter().map(|(k, v)| (k.as_str(), v.reason.clone())).collect(),
             waiting: self.waiting.values().map(String::as_str).collect(),

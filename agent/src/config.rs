@@ -86,6 +86,11 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "config {path}: the file is empty (or holds only comments); keeping the config in force. \
+         Write `workloads: []` to mean \"no workloads\""
+    )]
+    Empty { path: PathBuf },
     #[error("config {path}: {source}")]
     Parse {
         path: PathBuf,
@@ -175,12 +180,20 @@ pub struct LocalConfig {
 
 impl LocalConfig {
     /// Parse and validate. `path` is only used in messages.
+    ///
+    /// An empty document (nothing, whitespace, comments only, or a bare `null`) is an
+    /// error, not a config with no workloads: `: > FILE`, and `cp` or an editor for the
+    /// moment between truncating and writing, leave exactly that, and taking it would
+    /// unenroll every pod (plaintext, no STRICT, no AuthorizationPolicy). `workloads: []`
+    /// says "nothing" on purpose.
     pub fn parse(text: &str, path: &std::path::Path) -> Result<Self, ConfigError> {
-        let cfg: LocalConfig = if text.trim().is_empty() {
-            LocalConfig::default()
-        } else {
-            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?
-        };
+        let typed = serde_yaml_ng::from_str::<LocalConfig>(text);
+        // Only a result with nothing in it can have come from an empty document: the
+        // (cheap, small) untyped parse runs just then.
+        if typed.as_ref().map_or(true, |c| *c == LocalConfig::default()) && is_empty_document(text) {
+            return Err(ConfigError::Empty { path: path.to_owned() });
+        }
+        let cfg = typed.map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -260,6 +273,12 @@ impl LocalConfig {
     pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
         self.workloads.iter().filter(move |w| w.node == node)
     }
+}
+
+/// Nothing but whitespace, comments and document markers, or a document that is `null`.
+fn is_empty_document(text: &str) -> bool {
+    let blank = text.lines().map(str::trim).all(|l| l.is_empty() || l.starts_with('#') || l == "---" || l == "...");
+    blank || serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text).is_ok_and(|v| v.is_null())
 }
 
 /// Where the agent's state comes from.
@@ -345,8 +364,18 @@ mod tests {
     }
 
     #[test]
-    fn defaults_and_empty_file() {
-        assert_eq!(parse("").unwrap(), LocalConfig::default());
+    fn an_empty_file_is_rejected_and_an_explicit_empty_list_is_not() {
+        for empty in ["", "   \n\t\n", "# nothing yet\n", "---\n", "~\n", "null"] {
+            let e = parse(empty).expect_err(empty);
+            assert!(matches!(e, ConfigError::Empty { .. }), "{empty:?}: {e}");
+            assert!(e.to_string().contains("workloads: []"), "the message says how to mean nothing: {e}");
+        }
+        assert_eq!(parse("workloads: []\n").unwrap(), LocalConfig::default());
+        assert_eq!(parse("{}").unwrap(), LocalConfig::default());
+    }
+
+    #[test]
+    fn defaults() {
         let c = parse("workloads:\n- {uid: u, name: a, node: n}\n").unwrap();
         assert_eq!(c.workloads[0].namespace, "default");
     }

@@ -32,7 +32,7 @@ use selvedge_common::{
     POD_SLOT_GLOBAL, SLOT_ENROLLED, SLOT_STRICT, STATS_LEN, VERDICT_DENY,
 };
 
-pub use pins::uninstall;
+pub use pins::Uninstalled;
 pub use walk::{KernelFacts, KernelWalk};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded when the agent was built
@@ -45,6 +45,23 @@ const CGROUP_SOCK_ADDR: [&str; 6] =
 const SOCKOPS: &str = "track_captured";
 const SK_MSG: &str = "redirect_loopback";
 const SK_LOOKUP: &str = "steer_inbound";
+/// Every link name this agent pins under `<pin>/links` (besides `pod-<cookie>`).
+const LINK_NAMES: [&str; 7] = [
+    CGROUP_SOCK_ADDR[0],
+    CGROUP_SOCK_ADDR[1],
+    CGROUP_SOCK_ADDR[2],
+    CGROUP_SOCK_ADDR[3],
+    CGROUP_SOCK_ADDR[4],
+    CGROUP_SOCK_ADDR[5],
+    SOCKOPS,
+];
+
+/// Remove Selvedge's pins under `pin_dir` (links first, so capture stops, then maps),
+/// leaving anything else there in place; refuses a directory that is not on bpffs.
+pub fn uninstall(pin_dir: &Path) -> Result<Uninstalled, DatapathError> {
+    pins::uninstall(pin_dir, &LINK_NAMES)
+}
+
 /// Slot baked into a closed pod's `sk_lookup`: out of range, so it reads no flags and drops.
 const NO_SLOT: u32 = u32::MAX;
 
@@ -54,6 +71,8 @@ pub enum DatapathError {
     Object(String),
     #[error("bpffs: {dir} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
     NoBpffs { dir: PathBuf },
+    #[error("{dir} is not on a bpf filesystem, so it holds no pins of Selvedge's: nothing removed")]
+    NotAPinDir { dir: PathBuf },
     #[error("eBPF: {what}: {source}")]
     Io {
         what: String,
@@ -73,6 +92,12 @@ pub enum DatapathError {
          run `selvedge uninstall --pin-dir {dir}` first"
     )]
     AbiMismatch { dir: PathBuf, found: u64 },
+    #[error("{source}; {left}")]
+    Abandoned {
+        #[source]
+        source: Box<DatapathError>,
+        left: String,
+    },
     #[error("eBPF map {map} is full: pod not enrolled (its inbound stays closed); raise --max-pods")]
     Full { map: &'static str },
 }
@@ -186,6 +211,8 @@ impl FlowMaps {
 /// The loaded object, its control maps and the links it owns.
 pub struct Datapath {
     pin_dir: PathBuf,
+    /// No pins were there when this agent started (no earlier agent's state to keep).
+    fresh: bool,
     /// The object's bytes: each pod's `sk_lookup` instance is loaded from them.
     object: Vec<u8>,
     /// Keeps the programs (and the aya-log reader) of the main load alive.
@@ -209,12 +236,32 @@ impl std::fmt::Debug for Datapath {
 impl Datapath {
     /// Load (re-adopting pinned maps), attach and pin everything; returns the datapath and
     /// the per-connection maps for the proxy.
+    ///
+    /// If it fails after pinning anything and no earlier agent's pins were there, it
+    /// removes what it pinned (the kernel is left as it was found); pins an earlier agent
+    /// left stay, and the error says so.
     pub fn open(opts: &DatapathOptions) -> Result<(Self, FlowMaps), DatapathError> {
         let object = load_object(opts.bpf_object.as_deref())?;
         let bpffs_root = opts.pin_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
         if !crate::sys::is_bpffs(bpffs_root) {
             return Err(DatapathError::NoBpffs { dir: opts.pin_dir.clone() });
         }
+        let fresh = !pins::has_pins(&opts.pin_dir);
+        Self::attach(opts, object, fresh).map_err(|e| DatapathError::Abandoned {
+            source: Box::new(e),
+            left: pins::after_failed_start(&opts.pin_dir, fresh, &LINK_NAMES),
+        })
+    }
+
+    /// A start that fails after `open`: remove what this agent pinned if nothing was pinned
+    /// before it; says what is left and why.
+    pub fn abandon(self) -> String {
+        let (pin_dir, fresh) = (self.pin_dir.clone(), self.fresh);
+        drop(self);
+        pins::after_failed_start(&pin_dir, fresh, &LINK_NAMES)
+    }
+
+    fn attach(opts: &DatapathOptions, object: Vec<u8>, fresh: bool) -> Result<(Self, FlowMaps), DatapathError> {
         let map_dir = pins::ensure_dirs(&opts.pin_dir)?;
         let max_pods = opts.max_pods.clamp(1, capacity::INBOUND_LISTENERS);
         let mut ebpf = EbpfLoader::new()
@@ -269,6 +316,7 @@ impl Datapath {
         };
         let dp = Datapath {
             pin_dir: opts.pin_dir.clone(),
+            fresh,
             enrolled: take(&mut ebpf, maps::ENROLLED)?,
             slots: take(&mut ebpf, maps::SLOTS)?,
             inbound: take(&mut ebpf, maps::INBOUND_LISTENERS)?,

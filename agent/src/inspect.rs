@@ -74,7 +74,16 @@ fn select(view: View, doc: &Value) -> Value {
     match view {
         View::Status => {
             let mut s = serde_json::Map::new();
-            for k in ["node", "ready", "not_ready", "generation", "trust_domain", "pooled_hbone_connections"] {
+            for k in [
+                "node",
+                "ready",
+                "not_ready",
+                "generation",
+                "config_rejected_total",
+                "config_last_rejected",
+                "trust_domain",
+                "pooled_hbone_connections",
+            ] {
                 s.insert(k.into(), doc[k].clone());
             }
             let enrolled = doc["workloads"].as_array().map(|w| w.iter().filter(|x| x["enrolled"] == true).count());
@@ -144,8 +153,17 @@ fn table_for(view: View, v: &Value) -> String {
             let mut out = String::new();
             if let Some(o) = v.as_object() {
                 for (k, val) in o {
-                    if k != "counters" {
-                        out += &format!("{k:<26} {}\n", cell(val));
+                    match (k.as_str(), val) {
+                        ("counters", _) => {}
+                        ("config_last_rejected", Value::Object(r)) => {
+                            out += &format!(
+                                "{k:<26} {} (at unix {}; generation {} stays in force)\n",
+                                cell(&r["reason"]),
+                                cell(&r["at"]),
+                                cell(&r["kept_generation"])
+                            );
+                        }
+                        _ => out += &format!("{k:<26} {}\n", cell(val)),
                     }
                 }
                 if let Some(c) = o.get("counters").and_then(Value::as_object) {
@@ -200,6 +218,19 @@ mod tests {
             "services": [], "policies": [], "certificates": [{"identity": "spiffe://td/ns/shop/sa/a", "not_after": 1, "last_error": null}],
             "kernel": {"pin_dir": "/sys/fs/bpf/selvedge", "links": ["capture_connect4"], "programs": [{"link": "capture_connect4", "program_id": 7, "program": "capture_connect", "type": "BPF_PROG_TYPE_CGROUP_SOCK_ADDR"}], "maps": [{"name": "SV_ENROLLED", "entries": 1, "capacity": 4}], "counters": {"captured": 3}}
         })
+    }
+
+    #[test]
+    fn status_shows_a_refused_config_with_its_reason_and_the_generation_in_force() {
+        let mut d = dump();
+        d["config_rejected_total"] = 3.into();
+        d["config_last_rejected"] =
+            serde_json::json!({"reason": "config /x: the file is empty", "at": 17, "kept_generation": 2});
+        let status = render(View::Status, &d, Output::Table);
+        assert!(status.contains("config_rejected_total      3"), "{status}");
+        assert!(status.contains("the file is empty (at unix 17; generation 2 stays in force)"), "{status}");
+        let j: Value = serde_json::from_str(&render(View::Status, &d, Output::Json)).unwrap();
+        assert_eq!(j["config_last_rejected"]["kept_generation"], 2);
     }
 
     #[test]

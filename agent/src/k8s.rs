@@ -14,11 +14,14 @@ use std::{collections::BTreeMap, path::Path};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
     config::{KubeConfigOptions, Kubeconfig},
-    Api, Client, Config,
+    Api, Config,
 };
 
 pub mod convert;
 pub mod watch;
+
+/// The API client the agent's cluster loop holds (made before the kernel is touched).
+pub use kube::Client;
 
 pub use convert::{find_pod, meshed, to_config, Converted, PodFacts, PodNetwork, Snapshot};
 

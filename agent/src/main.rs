@@ -40,8 +40,10 @@ enum Command {
     /// already set: on AMD EPYC, glibc's `rep movsb` made the copy into each TLS record
     /// cost 3.5 times the encryption.
     Run(Box<RunArgs>),
-    /// Detach every program and remove every pin under the pin directory. Enrolled pods
-    /// go back to unmeshed networking. Stop the agent first.
+    /// Detach every program and remove every pin Selvedge made under the pin directory.
+    /// Enrolled pods go back to unmeshed networking. Stop the agent first. Refuses a
+    /// directory that is not on a bpf filesystem, and leaves anything there that is not
+    /// one of Selvedge's pins (each one is named).
     Uninstall {
         #[arg(long, env = config::ENV_PIN_DIR, default_value = config::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
@@ -293,8 +295,11 @@ fn main() -> anyhow::Result<()> {
         Command::Connections(a) => inspect(selvedge::inspect::View::Connections, &a),
         Command::Bpf(a) => inspect(selvedge::inspect::View::Bpf, &a),
         Command::Uninstall { pin_dir } => {
-            let n = datapath::uninstall(&pin_dir).with_context(|| format!("uninstall {}", pin_dir.display()))?;
-            println!("removed {n} pins under {}", pin_dir.display());
+            let done = datapath::uninstall(&pin_dir).with_context(|| format!("uninstall {}", pin_dir.display()))?;
+            println!("removed {} pins under {}", done.removed, pin_dir.display());
+            for kept in &done.kept {
+                println!("left in place (not a pin of Selvedge's): {}", kept.display());
+            }
             Ok(())
         }
     }
@@ -381,6 +386,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr,
         readiness_addr: args.readiness_addr,
     };
+    if let Some(path) = &args.status_file {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        anyhow::ensure!(dir.is_dir(), "--status-file {}: directory {} does not exist", path.display(), dir.display());
+    }
     tracing::info!(?settings, "starting");
     raise_fd_limit();
     // One crypto provider for the whole process, installed explicitly.
@@ -393,7 +402,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(worker_threads = threads, "async runtime");
     let rt = runtime(threads).context("start the async runtime")?;
     rt.block_on(async move {
-        let agent = Agent::start(settings, set_log_level)?;
+        let agent = Agent::start(settings, set_log_level).await?;
         agent.run(args.status_file).await
     })?;
     Ok(())

@@ -95,6 +95,8 @@ pub struct Metrics {
     /// Last (full, resumed) totals seen from the HBONE pool.
     handshakes_last: Mutex<Vec<u64>>,
     dialled_ahead: Counter,
+    config_rejected: Counter,
+    config_generation: Gauge,
     /// Last total of connections the HBONE pool dialled ahead of need.
     dialled_ahead_last: std::sync::atomic::AtomicU64,
     /// Connections open right now, for `/connections`.
@@ -201,6 +203,8 @@ impl Metrics {
             handshakes: Family::default(),
             handshakes_last: Mutex::new(Vec::new()),
             dialled_ahead: Counter::default(),
+            config_rejected: Counter::default(),
+            config_generation: Gauge::default(),
             dialled_ahead_last: std::sync::atomic::AtomicU64::new(0),
             live: Mutex::new(Live::default()),
             registry: Registry::default(),
@@ -244,6 +248,16 @@ impl Metrics {
             "Outgoing HBONE connections dialled before any stream needed them (a key's free stream slots ran low)",
             m.dialled_ahead.clone(),
         );
+        registry.register(
+            "selvedge_config_rejected",
+            "Config changes refused (parse or validation error, emptied or deleted file); the one in force stays",
+            m.config_rejected.clone(),
+        );
+        registry.register(
+            "selvedge_config_generation",
+            "Generation of the config in force (incremented by each applied change)",
+            m.config_generation.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -267,6 +281,14 @@ impl Metrics {
             sent: self.sent.get_or_create_owned(labels),
             received: self.received.get_or_create_owned(labels),
         }
+    }
+
+    pub fn config_rejected(&self) {
+        self.config_rejected.inc();
+    }
+
+    pub fn set_config_generation(&self, generation: u64) {
+        self.config_generation.set(i64::try_from(generation).unwrap_or(i64::MAX));
     }
 
     pub fn denied(&self, reason: &'static str) {

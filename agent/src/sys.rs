@@ -173,16 +173,25 @@ pub fn is_own_address(ip: std::net::IpAddr) -> io::Result<bool> {
     Ok(found)
 }
 
-/// Is a bpffs mounted at (or above) `dir`?
-pub fn is_bpffs(dir: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
+/// Is `dir` a directory of a cgroup v2 filesystem?
+pub fn is_cgroup2(dir: &Path) -> bool {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    fs_magic(dir) == Some(CGROUP2_SUPER_MAGIC) && dir.is_dir()
+}
+
+/// The filesystem type (`statfs`'s `f_type`) of `path`.
+fn fs_magic(path: &Path) -> Option<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: zeroed statfs is a valid out-parameter; the path is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as i64)
+}
+
+/// Is a bpffs mounted at (or above) `dir`?
+pub fn is_bpffs(dir: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    fs_magic(dir) == Some(BPF_FS_MAGIC)
 }
 
 #[cfg(test)]

@@ -209,6 +209,8 @@ impl Agent {
             "ready": self.admin.ready.load(Ordering::SeqCst),
             "not_ready": *self.admin.not_ready.read(),
             "generation": self.generation,
+            "config_rejected_total": self.rejections.total,
+            "config_last_rejected": self.rejections.last,
             "trust_domain": self.settings.trust_domain,
             "workloads": workloads,
             "peers": peers,

@@ -56,15 +56,41 @@ struct Cluster {
 const SLOW_EVERY: u64 = 10;
 const CREDENTIALS_EVERY: u64 = 120;
 
-impl super::Agent {
-    pub(super) async fn run_kube(mut self, ks: KubeSettings, status_file: Option<PathBuf>) -> Result<(), AppError> {
-        self.serve_admin().await?;
-        *self.admin.not_ready.write() = "waiting for the first complete list from the Kubernetes API".into();
+/// What the cluster loop needs that can fail, made before the kernel is touched: the API
+/// client (the kubeconfig is read), the pod registry and the CNI plugin's socket.
+pub(super) struct KubeStart {
+    client: k8s::Client,
+    registry: Registry,
+    cni: tokio::net::UnixListener,
+}
+
+impl std::fmt::Debug for KubeStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeStart").field("registry", &self.registry).finish_non_exhaustive()
+    }
+}
+
+impl KubeStart {
+    pub(super) async fn prepare(ks: &KubeSettings) -> Result<Self, AppError> {
         let client = k8s::client(ks.kubeconfig.as_deref()).await?;
-        let mut snapshots = k8s::watch::start(client);
         let state_err = |source| AppError::State { path: ks.state_dir.clone(), source };
         let registry = Registry::open(&ks.state_dir).map_err(state_err)?;
-        let listener = cni::server::bind(&ks.state_dir.join(cni::protocol::SOCKET_NAME)).map_err(state_err)?;
+        let cni = cni::server::bind(&ks.state_dir.join(cni::protocol::SOCKET_NAME)).map_err(state_err)?;
+        Ok(Self { client, registry, cni })
+    }
+}
+
+impl super::Agent {
+    pub(super) async fn run_kube(
+        mut self,
+        ks: KubeSettings,
+        prepared: KubeStart,
+        status_file: Option<PathBuf>,
+    ) -> Result<(), AppError> {
+        self.serve_admin();
+        *self.admin.not_ready.write() = "waiting for the first complete list from the Kubernetes API".into();
+        let KubeStart { client, registry, cni: listener } = prepared;
+        let mut snapshots = k8s::watch::start(client);
         let (to_agent, mut cni_requests) = mpsc::channel(64);
         tokio::spawn(cni::server::serve(listener, to_agent));
         tracing::info!(state_dir = %ks.state_dir.display(), mesh_label = %ks.mesh_label, "watching the Kubernetes API");
@@ -152,7 +178,7 @@ impl super::Agent {
         let converted = match convert.await {
             Ok(converted) => converted,
             Err(e) => {
-                tracing::error!("cluster state not applied, keeping the previous one: converting it failed: {e}");
+                self.reject_config(format!("cluster state: converting it failed: {e}"));
                 return;
             }
         };
@@ -174,7 +200,7 @@ impl super::Agent {
                     );
                 }
             }
-            Err(e) => tracing::error!("cluster state not applied, keeping the previous one: {e}"),
+            Err(e) => self.reject_config(format!("cluster state: {e}")),
         }
         if let Err(e) = self.sweep_stale() {
             tracing::error!("stale enrollments not removed: {e}");
