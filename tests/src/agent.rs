@@ -52,6 +52,12 @@ impl Default for AgentOptions {
 pub struct Status {
     pub ready: bool,
     pub generation: u64,
+    /// Config changes refused since the agent started (the config in force stayed).
+    #[serde(default)]
+    pub config_rejected_total: u64,
+    /// The newest refused change (`reason`, `at`, `kept_generation`), until one applies.
+    #[serde(default)]
+    pub config_last_rejected: Option<serde_json::Value>,
     pub enrolled: Vec<String>,
     pub failed: BTreeMap<String, String>,
     pub stats: BTreeMap<String, u64>,
@@ -235,6 +241,12 @@ impl Agent {
             return;
         }
         wait_for(10, "agent to apply the new config", || self.try_status().filter(|s| s.generation > before));
+    }
+
+    /// Write `text` as the config file as it is (no generation is awaited: the agent may
+    /// refuse it).
+    pub fn write_raw_config(&self, text: &str) {
+        std::fs::write(self.config_path(), text).expect("write the agent's config");
     }
 
     pub fn try_status(&self) -> Option<Status> {

@@ -500,6 +500,55 @@ impl Lab {
         PathBuf::from("/run/netns").join(&self.nodes.get(node).unwrap_or_else(|| panic!("no node {node}")).netns)
     }
 
+    /// `selvedge run` as `node`'s agent would be started (its netns, pin directory, pods'
+    /// cgroup unless `args` name one, and the lab's CA) with `args` after those, for a
+    /// start that should fail: returns (exited successfully, stderr). A process still
+    /// running after 20 s is killed and the test fails.
+    pub fn run_agent_to_exit(&self, node: &str, args: &[&str]) -> (bool, String) {
+        let spec = self.agent_spec(node, &format!("{node}-once"));
+        let log = self.dir.join(format!("once-{node}-{}.log", LAB_SEQ.fetch_add(1, Ordering::SeqCst)));
+        let mut cmd = Command::new(&self.env.selvedge);
+        cmd.args(["run", "--node", node, "--log-format", "json"])
+            .arg("--pin-dir")
+            .arg(&spec.pin_dir)
+            .arg("--ca-dir")
+            .arg(&spec.ca_dir);
+        if !args.contains(&"--cgroup") {
+            cmd.arg("--cgroup").arg(&spec.pods_cgroup);
+        }
+        cmd.args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        let place = Place { netns: Some(&spec.node_netns), cgroup: Some(&spec.agent_cgroup) };
+        let mut child = proc::command_in(cmd, place).spawn().expect("spawn selvedge run");
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("wait for selvedge run") {
+                break st;
+            }
+            if start.elapsed() > std::time::Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("selvedge run {args:?} did not exit: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        (status.success(), std::fs::read_to_string(&log).unwrap_or_default())
+    }
+
+    /// The pin directory `node`'s agent uses.
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        self.agent_spec(node, node).pin_dir
+    }
+
+    /// The programs attached to `cgroup` itself (not inherited), as `bpftool` lists them.
+    pub fn cgroup_programs(&self, cgroup: &Path) -> Vec<serde_json::Value> {
+        let out = Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(cgroup).output().expect("run bpftool");
+        assert!(out.status.success(), "bpftool cgroup show: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
     /// Run `selvedge ARGS` on `node` (in its netns, like an operator on the node).
     pub fn selvedge_on(&self, node: &str, args: &[&str]) -> (bool, String) {
         let mut cmd = Command::new(&self.env.selvedge);

@@ -1,0 +1,148 @@
+//! Faults and attacks that once opened the mesh or truncated a stream silently (README,
+//! "Attack and fault catalogue"): each test here failed before its fix.
+
+use std::net::SocketAddr;
+
+use selvedge_tests::Lab;
+
+const PORT: u16 = 8080;
+const AGENT_DELIVERY: &str = "127.0.0.6";
+
+fn metrics(lab: &Lab, node: &str) -> String {
+    let (status, body) =
+        lab.http_on_node(node, SocketAddr::from(([127, 0, 0, 1], 15020)), "GET", "/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    body
+}
+
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn an_emptied_config_file_keeps_the_config_in_force_and_says_so() {
+    let mut lab = Lab::two_nodes("empty-config");
+    lab.serve("d", "whoami", PORT);
+    lab.set_pod("d", true, true);
+    lab.write_configs();
+    let d = lab.get("d").addr(PORT);
+    let generation = lab.agent("n2").status().generation;
+    lab.ask("c", d).expect_err("STRICT d drops plaintext");
+
+    // What `: > file` (and `cp`, for a moment) leaves behind.
+    for (i, empty) in ["", "  \n# being rewritten\n"].into_iter().enumerate() {
+        lab.agent("n2").write_raw_config(empty);
+        let want = i as u64 + 1;
+        let s = selvedge_tests::sys::wait_for(10, "the agent to refuse the emptied file", || {
+            lab.agent("n2").try_status().filter(|s| s.config_rejected_total >= want)
+        });
+        assert_eq!(s.generation, generation, "the config in force stays: {s:?}");
+        assert!(s.enrolled.contains(&"d".to_string()), "d stays enrolled: {s:?}");
+        let last = s.config_last_rejected.as_ref().expect("the refusal is in the status");
+        assert!(last["reason"].as_str().is_some_and(|r| r.contains("empty")), "{last}");
+        assert_eq!(last["kept_generation"], generation);
+        lab.ask("c", d).expect_err("STRICT still holds: no plaintext after the file was emptied");
+        let r = lab.ask("a", d).expect("meshed a still reaches d over mTLS");
+        assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
+    }
+    let m = metrics(&lab, "n2");
+    assert_eq!(metric(&m, "selvedge_config_rejected_total"), Some(2.0), "{m}");
+    assert_eq!(metric(&m, "selvedge_config_generation"), Some(generation as f64), "{m}");
+    let (ok, status) = lab.selvedge_on("n2", &["status"]);
+    assert!(ok && status.contains("config_rejected_total      2"), "{status}");
+    assert!(status.contains("generation") && status.contains("stays in force"), "{status}");
+
+    // Saying "nothing" on purpose is taken.
+    lab.agent("n2").write_raw_config("workloads: []\n");
+    let s = selvedge_tests::sys::wait_for(10, "the explicit empty config to apply", || {
+        lab.agent("n2").try_status().filter(|s| s.generation > generation)
+    });
+    assert!(s.enrolled.is_empty() && s.config_last_rejected.is_none(), "{s:?}");
+}
+
+#[test]
+fn a_start_that_fails_leaves_the_kernel_as_it_found_it() {
+    let mut lab = Lab::new("failed-start");
+    lab.node("n1");
+    lab.pod("n1", "a", true);
+    let pins = lab.pin_dir("n1");
+    let cgroup = lab.node_cgroup("n1");
+    let dir = std::env::temp_dir().join(format!("svt-failed-start-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "workloads:\n- {uid: u, name: a, node: n1, bogus: 1}\n").unwrap();
+    let good = dir.join("good.yaml");
+    std::fs::write(&good, "workloads: []\n").unwrap();
+    let (bad, good, missing) =
+        (bad.to_str().unwrap(), good.to_str().unwrap(), dir.join("absent.yaml").to_str().unwrap().to_owned());
+    let no_cgroup = dir.join("no-such-cgroup");
+    let cases: [(&[&str], &str); 5] = [
+        (&["--config", bad], "bogus"),
+        (&["--config", &missing], "cannot read"),
+        (&["--config", good, "--admin-addr", "0.0.0.0:15000"], "loopback"),
+        (&["--config", good, "--cgroup", no_cgroup.to_str().unwrap()], "not a cgroup v2 directory"),
+        (&["--config", good, "--status-file", "/nonexistent-dir/status.json"], "does not exist"),
+    ];
+    for (args, reason) in cases {
+        let (ok, log) = lab.run_agent_to_exit("n1", args);
+        assert!(!ok, "{args:?} must fail");
+        assert!(log.contains(reason), "{args:?}: the error names the problem ({reason}): {log}");
+        assert!(!pins.exists(), "{args:?}: nothing pinned");
+        assert!(lab.cgroup_programs(&cgroup).is_empty(), "{args:?}: nothing attached to {}", cgroup.display());
+    }
+
+    // Fails after attaching (the status file's path is a directory): what it attached goes.
+    let (ok, log) = lab.run_agent_to_exit("n1", &["--config", good, "--status-file", dir.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(log.contains("nothing of Selvedge's is left attached"), "{log}");
+    assert!(!pins.exists(), "its pins are removed");
+    assert!(lab.cgroup_programs(&cgroup).is_empty(), "its programs are detached");
+
+    // With an earlier agent's pins there, they stay (its pods stay closed) and it says so.
+    lab.start_agent("n1", selvedge_tests::AgentOptions::default());
+    assert!(lab.agent("n1").stop().success());
+    let (ok, log) = lab.run_agent_to_exit("n1", &["--config", good, "--status-file", dir.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(log.contains("predate this start") && log.contains("selvedge uninstall"), "{log}");
+    assert!(pins.join("maps").exists(), "the earlier agent's pins stay");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn uninstall_removes_only_selvedges_pins_and_refuses_other_filesystems() {
+    let mut lab = Lab::new("uninstall");
+    lab.node("n1");
+    lab.pod("n1", "a", true);
+    lab.start_agent("n1", selvedge_tests::AgentOptions::default());
+    assert!(lab.agent("n1").stop().success());
+    let pins = lab.pin_dir("n1");
+    // Someone else's pin beside Selvedge's.
+    let foreign = pins.join("links").join("someone_elses");
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&foreign)
+        .args(["type", "array", "key", "4", "value", "4", "entries", "1", "name", "foreign"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = lab.agent("n1").uninstall();
+    assert!(said.contains("left in place") && said.contains("someone_elses"), "{said}");
+    assert!(foreign.exists(), "the foreign pin stays");
+    assert!(!pins.join("maps").exists(), "Selvedge's maps are gone");
+    std::fs::remove_file(&foreign).unwrap();
+
+    // A tmpfs directory: refused, nothing deleted.
+    let dir = std::env::temp_dir().join(format!("svt-uninstall-tmpfs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(&dir).status().unwrap();
+    assert!(mounted.success());
+    std::fs::create_dir_all(dir.join("maps")).unwrap();
+    std::fs::write(dir.join("notes.txt"), "keep me").unwrap();
+    std::fs::write(dir.join("maps").join("SV_ENROLLED"), "not a pin").unwrap();
+    let (ok, out) = lab.selvedge_on("n1", &["uninstall", "--pin-dir", dir.to_str().unwrap()]);
+    let kept = dir.join("notes.txt").exists() && dir.join("maps").join("SV_ENROLLED").exists();
+    let _ = std::process::Command::new("umount").arg(&dir).status();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!ok && out.contains("not on a bpf filesystem"), "{out}");
+    assert!(kept, "nothing was deleted");
+}
