@@ -650,7 +650,16 @@ impl Agent {
                 Err(_) => netns.listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)).await,
             }
         };
-        Ok((outbound, any(INBOUND_PORT).await?, any(HBONE_PORT).await?))
+        let inbound = any(INBOUND_PORT).await?;
+        // Every connection these accept resets its app unless its relay ends cleanly.
+        for l in outbound.iter().chain([&inbound]) {
+            proxy::arm_reset(l).map_err(|source| InpodError::Socket {
+                path: netns.path().to_owned(),
+                what: "SO_LINGER on a listener".into(),
+                source,
+            })?;
+        }
+        Ok((outbound, inbound, any(HBONE_PORT).await?))
     }
 
     /// Reuse the slot a previous agent gave this netns, else the lowest free one.

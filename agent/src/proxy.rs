@@ -264,8 +264,18 @@ async fn carry(
         None => Some(copy.await),
     };
     match outcome {
-        Some(Ok(())) => None,
-        Some(Err(e)) => Some(e.to_string()),
+        Some(Ok(())) => {
+            // Both directions ended cleanly: close with FIN, after what is still queued.
+            disarm_reset(&downstream);
+            disarm_reset(&upstream);
+            None
+        }
+        Some(Err(e)) => {
+            // An end by error must not look like a complete stream to either app.
+            reset(downstream);
+            reset(upstream);
+            Some(e.to_string())
+        }
         None => {
             reset(downstream);
             reset(upstream);
@@ -275,7 +285,8 @@ async fn carry(
 }
 
 /// Connect from inside the pod's netns to `dst`, with a socket made ready for `use_`
-/// (`TCP_NODELAY`; a delivery's source bound: see `inpod::Use`).
+/// (`TCP_NODELAY`; a delivery's source bound: see `inpod::Use`) and armed to reset on
+/// close ([`arm_reset`]) until its relay ends cleanly.
 pub async fn connect_in_pod(
     pod: &PodContext,
     use_: Use,
@@ -284,10 +295,24 @@ pub async fn connect_in_pod(
 ) -> Result<TcpStream, String> {
     let sock = pod.netns.stream_socket(dst.is_ipv6(), use_).await.map_err(|e| e.to_string())?;
     match tokio::time::timeout(timeout, sock.connect(dst)).await {
-        Ok(Ok(s)) => Ok(s),
+        Ok(Ok(s)) => arm_reset(&s).map(|()| s).map_err(|e| format!("connect {dst}: arm SO_LINGER: {e}")),
         Ok(Err(e)) => Err(format!("connect {dst}: {e}")),
         Err(_) => Err(format!("connect {dst}: timed out after {}s", timeout.as_secs())),
     }
+}
+
+/// Make every close of `sock` (and, on a listener, of every connection it accepts: they
+/// inherit it) a reset, until [`disarm_reset`]: a relay that ends by an error, a policy
+/// close, a cancelled task or the agent's own death (the kernel closes a killed process's
+/// sockets) then shows the app a reset, never a FIN after a prefix of the stream.
+pub fn arm_reset(sock: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+    socket2::SockRef::from(sock).set_linger(Some(Duration::ZERO))
+}
+
+/// A relay ended cleanly: close with FIN again, after the bytes still queued (a zero
+/// linger would discard them).
+pub fn disarm_reset(sock: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(sock).set_linger(None);
 }
 
 /// Close with RST so the app sees a reset rather than a clean end of stream.
@@ -333,6 +358,57 @@ mod tests {
         app.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"world");
         relayed.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_a_listener_accepts_inherit_its_armed_reset() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        arm_reset(&l).unwrap();
+        let _c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert_eq!(socket2::SockRef::from(&s).linger().unwrap(), Some(Duration::ZERO));
+    }
+
+    /// The server sends `len` bytes, then ends cleanly or resets; what the app reads.
+    async fn relay_ending(len: usize, server_resets: bool) -> (usize, std::io::Result<()>) {
+        let (mut app, downstream) = pair().await;
+        let (upstream, mut server) = pair().await;
+        arm_reset(&downstream).unwrap();
+        arm_reset(&upstream).unwrap();
+        let mut flow = Flow::for_test(app.local_addr().unwrap(), server.local_addr().unwrap());
+        let relayed = tokio::spawn(async move { relay(&mut flow, downstream, upstream, Mover::Copy, None).await });
+        server.write_all(&vec![7u8; len]).await.unwrap();
+        if server_resets {
+            // Let the bytes through first: the reset must not overtake them at the relay.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            reset(server);
+        } else {
+            app.shutdown().await.unwrap();
+            server.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.unwrap();
+        }
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        let end = loop {
+            match app.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => got += n,
+                Err(e) => break Err(e),
+            }
+        };
+        relayed.await.unwrap();
+        (got, end)
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_ends_by_an_error_resets_the_app_and_a_clean_one_ends_with_fin() {
+        let (got, end) = relay_ending(1 << 20, false).await;
+        assert_eq!(got, 1 << 20);
+        end.expect("a clean end is a clean end of stream, every byte delivered first");
+        let (_, end) = relay_ending(4096, true).await;
+        let e = end.expect_err("the upstream's reset must reach the app as a reset, not as EOF");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
     }
 
     #[tokio::test]

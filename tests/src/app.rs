@@ -93,6 +93,21 @@ impl Lab {
         );
     }
 
+    /// Start a `selvedge-lab-app` server (`args`: its mode, port and any more) in `pod`;
+    /// returns once it listens.
+    pub fn serve_args(&mut self, pod: &str, args: &[&str]) {
+        let pid = self.spawn_app(pod, args);
+        let line = self.child_first_line(pid, std::time::Duration::from_secs(30));
+        assert!(line.contains("listening"), "{args:?} in {pod} did not start: {line:?} {}", self.child_stderr(pid));
+    }
+
+    /// Start `selvedge-lab-app ARGS` in `pod` in the background; returns its pid (its
+    /// report: `child_first_line`).
+    pub fn spawn_app(&mut self, pod: &str, args: &[&str]) -> u32 {
+        let cmd = self.app(args);
+        self.spawn_in_pod(pod, cmd)
+    }
+
     /// `ask` from `pod` to `to`: Ok(report) or Err(the connect error).
     pub fn ask(&self, pod: &str, to: SocketAddr) -> Result<Ask, String> {
         parse(&self.run_in_pod(pod, self.app(&["ask", &to.to_string()])))

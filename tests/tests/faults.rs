@@ -146,3 +146,44 @@ fn uninstall_removes_only_selvedges_pins_and_refuses_other_filesystems() {
     assert!(!ok && out.contains("not on a bpf filesystem"), "{out}");
     assert!(kept, "nothing was deleted");
 }
+
+/// What a `selvedge-lab-app` report says about how its connection ended.
+fn ended(report: &serde_json::Value) -> String {
+    report["end"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn a_dying_tunnel_resets_the_app_never_ends_its_stream_cleanly() {
+    let mut lab = Lab::two_nodes("dying-tunnel");
+    let reports = std::env::temp_dir().join(format!("svt-sink-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&reports);
+    lab.serve_args("d", &["sink", "7100", reports.to_str().unwrap()]);
+    lab.serve_args("d", &["source", "7101"]);
+    let (sink, source) = (lab.get("d").addr(7100).to_string(), lab.get("d").addr(7101).to_string());
+
+    // The client's agent dies mid-stream: the server's side (its agent's HBONE stream
+    // broke) must see a reset, not an end of stream after a prefix.
+    let writer = lab.spawn_app("a", &["stream", &sink, "30"]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    lab.kill_agent("n1");
+    let line = selvedge_tests::sys::wait_for(15, "the sink's report", || {
+        std::fs::read_to_string(&reports).ok().and_then(|t| t.lines().next().map(str::to_owned))
+    });
+    let at_server: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert!(at_server["received"].as_u64() > Some(0), "bytes flowed first: {at_server}");
+    assert!(ended(&at_server).contains("ConnectionReset"), "the server's app sees a reset: {at_server}");
+    let at_client: serde_json::Value =
+        serde_json::from_str(&lab.child_first_line(writer, std::time::Duration::from_secs(40))).unwrap();
+    assert!(ended(&at_client) != "eof" || at_client["write_error"].is_string(), "{at_client}");
+    let _ = std::fs::remove_file(&reports);
+
+    // The server's agent dies while the client reads: the client's agent must reset it.
+    lab.start_agent("n1", selvedge_tests::AgentOptions::default());
+    let reader = lab.spawn_app("a", &["drain", &source]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    lab.kill_agent("n2");
+    let at_client: serde_json::Value =
+        serde_json::from_str(&lab.child_first_line(reader, std::time::Duration::from_secs(40))).unwrap();
+    assert!(at_client["received"].as_u64() > Some(0), "bytes flowed first: {at_client}");
+    assert!(ended(&at_client).contains("ConnectionReset"), "the client's app sees a reset: {at_client}");
+}

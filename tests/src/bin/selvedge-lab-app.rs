@@ -10,6 +10,12 @@
 //!   way Go, tokio, nginx or Java NIO programs do I/O.
 //! * `send-split ADDR N MS` — like `send-poll`, but writes the first half, pauses MS
 //!   milliseconds, then writes the rest.
+//! * `sink PORT FILE` — read each connection to its end; append one JSON line per
+//!   connection to FILE: bytes read and how it ended (`eof`, or the read error).
+//! * `source PORT`  — write to each connection until it fails.
+//! * `stream ADDR SECONDS` — write for SECONDS (unless it fails first), half-close, read to
+//!   the end; print bytes both ways and how each direction ended.
+//! * `drain ADDR`   — read until the end; print the bytes and how it ended.
 //! * `ask ADDR`     — connect to a whoami server; print its view and ours.
 //! * `bind PORT`    — try to bind 0.0.0.0:PORT; print whether it worked.
 //! * `pingpong ADDR SIZE N` — one kept-alive connection to an echo server, N round trips of
@@ -49,6 +55,10 @@ fn main() {
             send_poll(addr(arg(1)), n, Some((n / 2, Duration::from_millis(ms))))
         }
         "ask" => ask(addr(arg(1))),
+        "sink" => sink(port(arg(1)), arg(2)),
+        "source" => serve(port(arg(1)), source),
+        "stream" => stream(addr(arg(1)), num(arg(2)) as u64),
+        "drain" => drain(addr(arg(1))),
         "bind" => bind(port(arg(1))),
         "hbone-probe" => hbone_probe(&args[1..]),
         "http" => http(addr(arg(1)), arg(2), arg(3)),
@@ -109,6 +119,67 @@ fn whoami(mut s: TcpStream) {
 fn fail(msg: &str) -> ! {
     println!("{}", json!({"error": msg}));
     std::process::exit(1)
+}
+
+/// Read `s` to its end: (bytes, "eof" or the error).
+fn read_all(s: &mut TcpStream) -> (u64, String) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (total, "eof".into()),
+            Ok(n) => total += n as u64,
+            Err(e) => return (total, format!("{:?}: {e}", e.kind())),
+        }
+    }
+}
+
+fn sink(port: u16, file: &str) {
+    let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| fail(&format!("bind {port}: {e}")));
+    println!("{}", json!({"listening": port}));
+    let _ = std::io::stdout().flush();
+    for mut s in l.incoming().flatten() {
+        let file = file.to_owned();
+        std::thread::spawn(move || {
+            let (bytes, end) = read_all(&mut s);
+            let line = json!({"received": bytes, "end": end}).to_string() + "\n";
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&file).expect("report file");
+            let _ = f.write_all(line.as_bytes());
+        });
+    }
+}
+
+fn source(mut s: TcpStream) {
+    let chunk = vec![5u8; 64 * 1024];
+    while s.write_all(&chunk).is_ok() {}
+}
+
+fn stream(to: SocketAddr, seconds: u64) {
+    let mut s = connect(to);
+    let chunk = vec![3u8; 64 * 1024];
+    let until = std::time::Instant::now() + Duration::from_secs(seconds);
+    let mut sent = 0u64;
+    let mut write_error = None;
+    while std::time::Instant::now() < until {
+        match s.write(&chunk) {
+            Ok(n) => sent += n as u64,
+            Err(e) => {
+                write_error = Some(format!("{:?}: {e}", e.kind()));
+                break;
+            }
+        }
+    }
+    let _ = s.shutdown(Shutdown::Write);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let (received, end) = read_all(&mut s);
+    println!("{}", json!({"sent": sent, "write_error": write_error, "received": received, "end": end}));
+}
+
+fn drain(to: SocketAddr) {
+    let mut s = connect(to);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    let (received, end) = read_all(&mut s);
+    println!("{}", json!({"received": received, "end": end}));
 }
 
 fn connect(to: SocketAddr) -> TcpStream {
