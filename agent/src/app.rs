@@ -193,6 +193,8 @@ pub struct Agent {
     rejections: Rejections,
     /// Whether stale kernel entries from a previous agent have been swept.
     swept: bool,
+    /// AuthorizationPolicies already warned about for rules an L4 agent cannot enforce.
+    l7_warned: BTreeSet<String>,
     /// Made by `start` before anything was attached; taken by `run`.
     initial: Option<Initial>,
     admin_listeners: Vec<(SocketAddr, admin::Endpoints, Option<TcpListener>)>,
@@ -297,6 +299,7 @@ impl Agent {
             rejections: Rejections::default(),
             swept: false,
             initial: Some(initial),
+            l7_warned: BTreeSet::new(),
             admin_listeners,
         })
     }
@@ -452,6 +455,14 @@ impl Agent {
             })
         };
         let (desired, directory, policies) = compute.await.map_err(|e| AppError::Computation(e.to_string()))??;
+        for p in policies.iter() {
+            if let Some(note) = p.l7_note() {
+                // Once per policy and wording, not at every apply of an unchanged one.
+                if self.l7_warned.insert(format!("{}: {note}", p.id())) {
+                    tracing::warn!(policy = %p.id(), "AuthorizationPolicy {}: {note}", p.id());
+                }
+            }
+        }
         let waiting = desired.waiting;
         let desired = desired.pods;
         let old_directory = std::mem::replace(&mut *self.mesh.directory.write(), Arc::new(directory));

@@ -179,9 +179,10 @@ fn table_for(view: View, v: &Value) -> String {
             &["name", "namespace", "identity", "ips", "pod_slot", "enrolled", "reason"],
         ),
         View::Services => t(&["VIP", "NAME", "HOSTNAME", "ENDPOINTS"], &["vip", "name", "hostname", "endpoints"]),
-        View::Policies => {
-            t(&["KIND", "NAMESPACE", "NAME", "MODE", "SELECTS"], &["kind", "namespace", "name", "mode", "selects"])
-        }
+        View::Policies => t(
+            &["KIND", "NAMESPACE", "NAME", "MODE", "SELECTS", "APPLIES"],
+            &["kind", "namespace", "name", "mode", "selects", "applies"],
+        ),
         View::Certs => t(&["IDENTITY", "NOT_AFTER", "LAST_ERROR"], &["identity", "not_after", "last_error"]),
         View::Connections => t(
             &["ID", "DIRECTION", "POD", "SRC", "DST", "SECURITY", "SRC_IDENTITY", "DST_IDENTITY"],

@@ -190,10 +190,13 @@ impl Agent {
                     .map(|w| format!("{}/{}", w.namespace, w.name))
                     .collect();
                 let applies = match (&p.scope, p.action) {
-                    (crate::policy::Scope::NotApplicable, _) => "not applicable at L4 (targetRef: waypoint or gateway)",
-                    (_, crate::policy::Action::Custom) => "not applicable: CUSTOM needs an external authorizer",
-                    _ if p.dry_run => "dry-run: evaluated and reported, never enforced",
-                    _ => "enforced",
+                    (crate::policy::Scope::NotApplicable, _) => "not applicable at L4 (targetRef: waypoint or gateway)".into(),
+                    (_, crate::policy::Action::Custom) => "not applicable: CUSTOM needs an external authorizer".into(),
+                    _ if p.dry_run => "dry-run: evaluated and reported, never enforced".to_string(),
+                    _ => match p.l7_note() {
+                        Some(note) => format!("enforced at L4 only: {note}"),
+                        None => "enforced".into(),
+                    },
                 };
                 json!({
                     "kind": "AuthorizationPolicy",

@@ -221,6 +221,26 @@ impl CompiledPolicy {
         format!("{}/{}", self.namespace, self.name)
     }
 
+    /// What an L4 agent cannot enforce as written, when some rules use L7 fields or keys
+    /// (`to.operation` hosts/methods/paths, `request.*` conditions): with Istio's ambient
+    /// semantics such an ALLOW rule never matches without a waypoint, and such a DENY rule
+    /// matches on its L4 parts alone (it denies more).
+    pub fn l7_note(&self) -> Option<String> {
+        let rules = self.rules.as_deref()?;
+        let l7 = rules.iter().filter(|r| r.l7).count();
+        if l7 == 0 {
+            return None;
+        }
+        let of = format!("{l7} of {} rules use L7 fields (methods, paths, hosts, request.*)", rules.len());
+        Some(match self.action {
+            Action::Allow if l7 == rules.len() => {
+                format!("{of}: without a waypoint they never match at L4, so this policy allows nothing")
+            }
+            Action::Allow => format!("{of}: without a waypoint those rules never match at L4"),
+            _ => format!("{of}: at L4 those rules match on their L4 parts alone (they deny more)"),
+        })
+    }
+
     /// Does it apply to a workload in `namespace` with `labels`?
     pub fn selects(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
         match &self.scope {

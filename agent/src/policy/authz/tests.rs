@@ -119,6 +119,21 @@ fn l7_fields_fail_closed() {
 }
 
 #[test]
+fn l7_rules_are_named_as_unenforceable_at_l4() {
+    let all_l7 = policy("shop", "p", "{rules: [{to: [{operation: {methods: [GET]}}]}]}");
+    let note = all_l7.l7_note().expect("an ALLOW of L7 rules is flagged");
+    assert!(note.contains("1 of 1 rules") && note.contains("allows nothing"), "{note}");
+    let mixed =
+        policy("shop", "p", "{rules: [{to: [{operation: {paths: [/x]}}]}, {to: [{operation: {ports: [\"80\"]}}]}]}");
+    let note = mixed.l7_note().unwrap();
+    assert!(note.contains("1 of 2 rules") && note.contains("never match at L4"), "{note}");
+    let deny =
+        policy("shop", "p", "{action: DENY, rules: [{when: [{key: \"request.auth.claims[iss]\", values: [a]}]}]}");
+    assert!(deny.l7_note().unwrap().contains("deny more"));
+    assert_eq!(policy("shop", "p", "{rules: [{to: [{operation: {ports: [\"80\"]}}]}]}").l7_note(), None);
+}
+
+#[test]
 fn empty_shapes() {
     assert!(allowed(&[policy("shop", "p", "{rules: [{}]}")], &plaintext(80)), "rules: [{{}}] matches everything");
     assert!(!allowed(&[policy("shop", "p", "{}")], &plaintext(80)), "an ALLOW policy with no rules denies all");
