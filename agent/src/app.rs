@@ -617,6 +617,7 @@ impl Agent {
             tls: tokio_rustls::TlsAcceptor::from(tls::server_config(&self.mesh.ids, &spec.identity)?),
             trust_domain: self.settings.trust_domain.as_str().into(),
             handshake_timeout: hbone::HANDSHAKE_TIMEOUT,
+            idle_timeout: hbone::SERVER_IDLE,
         };
         let upstream = Arc::new(proxy::inbound::HboneUpstream {
             pod: ctx.clone(),

@@ -39,6 +39,9 @@ pub const MAX_STREAMS: u32 = 100;
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// A pooled connection that has carried no stream for this long is closed.
 pub const POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// An inbound HBONE connection with no open stream for this long is closed by the server:
+/// twice the clients' [`POOL_IDLE`], so a client normally closes its idle connection first.
+pub const SERVER_IDLE: std::time::Duration = std::time::Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PumpError {

@@ -5,6 +5,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use futures::FutureExt as _;
 use h2::SendStream;
 use http::{Method, Request, Response, StatusCode};
 use selvedge_common::RESERVED_PORTS;
@@ -88,6 +89,10 @@ pub struct ServerOptions {
     pub trust_domain: Arc<str>,
     /// Normally [`HANDSHAKE_TIMEOUT`](super::HANDSHAKE_TIMEOUT).
     pub handshake_timeout: Duration,
+    /// A connection with no open stream for this long is closed (GOAWAY): normally
+    /// [`SERVER_IDLE`](super::SERVER_IDLE). Without it a peer could hold a connection, and
+    /// with it a deleted pod's network namespace, open for as long as it liked.
+    pub idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -143,9 +148,29 @@ async fn connection<U: Upstream>(tcp: TcpStream, peer: SocketAddr, opts: ServerO
         Err(e) => return refuse(Outcome::Handshake, &format!("HTTP/2 handshake failed: {e}")),
     };
     turns.arm();
-    while let Some(next) = conn.accept().await {
-        let Ok((req, respond)) = next else { break };
-        tokio::spawn(serve_stream(req, respond, peer, local, principal.clone(), up.clone()));
+    // Streams open on this connection: each stream's task holds one clone.
+    let open = Arc::new(());
+    let mut idle_since = tokio::time::Instant::now();
+    let mut closing = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            () = tokio::time::sleep_until(idle_since + opts.idle_timeout), if !closing => {
+                if Arc::strong_count(&open) == 1 {
+                    // GOAWAY, then the loop runs until the connection has ended.
+                    conn.graceful_shutdown();
+                    closing = true;
+                } else {
+                    idle_since = tokio::time::Instant::now();
+                }
+                continue;
+            }
+        };
+        let Some(Ok((req, respond))) = next else { break };
+        idle_since = tokio::time::Instant::now();
+        let held = open.clone();
+        let stream = serve_stream(req, respond, peer, local, principal.clone(), up.clone());
+        tokio::spawn(stream.map(move |()| drop(held)));
     }
 }
 

@@ -139,6 +139,10 @@ pub(super) fn shared_ca() -> (BuiltinCa, BuiltinCa) {
 }
 
 async fn fixture(handshake_timeout: Duration) -> Fixture {
+    fixture_idle(handshake_timeout, super::SERVER_IDLE).await
+}
+
+async fn fixture_idle(handshake_timeout: Duration, idle_timeout: Duration) -> Fixture {
     let (for_agent, for_test) = shared_ca();
     let ids = manager(for_agent);
     let server_id = id("shop", "db");
@@ -153,6 +157,7 @@ async fn fixture(handshake_timeout: Duration) -> Fixture {
         tls: TlsAcceptor::from(tls::server_config(&ids, &server_id).unwrap()),
         trust_domain: TD.into(),
         handshake_timeout,
+        idle_timeout,
     };
     tokio::spawn(server::serve(listener, opts, up.clone()));
     Fixture { ca: for_test, ids, server_id, server, echo, up }
@@ -525,6 +530,29 @@ async fn a_flood_of_streams_is_bounded() {
     let mut s = tokio::time::timeout(Duration::from_secs(5), sender.clone().ready()).await.unwrap().unwrap();
     let (resp, _send) = s.send_request(connect(), false).unwrap();
     assert_eq!(tokio::time::timeout(Duration::from_secs(5), resp).await.unwrap().unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_connection_without_streams_is_closed_once_idle_and_one_with_a_stream_is_not() {
+    let f = fixture_idle(Duration::from_secs(5), Duration::from_millis(300)).await;
+    // One connection holds a stream open past the idle time; it keeps working.
+    let busy = raw_h2(&f).await;
+    let target = SocketAddr::new(f.server.ip(), f.echo.port());
+    let connect = || Request::builder().method(Method::CONNECT).uri(target.to_string()).body(()).unwrap();
+    let (resp, mut send) = busy.clone().ready().await.unwrap().send_request(connect(), false).unwrap();
+    let mut recv = resp.await.unwrap().into_body();
+    // Another has no stream at all: closed (GOAWAY, then the connection ends).
+    let idle = raw_h2(&f).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let late = tokio::time::timeout(Duration::from_secs(5), async {
+        let (resp, _send) = idle.ready().await?.send_request(connect(), false)?;
+        resp.await
+    })
+    .await;
+    assert!(matches!(late, Ok(Err(_))), "the idle connection was closed: {late:?}");
+    send.send_data(Bytes::from_static(b"still here"), false).unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), recv.data()).await.unwrap().unwrap().unwrap();
+    assert_eq!(&echoed[..], b"still here", "the connection with an open stream stays");
 }
 
 #[tokio::test]
