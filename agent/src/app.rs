@@ -34,6 +34,9 @@ mod reconcile;
 
 /// How often (in 500 ms ticks) the kernel's enrollment state is checked against the agent's.
 const RECONCILE_EVERY: u64 = 20;
+/// How often (in 500 ms ticks) each enrolled pod's netns path is checked to still name the
+/// namespace the agent holds (`follow_netns_identity`).
+const NETNS_CHECK_EVERY: u64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -381,6 +384,9 @@ impl Agent {
                 _ = tick.tick() => {}
             }
             ticks += 1;
+            if ticks.is_multiple_of(NETNS_CHECK_EVERY) {
+                self.follow_netns_identity().await;
+            }
             if ticks.is_multiple_of(RECONCILE_EVERY) {
                 self.reconcile_kernel().await;
             }

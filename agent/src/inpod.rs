@@ -147,6 +147,15 @@ impl PodNetns {
         &self.path
     }
 
+    /// Does the path still name the namespace this holds? A pod sandbox recreated at the
+    /// same path (same IP) is a new namespace: same path, another device and inode. Err:
+    /// the path names nothing now.
+    pub fn still_at_path(&self) -> io::Result<bool> {
+        use std::os::unix::fs::MetadataExt as _;
+        let (held, named) = (self.file.metadata()?, std::fs::metadata(&self.path)?);
+        Ok((held.dev(), held.ino()) == (named.dev(), named.ino()))
+    }
+
     pub fn file(&self) -> std::os::fd::BorrowedFd<'_> {
         self.file.as_fd()
     }

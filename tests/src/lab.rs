@@ -209,6 +209,22 @@ impl Lab {
         }
     }
 
+    /// Delete `name`'s processes and network namespace and make them again at the same
+    /// netns path, with the same address and settings: a restarted pod sandbox. The agents'
+    /// configs do not change.
+    pub fn recreate_pod(&mut self, name: &str) {
+        let o = self.pods.remove(name).unwrap_or_else(|| panic!("no pod {name}"));
+        let _ = std::fs::write(o.cgroup.join("cgroup.kill"), "1");
+        if let Some(ns) = o.netns.file_name() {
+            let _ = Command::new("ip").args(["netns", "del"]).arg(ns).output();
+        }
+        remove_cgroup_tree(&o.cgroup);
+        self.pod_at(&o.node, name, o.enrolled, Some(o.ip));
+        let p = self.pods.get_mut(name).expect("just made");
+        assert_eq!(p.netns, o.netns, "same netns path");
+        *p = o;
+    }
+
     fn pod_at(&mut self, node: &str, name: &str, enrolled: bool, ip: Option<Ipv4Addr>) -> &mut Self {
         let n = self.nodes.get_mut(node).unwrap_or_else(|| panic!("no node {node}"));
         n.pods += 1;

@@ -187,3 +187,30 @@ fn a_dying_tunnel_resets_the_app_never_ends_its_stream_cleanly() {
     assert!(at_client["received"].as_u64() > Some(0), "bytes flowed first: {at_client}");
     assert!(ended(&at_client).contains("ConnectionReset"), "the client's app sees a reset: {at_client}");
 }
+
+#[test]
+fn a_pod_sandbox_recreated_at_the_same_path_is_enrolled_again() {
+    let mut lab = Lab::two_nodes("recreated");
+    lab.pod("n2", "e", false);
+    lab.set_pod("a", true, true);
+    lab.write_configs();
+    lab.serve("e", "whoami", PORT);
+    let (a, e) = (lab.get("a").addr(PORT), lab.get("e").addr(PORT));
+
+    // Same path, same IP, a new namespace; the config file does not change.
+    lab.recreate_pod("a");
+    lab.serve("a", "whoami", PORT);
+    lab.agent("n1").wait_event("the agent to notice the new namespace", |l| {
+        l["message"].as_str().is_some_and(|m| m.contains("now names another namespace"))
+    });
+    selvedge_tests::sys::wait_for(10, "a enrolled again", || {
+        let enrolled =
+            lab.agent("n1").events().iter().filter(|e| e["message"] == "enrolled" && e["pod"] == "a").count();
+        (enrolled >= 2).then_some(())
+    });
+    lab.ask("c", a).expect_err("STRICT applies in the new namespace: plaintext dropped");
+    let r = lab.ask("d", a).expect("meshed d reaches the new a over mTLS");
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
+    let r = lab.ask("a", e).expect("a's outbound works");
+    assert_eq!(r.local.unwrap().ip().to_string(), "127.0.0.1", "and is captured in the new namespace: {r:?}");
+}

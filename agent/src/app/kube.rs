@@ -140,6 +140,9 @@ impl super::Agent {
                     if ticks.is_multiple_of(CREDENTIALS_EVERY) {
                         c.refresh_credentials();
                     }
+                    if ticks.is_multiple_of(super::NETNS_CHECK_EVERY) {
+                        self.follow_netns_identity().await;
+                    }
                     if ticks.is_multiple_of(super::RECONCILE_EVERY) {
                         self.reconcile_kernel().await;
                     }

@@ -6,6 +6,28 @@ use std::collections::BTreeSet;
 use selvedge_common::POD_FLAG_STRICT;
 
 impl super::Agent {
+    /// Re-enroll every pod whose netns path now names another namespace than the one the
+    /// agent holds (a sandbox recreated at the same path), or nothing: enrollment follows
+    /// the namespace's identity, not its path. One `stat` per pod.
+    pub(super) async fn follow_netns_identity(&mut self) {
+        let moved: Vec<(String, String)> = self
+            .pods
+            .iter()
+            .filter_map(|(uid, p)| match p.ctx.netns.still_at_path() {
+                Ok(true) => None,
+                Ok(false) => Some((uid.clone(), "its netns path now names another namespace".to_owned())),
+                Err(e) => Some((uid.clone(), format!("its netns path is gone ({e})"))),
+            })
+            .collect();
+        for (uid, problem) in moved {
+            let Some(spec) = self.pods.get(&uid).map(|p| p.spec.clone()) else { continue };
+            self.mesh.metrics.drift(1);
+            tracing::warn!(pod = %spec.name, namespace = %spec.namespace, netns = %spec.netns.display(), "drift: {problem}; enrolling it again");
+            self.unenroll(&uid);
+            self.try_enroll(&spec).await;
+        }
+    }
+
     /// Re-enroll pods whose kernel entry is missing or wrong; remove entries that belong to
     /// no pod (only while no pod is failing or waiting: their entries cannot be told apart
     /// from stale ones, and keeping them keeps those pods closed).
