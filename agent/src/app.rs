@@ -196,6 +196,8 @@ pub struct Agent {
     rejections: Rejections,
     /// Whether stale kernel entries from a previous agent have been swept.
     swept: bool,
+    /// TLS handshakes in progress on every pod's HBONE listener (`--max-handshakes`).
+    handshakes: Arc<crate::limits::Share>,
     /// AuthorizationPolicies already warned about for rules an L4 agent cannot enforce.
     l7_warned: BTreeSet<String>,
     /// Made by `start` before anything was attached; taken by `run`.
@@ -260,6 +262,7 @@ impl Agent {
             policies: parking_lot::RwLock::new(Arc::default()),
             watchers: Arc::new(proxy::Watchers::default()),
             local: parking_lot::RwLock::new(std::collections::HashMap::new()),
+            node_conns: crate::limits::Share::new(settings.limits.conns_total),
         });
         let reaper = mesh.clone();
         tokio::spawn(async move {
@@ -283,6 +286,7 @@ impl Agent {
             quit: tokio::sync::Notify::new(),
             handover: tokio::sync::Notify::new(),
         });
+        let handshakes = crate::limits::Share::new(settings.limits.handshakes);
         let (datapath, flows) = Datapath::open(&opts)?;
         tracing::info!(pin_dir = %settings.pin_dir.display(), cgroup = %settings.cgroup.display(), "eBPF programs attached");
         Ok(Self {
@@ -303,6 +307,7 @@ impl Agent {
             swept: false,
             initial: Some(initial),
             l7_warned: BTreeSet::new(),
+            handshakes,
             admin_listeners,
         })
     }
@@ -617,6 +622,7 @@ impl Agent {
             netns,
             mtls: parking_lot::RwLock::new(spec.mtls.clone()),
             labels: spec.labels.clone(),
+            conns: crate::limits::Share::new(self.settings.limits.conns_per_pod),
         });
         let timeout = Duration::from_secs(config::CONNECT_TIMEOUT_SECS);
         let hbone_opts = hbone::server::ServerOptions {
@@ -624,6 +630,7 @@ impl Agent {
             trust_domain: self.settings.trust_domain.as_str().into(),
             handshake_timeout: hbone::HANDSHAKE_TIMEOUT,
             idle_timeout: hbone::SERVER_IDLE,
+            handshakes: self.handshakes.clone(),
         };
         let upstream = Arc::new(proxy::inbound::HboneUpstream {
             pod: ctx.clone(),

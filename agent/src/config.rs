@@ -332,6 +332,8 @@ pub struct Settings {
     /// Where mesh-wide `PeerAuthentication`s live.
     pub root_namespace: String,
     pub certs: CertSourceConfig,
+    /// Connection and handshake limits (`--max-conns-per-pod`, `--max-conns`, `--max-handshakes`).
+    pub limits: crate::limits::Limits,
     /// Admin API (loopback only), metrics and readiness listeners.
     pub admin_addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,

@@ -23,6 +23,7 @@ pub mod identity;
 pub mod inpod;
 pub mod inspect;
 pub mod k8s;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -163,6 +163,19 @@ struct RunArgs {
     /// the agent's control loop included, under tokio's current-thread scheduler.
     #[arg(long, env = config::ENV_WORKER_THREADS, value_parser = clap::value_parser!(u16).range(1..))]
     worker_threads: Option<u16>,
+    /// Connections in flight one enrolled pod may have (both directions); more are reset
+    /// at once, counted (`selvedge_denials_total{reason="over_limit"}`) and logged.
+    /// Default: a quarter of --max-conns.
+    #[arg(long, env = "SELVEDGE_MAX_CONNS_PER_POD", value_parser = clap::value_parser!(u32).range(1..))]
+    max_conns_per_pod: Option<u32>,
+    /// Connections in flight on the node. Default: what the open-file limit holds at three
+    /// descriptors a connection, after a reserve of 1,024 for the agent's own work.
+    #[arg(long, env = "SELVEDGE_MAX_CONNS", value_parser = clap::value_parser!(u32).range(1..))]
+    max_conns: Option<u32>,
+    /// TLS handshakes in progress on all HBONE listeners together; more connections are
+    /// reset at once. Default: an eighth of the open-file limit.
+    #[arg(long, env = "SELVEDGE_MAX_HANDSHAKES", value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshakes: Option<u32>,
     /// eBPF object to load instead of the one embedded in this binary.
     #[arg(long)]
     bpf_object: Option<PathBuf>,
@@ -371,6 +384,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }),
         (None, false) => anyhow::bail!("give --config FILE (local workloads) or --kube (a Kubernetes cluster)"),
     };
+    raise_fd_limit();
+    let defaults = selvedge::limits::Limits::from_fd_limit(selvedge::limits::fd_limit());
+    let limits = selvedge::limits::Limits {
+        conns_per_pod: args.max_conns_per_pod.map_or(defaults.conns_per_pod, |n| n as usize),
+        conns_total: args.max_conns.map_or(defaults.conns_total, |n| n as usize),
+        handshakes: args.max_handshakes.map_or(defaults.handshakes, |n| n as usize),
+    };
     let settings = Settings {
         source,
         node: args.node,
@@ -382,6 +402,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         trust_domain: args.trust_domain,
         root_namespace: args.root_namespace,
         certs,
+        limits,
         admin_addr: args.admin_addr,
         metrics_addr: args.metrics_addr,
         readiness_addr: args.readiness_addr,
@@ -391,7 +412,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         anyhow::ensure!(dir.is_dir(), "--status-file {}: directory {} does not exist", path.display(), dir.display());
     }
     tracing::info!(?settings, "starting");
-    raise_fd_limit();
     // One crypto provider for the whole process, installed explicitly.
     let aes_gcm = selvedge::tls::AesGcm::for_this_cpu();
     tracing::info!(aes_gcm = aes_gcm.name(), "TLS record encryption");

@@ -40,6 +40,7 @@ use tokio::{
 };
 
 use crate::{
+    addr,
     cancel::Cancel,
     hbone::client::Pool,
     identity::{IdentityManager, SpiffeId},
@@ -64,6 +65,8 @@ pub struct PodContext {
     pub mtls: parking_lot::RwLock<WorkloadMtls>,
     /// Its labels (AuthorizationPolicy selectors).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Its connections in flight, both directions (`--max-conns-per-pod`).
+    pub conns: Arc<crate::limits::Share>,
 }
 
 impl PodContext {
@@ -110,6 +113,8 @@ pub struct Mesh {
     pub watchers: Arc<Watchers>,
     /// Pods this agent serves, by IP (canonical): destinations of same-node handoffs.
     pub local: parking_lot::RwLock<std::collections::HashMap<std::net::IpAddr, Arc<PodContext>>>,
+    /// Connections in flight on the node (`--max-conns`).
+    pub node_conns: Arc<crate::limits::Share>,
 }
 
 impl Mesh {
@@ -200,31 +205,62 @@ impl Direction {
 /// Accept forever (until the task is aborted), each connection in its own task counted
 /// by `conns`. Accept errors (e.g. out of file descriptors) are logged and retried after a
 /// short pause instead of spinning.
-pub async fn accept_loop<F, Fut>(
+///
+/// Each connection takes a place in its pod's share and the node's (`limits`); one over
+/// either is refused at once by `over` (logged, counted, reset), so a pod that opens
+/// connections without end runs into its own limit, not the node's descriptors.
+pub async fn accept_loop<F, Fut, O>(
     listener: TcpListener,
-    pod: &str,
+    pod: &PodContext,
+    mesh: &Mesh,
     direction: Direction,
     conns: Arc<ConnTracker>,
+    over: O,
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
+    O: Fn(TcpStream, SocketAddr, &str),
 {
+    let shares = crate::limits::ConnShares { pod: pod.conns.clone(), node: mesh.node_conns.clone() };
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(pod, direction = direction.as_str(), "accept failed: {e}");
+                tracing::warn!(pod = %pod.name, direction = direction.as_str(), "accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        let held = match shares.take() {
+            Ok(held) => held,
+            Err(why) => {
+                over(stream, peer, &why);
+                continue;
+            }
+        };
         let guard = conns.open();
-        // The guard rides on a combinator, not in an `async` block around the connection:
+        // The guards ride on a combinator, not in an `async` block around the connection:
         // a block would hold the connection's future twice (as captured, and as awaited),
         // doubling what every open connection costs.
-        tokio::spawn(handle(stream, peer).map(move |()| drop(guard)));
+        tokio::spawn(handle(stream, peer).map(move |()| drop((guard, held))));
     }
+}
+
+/// Refuse a connection over a limit: logged with `why`, counted, reset.
+pub fn refuse_over_limit(
+    pod: &PodContext,
+    mesh: &Mesh,
+    direction: Direction,
+    stream: TcpStream,
+    peer: SocketAddr,
+    why: &str,
+) {
+    let local = stream.local_addr().unwrap_or(peer);
+    Flow::new(direction, pod, addr::canonical(peer), addr::canonical(local))
+        .with_metrics(&mesh.metrics)
+        .refused(Refusal::OverLimit, why);
+    reset(stream);
 }
 
 /// Copy both ways until both sides are done, then log the connection. (The flow is

@@ -31,6 +31,8 @@ pub struct AgentOptions {
     pub kubeconfig: Option<PathBuf>,
     /// `--worker-threads`, when set.
     pub worker_threads: Option<u16>,
+    /// More `selvedge run` flags, appended as they are.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for AgentOptions {
@@ -43,6 +45,7 @@ impl Default for AgentOptions {
             cert_dir: None,
             kubeconfig: None,
             worker_threads: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -154,6 +157,7 @@ impl Agent {
         if let Some(n) = opts.worker_threads {
             cmd.args(["--worker-threads", &n.to_string()]);
         }
+        cmd.args(&opts.extra_args);
         if let Some(n) = opts.max_pods {
             cmd.args(["--max-pods", &n.to_string()]);
         }

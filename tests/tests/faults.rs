@@ -214,3 +214,43 @@ fn a_pod_sandbox_recreated_at_the_same_path_is_enrolled_again() {
     let r = lab.ask("a", e).expect("a's outbound works");
     assert_eq!(r.local.unwrap().ip().to_string(), "127.0.0.1", "and is captured in the new namespace: {r:?}");
 }
+
+#[test]
+fn one_pod_cannot_exhaust_the_node_its_excess_is_refused_and_counted() {
+    let mut lab = Lab::new("pod-share");
+    lab.node("n1").node("n2");
+    lab.pod("n1", "a", true).pod("n1", "b", true);
+    lab.pod("n2", "e", false);
+    let opts = selvedge_tests::AgentOptions {
+        extra_args: vec!["--max-conns-per-pod".into(), "20".into()],
+        ..selvedge_tests::AgentOptions::default()
+    };
+    lab.start_agent("n1", opts);
+    lab.serve("e", "whoami", PORT);
+    let e = lab.get("e").addr(PORT);
+
+    // a holds 40 connections: 20 are carried, the rest refused at once.
+    let holder = lab.spawn_app("a", &["hold", &e.to_string(), "40", "30"]);
+    let line = lab.child_first_line(holder, std::time::Duration::from_secs(20));
+    assert!(line.contains("open"), "{line}");
+    let refused = selvedge_tests::sys::wait_for(10, "20 refusals over the pod's limit", || {
+        let n = lab.agent("n1").access_log().iter().filter(|l| l["reason_code"] == "over_limit").count();
+        (n >= 20).then_some(n)
+    });
+    assert_eq!(refused, 20, "exactly the excess is refused");
+    let reason = lab.agent("n1").wait_access("the reason", |l| l["reason_code"] == "over_limit");
+    assert!(reason["reason"].as_str().is_some_and(|r| r.contains("--max-conns-per-pod")), "{reason}");
+    let m = metrics(&lab, "n1");
+    assert!(m.contains("selvedge_denials_total{reason=\"over_limit\"} 20"), "{m}");
+
+    // Its neighbour is untouched; a itself gets no more until it lets go.
+    lab.ask("b", e).expect("another pod on the node still connects");
+    match lab.ask("a", e) {
+        Ok(r) => assert!(r.server.is_none(), "a is at its limit: reset before reaching the server: {r:?}"),
+        Err(err) => assert!(err.contains("reset"), "{err}"),
+    }
+    lab.stop_child(holder);
+    selvedge_tests::sys::wait_for(10, "a under its limit again", || {
+        lab.ask("a", e).ok().filter(|r| r.server.is_some())
+    });
+}

@@ -67,6 +67,8 @@ pub enum Outcome {
     Unavailable,
     /// 403: an authorization policy denied it.
     Denied,
+    /// Over the limit of TLS handshakes in progress.
+    OverLimit,
 }
 
 /// One refused inbound HBONE connection or stream, for the access log.
@@ -93,6 +95,9 @@ pub struct ServerOptions {
     /// [`SERVER_IDLE`](super::SERVER_IDLE). Without it a peer could hold a connection, and
     /// with it a deleted pod's network namespace, open for as long as it liked.
     pub idle_timeout: Duration,
+    /// TLS handshakes in progress, shared by every pod's listener: a connection over it
+    /// is reset at once (a flood of slow handshakes must not take the node's descriptors).
+    pub handshakes: Arc<crate::limits::Share>,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -112,15 +117,36 @@ pub async fn serve<U: Upstream>(listener: TcpListener, opts: ServerOptions, upst
                 continue;
             }
         };
+        let Some(handshake) = opts.handshakes.take() else {
+            let reason = format!("{} TLS handshakes in progress, the limit (--max-handshakes)", opts.handshakes.max());
+            let peer = addr::canonical(peer);
+            upstream.log(Record {
+                outcome: Outcome::OverLimit,
+                peer,
+                target: None,
+                principal: None,
+                status: 0,
+                reason: &reason,
+            });
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            continue;
+        };
         let turns = Turns::default();
         super::batch::spawn(
             turns.clone(),
-            connection(tcp, addr::canonical(peer), opts.clone(), upstream.clone(), turns),
+            connection(tcp, addr::canonical(peer), opts.clone(), upstream.clone(), turns, handshake),
         );
     }
 }
 
-async fn connection<U: Upstream>(tcp: TcpStream, peer: SocketAddr, opts: ServerOptions, up: Arc<U>, turns: Turns) {
+async fn connection<U: Upstream>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    opts: ServerOptions,
+    up: Arc<U>,
+    turns: Turns,
+    handshake: crate::limits::Held,
+) {
     let refuse = |outcome, reason: &str| {
         up.log(Record { outcome, peer, target: None, principal: None, status: 0, reason });
     };
@@ -147,6 +173,7 @@ async fn connection<U: Upstream>(tcp: TcpStream, peer: SocketAddr, opts: ServerO
         Ok(c) => c,
         Err(e) => return refuse(Outcome::Handshake, &format!("HTTP/2 handshake failed: {e}")),
     };
+    drop(handshake);
     turns.arm();
     // Streams open on this connection: each stream's task holds one clone.
     let open = Arc::new(());

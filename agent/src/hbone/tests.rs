@@ -143,6 +143,10 @@ async fn fixture(handshake_timeout: Duration) -> Fixture {
 }
 
 async fn fixture_idle(handshake_timeout: Duration, idle_timeout: Duration) -> Fixture {
+    fixture_with(handshake_timeout, idle_timeout, 1024).await
+}
+
+async fn fixture_with(handshake_timeout: Duration, idle_timeout: Duration, handshakes: usize) -> Fixture {
     let (for_agent, for_test) = shared_ca();
     let ids = manager(for_agent);
     let server_id = id("shop", "db");
@@ -158,6 +162,7 @@ async fn fixture_idle(handshake_timeout: Duration, idle_timeout: Duration) -> Fi
         trust_domain: TD.into(),
         handshake_timeout,
         idle_timeout,
+        handshakes: crate::limits::Share::new(handshakes),
     };
     tokio::spawn(server::serve(listener, opts, up.clone()));
     Fixture { ca: for_test, ids, server_id, server, echo, up }
@@ -553,6 +558,26 @@ async fn a_connection_without_streams_is_closed_once_idle_and_one_with_a_stream_
     send.send_data(Bytes::from_static(b"still here"), false).unwrap();
     let echoed = tokio::time::timeout(Duration::from_secs(5), recv.data()).await.unwrap().unwrap().unwrap();
     assert_eq!(&echoed[..], b"still here", "the connection with an open stream stays");
+}
+
+#[tokio::test]
+async fn handshakes_in_progress_are_bounded_and_the_excess_is_refused_at_once() {
+    let f = fixture_with(Duration::from_secs(5), super::SERVER_IDLE, 1).await;
+    // A client that never speaks holds the one handshake place.
+    let silent = TcpStream::connect(f.server).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let cfg = tls::client_config(&f.ids, &id("shop", "web"), &f.server_id, 0).unwrap();
+    let name = ServerName::IpAddress(f.server.ip().into());
+    let tcp = TcpStream::connect(f.server).await.unwrap();
+    let refused =
+        tokio::time::timeout(Duration::from_secs(3), TlsConnector::from(cfg.clone()).connect(name.clone(), tcp)).await;
+    assert!(matches!(refused, Ok(Err(_))), "over the limit: refused at once, not queued: {refused:?}");
+    let recs = records_settle(&f.up, 1).await;
+    assert!(recs.iter().any(|(_, r, _)| r.contains("TLS handshakes in progress")), "{recs:?}");
+    drop(silent);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let tcp = TcpStream::connect(f.server).await.unwrap();
+    TlsConnector::from(cfg).connect(name, tcp).await.expect("the freed place serves the next handshake");
 }
 
 #[tokio::test]

@@ -26,6 +26,8 @@ pub enum Refusal {
     MethodNotAllowed,
     /// An AuthorizationPolicy denied it.
     Policy,
+    /// Over a connection or handshake limit (`limits`).
+    OverLimit,
 }
 
 impl Refusal {
@@ -42,6 +44,7 @@ impl Refusal {
             Refusal::BadTarget => "bad_target",
             Refusal::MethodNotAllowed => "method_not_allowed",
             Refusal::Policy => "policy",
+            Refusal::OverLimit => "over_limit",
         }
     }
 
@@ -50,6 +53,8 @@ impl Refusal {
         match self {
             Refusal::NoOriginalDestination | Refusal::NoEndpoints => "NR",
             Refusal::UpstreamUnreachable | Refusal::TunnelFailed => "UF",
+            // Envoy's "upstream overflow" (a circuit breaker's limit).
+            Refusal::OverLimit => "UO",
             _ => "DENY",
         }
     }

@@ -27,8 +27,9 @@ pub async fn serve(
     conns: Arc<ConnTracker>,
     timeout: Duration,
 ) {
-    let name = pod.name.clone();
-    accept_loop(listener, &name, Direction::Inbound, conns, move |stream, peer| {
+    let (p, m) = (pod.clone(), mesh.clone());
+    let over = |stream, peer, why: &str| super::refuse_over_limit(&p, &m, Direction::Inbound, stream, peer, why);
+    accept_loop(listener, &p, &m, Direction::Inbound, conns, over, move |stream, peer| {
         handle(stream, peer, pod.clone(), mesh.clone(), timeout)
     })
     .await
@@ -197,6 +198,7 @@ impl crate::hbone::server::Upstream for HboneUpstream {
             Outcome::Method => Refusal::MethodNotAllowed,
             Outcome::Unavailable => Refusal::UpstreamUnreachable,
             Outcome::Denied => Refusal::Policy,
+            Outcome::OverLimit => Refusal::OverLimit,
         };
         flow.refused(why, r.reason);
     }

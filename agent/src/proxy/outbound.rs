@@ -33,8 +33,9 @@ pub async fn serve(
     conns: Arc<ConnTracker>,
     timeout: Duration,
 ) {
-    let name = pod.name.clone();
-    accept_loop(listener, &name, Direction::Outbound, conns, move |stream, peer| {
+    let (p, m) = (pod.clone(), mesh.clone());
+    let over = |stream, peer, why: &str| super::refuse_over_limit(&p, &m, Direction::Outbound, stream, peer, why);
+    accept_loop(listener, &p, &m, Direction::Outbound, conns, over, move |stream, peer| {
         handle(stream, peer, pod.clone(), flows.clone(), mesh.clone(), timeout)
     })
     .await
