@@ -197,12 +197,7 @@ impl Lab {
     /// Delete `old` (its processes, netns and cgroup) and start `new` on the same node with
     /// the same address: a new workload on a reused IP. Agents see it at `write_configs`.
     pub fn replace_pod(&mut self, old: &str, new: &str) {
-        let o = self.pods.remove(old).unwrap_or_else(|| panic!("no pod {old}"));
-        let _ = std::fs::write(o.cgroup.join("cgroup.kill"), "1");
-        if let Some(ns) = o.netns.file_name() {
-            let _ = Command::new("ip").args(["netns", "del"]).arg(ns).output();
-        }
-        remove_cgroup_tree(&o.cgroup);
+        let o = self.delete_pod_sandbox(old);
         self.pod_at(&o.node, new, o.enrolled, Some(o.ip));
         if let Some(p) = self.pods.get_mut(new) {
             p.namespace = o.namespace;
@@ -213,16 +208,22 @@ impl Lab {
     /// netns path, with the same address and settings: a restarted pod sandbox. The agents'
     /// configs do not change.
     pub fn recreate_pod(&mut self, name: &str) {
+        let o = self.delete_pod_sandbox(name);
+        self.pod_at(&o.node, name, o.enrolled, Some(o.ip));
+        let p = self.pods.get_mut(name).expect("just made");
+        assert_eq!(p.netns, o.netns, "same netns path");
+        *p = o;
+    }
+
+    /// Forget `name` and kill its processes, delete its netns and its cgroup; returns it.
+    fn delete_pod_sandbox(&mut self, name: &str) -> Pod {
         let o = self.pods.remove(name).unwrap_or_else(|| panic!("no pod {name}"));
         let _ = std::fs::write(o.cgroup.join("cgroup.kill"), "1");
         if let Some(ns) = o.netns.file_name() {
             let _ = Command::new("ip").args(["netns", "del"]).arg(ns).output();
         }
         remove_cgroup_tree(&o.cgroup);
-        self.pod_at(&o.node, name, o.enrolled, Some(o.ip));
-        let p = self.pods.get_mut(name).expect("just made");
-        assert_eq!(p.netns, o.netns, "same netns path");
-        *p = o;
+        o
     }
 
     fn pod_at(&mut self, node: &str, name: &str, enrolled: bool, ip: Option<Ipv4Addr>) -> &mut Self {
