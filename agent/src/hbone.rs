@@ -17,6 +17,7 @@
 mod batch;
 pub mod client;
 mod coalesce;
+mod flood;
 mod pump;
 mod readahead;
 pub mod server;

@@ -13,8 +13,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    batch::Turns, coalesce::Coalesced, readahead::ReadAhead, splice, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS,
-    STREAM_WINDOW, TLS_SEND_BUFFER,
+    batch::Turns,
+    coalesce::Coalesced,
+    flood::{FloodGuard, FLOOD},
+    readahead::ReadAhead,
+    splice, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER,
 };
 use crate::{addr, cancel::Cancel, identity::SpiffeId, metrics::ByteCount, tls};
 
@@ -167,7 +170,7 @@ async fn connection<U: Upstream>(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
-        .handshake::<_, Bytes>(Coalesced::new(stream, turns.clone()))
+        .handshake::<_, Bytes>(FloodGuard::new(Coalesced::new(stream, turns.clone())))
         .await
     {
         Ok(c) => c,
@@ -193,7 +196,24 @@ async fn connection<U: Upstream>(
                 continue;
             }
         };
-        let Some(Ok((req, respond))) = next else { break };
+        let (req, respond) = match next {
+            Some(Ok(stream)) => stream,
+            Some(Err(e)) => {
+                let flood = e.get_io().map(ToString::to_string).filter(|m| m.contains(FLOOD));
+                if let Some(reason) = flood {
+                    up.log(Record {
+                        outcome: Outcome::OverLimit,
+                        peer,
+                        target: None,
+                        principal: Some(&principal),
+                        status: 0,
+                        reason: &reason,
+                    });
+                }
+                break;
+            }
+            None => break,
+        };
         idle_since = tokio::time::Instant::now();
         let held = open.clone();
         let stream = serve_stream(req, respond, peer, local, principal.clone(), up.clone());

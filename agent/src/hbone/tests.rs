@@ -581,6 +581,44 @@ async fn handshakes_in_progress_are_bounded_and_the_excess_is_refused_at_once() 
 }
 
 #[tokio::test]
+async fn a_ping_flood_closes_the_connection_and_ordinary_pings_do_not() {
+    let f = fixture(Duration::from_secs(5)).await;
+    let cfg = tls::client_config(&f.ids, &id("shop", "web"), &f.server_id, 0).unwrap();
+    let connect = || async {
+        let tcp = TcpStream::connect(f.server).await.unwrap();
+        let tls =
+            TlsConnector::from(cfg.clone()).connect(ServerName::IpAddress(f.server.ip().into()), tcp).await.unwrap();
+        let (sender, mut conn) = h2::client::handshake(tls).await.unwrap();
+        let pings = conn.ping_pong().unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        (sender, pings)
+    };
+    // A keepalive's worth: answered.
+    let (_keep, mut pings) = connect().await;
+    for _ in 0..50 {
+        pings.ping(h2::Ping::opaque()).await.expect("ordinary pings are answered");
+    }
+    // Thousands, back to back: the server closes the connection and says why.
+    let (_flood, mut pings) = connect().await;
+    let mut answered = 0u32;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if pings.ping(h2::Ping::opaque()).await.is_err() {
+                break;
+            }
+            answered += 1;
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the flood was never cut off ({answered} pings answered)");
+    assert!(answered <= super::flood::MAX_CONTROL_FRAMES + 1, "{answered} answered before it was closed");
+    let recs = records_settle(&f.up, 1).await;
+    assert!(recs.iter().any(|(_, r, _)| r.contains("control-frame flood")), "{recs:?}");
+}
+
+#[tokio::test]
 async fn a_handshake_that_never_finishes_is_dropped() {
     let f = fixture(Duration::from_millis(300)).await;
     let mut idle = TcpStream::connect(f.server).await.unwrap();
