@@ -22,6 +22,27 @@ pub(super) struct KernelView {
     walking: Option<tokio::task::JoinHandle<KernelFacts>>,
     /// Something changed while a walk ran: walk again once it ends.
     again: bool,
+    /// Maps last seen at least [`NEAR_FULL_PERCENT`] full (warned once per crossing).
+    near_full: std::collections::BTreeSet<&'static str>,
+}
+
+/// A map this full is reported: an LRU map (the original destinations) then starts
+/// evicting the oldest captured connections' entries instead of failing an insert, and a
+/// hash map refuses new pods or verdicts.
+const NEAR_FULL_PERCENT: u64 = 90;
+
+/// The maps that became near full (`now` holds those that are) since `before`.
+fn newly_near_full(
+    maps: &[(&'static str, u64, u64)],
+    before: &std::collections::BTreeSet<&'static str>,
+) -> (std::collections::BTreeSet<&'static str>, Vec<(&'static str, u64, u64)>) {
+    let now: std::collections::BTreeSet<&'static str> = maps
+        .iter()
+        .filter(|(_, entries, capacity)| *capacity > 0 && entries * 100 >= capacity * NEAR_FULL_PERCENT)
+        .map(|(m, _, _)| *m)
+        .collect();
+    let new = maps.iter().filter(|(m, _, _)| now.contains(m) && !before.contains(m)).copied().collect();
+    (now, new)
 }
 
 impl KernelView {
@@ -97,6 +118,17 @@ impl Agent {
         for (map, entries, capacity) in &facts.maps {
             self.mesh.metrics.map_occupancy(map, *entries, *capacity);
         }
+        let (now, new) = newly_near_full(&facts.maps, &self.kernel_view.near_full);
+        for (map, entries, capacity) in new {
+            tracing::warn!(
+                map,
+                entries,
+                capacity,
+                "eBPF map {map} is {}% full: an LRU map now evicts the oldest entries (captured connections lose their original destination and are refused), a hash map refuses new ones",
+                entries * 100 / capacity
+            );
+        }
+        self.kernel_view.near_full = now;
         self.kernel_view.facts = Some(facts);
     }
 
@@ -234,5 +266,21 @@ impl Agent {
                 "counters": self.kernel_view.counters.iter().copied().collect::<BTreeMap<_, _>>(),
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::newly_near_full;
+
+    #[test]
+    fn a_map_is_reported_once_when_it_crosses_ninety_percent() {
+        let none = Default::default();
+        let (now, new) = newly_near_full(&[("SV_ORIG_DST", 59_000, 65_536), ("SV_ENROLLED", 3, 4096)], &none);
+        assert_eq!(new, vec![("SV_ORIG_DST", 59_000, 65_536)]);
+        let (again, new) = newly_near_full(&[("SV_ORIG_DST", 65_536, 65_536)], &now);
+        assert!(new.is_empty(), "still full: not reported again");
+        let (cleared, _) = newly_near_full(&[("SV_ORIG_DST", 100, 65_536)], &again);
+        assert!(cleared.is_empty(), "below the mark it can be reported again later");
     }
 }
