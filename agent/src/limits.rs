@@ -12,9 +12,9 @@ use std::sync::{
 
 /// File descriptors kept out of every share, for the agent's own work.
 pub const RESERVE_FDS: u64 = 1024;
-/// Descriptors one proxied connection may hold (the app's socket, the upstream's, and a
-/// share of a pipe pair or a tunnel).
-const FDS_PER_CONN: u64 = 3;
+/// Descriptors one proxied connection holds: the app's socket and the upstream's (a
+/// tunnelled one shares its HBONE connection with up to 100 others).
+const FDS_PER_CONN: u64 = 2;
 
 /// The shares, as `selvedge run` resolved them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,8 +131,8 @@ mod tests {
     #[test]
     fn one_pod_cannot_take_the_whole_node_and_the_agent_keeps_a_reserve() {
         let l = Limits::from_fd_limit(20_000);
-        assert_eq!(l.conns_total, (20_000 - RESERVE_FDS as usize) / 3);
-        assert!(l.conns_per_pod * 3 < 20_000 / 3, "one pod holds under a third of the descriptors: {l:?}");
+        assert_eq!(l.conns_total, (20_000 - RESERVE_FDS as usize) / 2);
+        assert!(l.conns_per_pod * 2 < 20_000 / 3, "one pod holds under a third of the descriptors: {l:?}");
         assert!(l.handshakes * 8 <= 20_000);
         let tiny = Limits::from_fd_limit(1024);
         assert!(tiny.conns_total >= 64 && tiny.conns_per_pod >= 16, "a low limit still serves: {tiny:?}");

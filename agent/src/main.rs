@@ -168,7 +168,7 @@ struct RunArgs {
     /// Default: a quarter of --max-conns.
     #[arg(long, env = "SELVEDGE_MAX_CONNS_PER_POD", value_parser = clap::value_parser!(u32).range(1..))]
     max_conns_per_pod: Option<u32>,
-    /// Connections in flight on the node. Default: what the open-file limit holds at three
+    /// Connections in flight on the node. Default: what the open-file limit holds at two
     /// descriptors a connection, after a reserve of 1,024 for the agent's own work.
     #[arg(long, env = "SELVEDGE_MAX_CONNS", value_parser = clap::value_parser!(u32).range(1..))]
     max_conns: Option<u32>,

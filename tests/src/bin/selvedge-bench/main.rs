@@ -223,7 +223,15 @@ static AGENT_THREADS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU1
 
 fn agent(fast_path: bool) -> AgentOptions {
     let threads = AGENT_THREADS.load(std::sync::atomic::Ordering::Relaxed);
-    AgentOptions { fast_path, worker_threads: (threads > 0).then_some(threads), ..AgentOptions::default() }
+    // The idle rows hold 10,000 connections from one pod: over the default per-pod and
+    // per-node shares on a 20,000-descriptor limit (`selvedge run --help`), so raised here.
+    let limits = ["--max-conns-per-pod", "100000", "--max-conns", "100000"].map(String::from).to_vec();
+    AgentOptions {
+        fast_path,
+        worker_threads: (threads > 0).then_some(threads),
+        extra_args: limits,
+        ..AgentOptions::default()
+    }
 }
 
 /// Agent memory per idle meshed connection, per side, added to `r`.
