@@ -744,9 +744,10 @@ impl Agent {
         };
         let text = serde_json::to_string_pretty(&status).unwrap_or_default();
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|source| AppError::Status { path: path.clone(), source })
+        std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)).map_err(|source| {
+            let _ = std::fs::remove_file(&tmp);
+            AppError::Status { path: path.clone(), source }
+        })
     }
 
     /// Stop accepting, let open connections finish (bounded), leave pins in place so

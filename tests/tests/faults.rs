@@ -67,7 +67,8 @@ fn a_start_that_fails_leaves_the_kernel_as_it_found_it() {
     lab.pod("n1", "a", true);
     let pins = lab.pin_dir("n1");
     let cgroup = lab.node_cgroup("n1");
-    let dir = std::env::temp_dir().join(format!("svt-failed-start-{}", std::process::id()));
+    // Inside the lab's directory: removed with the lab, even when the test fails.
+    let dir = lab.dir.join("failed-start");
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.yaml");
     std::fs::write(&bad, "workloads:\n- {uid: u, name: a, node: n1, bogus: 1}\n").unwrap();
@@ -105,7 +106,7 @@ fn a_start_that_fails_leaves_the_kernel_as_it_found_it() {
     assert!(!ok);
     assert!(log.contains("predate this start") && log.contains("selvedge uninstall"), "{log}");
     assert!(pins.join("maps").exists(), "the earlier agent's pins stay");
-    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!dir.with_extension("tmp").exists(), "the refused status write left no temporary file");
 }
 
 #[test]
@@ -155,8 +156,7 @@ fn ended(report: &serde_json::Value) -> String {
 #[test]
 fn a_dying_tunnel_resets_the_app_never_ends_its_stream_cleanly() {
     let mut lab = Lab::two_nodes("dying-tunnel");
-    let reports = std::env::temp_dir().join(format!("svt-sink-{}.jsonl", std::process::id()));
-    let _ = std::fs::remove_file(&reports);
+    let reports = lab.dir.join("sink.jsonl");
     lab.serve_args("d", &["sink", "7100", reports.to_str().unwrap()]);
     lab.serve_args("d", &["source", "7101"]);
     let (sink, source) = (lab.get("d").addr(7100).to_string(), lab.get("d").addr(7101).to_string());
@@ -175,7 +175,6 @@ fn a_dying_tunnel_resets_the_app_never_ends_its_stream_cleanly() {
     let at_client: serde_json::Value =
         serde_json::from_str(&lab.child_first_line(writer, std::time::Duration::from_secs(40))).unwrap();
     assert!(ended(&at_client) != "eof" || at_client["write_error"].is_string(), "{at_client}");
-    let _ = std::fs::remove_file(&reports);
 
     // The server's agent dies while the client reads: the client's agent must reset it.
     lab.start_agent("n1", selvedge_tests::AgentOptions::default());
