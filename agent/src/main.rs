@@ -100,7 +100,9 @@ enum CaCommand {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// YAML file with the workloads (see README "Local config"); re-read on change.
+    /// YAML file with the workloads (see README "Local config"); re-read on change. A
+    /// change that is empty, unparsable or invalid (or a deleted file) is refused and the
+    /// config in force stays; `workloads: []` means "no workloads".
     #[arg(long, env = config::ENV_CONFIG, conflicts_with = "kube")]
     config: Option<PathBuf>,
     /// Take workloads, services and policies from the Kubernetes API, and pods' network
