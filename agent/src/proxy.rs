@@ -46,7 +46,7 @@ use crate::{
     identity::{IdentityManager, SpiffeId},
     inpod::{PodNetns, Use},
     metrics::{Count, Metrics},
-    policy::{decide, Action, ConnFacts, Decision, PolicySet, Verdict, WorkloadMtls},
+    policy::{Action, ConnFacts, Decision, PolicySet, Verdict, WorkloadMtls},
     state::Directory,
 };
 
@@ -74,7 +74,7 @@ impl PodContext {
     /// dry-run or AUDIT policies).
     pub fn authorize(&self, mesh: &Mesh, facts: &ConnFacts) -> Decision {
         let policies = mesh.policies.read().clone();
-        let Verdict { decision, dry_run, audit } = decide(&policies.applicable(&self.namespace, &self.labels), facts);
+        let Verdict { decision, dry_run, audit } = policies.decide(&self.namespace, &self.labels, facts);
         for (policy, action) in &dry_run {
             mesh.metrics.dry_run(policy, action_str(*action));
         }

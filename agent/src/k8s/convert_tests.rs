@@ -213,7 +213,7 @@ fn unreadable_policies_fail_closed() {
     };
     let out = to_config(&s, "n1", KEY, &BTreeMap::new());
     assert_eq!(out.problems.len(), 4, "{:#?}", out.problems);
-    let compiled = out.config.compile_policies("istio-system").unwrap();
+    let compiled = crate::policy::PolicySet::new(out.config.compile_policies("istio-system").unwrap());
     let facts = crate::policy::ConnFacts {
         principal: Some("cluster.local/ns/shop/sa/web".into()),
         src_ip: "198.18.1.10".parse().unwrap(),
@@ -221,13 +221,13 @@ fn unreadable_policies_fail_closed() {
         dst_port: 80,
     };
     let db = labels(&[("app", "db")]).unwrap();
-    let v = crate::policy::authorize(&compiled, "shop", &db, &facts);
+    let v = compiled.decide("shop", &db, &facts);
     assert!(
         !matches!(v.decision, crate::policy::Decision::Allow),
         "an unreadable DENY denies everything it selects: {v:?}"
     );
     let web = labels(&[("app", "web")]).unwrap();
-    let v = crate::policy::authorize(&compiled, "shop", &web, &facts);
+    let v = compiled.decide("shop", &web, &facts);
     assert!(matches!(v.decision, crate::policy::Decision::Allow), "the readable ALLOW still allows its sources: {v:?}");
     let pa: Vec<&str> = out.config.peer_authentications.iter().map(|p| p.metadata.name.as_str()).collect();
     assert_eq!(pa, ["bad", "tolerant"]);

@@ -1,5 +1,6 @@
-//! Istio `AuthorizationPolicy` at L4 (../shared/docs/policy.md): documents as written, a
-//! compiled form, and the pure decision `authorize(policies, workload, connection)`.
+//! Istio `AuthorizationPolicy` at L4 (docs/policy.md): documents as written, a compiled
+//! form, and the pure decision over the policies that apply to one workload ([`decide`],
+//! reached through `PolicySet`).
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
@@ -426,29 +427,9 @@ pub struct Verdict {
     pub audit: Vec<String>,
 }
 
-/// The decision for a connection to a workload in `namespace` with `labels`.
-pub fn authorize(
-    policies: &[CompiledPolicy],
-    namespace: &str,
-    labels: &BTreeMap<String, String>,
-    c: &ConnFacts,
-) -> Verdict {
-    decide(&applicable(policies, namespace, labels), c)
-}
-
-/// The policies that apply to a workload in `namespace` with `labels`: the part of
-/// [`authorize`] that depends on the workload only, for deciding many of its connections
-/// at once.
-pub fn applicable<'a>(
-    policies: &'a [CompiledPolicy],
-    namespace: &str,
-    labels: &BTreeMap<String, String>,
-) -> Vec<&'a CompiledPolicy> {
-    policies.iter().filter(|p| p.selects(namespace, labels)).collect()
-}
-
-/// [`authorize`] given the workload's [`applicable`] policies.
-pub fn decide(applicable: &[&CompiledPolicy], c: &ConnFacts) -> Verdict {
+/// The decision for a connection, given the policies that apply to its destination
+/// workload, in the set's order (`PolicySet::for_workload` selects them).
+pub(super) fn decide(applicable: &[&CompiledPolicy], c: &ConnFacts) -> Verdict {
     let mut v = Verdict { decision: Decision::Allow, dry_run: Vec::new(), audit: Vec::new() };
     for p in applicable.iter().filter(|p| p.dry_run) {
         if matches!(p.action, Action::Allow | Action::Deny) && p.matches(c) {

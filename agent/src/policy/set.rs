@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::authz::{CompiledPolicy, Scope};
+use super::authz::{decide, CompiledPolicy, ConnFacts, Scope, Verdict};
 
 /// Every compiled policy, in the order it was given, with an index by namespace.
 #[derive(Debug, Default)]
@@ -32,10 +32,22 @@ impl PolicySet {
         set
     }
 
+    /// The decision for a connection `c` to a workload in `namespace` with `labels`: the
+    /// one entry point of every authorization decision (source, destination, recheck).
+    pub fn decide(&self, namespace: &str, labels: &BTreeMap<String, String>, c: &ConnFacts) -> Verdict {
+        self.for_workload(namespace, labels).decide(c)
+    }
+
+    /// The policies that apply to one workload, selected once, to decide many of its
+    /// connections (a recheck after a policy change).
+    pub fn for_workload(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Applicable<'_> {
+        Applicable(self.applicable(namespace, labels))
+    }
+
     /// The policies that apply to a workload in `namespace` with `labels`, in the set's
-    /// order: what [`super::applicable`] returns over the whole list, without reading the
-    /// other namespaces' policies.
-    pub fn applicable(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Vec<&CompiledPolicy> {
+    /// order (what a scan of every policy would select), without reading the other
+    /// namespaces' policies.
+    fn applicable(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Vec<&CompiledPolicy> {
         let local = self.by_namespace.get(namespace).map_or(&[][..], Vec::as_slice);
         let mesh = &self.mesh_wide[..];
         // Both lists ascend: merge them to keep the set's order (which DENY policy is named
@@ -59,6 +71,16 @@ impl PolicySet {
     }
 }
 
+/// The policies that apply to one workload ([`PolicySet::for_workload`]).
+#[derive(Debug)]
+pub struct Applicable<'a>(Vec<&'a CompiledPolicy>);
+
+impl Applicable<'_> {
+    pub fn decide(&self, c: &ConnFacts) -> Verdict {
+        decide(&self.0, c)
+    }
+}
+
 impl std::ops::Deref for PolicySet {
     type Target = [CompiledPolicy];
 
@@ -70,7 +92,7 @@ impl std::ops::Deref for PolicySet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{applicable, AuthorizationPolicy};
+    use crate::policy::AuthorizationPolicy;
 
     fn policy(ns: &str, name: &str, spec: &str) -> CompiledPolicy {
         let doc = format!("metadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}");
@@ -98,7 +120,7 @@ mod tests {
             for labels in [&[][..], &[("app", "db")], &[("app", "web")], &[("app", "db"), ("tier", "x")]] {
                 let labels: BTreeMap<String, String> =
                     labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-                let want: Vec<String> = applicable(&all, ns, &labels).iter().map(|p| p.id()).collect();
+                let want: Vec<String> = all.iter().filter(|p| p.selects(ns, &labels)).map(|p| p.id()).collect();
                 let got: Vec<String> = set.applicable(ns, &labels).iter().map(|p| p.id()).collect();
                 assert_eq!(got, want, "{ns} {labels:?}");
             }

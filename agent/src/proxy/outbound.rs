@@ -212,7 +212,7 @@ fn source_verdict(pod: &PodContext, to: &Peer, dst: SocketAddr, mesh: &Mesh) -> 
         dst_port: dst.port(),
     };
     let policies = mesh.policies.read().clone();
-    crate::policy::decide(&policies.applicable(&to.namespace, &to.labels), &facts).decision
+    policies.decide(&to.namespace, &to.labels, &facts).decision
 }
 
 /// Through HBONE to the destination pod's agent: mTLS with our pod's identity, expecting

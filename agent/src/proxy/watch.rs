@@ -11,7 +11,7 @@ use std::{
 use super::{Mesh, PodContext};
 use crate::{
     cancel::Cancel,
-    policy::{decide, CompiledPolicy, ConnFacts, Decision, PolicySet},
+    policy::{Applicable, ConnFacts, Decision, PolicySet},
 };
 
 /// How many connections a recheck looks at per hold of the lock: accepts and closes, which
@@ -118,7 +118,7 @@ impl<P: Workload> Watchers<P> {
     pub fn recheck(&self, policies: &PolicySet) -> usize {
         // Keyed by the pod's allocation, which the entry keeps alive (no other pod can reuse
         // the address while the recheck runs).
-        let mut per_pod: HashMap<*const P, (Arc<P>, Vec<&CompiledPolicy>)> = HashMap::new();
+        let mut per_pod: HashMap<*const P, (Arc<P>, Applicable<'_>)> = HashMap::new();
         let mut closed = 0;
         let mut from = 0;
         loop {
@@ -138,8 +138,8 @@ impl<P: Workload> Watchers<P> {
             for (pod, facts, cancel) in chunk {
                 let (_, applies) = per_pod
                     .entry(Arc::as_ptr(&pod))
-                    .or_insert_with(|| (pod.clone(), policies.applicable(pod.namespace(), pod.labels())));
-                let v = decide(applies, &facts);
+                    .or_insert_with(|| (pod.clone(), policies.for_workload(pod.namespace(), pod.labels())));
+                let v = applies.decide(&facts);
                 if let Decision::Deny { .. } = v.decision {
                     tracing::info!(pod = %pod.name(), src = %facts.src_ip, port = facts.dst_port, "{}: closing an open connection", v.decision.reason());
                     // Seen even if the connection is not waiting yet.
@@ -185,7 +185,7 @@ mod tests {
         }
     }
 
-    fn policy(doc: &str) -> CompiledPolicy {
+    fn policy(doc: &str) -> crate::policy::CompiledPolicy {
         let p: crate::policy::AuthorizationPolicy = serde_yaml_ng::from_str(doc).unwrap();
         p.compile("istio-system").unwrap()
     }

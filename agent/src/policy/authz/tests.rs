@@ -1,4 +1,4 @@
-//! The rules of ../shared/docs/policy.md, one table row each, and a property test.
+//! The rules of docs/policy.md, one table row each, and a property test.
 
 use std::collections::BTreeMap;
 
@@ -27,6 +27,11 @@ fn plaintext(port: u16) -> ConnFacts {
 
 fn labels(app: &str) -> BTreeMap<String, String> {
     BTreeMap::from([("app".into(), app.into())])
+}
+
+/// The decision through the one entry point, `PolicySet::decide`.
+fn authorize(ps: &[CompiledPolicy], namespace: &str, labels: &BTreeMap<String, String>, c: &ConnFacts) -> Verdict {
+    crate::policy::PolicySet::new(ps.to_vec()).decide(namespace, labels, c)
 }
 
 fn allowed(ps: &[CompiledPolicy], c: &ConnFacts) -> bool {
