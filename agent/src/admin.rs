@@ -209,7 +209,7 @@ pub async fn bind_when_free(addr: SocketAddr) -> TcpListener {
 /// Serve one listener until the task is aborted.
 pub async fn serve(listener: TcpListener, which: Endpoints, state: Arc<AdminState>) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let (tcp, _) = crate::accept::next("admin endpoint", || listener.accept()).await;
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {

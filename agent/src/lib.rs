@@ -11,6 +11,7 @@
 //! * [`proxy`]    — outbound (15001) and inbound (15006) proxying and the access log;
 //! * [`app`]      — wires all of the above; the run loop, reloads and shutdown.
 
+pub mod accept;
 pub mod addr;
 pub mod admin;
 pub mod app;

@@ -203,8 +203,7 @@ impl Direction {
 }
 
 /// Accept forever (until the task is aborted), each connection in its own task counted
-/// by `conns`. Accept errors (e.g. out of file descriptors) are logged and retried after a
-/// short pause instead of spinning.
+/// by `conns` (failed accepts: see `accept::next`).
 ///
 /// Each connection takes a place in its pod's share and the node's (`limits`); one over
 /// either is refused at once by `over` (logged, counted, reset), so a pod that opens
@@ -223,15 +222,9 @@ pub async fn accept_loop<F, Fut, O>(
     O: Fn(TcpStream, SocketAddr, &str),
 {
     let shares = crate::limits::ConnShares { pod: pod.conns.clone(), node: mesh.node_conns.clone() };
+    let what = format!("pod {} {}", pod.name, direction.as_str());
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(pod = %pod.name, direction = direction.as_str(), "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (stream, peer) = crate::accept::next(&what, || listener.accept()).await;
         let held = match shares.take() {
             Ok(held) => held,
             Err(why) => {

@@ -36,14 +36,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 /// Accept forever, handing each request to `to_agent`.
 pub async fn serve(listener: UnixListener, to_agent: mpsc::Sender<Pending>) {
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("cni socket accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (stream, _) = crate::accept::next("CNI socket", || listener.accept()).await;
         let to_agent = to_agent.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();

@@ -112,14 +112,7 @@ impl std::fmt::Debug for ServerOptions {
 /// Serve `listener` until the task is aborted.
 pub async fn serve<U: Upstream>(listener: TcpListener, opts: ServerOptions, upstream: Arc<U>) {
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!("hbone accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, peer) = crate::accept::next("HBONE listener", || listener.accept()).await;
         let Some(handshake) = opts.handshakes.take() else {
             let reason = format!("{} TLS handshakes in progress, the limit (--max-handshakes)", opts.handshakes.max());
             let peer = addr::canonical(peer);
