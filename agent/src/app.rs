@@ -3,17 +3,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsFd,
+    net::SocketAddr,
     path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
-use selvedge_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 use crate::{
     admin::{self, AdminState},
@@ -21,16 +18,14 @@ use crate::{
     datapath::{Datapath, DatapathError, DatapathOptions, FlowMaps},
     hbone,
     identity::{BuiltinCa, BuiltinSource, CertSource, FilesSource, IdentityManager, IstioCaSource},
-    inpod::{InpodError, PodNetns},
-    proxy::{self, ConnTracker, Mesh, PodContext},
-    state::{self, Change, PodSpec},
-    sys, tls,
+    pods::{self, Pods},
+    proxy::{self, ConnTracker, Mesh},
+    state, sys,
 };
 
 mod discover;
 mod dump;
 mod kube;
-mod reconcile;
 
 /// How often (in 500 ms ticks) the kernel's enrollment state is checked against the agent's.
 const RECONCILE_EVERY: u64 = 20;
@@ -45,7 +40,7 @@ pub enum AppError {
     #[error(transparent)]
     Datapath(#[from] DatapathError),
     #[error(transparent)]
-    Inpod(#[from] InpodError),
+    Pods(#[from] pods::PodError),
     #[error("cgroup: {what}: {source}")]
     Cgroup {
         what: String,
@@ -64,8 +59,6 @@ pub enum AppError {
     Computation(String),
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(#[source] std::io::Error),
-    #[error("pod {pod}: no free pod slot ({max} pods per node, see --max-pods); its inbound stays closed")]
-    NoSlot { pod: String, max: u32 },
     #[error(transparent)]
     Kube(#[from] crate::k8s::KubeError),
     #[error("state directory {path}: {source}")]
@@ -117,24 +110,6 @@ enum Initial {
     Kube(kube::KubeStart),
 }
 
-/// An enrolled pod and what serves it.
-#[derive(Debug)]
-struct Enrolled {
-    spec: PodSpec,
-    pod_id: u32,
-    ctx: Arc<PodContext>,
-    /// Accept loops; aborting them closes the pod's listeners.
-    accept_tasks: Vec<JoinHandle<()>>,
-}
-
-/// A configured pod that is not enrolled, and why.
-#[derive(Debug)]
-struct Failed {
-    reason: String,
-    /// Set when its netns was reached and closed (`Datapath::close_pod`), to release later.
-    closed: Option<u64>,
-}
-
 /// Config changes refused while the config in force stays (a parse or validation error,
 /// an emptied or deleted file, a cluster state that could not be worked out).
 #[derive(Debug, Default, Clone, Serialize)]
@@ -174,7 +149,8 @@ struct Status<'a> {
 #[derive(Debug)]
 pub struct Agent {
     settings: Settings,
-    datapath: Datapath,
+    /// This node's pods, and the datapath handle (the pod lifecycle).
+    pods: Pods,
     flows: Arc<FlowMaps>,
     /// Identities, the HBONE pool and the directory of meshed workloads.
     mesh: Arc<Mesh>,
@@ -187,17 +163,8 @@ pub struct Agent {
     /// Maps and programs as last read from the kernel (refreshed every few seconds).
     kernel_view: dump::KernelView,
     conns: Arc<ConnTracker>,
-    pods: BTreeMap<String, Enrolled>,
-    /// Pods the config wants but that could not be enrolled.
-    failed: BTreeMap<String, Failed>,
-    /// Pods on this node whose network namespace is not known yet (uid → namespace/name).
-    waiting: BTreeMap<String, String>,
     generation: u64,
     rejections: Rejections,
-    /// Whether stale kernel entries from a previous agent have been swept.
-    swept: bool,
-    /// TLS handshakes in progress on every pod's HBONE listener (`--max-handshakes`).
-    handshakes: Arc<crate::limits::Share>,
     /// AuthorizationPolicies already warned about for rules an L4 agent cannot enforce.
     l7_warned: BTreeSet<String>,
     /// Made by `start` before anything was attached; taken by `run`.
@@ -289,25 +256,29 @@ impl Agent {
         let handshakes = crate::limits::Share::new(settings.limits.handshakes);
         let (datapath, flows) = Datapath::open(&opts)?;
         tracing::info!(pin_dir = %settings.pin_dir.display(), cgroup = %settings.cgroup.display(), "eBPF programs attached");
+        let (flows, conns) = (Arc::new(flows), Arc::new(ConnTracker::default()));
+        let shared = pods::Shared {
+            flows: flows.clone(),
+            mesh: mesh.clone(),
+            conns: conns.clone(),
+            handshakes,
+            trust_domain: settings.trust_domain.as_str().into(),
+            conns_per_pod: settings.limits.conns_per_pod,
+        };
         Ok(Self {
             settings,
-            datapath,
-            flows: Arc::new(flows),
+            pods: Pods::new(datapath, shared),
+            flows,
             mesh,
             admin,
             ticks: 0,
             last_config: Arc::default(),
             kernel_view: dump::KernelView::default(),
-            conns: Arc::new(ConnTracker::default()),
-            pods: BTreeMap::new(),
-            failed: BTreeMap::new(),
-            waiting: BTreeMap::new(),
+            conns,
             generation: 0,
             rejections: Rejections::default(),
-            swept: false,
             initial: Some(initial),
             l7_warned: BTreeSet::new(),
-            handshakes,
             admin_listeners,
         })
     }
@@ -326,12 +297,8 @@ impl Agent {
     /// A start that failed after the programs were attached: stop serving what it
     /// enrolled and leave the kernel as it was found (see `Datapath::abandon`); the error
     /// says what was left and why.
-    fn abandon_start(mut self, e: AppError) -> AppError {
-        let uids: Vec<String> = self.pods.keys().cloned().collect();
-        for uid in &uids {
-            self.unenroll(uid);
-        }
-        let left = self.datapath.abandon();
+    fn abandon_start(self, e: AppError) -> AppError {
+        let left = self.pods.abandon();
         tracing::error!("start failed after the programs were attached: {e}; {left}");
         AppError::StartAbandoned { source: Box::new(e), left }
     }
@@ -356,7 +323,7 @@ impl Agent {
     async fn first_apply(&mut self, cfg: LocalConfig, status_file: Option<&PathBuf>) -> Result<(), AppError> {
         self.apply(Arc::new(cfg)).await?;
         self.applied_new_config();
-        self.sweep_stale()?;
+        self.pods.sweep_stale()?;
         self.refresh_observability(true);
         self.write_status(status_file, true)
     }
@@ -373,7 +340,7 @@ impl Agent {
         if let Err(e) = self.first_apply(cfg, status_file.as_ref()).await {
             return Err(self.abandon_start(e));
         }
-        tracing::info!(enrolled = self.pods.len(), failed = self.failed.len(), "started");
+        tracing::info!(enrolled = self.pods.enrolled().len(), failed = self.pods.failed().len(), "started");
 
         let mut term = sigterm()?;
         let mut tick = tokio::time::interval(Duration::from_millis(config::RELOAD_INTERVAL_MS));
@@ -390,14 +357,14 @@ impl Agent {
             }
             ticks += 1;
             if ticks.is_multiple_of(NETNS_CHECK_EVERY) {
-                self.follow_netns_identity().await;
+                self.pods.follow_netns_identity().await;
             }
             if ticks.is_multiple_of(RECONCILE_EVERY) {
-                self.reconcile_kernel().await;
+                self.pods.repair_drift().await;
             }
             let text = std::fs::read_to_string(&path).ok();
             let changed = text != last_text;
-            let retry = !self.failed.is_empty() && tokio::time::Instant::now() >= retry_at;
+            let retry = !self.pods.failed().is_empty() && tokio::time::Instant::now() >= retry_at;
             if !changed && !retry {
                 // Kernel counters move without config changes: keep the status current.
                 self.refresh_observability(false);
@@ -435,7 +402,7 @@ impl Agent {
                 Err(reason) => self.reject_config(reason),
             }
             retry_at = tokio::time::Instant::now() + Duration::from_secs(5);
-            if let Err(e) = self.sweep_stale() {
+            if let Err(e) = self.pods.sweep_stale() {
                 tracing::error!("stale enrollments not removed: {e}");
             }
             // Right after applying: readiness and the dump describe the new state at once.
@@ -503,33 +470,7 @@ impl Agent {
         let old_config = std::mem::replace(&mut self.last_config, cfg);
         // What the old state frees (thousands of entries) is freed off the runtime's thread.
         tokio::task::spawn_blocking(move || drop((old_directory, old_policies, old_config)));
-        self.waiting = waiting;
-        let current: BTreeMap<String, PodSpec> = self.pods.iter().map(|(k, v)| (k.clone(), v.spec.clone())).collect();
-        let gone: Vec<String> = self.failed.keys().filter(|uid| !desired.contains_key(*uid)).cloned().collect();
-        for uid in gone {
-            if let Some(Failed { closed: Some(cookie), .. }) = self.failed.remove(&uid) {
-                if let Err(e) = self.datapath.release_closed_pod(cookie) {
-                    tracing::error!(uid = %uid, "closed pod not released: {e}");
-                }
-            }
-        }
-        for change in state::plan(&current, &desired) {
-            match change {
-                Change::Unenroll(uid) => self.unenroll(&uid),
-                Change::SetMtls(uid, mtls) => {
-                    if let Some(p) = self.pods.get_mut(&uid) {
-                        match self.datapath.set_flags(p.ctx.netns.cookie(), p.pod_id, mtls.kernel_strict()) {
-                            Ok(()) => {
-                                *p.ctx.mtls.write() = mtls.clone();
-                                p.spec.mtls = mtls;
-                            }
-                            Err(e) => tracing::error!(pod = %p.spec.name, "mtls mode not updated: {e}"),
-                        }
-                    }
-                }
-                Change::Enroll(spec) => self.try_enroll(&spec).await,
-            }
-        }
+        self.pods.converge(desired, waiting).await;
         Ok(())
     }
 
@@ -539,8 +480,8 @@ impl Agent {
         self.mesh.metrics.set_config_generation(self.generation);
         tracing::info!(
             generation = self.generation,
-            enrolled = self.pods.len(),
-            failed = self.failed.len(),
+            enrolled = self.pods.enrolled().len(),
+            failed = self.pods.failed().len(),
             "config applied"
         );
     }
@@ -558,177 +499,6 @@ impl Agent {
         self.mesh.metrics.config_rejected();
     }
 
-    /// Enroll, or record why not; a pod whose netns was reached stays closed on failure.
-    async fn try_enroll(&mut self, spec: &PodSpec) {
-        let netns = match PodNetns::enter(&spec.netns) {
-            Ok(n) => n,
-            Err(e) => return self.record_failure(spec, e.into(), None),
-        };
-        let cookie = netns.cookie();
-        let ns_fd = netns.file().try_clone_to_owned();
-        match self.enroll(spec, netns).await {
-            Ok(()) => {
-                self.failed.remove(&spec.uid);
-                tracing::info!(pod = %spec.name, namespace = %spec.namespace, identity = %spec.identity, strict = spec.mtls.kernel_strict(), "enrolled");
-            }
-            Err(e) => {
-                let closed = match ns_fd {
-                    Ok(fd) => match self.datapath.close_pod(cookie, fd.as_fd()) {
-                        Ok(()) => Some(cookie),
-                        Err(close) => {
-                            tracing::error!(pod = %spec.name, "could not keep the pod closed: {close}");
-                            None
-                        }
-                    },
-                    Err(dup) => {
-                        tracing::error!(pod = %spec.name, "could not keep the pod closed: {dup}");
-                        None
-                    }
-                };
-                self.record_failure(spec, e, closed);
-            }
-        }
-    }
-
-    fn record_failure(&mut self, spec: &PodSpec, e: AppError, closed: Option<u64>) {
-        tracing::error!(pod = %spec.name, namespace = %spec.namespace, closed = closed.is_some(), "not enrolled: {e}");
-        self.failed.insert(spec.uid.clone(), Failed { reason: e.to_string(), closed });
-    }
-
-    async fn enroll(&mut self, spec: &PodSpec, netns: PodNetns) -> Result<(), AppError> {
-        let cookie = netns.cookie();
-        let pod_id = self.pod_slot(cookie, &spec.name)?;
-        // No certificate, no enrollment: the pod stays closed rather than unauthenticated.
-        self.mesh.ids.acquire(&spec.identity).await?;
-        let listeners = self.open_listeners(&netns, &spec.name).await;
-        let (outbound, inbound, hbone) = match listeners {
-            Ok(l) => l,
-            Err(e) => {
-                self.mesh.ids.release(&spec.identity);
-                return Err(e);
-            }
-        };
-        if let Err(e) = self.datapath.enroll(cookie, netns.file(), pod_id, spec.mtls.kernel_strict(), &inbound) {
-            self.mesh.ids.release(&spec.identity);
-            return Err(e.into());
-        }
-
-        let ctx = Arc::new(PodContext {
-            uid: spec.uid.clone(),
-            name: spec.name.clone(),
-            namespace: spec.namespace.clone(),
-            identity: spec.identity.clone(),
-            ips: spec.ips.clone(),
-            netns,
-            mtls: parking_lot::RwLock::new(spec.mtls.clone()),
-            labels: spec.labels.clone(),
-            conns: crate::limits::Share::new(self.settings.limits.conns_per_pod),
-        });
-        let timeout = Duration::from_secs(config::CONNECT_TIMEOUT_SECS);
-        let hbone_opts = hbone::server::ServerOptions {
-            tls: tokio_rustls::TlsAcceptor::from(tls::server_config(&self.mesh.ids, &spec.identity)?),
-            trust_domain: self.settings.trust_domain.as_str().into(),
-            handshake_timeout: hbone::HANDSHAKE_TIMEOUT,
-            idle_timeout: hbone::SERVER_IDLE,
-            handshakes: self.handshakes.clone(),
-        };
-        let upstream = Arc::new(proxy::inbound::HboneUpstream {
-            pod: ctx.clone(),
-            mesh: self.mesh.clone(),
-            conns: self.conns.clone(),
-            timeout,
-        });
-        let mut accept_tasks = vec![
-            tokio::spawn(proxy::inbound::serve(inbound, ctx.clone(), self.mesh.clone(), self.conns.clone(), timeout)),
-            tokio::spawn(hbone::server::serve(hbone, hbone_opts, upstream)),
-        ];
-        for l in outbound {
-            accept_tasks.push(tokio::spawn(proxy::outbound::serve(
-                l,
-                ctx.clone(),
-                self.flows.clone(),
-                self.mesh.clone(),
-                self.conns.clone(),
-                timeout,
-            )));
-        }
-        self.mesh.add_local(&ctx);
-        self.pods.insert(spec.uid.clone(), Enrolled { spec: spec.clone(), pod_id, ctx, accept_tasks });
-        Ok(())
-    }
-
-    /// The agent's listeners inside a pod: outbound 15001 (IPv4, and IPv6 when the pod has
-    /// it), inbound 15006 and HBONE 15008 (dual-stack when possible).
-    async fn open_listeners(
-        &self,
-        netns: &PodNetns,
-        pod: &str,
-    ) -> Result<(Vec<TcpListener>, TcpListener, TcpListener), AppError> {
-        let mut outbound = vec![netns.listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT)).await?];
-        match netns.listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT)).await {
-            Ok(l) => outbound.push(l),
-            Err(e) => tracing::debug!(pod, "no IPv6 outbound listener: {e}"),
-        }
-        let any = |port| async move {
-            match netns.listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)).await {
-                Ok(l) => Ok(l),
-                Err(_) => netns.listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)).await,
-            }
-        };
-        let inbound = any(INBOUND_PORT).await?;
-        // Every connection these accept resets its app unless its relay ends cleanly.
-        for l in outbound.iter().chain([&inbound]) {
-            proxy::arm_reset(l).map_err(|source| InpodError::Socket {
-                path: netns.path().to_owned(),
-                what: "SO_LINGER on a listener".into(),
-                source,
-            })?;
-        }
-        Ok((outbound, inbound, any(HBONE_PORT).await?))
-    }
-
-    /// Reuse the slot a previous agent gave this netns, else the lowest free one.
-    fn pod_slot(&self, cookie: u64, name: &str) -> Result<u32, AppError> {
-        let used: BTreeSet<u32> = self.pods.values().map(|p| p.pod_id).collect();
-        let in_kernel = self.datapath.enrolled();
-        if let Some(prev) = in_kernel.get(&cookie) {
-            if !used.contains(&prev.pod_id) {
-                return Ok(prev.pod_id);
-            }
-        }
-        let taken_in_kernel: BTreeSet<u32> = in_kernel.values().map(|i| i.pod_id).collect();
-        let max = self.datapath.max_pods();
-        (0..max)
-            .find(|id| !used.contains(id) && !taken_in_kernel.contains(id))
-            .ok_or_else(|| AppError::NoSlot { pod: name.into(), max })
-    }
-
-    fn unenroll(&mut self, uid: &str) {
-        let Some(p) = self.pods.remove(uid) else {
-            return;
-        };
-        self.mesh.remove_local(uid);
-        if let Err(e) = self.datapath.unenroll(p.ctx.netns.cookie(), p.pod_id) {
-            tracing::error!(pod = %p.spec.name, "unenroll incomplete: {e}");
-        }
-        for t in p.accept_tasks {
-            t.abort();
-        }
-        self.mesh.ids.release(&p.spec.identity);
-        tracing::info!(pod = %p.spec.name, namespace = %p.spec.namespace, "unenrolled");
-    }
-
-    /// Remove kernel entries a previous agent left for pods no longer configured, once
-    /// (until it succeeds; see `remove_orphans` for when it holds back).
-    fn sweep_stale(&mut self) -> Result<(), AppError> {
-        if self.swept || !self.failed.is_empty() || !self.waiting.is_empty() {
-            return Ok(());
-        }
-        self.remove_orphans("removing a stale enrollment left by a previous agent")?;
-        self.swept = true;
-        Ok(())
-    }
-
     fn write_status(&self, path: Option<&PathBuf>, ready: bool) -> Result<(), AppError> {
         let Some(path) = path else { return Ok(()) };
         let status = Status {
@@ -737,9 +507,9 @@ impl Agent {
             generation: self.generation,
             config_rejected_total: self.rejections.total,
             config_last_rejected: self.rejections.last.as_ref(),
-            enrolled: self.pods.values().map(|p| p.spec.name.as_str()).collect(),
-            failed: self.failed.iter().map(|(k, v)| (k.as_str(), v.reason.clone())).collect(),
-            waiting: self.waiting.values().map(String::as_str).collect(),
+            enrolled: self.pods.enrolled().values().map(|p| p.spec.name.as_str()).collect(),
+            failed: self.pods.failed().iter().map(|(k, v)| (k.as_str(), v.reason.clone())).collect(),
+            waiting: self.pods.waiting().values().map(String::as_str).collect(),
             stats: self.kernel_view.counters().iter().copied().collect(),
         };
         let text = serde_json::to_string_pretty(&status).unwrap_or_default();
@@ -756,11 +526,7 @@ impl Agent {
         // While draining, the loop no longer answers `/config_dump`: it serves this one.
         self.publish_dump();
         tracing::info!(open = self.conns.active(), "shutting down: draining connections");
-        for p in self.pods.values_mut() {
-            for t in p.accept_tasks.drain(..) {
-                t.abort();
-            }
-        }
+        self.pods.stop_accepting();
         let left = self.conns.drain(Duration::from_secs(config::DRAIN_TIMEOUT_SECS)).await;
         if left > 0 {
             tracing::warn!(open = left, "drain timed out; closing remaining connections");

@@ -26,6 +26,7 @@ pub mod inspect;
 pub mod k8s;
 pub mod limits;
 pub mod metrics;
+pub mod pods;
 pub mod policy;
 pub mod proxy;
 pub mod state;

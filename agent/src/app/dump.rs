@@ -57,8 +57,8 @@ impl Agent {
     pub(super) fn refresh_observability(&mut self, after_change: bool) {
         self.ticks += 1;
         let metrics = &self.mesh.metrics;
-        metrics.set_enrolled(self.pods.len());
-        self.kernel_view.counters = self.datapath.named_stats();
+        metrics.set_enrolled(self.pods.enrolled().len());
+        self.kernel_view.counters = self.pods.datapath().named_stats();
         metrics.kernel_totals(&self.kernel_view.counters);
         metrics.handshake_totals(self.mesh.pool.handshakes());
         metrics.dialled_ahead_total(self.mesh.pool.dialled_ahead());
@@ -90,8 +90,8 @@ impl Agent {
             self.kernel_view.again = true;
             return;
         }
-        let walker = self.datapath.walker();
-        let inbound = self.datapath.inbound_listeners();
+        let walker = self.pods.datapath().walker();
+        let inbound = self.pods.datapath().inbound_listeners();
         if self.kernel_view.facts.is_none() {
             self.publish_kernel_facts(walker.walk(inbound));
         } else {
@@ -145,14 +145,14 @@ impl Agent {
             });
         }
         if matches!(self.settings.source, crate::config::Source::File(_)) {
-            if let Some((uid, f)) = self.failed.iter().next() {
+            if let Some((uid, f)) = self.pods.failed().iter().next() {
                 return Err(format!("workload {uid} not enrolled: {}", f.reason));
             }
-            if let Some((uid, name)) = self.waiting.iter().next() {
+            if let Some((uid, name)) = self.pods.waiting().iter().next() {
                 return Err(format!("workload {name} ({uid}) runs on this node but has no netns path"));
             }
         }
-        for p in self.pods.values() {
+        for p in self.pods.enrolled().values() {
             if self.mesh.ids.current(&p.spec.identity).is_none() {
                 return Err(format!("no valid certificate for {}", p.spec.identity));
             }
@@ -163,6 +163,7 @@ impl Agent {
     fn config_dump(&self) -> Value {
         let workloads: Vec<Value> = self
             .pods
+            .enrolled()
             .values()
             .map(|p| {
                 let s = &p.spec;
@@ -174,8 +175,8 @@ impl Agent {
                     "enrolled": true,
                 })
             })
-            .chain(self.failed.iter().map(|(uid, f)| json!({"uid": uid, "enrolled": false, "reason": f.reason, "closed": f.closed.is_some()})))
-            .chain(self.waiting.iter().map(|(uid, name)| json!({"uid": uid, "name": name, "enrolled": false, "reason": "waiting for its network namespace (CNI ADD, or a running process found in /proc)"})))
+            .chain(self.pods.failed().iter().map(|(uid, f)| json!({"uid": uid, "enrolled": false, "reason": f.reason, "closed": f.closed.is_some()})))
+            .chain(self.pods.waiting().iter().map(|(uid, name)| json!({"uid": uid, "name": name, "enrolled": false, "reason": "waiting for its network namespace (CNI ADD, or a running process found in /proc)"})))
             .collect();
         let none = KernelFacts::default();
         let facts = self.kernel_view.facts.as_ref().unwrap_or(&none);
@@ -254,10 +255,10 @@ impl Agent {
             "certificates": self.mesh.ids.status(),
             "pooled_hbone_connections": self.mesh.pool.len(),
             "kernel": {
-                "pin_dir": self.datapath.pin_dir(),
+                "pin_dir": self.pods.datapath().pin_dir(),
                 "cgroup": self.settings.cgroup,
                 "fast_path": self.settings.fast_path,
-                "links": self.datapath.links(),
+                "links": self.pods.datapath().links(),
                 "programs": facts.programs.iter()
                     .map(|(link, id, name, kind)| json!({"link": link, "program_id": id, "program": name, "type": kind}))
                     .collect::<Vec<_>>(),

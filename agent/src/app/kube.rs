@@ -123,16 +123,16 @@ impl super::Agent {
                     ticks += 1;
                     // Every 5 s while pods wait for their netns; every 30 s regardless
                     // (pruning registrations whose sandbox is gone).
-                    let looking = ticks.is_multiple_of(SLOW_EVERY) && !self.waiting.is_empty();
+                    let looking = ticks.is_multiple_of(SLOW_EVERY) && !self.pods.waiting().is_empty();
                     if looking || ticks.is_multiple_of(SLOW_EVERY * 6) {
                         let ips: BTreeMap<String, Vec<IpAddr>> = self
                             .last_config
                             .workloads
                             .iter()
-                            .filter(|w| self.waiting.contains_key(&w.uid))
+                            .filter(|w| self.pods.waiting().contains_key(&w.uid))
                             .map(|w| (w.uid.clone(), w.ips.clone()))
                             .collect();
-                        c.slow_chores(&self.waiting, &ips);
+                        c.slow_chores(self.pods.waiting(), &ips);
                     }
                     if ticks.is_multiple_of(SLOW_EVERY) {
                         c.guard_chain(&self.mesh.metrics);
@@ -141,10 +141,10 @@ impl super::Agent {
                         c.refresh_credentials();
                     }
                     if ticks.is_multiple_of(super::NETNS_CHECK_EVERY) {
-                        self.follow_netns_identity().await;
+                        self.pods.follow_netns_identity().await;
                     }
                     if ticks.is_multiple_of(super::RECONCILE_EVERY) {
-                        self.reconcile_kernel().await;
+                        self.pods.repair_drift().await;
                     }
                 }
             }
@@ -197,15 +197,15 @@ impl super::Agent {
                 self.applied_new_config();
                 if first {
                     tracing::info!(
-                        enrolled = self.pods.len(),
-                        waiting = self.waiting.len(),
+                        enrolled = self.pods.enrolled().len(),
+                        waiting = self.pods.waiting().len(),
                         "first cluster state applied"
                     );
                 }
             }
             Err(e) => self.reject_config(format!("cluster state: {e}")),
         }
-        if let Err(e) = self.sweep_stale() {
+        if let Err(e) = self.pods.sweep_stale() {
             tracing::error!("stale enrollments not removed: {e}");
         }
     }
@@ -248,10 +248,10 @@ impl super::Agent {
         if !facts.meshed {
             return Some(Response::NotMeshed);
         }
-        if let Some(f) = self.failed.get(uid) {
+        if let Some(f) = self.pods.failed().get(uid) {
             return Some(Response::Refused { reason: f.reason.clone() });
         }
-        let enrolled = self.pods.get(uid)?;
+        let enrolled = self.pods.enrolled().get(uid)?;
         // Enrolled in the sandbox this request is about, not an older one.
         let netns = c.registry.get(uid).map(|r| r.network.netns.as_path());
         if matches!(req, Request::Add { .. }) && netns != Some(enrolled.spec.netns.as_path()) {

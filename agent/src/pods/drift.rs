@@ -1,17 +1,20 @@
-//! Drift between what the agent believes is enrolled and what the kernel holds: detected
-//! periodically, repaired, logged and counted (`selvedge_reconcile_drift`).
+//! Drift between what the agent believes is enrolled and what the kernel holds, and pods
+//! whose netns path now names another namespace: detected periodically, repaired, logged
+//! and counted (`selvedge_reconcile_drift`).
 
 use std::collections::BTreeSet;
 
 use selvedge_common::POD_FLAG_STRICT;
 
-impl super::Agent {
+use super::PodError;
+
+impl super::Pods {
     /// Re-enroll every pod whose netns path now names another namespace than the one the
     /// agent holds (a sandbox recreated at the same path), or nothing: enrollment follows
     /// the namespace's identity, not its path. One `stat` per pod.
-    pub(super) async fn follow_netns_identity(&mut self) {
+    pub async fn follow_netns_identity(&mut self) {
         let moved: Vec<(String, String)> = self
-            .pods
+            .enrolled
             .iter()
             .filter_map(|(uid, p)| match p.ctx.netns.still_at_path() {
                 Ok(true) => None,
@@ -20,7 +23,7 @@ impl super::Agent {
             })
             .collect();
         for (uid, problem) in moved {
-            let Some(spec) = self.pods.get(&uid).map(|p| p.spec.clone()) else { continue };
+            let Some(spec) = self.enrolled.get(&uid).map(|p| p.spec.clone()) else { continue };
             self.mesh.metrics.drift(1);
             tracing::warn!(pod = %spec.name, namespace = %spec.namespace, netns = %spec.netns.display(), "drift: {problem}; enrolling it again");
             self.unenroll(&uid);
@@ -31,10 +34,10 @@ impl super::Agent {
     /// Re-enroll pods whose kernel entry is missing or wrong; remove entries that belong to
     /// no pod (only while no pod is failing or waiting: their entries cannot be told apart
     /// from stale ones, and keeping them keeps those pods closed).
-    pub(super) async fn reconcile_kernel(&mut self) {
+    pub async fn repair_drift(&mut self) {
         let kernel = self.datapath.enrolled();
         let broken: Vec<(String, String)> = self
-            .pods
+            .enrolled
             .iter()
             .filter_map(|(uid, p)| {
                 let want_flags = if p.spec.mtls.kernel_strict() { POD_FLAG_STRICT } else { 0 };
@@ -52,7 +55,7 @@ impl super::Agent {
             })
             .collect();
         for (uid, problem) in broken {
-            let Some(p) = self.pods.get(&uid) else { continue };
+            let Some(p) = self.enrolled.get(&uid) else { continue };
             let (spec, cookie, pod_id) = (p.spec.clone(), p.ctx.netns.cookie(), p.pod_id);
             self.mesh.metrics.drift(1);
             // Rewritten in place: the pod's listeners, slot and `sk_lookup` instance are
@@ -78,11 +81,11 @@ impl super::Agent {
     /// counted as drift. Does nothing while a pod is failing or waiting: its entry cannot be
     /// told apart from a stale one, and keeping it keeps that pod closed. Every orphan is
     /// tried; the first error is returned.
-    pub(super) fn remove_orphans(&mut self, why: &str) -> Result<(), super::AppError> {
+    pub fn remove_orphans(&mut self, why: &str) -> Result<(), PodError> {
         if !self.failed.is_empty() || !self.waiting.is_empty() {
             return Ok(());
         }
-        let live: BTreeSet<u64> = self.pods.values().map(|p| p.ctx.netns.cookie()).collect();
+        let live: BTreeSet<u64> = self.enrolled.values().map(|p| p.ctx.netns.cookie()).collect();
         let mut first_error = None;
         for (cookie, info) in self.datapath.enrolled() {
             if !live.contains(&cookie) {
