@@ -1,30 +1,23 @@
 //! The one wiring point: datapath, enrolled pods, their listeners and proxies, config
 //! reloads, status and shutdown.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::{
-    admin::{self, AdminState},
     config::{self, CertSourceConfig, LocalConfig, Settings},
     datapath::{Datapath, DatapathError, DatapathOptions, FlowMaps},
     hbone,
     identity::{BuiltinCa, BuiltinSource, CertSource, FilesSource, IdentityManager, IstioCaSource},
     pods::{self, Pods},
     proxy::{self, ConnTracker, Mesh},
+    publish::admin::{self, AdminState},
+    publish::{self, Publisher},
     state, sys,
 };
 
 mod discover;
-mod dump;
 mod kube;
 
 /// How often (in 500 ms ticks) the kernel's enrollment state is checked against the agent's.
@@ -76,12 +69,8 @@ pub enum AppError {
         /// What this failed start did with the kernel state (see `Datapath::abandon`).
         left: String,
     },
-    #[error("status file {path}: {source}")]
-    Status {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Publish(#[from] publish::PublishError),
 }
 
 /// SIGTERM, to be awaited by a run loop.
@@ -110,42 +99,6 @@ enum Initial {
     Kube(kube::KubeStart),
 }
 
-/// Config changes refused while the config in force stays (a parse or validation error,
-/// an emptied or deleted file, a cluster state that could not be worked out).
-#[derive(Debug, Default, Clone, Serialize)]
-struct Rejections {
-    /// How many since the agent started.
-    total: u64,
-    /// The newest refusal, until a later config is applied.
-    last: Option<Rejected>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-struct Rejected {
-    reason: String,
-    /// When it was refused (Unix seconds).
-    at: u64,
-    /// The generation that stayed in force.
-    kept_generation: u64,
-}
-
-/// What `--status-file` holds, rewritten after every change.
-#[derive(Debug, Serialize)]
-struct Status<'a> {
-    node: &'a str,
-    ready: bool,
-    /// Incremented each time a new (changed, valid) config is applied.
-    generation: u64,
-    config_rejected_total: u64,
-    /// The newest refused config change, while no later one has been applied.
-    config_last_rejected: Option<&'a Rejected>,
-    enrolled: Vec<&'a str>,
-    failed: BTreeMap<&'a str, String>,
-    /// On this node, meshed, network namespace not known yet.
-    waiting: Vec<&'a str>,
-    stats: BTreeMap<&'static str, u64>,
-}
-
 #[derive(Debug)]
 pub struct Agent {
     settings: Settings,
@@ -156,15 +109,12 @@ pub struct Agent {
     mesh: Arc<Mesh>,
     /// What the admin, metrics and readiness endpoints serve.
     admin: Arc<AdminState>,
-    /// Ticks of the run loop, to do the occasional heavier refresh.
-    ticks: u64,
     /// The config last applied (for the config dump).
     last_config: Arc<LocalConfig>,
-    /// Maps and programs as last read from the kernel (refreshed every few seconds).
-    kernel_view: dump::KernelView,
+    /// What the agent publishes about itself: readiness, the config dump, the status file,
+    /// state-derived metrics, the config generation and refusals.
+    publisher: Publisher,
     conns: Arc<ConnTracker>,
-    generation: u64,
-    rejections: Rejections,
     /// AuthorizationPolicies already warned about for rules an L4 agent cannot enforce.
     l7_warned: BTreeSet<String>,
     /// Made by `start` before anything was attached; taken by `run`.
@@ -225,7 +175,7 @@ impl Agent {
             directory: parking_lot::RwLock::new(Arc::new(state::Directory::default())),
             pool: hbone::client::Pool::new(ids.clone()),
             ids,
-            metrics: Arc::new(crate::metrics::Metrics::new()),
+            metrics: Arc::new(crate::publish::metrics::Metrics::new()),
             policies: parking_lot::RwLock::new(Arc::default()),
             watchers: Arc::new(proxy::Watchers::default()),
             local: parking_lot::RwLock::new(std::collections::HashMap::new()),
@@ -265,18 +215,16 @@ impl Agent {
             trust_domain: settings.trust_domain.as_str().into(),
             conns_per_pod: settings.limits.conns_per_pod,
         };
+        let publisher = Publisher::new(admin.clone());
         Ok(Self {
             settings,
             pods: Pods::new(datapath, shared),
             flows,
             mesh,
             admin,
-            ticks: 0,
             last_config: Arc::default(),
-            kernel_view: dump::KernelView::default(),
+            publisher,
             conns,
-            generation: 0,
-            rejections: Rejections::default(),
             initial: Some(initial),
             l7_warned: BTreeSet::new(),
             admin_listeners,
@@ -475,49 +423,40 @@ impl Agent {
     }
 
     fn applied_new_config(&mut self) {
-        self.generation += 1;
-        self.rejections.last = None;
-        self.mesh.metrics.set_config_generation(self.generation);
+        let generation = self.publisher.applied(&self.mesh.metrics);
         tracing::info!(
-            generation = self.generation,
+            generation,
             enrolled = self.pods.enrolled().len(),
             failed = self.pods.failed().len(),
             "config applied"
         );
     }
 
-    /// A config change was refused: the one in force stays. Logged, counted, and kept for
-    /// the status file, `/config_dump` (`selvedge status`) and the metrics.
+    /// A config change was refused: the one in force stays (see `Publisher::rejected`).
     fn reject_config(&mut self, reason: String) {
-        tracing::error!(
-            generation_in_force = self.generation,
-            "config not applied, keeping the one in force: {reason}"
-        );
-        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        self.rejections.total += 1;
-        self.rejections.last = Some(Rejected { reason, at, kept_generation: self.generation });
-        self.mesh.metrics.config_rejected();
+        self.publisher.rejected(reason, &self.mesh.metrics);
     }
 
-    fn write_status(&self, path: Option<&PathBuf>, ready: bool) -> Result<(), AppError> {
-        let Some(path) = path else { return Ok(()) };
-        let status = Status {
-            node: &self.settings.node,
-            ready,
-            generation: self.generation,
-            config_rejected_total: self.rejections.total,
-            config_last_rejected: self.rejections.last.as_ref(),
-            enrolled: self.pods.enrolled().values().map(|p| p.spec.name.as_str()).collect(),
-            failed: self.pods.failed().iter().map(|(k, v)| (k.as_str(), v.reason.clone())).collect(),
-            waiting: self.pods.waiting().values().map(String::as_str).collect(),
-            stats: self.kernel_view.counters().iter().copied().collect(),
-        };
-        let text = serde_json::to_string_pretty(&status).unwrap_or_default();
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)).map_err(|source| {
-            let _ = std::fs::remove_file(&tmp);
-            AppError::Status { path: path.clone(), source }
-        })
+    /// The publisher, and the state it reads.
+    fn published(&mut self) -> (&mut Publisher, publish::View<'_>) {
+        let view =
+            publish::View { pods: &self.pods, mesh: &self.mesh, settings: &self.settings, config: &self.last_config };
+        (&mut self.publisher, view)
+    }
+
+    fn refresh_observability(&mut self, after_change: bool) {
+        let (publisher, view) = self.published();
+        publisher.refresh(&view, after_change);
+    }
+
+    fn publish_dump(&mut self) {
+        let (publisher, view) = self.published();
+        publisher.publish_dump(&view);
+    }
+
+    fn write_status(&mut self, path: Option<&PathBuf>, ready: bool) -> Result<(), AppError> {
+        let (publisher, view) = self.published();
+        Ok(publisher.write_status(&view, path, ready)?)
     }
 
     /// Stop accepting, let open connections finish (bounded), leave pins in place so

@@ -13,7 +13,6 @@
 
 pub mod accept;
 pub mod addr;
-pub mod admin;
 pub mod app;
 pub mod cancel;
 pub mod cni;
@@ -22,13 +21,12 @@ pub mod datapath;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
-pub mod inspect;
 pub mod k8s;
 pub mod limits;
-pub mod metrics;
 pub mod pods;
 pub mod policy;
 pub mod proxy;
+pub mod publish;
 pub mod state;
 pub mod sys;
 pub mod tls;

@@ -71,7 +71,7 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct InspectArgs {
     /// Admin API address (loopback, in the agent's network namespace).
-    #[arg(long, env = "SELVEDGE_ADMIN", default_value = selvedge::admin::DEFAULT_ADMIN)]
+    #[arg(long, env = "SELVEDGE_ADMIN", default_value = selvedge::publish::admin::DEFAULT_ADMIN)]
     admin: std::net::SocketAddr,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
@@ -191,15 +191,15 @@ struct RunArgs {
     #[arg(long, env = config::ENV_LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Admin API: /config_dump, /connections, /logging, /quitquitquit, /readiness/handover. Loopback only.
-    #[arg(long, env = "SELVEDGE_ADMIN_ADDR", default_value = selvedge::admin::DEFAULT_ADMIN)]
+    #[arg(long, env = "SELVEDGE_ADMIN_ADDR", default_value = selvedge::publish::admin::DEFAULT_ADMIN)]
     admin_addr: std::net::SocketAddr,
     /// Prometheus metrics (/metrics, /stats/prometheus).
-    #[arg(long, env = "SELVEDGE_METRICS_ADDR", default_value = selvedge::admin::DEFAULT_METRICS)]
+    #[arg(long, env = "SELVEDGE_METRICS_ADDR", default_value = selvedge::publish::admin::DEFAULT_METRICS)]
     metrics_addr: std::net::SocketAddr,
     /// Readiness (/healthz/ready): ready once programs are attached, local workloads
     /// enrolled and their certificates present. An older agent on the node that holds the
     /// port (a rolling update) is asked to hand it over.
-    #[arg(long, env = "SELVEDGE_READINESS_ADDR", default_value = selvedge::admin::DEFAULT_READINESS)]
+    #[arg(long, env = "SELVEDGE_READINESS_ADDR", default_value = selvedge::publish::admin::DEFAULT_READINESS)]
     readiness_addr: std::net::SocketAddr,
     /// SPIFFE trust domain of this mesh: identities are spiffe://<TD>/ns/<ns>/sa/<sa>.
     #[arg(long, env = config::ENV_TRUST_DOMAIN, default_value = config::DEFAULT_TRUST_DOMAIN)]
@@ -253,7 +253,7 @@ enum LogFormat {
 }
 
 /// Logs to stderr; returns the function that changes the filter at runtime.
-fn init_tracing(format: LogFormat) -> selvedge::admin::SetLogLevel {
+fn init_tracing(format: LogFormat) -> selvedge::publish::admin::SetLogLevel {
     use std::io::IsTerminal as _;
     use tracing_subscriber::{fmt, prelude::*, reload, EnvFilter};
     let initial = EnvFilter::try_from_env("SELVEDGE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
@@ -280,8 +280,8 @@ fn colour_logs(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> 
     stderr_is_terminal && no_color.is_none_or(std::ffi::OsStr::is_empty)
 }
 
-fn inspect(view: selvedge::inspect::View, args: &InspectArgs) -> anyhow::Result<()> {
-    use selvedge::inspect::{show, Output};
+fn inspect(view: selvedge::publish::inspect::View, args: &InspectArgs) -> anyhow::Result<()> {
+    use selvedge::publish::inspect::{show, Output};
     let output = match args.output {
         OutputFormat::Table => Output::Table,
         OutputFormat::Json => Output::Json,
@@ -302,13 +302,13 @@ fn main() -> anyhow::Result<()> {
             println!("root written: {} (trust domain {trust_domain})", cert.display());
             Ok(())
         }
-        Command::Status(a) => inspect(selvedge::inspect::View::Status, &a),
-        Command::Workloads(a) => inspect(selvedge::inspect::View::Workloads, &a),
-        Command::Services(a) => inspect(selvedge::inspect::View::Services, &a),
-        Command::Policies(a) => inspect(selvedge::inspect::View::Policies, &a),
-        Command::Certs(a) => inspect(selvedge::inspect::View::Certs, &a),
-        Command::Connections(a) => inspect(selvedge::inspect::View::Connections, &a),
-        Command::Bpf(a) => inspect(selvedge::inspect::View::Bpf, &a),
+        Command::Status(a) => inspect(selvedge::publish::inspect::View::Status, &a),
+        Command::Workloads(a) => inspect(selvedge::publish::inspect::View::Workloads, &a),
+        Command::Services(a) => inspect(selvedge::publish::inspect::View::Services, &a),
+        Command::Policies(a) => inspect(selvedge::publish::inspect::View::Policies, &a),
+        Command::Certs(a) => inspect(selvedge::publish::inspect::View::Certs, &a),
+        Command::Connections(a) => inspect(selvedge::publish::inspect::View::Connections, &a),
+        Command::Bpf(a) => inspect(selvedge::publish::inspect::View::Bpf, &a),
         Command::Uninstall { pin_dir } => {
             let done = datapath::uninstall(&pin_dir).with_context(|| format!("uninstall {}", pin_dir.display()))?;
             println!("removed {} pins under {}", done.removed, pin_dir.display());

@@ -45,8 +45,8 @@ use crate::{
     hbone::client::Pool,
     identity::{IdentityManager, SpiffeId},
     inpod::{PodNetns, Use},
-    metrics::{Count, Metrics},
     policy::{Action, ConnFacts, Decision, PolicySet, Verdict, WorkloadMtls},
+    publish::metrics::{Count, Metrics},
     state::Directory,
 };
 

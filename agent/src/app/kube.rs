@@ -193,7 +193,7 @@ impl super::Agent {
         }
         match self.apply(Arc::new(converted.config)).await {
             Ok(()) => {
-                let first = self.generation == 0;
+                let first = self.publisher.generation() == 0;
                 self.applied_new_config();
                 if first {
                     tracing::info!(
@@ -216,7 +216,7 @@ impl super::Agent {
         let waits = std::mem::take(&mut c.waits);
         for w in waits {
             let verdict = match (&c.snapshot, &w.uid) {
-                (Some(snap), Some(uid)) if self.generation > 0 => self.cni_verdict(c, snap, uid, &w.req),
+                (Some(snap), Some(uid)) if self.publisher.generation() > 0 => self.cni_verdict(c, snap, uid, &w.req),
                 _ => None,
             };
             match verdict {
@@ -357,7 +357,7 @@ impl Cluster {
     }
 
     /// Keep `selvedge-cni` in the node's CNI chain (counted as drift when it had gone).
-    fn guard_chain(&self, metrics: &crate::metrics::Metrics) {
+    fn guard_chain(&self, metrics: &crate::publish::metrics::Metrics) {
         let Some(dir) = &self.settings.cni_conf_dir else { return };
         match cni::install::ensure_chained(dir, &self.settings.state_dir, &self.settings.mesh_label) {
             Ok(Some(file)) => {

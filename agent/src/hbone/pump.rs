@@ -19,7 +19,7 @@ use h2::{RecvStream, SendStream};
 use tokio::net::TcpStream;
 
 use super::PumpError;
-use crate::metrics::ByteCount;
+use crate::publish::metrics::ByteCount;
 
 /// Read buffers start small (an idle connection costs little) and double while reads fill
 /// them, up to this size (bulk transfers move big chunks).

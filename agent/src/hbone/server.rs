@@ -19,7 +19,7 @@ use super::{
     readahead::ReadAhead,
     splice, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER,
 };
-use crate::{addr, cancel::Cancel, identity::SpiffeId, metrics::ByteCount, tls};
+use crate::{addr, cancel::Cancel, identity::SpiffeId, publish::metrics::ByteCount, tls};
 
 /// What the server needs from the agent, for one pod.
 pub trait Upstream: Send + Sync + 'static {

@@ -21,7 +21,7 @@ use super::{
 use crate::{
     cancel::Cancel,
     identity::{svid_params, BuiltinCa, BuiltinSource, IdentityManager, SpiffeId},
-    metrics::{ByteCount, Tally},
+    publish::metrics::{ByteCount, Tally},
     tls,
 };
 

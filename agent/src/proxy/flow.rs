@@ -7,7 +7,7 @@ use super::{Direction, PodContext};
 use crate::{
     addr::Compact,
     identity::SpiffeId,
-    metrics::{Listing, Metrics, Tally, TcpLabels, UNKNOWN},
+    publish::metrics::{Listing, Metrics, Tally, TcpLabels, UNKNOWN},
     state::Peer,
 };
 

@@ -11,7 +11,8 @@ use super::{
     Refusal, Security, WatchGuard,
 };
 use crate::{
-    addr, cancel::Cancel, hbone::server::Outcome, identity::SpiffeId, inpod::Use, metrics::ByteCount, policy::ConnFacts,
+    addr, cancel::Cancel, hbone::server::Outcome, identity::SpiffeId, inpod::Use, policy::ConnFacts,
+    publish::metrics::ByteCount,
 };
 
 /// Connect to the pod's app at `app`, from the delivery source (`inpod::Use::Deliver`).

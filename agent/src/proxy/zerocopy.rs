@@ -15,7 +15,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::metrics::Count;
+use crate::publish::metrics::Count;
 
 /// At most this much per `splice` call; the pipe is grown to hold it.
 const CHUNK: usize = 256 * 1024;
@@ -154,7 +154,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::{metrics::ByteCount, proxy::tests::pair};
+    use crate::{proxy::tests::pair, publish::metrics::ByteCount};
 
     /// Relay `down` ↔ `up` in a task; it ends with the result and the counts (down → up,
     /// up → down).

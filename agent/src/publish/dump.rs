@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, sync::atomic::Ordering};
 
 use serde_json::{json, Value};
 
-use super::Agent;
+use super::{Publisher, View};
 use crate::datapath::KernelFacts;
 
 /// Every this many ticks (of 500 ms), walk the eBPF maps and list the kernel's programs;
@@ -51,25 +51,25 @@ impl KernelView {
     }
 }
 
-impl Agent {
+impl Publisher {
     /// Refresh readiness and the state-derived metrics; `after_change`
     /// also has the kernel walked again (links and maps just changed).
-    pub(super) fn refresh_observability(&mut self, after_change: bool) {
+    pub fn refresh(&mut self, v: &View<'_>, after_change: bool) {
         self.ticks += 1;
-        let metrics = &self.mesh.metrics;
-        metrics.set_enrolled(self.pods.enrolled().len());
-        self.kernel_view.counters = self.pods.datapath().named_stats();
+        let metrics = &v.mesh.metrics;
+        metrics.set_enrolled(v.pods.enrolled().len());
+        self.kernel_view.counters = v.pods.datapath().named_stats();
         metrics.kernel_totals(&self.kernel_view.counters);
-        metrics.handshake_totals(self.mesh.pool.handshakes());
-        metrics.dialled_ahead_total(self.mesh.pool.dialled_ahead());
-        for c in self.mesh.ids.status() {
+        metrics.handshake_totals(v.mesh.pool.handshakes());
+        metrics.dialled_ahead_total(v.mesh.pool.dialled_ahead());
+        for c in v.mesh.ids.status() {
             metrics.cert_expiry(&c.identity, c.not_after);
         }
-        self.collect_kernel_walk();
+        self.collect_kernel_walk(v);
         if after_change || self.ticks.is_multiple_of(KERNEL_VIEW_EVERY) {
-            self.walk_kernel();
+            self.walk_kernel(v);
         }
-        let readiness = self.readiness();
+        let readiness = self.readiness(v);
         self.admin.ready.store(readiness.is_ok(), Ordering::SeqCst);
         *self.admin.not_ready.write() = readiness.err().unwrap_or_default();
     }
@@ -77,46 +77,46 @@ impl Agent {
     /// Build the `/config_dump` document and hand it to the admin endpoint that asked.
     /// Only on request: with thousands of peers and services it takes milliseconds, and
     /// built every tick it stalled every connection on the runtime's thread that long.
-    pub(super) fn publish_dump(&mut self) {
-        *self.admin.snapshot.write() = self.config_dump();
+    pub fn publish_dump(&mut self, v: &View<'_>) {
+        *self.admin.snapshot.write() = self.config_dump(v);
         self.admin.dump_built.send_modify(|n| *n += 1);
     }
 
     /// Start a walk of the kernel's maps and programs on a blocking thread, or ask for one
     /// after the walk running now. The very first walk runs here, so the dump describes
     /// the kernel from the start.
-    fn walk_kernel(&mut self) {
+    fn walk_kernel(&mut self, v: &View<'_>) {
         if self.kernel_view.walking.is_some() {
             self.kernel_view.again = true;
             return;
         }
-        let walker = self.pods.datapath().walker();
-        let inbound = self.pods.datapath().inbound_listeners();
+        let walker = v.pods.datapath().walker();
+        let inbound = v.pods.datapath().inbound_listeners();
         if self.kernel_view.facts.is_none() {
-            self.publish_kernel_facts(walker.walk(inbound));
+            self.publish_kernel_facts(v, walker.walk(inbound));
         } else {
             self.kernel_view.walking = Some(tokio::task::spawn_blocking(move || walker.walk(inbound)));
         }
     }
 
     /// Take the result of a walk that has ended, if any.
-    fn collect_kernel_walk(&mut self) {
+    fn collect_kernel_walk(&mut self, v: &View<'_>) {
         if !self.kernel_view.walking.as_ref().is_some_and(tokio::task::JoinHandle::is_finished) {
             return;
         }
         let Some(done) = self.kernel_view.walking.take().and_then(futures::FutureExt::now_or_never) else { return };
         match done {
-            Ok(facts) => self.publish_kernel_facts(facts),
+            Ok(facts) => self.publish_kernel_facts(v, facts),
             Err(e) => tracing::warn!("walking the kernel's maps failed: {e}"),
         }
         if std::mem::take(&mut self.kernel_view.again) {
-            self.walk_kernel();
+            self.walk_kernel(v);
         }
     }
 
-    fn publish_kernel_facts(&mut self, facts: KernelFacts) {
+    fn publish_kernel_facts(&mut self, v: &View<'_>, facts: KernelFacts) {
         for (map, entries, capacity) in &facts.maps {
-            self.mesh.metrics.map_occupancy(map, *entries, *capacity);
+            v.mesh.metrics.map_occupancy(map, *entries, *capacity);
         }
         let (now, new) = newly_near_full(&facts.maps, &self.kernel_view.near_full);
         for (map, entries, capacity) in new {
@@ -137,31 +137,31 @@ impl Agent {
     /// with a config file — every local workload enrolled. In a cluster a pod that cannot be
     /// enrolled is refused by the CNI plugin and reported, but does not make the node's
     /// agent unready (that would stall the DaemonSet's rollout on one bad pod).
-    fn readiness(&self) -> Result<(), String> {
+    fn readiness(&self, v: &View<'_>) -> Result<(), String> {
         if self.generation == 0 {
-            return Err(match self.settings.source {
+            return Err(match v.settings.source {
                 crate::config::Source::Kube(_) => "waiting for the first complete list from the Kubernetes API".into(),
                 crate::config::Source::File(_) => "config not applied yet".into(),
             });
         }
-        if matches!(self.settings.source, crate::config::Source::File(_)) {
-            if let Some((uid, f)) = self.pods.failed().iter().next() {
+        if matches!(v.settings.source, crate::config::Source::File(_)) {
+            if let Some((uid, f)) = v.pods.failed().iter().next() {
                 return Err(format!("workload {uid} not enrolled: {}", f.reason));
             }
-            if let Some((uid, name)) = self.pods.waiting().iter().next() {
+            if let Some((uid, name)) = v.pods.waiting().iter().next() {
                 return Err(format!("workload {name} ({uid}) runs on this node but has no netns path"));
             }
         }
-        for p in self.pods.enrolled().values() {
-            if self.mesh.ids.current(&p.spec.identity).is_none() {
+        for p in v.pods.enrolled().values() {
+            if v.mesh.ids.current(&p.spec.identity).is_none() {
                 return Err(format!("no valid certificate for {}", p.spec.identity));
             }
         }
         Ok(())
     }
 
-    fn config_dump(&self) -> Value {
-        let workloads: Vec<Value> = self
+    fn config_dump(&self, v: &View<'_>) -> Value {
+        let workloads: Vec<Value> = v
             .pods
             .enrolled()
             .values()
@@ -169,18 +169,18 @@ impl Agent {
                 let s = &p.spec;
                 json!({
                     "uid": s.uid, "name": s.name, "namespace": s.namespace,
-                    "identity": s.identity.to_string(), "ips": s.ips, "node": self.settings.node,
+                    "identity": s.identity.to_string(), "ips": s.ips, "node": v.settings.node,
                     "netns": s.netns, "netns_cookie": p.ctx.netns.cookie(), "pod_slot": p.pod_id,
                     "mtls": {"strict": s.mtls.strict, "kernel_drops_plaintext": s.mtls.kernel_strict(), "ports": s.mtls.ports, "probe_ports": s.mtls.probe_ports},
                     "enrolled": true,
                 })
             })
-            .chain(self.pods.failed().iter().map(|(uid, f)| json!({"uid": uid, "enrolled": false, "reason": f.reason, "closed": f.closed.is_some()})))
-            .chain(self.pods.waiting().iter().map(|(uid, name)| json!({"uid": uid, "name": name, "enrolled": false, "reason": "waiting for its network namespace (CNI ADD, or a running process found in /proc)"})))
+            .chain(v.pods.failed().iter().map(|(uid, f)| json!({"uid": uid, "enrolled": false, "reason": f.reason, "closed": f.closed.is_some()})))
+            .chain(v.pods.waiting().iter().map(|(uid, name)| json!({"uid": uid, "name": name, "enrolled": false, "reason": "waiting for its network namespace (CNI ADD, or a running process found in /proc)"})))
             .collect();
         let none = KernelFacts::default();
         let facts = self.kernel_view.facts.as_ref().unwrap_or(&none);
-        let directory = self.mesh.directory.read().clone();
+        let directory = v.mesh.directory.read().clone();
         let peers: Vec<Value> = directory
             .workloads
             .iter()
@@ -191,7 +191,7 @@ impl Agent {
             .iter()
             .map(|(vip, s)| json!({"vip": vip, "name": s.name, "hostname": s.fqdn, "endpoints": s.endpoints}))
             .collect();
-        let cfg = &self.last_config;
+        let cfg = &v.config;
         let policies: Vec<Value> = cfg
             .peer_authentications
             .iter()
@@ -200,7 +200,7 @@ impl Agent {
                     .workloads
                     .iter()
                     .filter(|w| {
-                        let in_scope = pa.metadata.namespace == self.settings.root_namespace && pa.spec.selector.is_none()
+                        let in_scope = pa.metadata.namespace == v.settings.root_namespace && pa.spec.selector.is_none()
                             || pa.metadata.namespace == w.namespace
                                 && pa.spec.selector.as_ref().is_none_or(|sel| sel.match_labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)));
                         in_scope
@@ -215,7 +215,7 @@ impl Agent {
                     "selects": selects,
                 })
             })
-            .chain(self.mesh.policies.read().iter().map(|p| {
+            .chain(v.mesh.policies.read().iter().map(|p| {
                 let selects: Vec<String> = cfg
                     .workloads
                     .iter()
@@ -241,24 +241,24 @@ impl Agent {
             }))
             .collect();
         json!({
-            "node": self.settings.node,
+            "node": v.settings.node,
             "ready": self.admin.ready.load(Ordering::SeqCst),
             "not_ready": *self.admin.not_ready.read(),
             "generation": self.generation,
             "config_rejected_total": self.rejections.total,
             "config_last_rejected": self.rejections.last,
-            "trust_domain": self.settings.trust_domain,
+            "trust_domain": v.settings.trust_domain,
             "workloads": workloads,
             "peers": peers,
             "services": services,
             "policies": policies,
-            "certificates": self.mesh.ids.status(),
-            "pooled_hbone_connections": self.mesh.pool.len(),
+            "certificates": v.mesh.ids.status(),
+            "pooled_hbone_connections": v.mesh.pool.len(),
             "kernel": {
-                "pin_dir": self.pods.datapath().pin_dir(),
-                "cgroup": self.settings.cgroup,
-                "fast_path": self.settings.fast_path,
-                "links": self.pods.datapath().links(),
+                "pin_dir": v.pods.datapath().pin_dir(),
+                "cgroup": v.settings.cgroup,
+                "fast_path": v.settings.fast_path,
+                "links": v.pods.datapath().links(),
                 "programs": facts.programs.iter()
                     .map(|(link, id, name, kind)| json!({"link": link, "program_id": id, "program": name, "type": kind}))
                     .collect::<Vec<_>>(),

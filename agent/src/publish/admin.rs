@@ -28,7 +28,7 @@ use hyper_util::rt::TokioIo;
 use parking_lot::RwLock;
 use tokio::{net::TcpListener, sync::Notify};
 
-use crate::metrics::Metrics;
+use crate::publish::metrics::Metrics;
 
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 pub const DEFAULT_METRICS: &str = "0.0.0.0:15020";
