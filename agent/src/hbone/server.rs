@@ -158,16 +158,18 @@ async fn connection<U: Upstream>(
         Ok(id) => Arc::new(id),
         Err(e) => return refuse(Outcome::Certificate, &format!("client certificate rejected: {e}")),
     };
-    let mut conn = match h2::server::Builder::new()
+    // Bounded too: a client that finishes TLS and then says nothing would otherwise hold
+    // its handshake place (and a descriptor) for as long as it liked.
+    let h2 = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
-        .handshake::<_, Bytes>(FloodGuard::new(Coalesced::new(stream, turns.clone())))
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => return refuse(Outcome::Handshake, &format!("HTTP/2 handshake failed: {e}")),
+        .handshake::<_, Bytes>(FloodGuard::new(Coalesced::new(stream, turns.clone())));
+    let mut conn = match tokio::time::timeout(opts.handshake_timeout, h2).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return refuse(Outcome::Handshake, &format!("HTTP/2 handshake failed: {e}")),
+        Err(_) => return refuse(Outcome::Handshake, "HTTP/2 handshake timed out (no client preface)"),
     };
     drop(handshake);
     turns.arm();

@@ -619,6 +619,30 @@ async fn a_ping_flood_closes_the_connection_and_ordinary_pings_do_not() {
 }
 
 #[tokio::test]
+async fn a_client_silent_after_tls_is_dropped_and_frees_its_handshake_place() {
+    let f = fixture_with(Duration::from_millis(300), super::SERVER_IDLE, 1).await;
+    let cfg = tls::client_config(&f.ids, &id("shop", "web"), &f.server_id, 0).unwrap();
+    let name = ServerName::IpAddress(f.server.ip().into());
+    let tcp = TcpStream::connect(f.server).await.unwrap();
+    let mut silent = TlsConnector::from(cfg.clone()).connect(name.clone(), tcp).await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {} // the server's SETTINGS
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server closed a connection that never sent the HTTP/2 preface");
+    let recs = records_settle(&f.up, 1).await;
+    assert!(recs.iter().any(|(_, r, _)| r.contains("HTTP/2 handshake timed out")), "{recs:?}");
+    let tcp = TcpStream::connect(f.server).await.unwrap();
+    TlsConnector::from(cfg).connect(name, tcp).await.expect("its handshake place was freed");
+}
+
+#[tokio::test]
 async fn a_handshake_that_never_finishes_is_dropped() {
     let f = fixture(Duration::from_millis(300)).await;
     let mut idle = TcpStream::connect(f.server).await.unwrap();

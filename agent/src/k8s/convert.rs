@@ -297,14 +297,23 @@ fn service(svc: &Service, vips: &mut BTreeSet<(IpAddr, u16)>, problems: &mut Vec
 }
 
 fn document(obj: &DynamicObject) -> serde_json::Value {
-    json!({
+    let mut doc = json!({
         "metadata": {
             "name": obj.metadata.name.clone().unwrap_or_default(),
             "namespace": obj.metadata.namespace.clone().unwrap_or_default(),
         },
         "spec": obj.data.get("spec").cloned().unwrap_or_else(|| json!({})),
-    })
+    });
+    // The one annotation the policies read: without it a dry-run policy from the API
+    // would be enforced.
+    if let Some(v) = obj.metadata.annotations.as_ref().and_then(|a| a.get(DRY_RUN)) {
+        doc["metadata"]["annotations"] = json!({ DRY_RUN: v });
+    }
+    doc
 }
+
+/// Istio's annotation that makes an AuthorizationPolicy reported, never enforced.
+const DRY_RUN: &str = "istio.io/dry-run";
 
 fn authz(obj: &DynamicObject, problems: &mut Vec<String>) -> AuthorizationPolicy {
     let doc = document(obj);
@@ -335,12 +344,17 @@ fn authz(obj: &DynamicObject, problems: &mut Vec<String>) -> AuthorizationPolicy
 pub fn fail_closed_authz(doc: &serde_json::Value) -> (AuthorizationPolicy, bool) {
     let spec = &doc["spec"];
     let selector = readable_selector(spec);
-    let allow = matches!(spec.get("action").and_then(|a| a.as_str()), None | Some("ALLOW"));
+    // Only an absent or a plain "ALLOW" action reads as ALLOW; anything else (another
+    // word, a number, a list) is unreadable and becomes a DENY.
+    let allow = spec.get("action").is_none_or(|a| a.as_str() == Some("ALLOW"));
     let mut new_spec = if allow { json!({"action": "ALLOW"}) } else { json!({"action": "DENY", "rules": [{}]}) };
     if let Some(sel) = selector {
         new_spec["selector"] = json!({"matchLabels": sel["matchLabels"].clone()});
     }
-    let fixed = json!({"metadata": doc["metadata"].clone(), "spec": new_spec});
+    // Name and namespace only: a dry-run annotation must not turn the fail-closed
+    // replacement of an unreadable policy into one that is never enforced.
+    let metadata = json!({"name": doc["metadata"]["name"].clone(), "namespace": doc["metadata"]["namespace"].clone()});
+    let fixed = json!({"metadata": metadata, "spec": new_spec});
     let policy = serde_json::from_value(fixed).expect("fail-closed policy shape is valid");
     (policy, !allow)
 }

@@ -167,6 +167,29 @@ fn dynamic(kind: &str, plural: &str, name: &str, spec: serde_json::Value) -> Arc
 }
 
 #[test]
+fn a_dry_run_policy_from_the_api_stays_dry_run_and_an_unreadable_one_is_enforced() {
+    let annotated = |name: &str, spec: serde_json::Value| {
+        let mut o = (*dynamic("AuthorizationPolicy", "authorizationpolicies", name, spec)).clone();
+        o.metadata.annotations = Some(BTreeMap::from([("istio.io/dry-run".to_string(), "true".to_string())]));
+        Arc::new(o)
+    };
+    let s = Snapshot {
+        authorization_policies: vec![
+            annotated("dry", json!({"action": "DENY", "rules": [{}]})),
+            annotated("dry-bad", json!({"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["99999"]}}]}]})),
+            dynamic("AuthorizationPolicy", "authorizationpolicies", "odd-action", json!({"action": 7, "rules": [{}]})),
+        ],
+        ..snap(vec![], vec![ns("shop", true)])
+    };
+    let out = to_config(&s, "n1", KEY, &BTreeMap::new());
+    let compiled = out.config.compile_policies("istio-system").unwrap();
+    let by_name = |n: &str| compiled.iter().find(|p| p.name == n).unwrap_or_else(|| panic!("{n}"));
+    assert!(by_name("dry").dry_run, "the annotation survives the conversion");
+    assert!(!by_name("dry-bad").dry_run, "an unreadable dry-run policy is enforced as its fail-closed form");
+    assert_eq!(by_name("odd-action").action, crate::policy::Action::Deny, "a non-string action is a DENY");
+}
+
+#[test]
 fn unreadable_policies_fail_closed() {
     let s = Snapshot {
         authorization_policies: vec![
