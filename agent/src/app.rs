@@ -14,12 +14,12 @@ use crate::{
     proxy::{self, ConnTracker, Mesh},
     publish::admin::{self, AdminState},
     publish::{self, Publisher},
+    source::{self, Event, Source},
     state, sys,
 };
 
-mod discover;
-mod kube;
-
+/// How long pods that failed to enroll wait before they are tried again (a file source).
+const RETRY_FAILED: Duration = Duration::from_secs(5);
 /// How often (in 500 ms ticks) the kernel's enrollment state is checked against the agent's.
 const RECONCILE_EVERY: u64 = 20;
 /// How often (in 500 ms ticks) each enrolled pod's netns path is checked to still name the
@@ -53,13 +53,7 @@ pub enum AppError {
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(#[source] std::io::Error),
     #[error(transparent)]
-    Kube(#[from] crate::k8s::KubeError),
-    #[error("state directory {path}: {source}")]
-    State {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    Source(#[from] source::SourceError),
     #[error("cgroup {path} is not a cgroup v2 directory (--cgroup must name one, e.g. the pods' parent cgroup)")]
     NotCgroup2 { path: PathBuf },
     #[error("{source}; {left}")]
@@ -88,17 +82,6 @@ async fn stop_requested(term: &mut tokio::signal::unix::Signal, quit: &tokio::sy
     }
 }
 
-/// What was read and checked before the kernel was touched, for the run loop to start with.
-#[derive(Debug)]
-enum Initial {
-    /// The config file's text and the config it parses to.
-    File {
-        text: String,
-        config: LocalConfig,
-    },
-    Kube(kube::KubeStart),
-}
-
 #[derive(Debug)]
 pub struct Agent {
     settings: Settings,
@@ -117,8 +100,8 @@ pub struct Agent {
     conns: Arc<ConnTracker>,
     /// AuthorizationPolicies already warned about for rules an L4 agent cannot enforce.
     l7_warned: BTreeSet<String>,
-    /// Made by `start` before anything was attached; taken by `run`.
-    initial: Option<Initial>,
+    /// The config source, prepared by `start` before anything was attached; taken by `run`.
+    prepared: Option<source::Prepared>,
     admin_listeners: Vec<(SocketAddr, admin::Endpoints, Option<TcpListener>)>,
 }
 
@@ -131,15 +114,7 @@ impl Agent {
         if !sys::is_cgroup2(&settings.cgroup) {
             return Err(AppError::NotCgroup2 { path: settings.cgroup.clone() });
         }
-        let initial = match &settings.source {
-            config::Source::File(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| config::ConfigError::Read { path: path.clone(), source })?;
-                let config = LocalConfig::parse(&text, path)?;
-                Initial::File { text, config }
-            }
-            config::Source::Kube(ks) => Initial::Kube(kube::KubeStart::prepare(ks).await?),
-        };
+        let prepared = source::Prepared::new(&settings.source).await?;
         let admin_listeners = admin::bind(settings.admin_addr, settings.metrics_addr, settings.readiness_addr).await?;
         let mount = sys::cgroup2_mount().map_err(|source| AppError::Cgroup { what: "find cgroup2".into(), source })?;
         let agent_cgroup_id =
@@ -225,21 +200,27 @@ impl Agent {
             last_config: Arc::default(),
             publisher,
             conns,
-            initial: Some(initial),
+            prepared: Some(prepared),
             l7_warned: BTreeSet::new(),
             admin_listeners,
         })
     }
 
-    /// Serve until SIGTERM/SIGINT, then drain.
+    /// Serve until SIGTERM/SIGINT (or /quitquitquit), then drain.
     pub async fn run(mut self, status_file: Option<PathBuf>) -> Result<(), AppError> {
-        match (self.settings.source.clone(), self.initial.take()) {
-            (config::Source::File(path), Some(Initial::File { text, config })) => {
-                self.run_file(path, text, config, status_file).await
+        let prepared =
+            self.prepared.take().ok_or_else(|| AppError::Computation("the agent was started twice".into()))?;
+        let (mut source, first) = Source::start(prepared, &self.settings.node);
+        self.serve_admin();
+        if let Some(cfg) = first {
+            if let Err(e) = self.first_apply(cfg, status_file.as_ref()).await {
+                return Err(self.abandon_start(e));
             }
-            (config::Source::Kube(k), Some(Initial::Kube(prepared))) => self.run_kube(k, prepared, status_file).await,
-            _ => Err(AppError::Computation("the agent was started twice".into())),
+            tracing::info!(enrolled = self.pods.enrolled().len(), failed = self.pods.failed().len(), "started");
         }
+        self.serve(&mut source, status_file.as_ref()).await?;
+        source.stop();
+        self.shutdown(status_file.as_ref()).await
     }
 
     /// A start that failed after the programs were attached: stop serving what it
@@ -276,90 +257,77 @@ impl Agent {
         self.write_status(status_file, true)
     }
 
-    async fn run_file(
-        mut self,
-        path: PathBuf,
-        text: String,
-        cfg: LocalConfig,
-        status_file: Option<PathBuf>,
-    ) -> Result<(), AppError> {
-        self.serve_admin();
-        let mut last_text = Some(text);
-        if let Err(e) = self.first_apply(cfg, status_file.as_ref()).await {
-            return Err(self.abandon_start(e));
-        }
-        tracing::info!(enrolled = self.pods.enrolled().len(), failed = self.pods.failed().len(), "started");
-
+    /// The one loop: apply what the source yields, keep the pods and the kernel in step,
+    /// publish the state; until asked to stop.
+    async fn serve(&mut self, source: &mut Source, status_file: Option<&PathBuf>) -> Result<(), AppError> {
         let mut term = sigterm()?;
         let mut tick = tokio::time::interval(Duration::from_millis(config::RELOAD_INTERVAL_MS));
         let mut retry_at = tokio::time::Instant::now();
         let mut ticks: u64 = 0;
         loop {
-            tokio::select! {
-                () = stop_requested(&mut term, &self.admin.quit) => break,
+            let changed = tokio::select! {
+                () = stop_requested(&mut term, &self.admin.quit) => return Ok(()),
                 () = self.admin.dump_wanted.notified() => {
                     self.publish_dump();
                     continue;
                 }
-                _ = tick.tick() => {}
-            }
-            ticks += 1;
-            if ticks.is_multiple_of(NETNS_CHECK_EVERY) {
-                self.pods.follow_netns_identity().await;
-            }
-            if ticks.is_multiple_of(RECONCILE_EVERY) {
-                self.pods.repair_drift().await;
-            }
-            let text = std::fs::read_to_string(&path).ok();
-            let changed = text != last_text;
-            let retry = !self.pods.failed().is_empty() && tokio::time::Instant::now() >= retry_at;
-            if !changed && !retry {
-                // Kernel counters move without config changes: keep the status current.
-                self.refresh_observability(false);
-                if let Err(e) = self.write_status(status_file.as_ref(), true) {
-                    tracing::warn!("{e}");
-                }
-                continue;
-            }
-            // Parse the text just read (not the file again) so what is applied is what is
-            // remembered. Only a changed config counts as a new generation; a retry of
-            // failed pods re-applies the current one. Parsed on a blocking thread: a
-            // cluster-sized file takes tens of milliseconds, which the runtime's thread
-            // (the data path's) does not wait out.
-            // A retry re-applies the config in force, never text that was refused.
-            let parsed = if changed {
-                let (text, path) = (text.clone(), path.clone());
-                tokio::task::spawn_blocking(move || match &text {
-                    Some(t) => LocalConfig::parse(t, &path),
-                    None => LocalConfig::load(&path),
-                })
-                .await
-                .map_err(|e| format!("the parser failed: {e}"))
-                .and_then(|r| r.map(Arc::new).map_err(|e| e.to_string()))
-            } else {
-                Ok(self.last_config.clone())
-            };
-            last_text = text;
-            match parsed {
-                Ok(cfg) => match self.apply(cfg).await {
-                    Ok(()) if changed => self.applied_new_config(),
-                    Ok(()) => {}
-                    Err(e) if changed => self.reject_config(e.to_string()),
-                    Err(e) => tracing::error!("retrying failed workloads: {e}"),
+                event = source.next() => match event {
+                    Event::Config(cfg) => {
+                        match self.apply(cfg).await {
+                            Ok(()) => self.applied_new_config(),
+                            Err(e) => self.reject_config(source.refusal(e.to_string())),
+                        }
+                        retry_at = tokio::time::Instant::now() + RETRY_FAILED;
+                        true
+                    }
+                    Event::Refused(reason) => {
+                        self.reject_config(source.refusal(reason));
+                        false
+                    }
+                    Event::Stopped => return Ok(()),
                 },
-                Err(reason) => self.reject_config(reason),
+                _ = tick.tick() => {
+                    ticks += 1;
+                    self.chores(ticks, source).await;
+                    // Pods that failed to enroll are tried again with the config in force.
+                    let retry = source.retries_failed() && !self.pods.failed().is_empty();
+                    if retry && tokio::time::Instant::now() >= retry_at {
+                        if let Err(e) = self.apply(self.last_config.clone()).await {
+                            tracing::error!("retrying failed workloads: {e}");
+                        }
+                        retry_at = tokio::time::Instant::now() + RETRY_FAILED;
+                        true
+                    } else {
+                        false
+                    }
+                }
+            };
+            if changed {
+                if let Err(e) = self.pods.sweep_stale() {
+                    tracing::error!("stale enrollments not removed: {e}");
+                }
             }
-            retry_at = tokio::time::Instant::now() + Duration::from_secs(5);
-            if let Err(e) = self.pods.sweep_stale() {
-                tracing::error!("stale enrollments not removed: {e}");
-            }
-            // Right after applying: readiness and the dump describe the new state at once.
-            self.refresh_observability(true);
-            if let Err(e) = self.write_status(status_file.as_ref(), true) {
+            // Right after a change, the kernel is walked again: readiness and the dump
+            // describe the new state at once.
+            self.refresh_observability(changed);
+            if let Err(e) = self.write_status(status_file, true) {
                 tracing::warn!("{e}");
             }
+            // After the status: what a CNI answer reports is already visible there.
+            source.after(&self.pods, self.publisher.generation());
         }
-        self.shutdown(status_file.as_ref()).await
+    }
+
+    /// The periodic work of a 500 ms tick: the pods' netns identity, kernel drift, and the
+    /// source's own chores.
+    async fn chores(&mut self, ticks: u64, source: &mut Source) {
+        if ticks.is_multiple_of(NETNS_CHECK_EVERY) {
+            self.pods.follow_netns_identity().await;
+        }
+        if ticks.is_multiple_of(RECONCILE_EVERY) {
+            self.pods.repair_drift().await;
+        }
+        source.chores(ticks, &self.pods, &self.last_config, &self.mesh.metrics);
     }
 
     /// Enroll and unenroll to match `cfg`. Per-pod failures are recorded, not fatal.

@@ -36,11 +36,16 @@ impl Limits {
         let total = usable / FDS_PER_CONN;
         let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
         Self {
-            conns_per_pod: to_usize((total / 4).max(16)),
+            conns_per_pod: pod_share(to_usize(total)),
             conns_total: to_usize(total),
             handshakes: to_usize((nofile / 8).max(16)),
         }
     }
+}
+
+/// One pod's default share of the node's `conns_total`: a quarter, at least 16.
+pub fn pod_share(conns_total: usize) -> usize {
+    (conns_total / 4).max(16)
 }
 
 /// The open-file limit of this process (soft), as raised at start.

@@ -388,9 +388,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     raise_fd_limit();
     let defaults = selvedge::limits::Limits::from_fd_limit(selvedge::limits::fd_limit());
+    let conns_total = args.max_conns.map_or(defaults.conns_total, |n| n as usize);
     let limits = selvedge::limits::Limits {
-        conns_per_pod: args.max_conns_per_pod.map_or(defaults.conns_per_pod, |n| n as usize),
-        conns_total: args.max_conns.map_or(defaults.conns_total, |n| n as usize),
+        // A quarter of the node's share, the one given or the default.
+        conns_per_pod: args.max_conns_per_pod.map_or_else(|| selvedge::limits::pod_share(conns_total), |n| n as usize),
+        conns_total,
         handshakes: args.max_handshakes.map_or(defaults.handshakes, |n| n as usize),
     };
     let settings = Settings {

@@ -1,29 +1,32 @@
-//! The run loop in a cluster: snapshots from the Kubernetes API, pod network namespaces
-//! from the CNI plugin (and from /proc for pods that predate the agent), one apply path
-//! shared with the local file.
+//! The cluster as a config source: snapshots from the Kubernetes API, pod network
+//! namespaces from the CNI plugin (and from /proc or the runtime's netns directory for
+//! pods that predate the agent), converted into the agent's config. The CNI plugin's ADD
+//! waits here until the agent has enrolled the pod (`answer_waits`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::Duration,
 };
 
 use tokio::{
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, watch},
     time::Instant,
 };
 
-use super::{discover, AppError};
+use super::{discover, Event, SourceError};
 use crate::{
     cni::{
         self,
         protocol::{Request, Response},
         registry::{Registered, Registry},
     },
-    config::{self, KubeSettings},
+    config::{KubeSettings, LocalConfig},
     k8s::{self, PodNetwork, Snapshot},
+    pods::Pods,
+    publish::metrics::Metrics,
 };
 
 /// A CNI request waiting for the pod to show up in the API or to be enrolled.
@@ -58,10 +61,25 @@ const CREDENTIALS_EVERY: u64 = 120;
 
 /// What the cluster loop needs that can fail, made before the kernel is touched: the API
 /// client (the kubeconfig is read), the pod registry and the CNI plugin's socket.
-pub(super) struct KubeStart {
+pub struct KubeStart {
     client: k8s::Client,
     registry: Registry,
     cni: tokio::net::UnixListener,
+    settings: KubeSettings,
+}
+
+/// The cluster source, running.
+pub struct KubeSource {
+    cluster: Cluster,
+    snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    cni_requests: mpsc::Receiver<cni::server::Pending>,
+    node: String,
+}
+
+impl std::fmt::Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSource").field("cluster", &self.cluster).finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for KubeStart {
@@ -71,31 +89,25 @@ impl std::fmt::Debug for KubeStart {
 }
 
 impl KubeStart {
-    pub(super) async fn prepare(ks: &KubeSettings) -> Result<Self, AppError> {
+    pub async fn prepare(ks: &KubeSettings) -> Result<Self, SourceError> {
         let client = k8s::client(ks.kubeconfig.as_deref()).await?;
-        let state_err = |source| AppError::State { path: ks.state_dir.clone(), source };
+        let state_err = |source| SourceError::State { path: ks.state_dir.clone(), source };
         let registry = Registry::open(&ks.state_dir).map_err(state_err)?;
         let cni = cni::server::bind(&ks.state_dir.join(cni::protocol::SOCKET_NAME)).map_err(state_err)?;
-        Ok(Self { client, registry, cni })
+        Ok(Self { client, registry, cni, settings: ks.clone() })
     }
 }
 
-impl super::Agent {
-    pub(super) async fn run_kube(
-        mut self,
-        ks: KubeSettings,
-        prepared: KubeStart,
-        status_file: Option<PathBuf>,
-    ) -> Result<(), AppError> {
-        self.serve_admin();
-        *self.admin.not_ready.write() = "waiting for the first complete list from the Kubernetes API".into();
-        let KubeStart { client, registry, cni: listener } = prepared;
-        let mut snapshots = k8s::watch::start(client);
-        let (to_agent, mut cni_requests) = mpsc::channel(64);
+impl KubeSource {
+    /// Watch the API and serve the CNI socket.
+    pub fn start(prepared: KubeStart, node: &str) -> Self {
+        let KubeStart { client, registry, cni: listener, settings } = prepared;
+        let snapshots = k8s::watch::start(client);
+        let (to_agent, cni_requests) = mpsc::channel(64);
         tokio::spawn(cni::server::serve(listener, to_agent));
-        tracing::info!(state_dir = %ks.state_dir.display(), mesh_label = %ks.mesh_label, "watching the Kubernetes API");
-        let mut c = Cluster {
-            settings: ks,
+        tracing::info!(state_dir = %settings.state_dir.display(), mesh_label = %settings.mesh_label, "watching the Kubernetes API");
+        let cluster = Cluster {
+            settings,
             snapshot: None,
             registry,
             discovered: BTreeMap::new(),
@@ -103,87 +115,49 @@ impl super::Agent {
             dirty: false,
             problems: Vec::new(),
         };
-        let mut term = super::sigterm()?;
-        let mut tick = tokio::time::interval(Duration::from_millis(config::RELOAD_INTERVAL_MS));
-        let mut ticks: u64 = 0;
-        loop {
-            tokio::select! {
-                () = super::stop_requested(&mut term, &self.admin.quit) => break,
-                changed = snapshots.changed() => {
-                    if changed.is_err() {
-                        tracing::error!("the Kubernetes watch stopped");
-                        break;
-                    }
-                    c.snapshot = snapshots.borrow_and_update().clone();
-                    c.dirty = true;
-                }
-                Some((req, reply)) = cni_requests.recv() => c.accept(req, reply, &self.settings.node),
-                () = self.admin.dump_wanted.notified() => self.publish_dump(),
-                _ = tick.tick() => {
-                    ticks += 1;
-                    // Every 5 s while pods wait for their netns; every 30 s regardless
-                    // (pruning registrations whose sandbox is gone).
-                    let looking = ticks.is_multiple_of(SLOW_EVERY) && !self.pods.waiting().is_empty();
-                    if looking || ticks.is_multiple_of(SLOW_EVERY * 6) {
-                        let ips: BTreeMap<String, Vec<IpAddr>> = self
-                            .last_config
-                            .workloads
-                            .iter()
-                            .filter(|w| self.pods.waiting().contains_key(&w.uid))
-                            .map(|w| (w.uid.clone(), w.ips.clone()))
-                            .collect();
-                        c.slow_chores(self.pods.waiting(), &ips);
-                    }
-                    if ticks.is_multiple_of(SLOW_EVERY) {
-                        c.guard_chain(&self.mesh.metrics);
-                    }
-                    if ticks.is_multiple_of(CREDENTIALS_EVERY) {
-                        c.refresh_credentials();
-                    }
-                    if ticks.is_multiple_of(super::NETNS_CHECK_EVERY) {
-                        self.pods.follow_netns_identity().await;
-                    }
-                    if ticks.is_multiple_of(super::RECONCILE_EVERY) {
-                        self.pods.repair_drift().await;
-                    }
-                }
-            }
-            c.register_waits();
-            if c.dirty {
-                if let Some(snap) = c.snapshot.clone() {
-                    c.dirty = false;
-                    self.apply_snapshot(&mut c, &snap).await;
-                    self.refresh_observability(true);
-                }
-            }
-            self.refresh_observability(false);
-            if let Err(e) = self.write_status(status_file.as_ref(), true) {
-                tracing::warn!("{e}");
-            }
-            // After the status: what a CNI answer reports is already visible there.
-            self.answer_waits(&mut c);
-        }
-        for w in c.waits.drain(..) {
-            let _ = w.reply.send(Response::Refused { reason: "the agent is shutting down".into() });
-        }
-        self.shutdown(status_file.as_ref()).await
+        Self { cluster, snapshots, cni_requests, node: node.to_owned() }
     }
 
-    async fn apply_snapshot(&mut self, c: &mut Cluster, snap: &Arc<Snapshot>) {
+    /// The next cluster state to apply (a new snapshot from the API, or a pod network
+    /// the CNI plugin or the netns search reported). CNI requests are taken in meanwhile.
+    pub async fn next(&mut self) -> Event {
+        loop {
+            self.cluster.register_waits();
+            if self.cluster.dirty {
+                if let Some(snap) = self.cluster.snapshot.clone() {
+                    let event = self.convert(&snap).await;
+                    // Only once converted: a cancelled conversion is done again.
+                    self.cluster.dirty = false;
+                    return event;
+                }
+            }
+            tokio::select! {
+                changed = self.snapshots.changed() => {
+                    if changed.is_err() {
+                        tracing::error!("the Kubernetes watch stopped");
+                        return Event::Stopped;
+                    }
+                    self.cluster.snapshot = self.snapshots.borrow_and_update().clone();
+                    self.cluster.dirty = true;
+                }
+                Some((req, reply)) = self.cni_requests.recv() => self.cluster.accept(req, reply, &self.node),
+            }
+        }
+    }
+
+    /// The cluster state as the agent's config, converted on a blocking thread (a large
+    /// cluster's state takes milliseconds the data path does not wait out).
+    async fn convert(&mut self, snap: &Arc<Snapshot>) -> Event {
+        let c = &mut self.cluster;
         let mut networks: BTreeMap<String, PodNetwork> = c.discovered.clone();
         networks.extend(c.registry.networks().map(|(k, v)| (k.clone(), v.clone())));
-        // Converted on a blocking thread, as the config it yields is worked out (`apply`):
-        // a large cluster's state takes milliseconds the data path does not wait out.
         let convert = {
-            let (snap, node, key) = (snap.clone(), self.settings.node.clone(), c.settings.mesh_label.clone());
+            let (snap, node, key) = (snap.clone(), self.node.clone(), c.settings.mesh_label.clone());
             tokio::task::spawn_blocking(move || k8s::to_config(&snap, &node, &key, &networks))
         };
         let converted = match convert.await {
             Ok(converted) => converted,
-            Err(e) => {
-                self.reject_config(format!("cluster state: converting it failed: {e}"));
-                return;
-            }
+            Err(e) => return Event::Refused(format!("converting it failed: {e}")),
         };
         if converted.problems != c.problems {
             for p in converted.problems.iter().filter(|p| !c.problems.contains(p)) {
@@ -191,32 +165,40 @@ impl super::Agent {
             }
             c.problems = converted.problems;
         }
-        match self.apply(Arc::new(converted.config)).await {
-            Ok(()) => {
-                let first = self.publisher.generation() == 0;
-                self.applied_new_config();
-                if first {
-                    tracing::info!(
-                        enrolled = self.pods.enrolled().len(),
-                        waiting = self.pods.waiting().len(),
-                        "first cluster state applied"
-                    );
-                }
-            }
-            Err(e) => self.reject_config(format!("cluster state: {e}")),
+        Event::Config(Arc::new(converted.config))
+    }
+
+    /// The periodic work: every 5 s while pods wait for their netns, and every 30 s
+    /// regardless (pruning registrations whose sandbox is gone), look for them; keep
+    /// `selvedge-cni` chained; refresh the CNI plugin's credentials.
+    pub fn chores(&mut self, ticks: u64, pods: &Pods, config: &LocalConfig, metrics: &Metrics) {
+        let c = &mut self.cluster;
+        let looking = ticks.is_multiple_of(SLOW_EVERY) && !pods.waiting().is_empty();
+        if looking || ticks.is_multiple_of(SLOW_EVERY * 6) {
+            let ips: BTreeMap<String, Vec<IpAddr>> = config
+                .workloads
+                .iter()
+                .filter(|w| pods.waiting().contains_key(&w.uid))
+                .map(|w| (w.uid.clone(), w.ips.clone()))
+                .collect();
+            c.slow_chores(pods.waiting(), &ips);
         }
-        if let Err(e) = self.pods.sweep_stale() {
-            tracing::error!("stale enrollments not removed: {e}");
+        if ticks.is_multiple_of(SLOW_EVERY) {
+            c.guard_chain(metrics);
+        }
+        if ticks.is_multiple_of(CREDENTIALS_EVERY) {
+            c.refresh_credentials();
         }
     }
 
     /// Answer the CNI requests that can be answered now; refuse the overdue ones.
-    fn answer_waits(&self, c: &mut Cluster) {
+    pub fn answer_waits(&mut self, pods: &Pods, generation: u64) {
+        let c = &mut self.cluster;
         let now = Instant::now();
         let waits = std::mem::take(&mut c.waits);
         for w in waits {
             let verdict = match (&c.snapshot, &w.uid) {
-                (Some(snap), Some(uid)) if self.publisher.generation() > 0 => self.cni_verdict(c, snap, uid, &w.req),
+                (Some(snap), Some(uid)) if generation > 0 => c.cni_verdict(pods, &self.node, snap, uid, &w.req),
                 _ => None,
             };
             match verdict {
@@ -237,31 +219,36 @@ impl super::Agent {
         }
     }
 
-    fn cni_verdict(&self, c: &Cluster, snap: &Snapshot, uid: &str, req: &Request) -> Option<Response> {
+    /// The agent stops: refuse what still waits.
+    pub fn stop(&mut self) {
+        for w in self.cluster.waits.drain(..) {
+            let _ = w.reply.send(Response::Refused { reason: "the agent is shutting down".into() });
+        }
+    }
+}
+
+impl Cluster {
+    fn cni_verdict(&self, pods: &Pods, node: &str, snap: &Snapshot, uid: &str, req: &Request) -> Option<Response> {
         let pod = req.pod();
-        let facts = k8s::find_pod(snap, Some(uid), &pod.namespace, &pod.name, &c.settings.mesh_label)?;
-        if facts.node.as_deref() != Some(self.settings.node.as_str()) {
-            return Some(Response::Refused {
-                reason: format!("pod {pod} is not scheduled on this node ({})", self.settings.node),
-            });
+        let facts = k8s::find_pod(snap, Some(uid), &pod.namespace, &pod.name, &self.settings.mesh_label)?;
+        if facts.node.as_deref() != Some(node) {
+            return Some(Response::Refused { reason: format!("pod {pod} is not scheduled on this node ({node})") });
         }
         if !facts.meshed {
             return Some(Response::NotMeshed);
         }
-        if let Some(f) = self.pods.failed().get(uid) {
+        if let Some(f) = pods.failed().get(uid) {
             return Some(Response::Refused { reason: f.reason.clone() });
         }
-        let enrolled = self.pods.enrolled().get(uid)?;
+        let enrolled = pods.enrolled().get(uid)?;
         // Enrolled in the sandbox this request is about, not an older one.
-        let netns = c.registry.get(uid).map(|r| r.network.netns.as_path());
+        let netns = self.registry.get(uid).map(|r| r.network.netns.as_path());
         if matches!(req, Request::Add { .. }) && netns != Some(enrolled.spec.netns.as_path()) {
             return None;
         }
         Some(Response::Meshed { identity: enrolled.spec.identity.to_string() })
     }
-}
 
-impl Cluster {
     /// A new CNI request: DEL is done at once; ADD and CHECK wait for an answer.
     fn accept(&mut self, req: Request, reply: oneshot::Sender<Response>, node: &str) {
         let pod = req.pod().clone();
@@ -357,7 +344,7 @@ impl Cluster {
     }
 
     /// Keep `selvedge-cni` in the node's CNI chain (counted as drift when it had gone).
-    fn guard_chain(&self, metrics: &crate::publish::metrics::Metrics) {
+    fn guard_chain(&self, metrics: &Metrics) {
         let Some(dir) = &self.settings.cni_conf_dir else { return };
         match cni::install::ensure_chained(dir, &self.settings.state_dir, &self.settings.mesh_label) {
             Ok(Some(file)) => {
