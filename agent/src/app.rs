@@ -339,16 +339,12 @@ impl Agent {
             let cfg = cfg.clone();
             let (node, td, root) =
                 (self.settings.node.clone(), self.settings.trust_domain.clone(), self.settings.root_namespace.clone());
-            tokio::task::spawn_blocking(move || -> Result<_, config::ConfigError> {
-                let mesh = state::Mesh { node: &node, trust_domain: &td, root_namespace: &root };
-                Ok((
-                    state::desired(&cfg, &mesh)?,
-                    state::directory(&cfg, &td)?,
-                    crate::policy::PolicySet::new(cfg.compile_policies(&root)?),
-                ))
+            tokio::task::spawn_blocking(move || {
+                state::work_out(&cfg, &state::Mesh { node: &node, trust_domain: &td, root_namespace: &root })
             })
         };
-        let (desired, directory, policies) = compute.await.map_err(|e| AppError::Computation(e.to_string()))??;
+        let state::WorkedOut { desired, directory, policies } =
+            compute.await.map_err(|e| AppError::Computation(e.to_string()))??;
         for p in policies.iter() {
             if let Some(note) = p.l7_note() {
                 // Once per policy and wording, not at every apply of an unchanged one.
@@ -357,36 +353,11 @@ impl Agent {
                 }
             }
         }
-        let waiting = desired.waiting;
-        let desired = desired.pods;
-        let old_directory = std::mem::replace(&mut *self.mesh.directory.write(), Arc::new(directory));
-        let old_policies = std::mem::replace(&mut *self.mesh.policies.write(), Arc::new(policies));
-        // Cached verdicts were for the old policies and workloads (an IP may now be someone
-        // else's): forget them all.
-        let forgot = self.flows.clear_verdicts();
-        if forgot > 0 {
-            tracing::debug!(forgot, "cached connect verdicts cleared");
-        }
-        // Live changes: what the new policies deny is closed now, not at its next connect.
-        // On a blocking thread: with thousands of open connections it takes milliseconds
-        // (tens with hundreds of policies), which the data path does not wait out.
-        let (watchers, policies) = (self.mesh.watchers.clone(), self.mesh.policies.read().clone());
-        let closed = match tokio::task::spawn_blocking(move || watchers.recheck(&policies)).await {
-            Ok(closed) => closed,
-            Err(e) => {
-                // Fail closed: what the new policies deny must not stay open unchecked.
-                let closed = self.mesh.watchers.close_all();
-                tracing::error!(closed, "policy recheck failed ({e}); closed every open inbound connection");
-                closed
-            }
-        };
-        if closed > 0 {
-            tracing::info!(closed, "open connections closed after a policy change");
-        }
+        let replaced = self.mesh.install(directory, policies, &self.flows).await;
         let old_config = std::mem::replace(&mut self.last_config, cfg);
         // What the old state frees (thousands of entries) is freed off the runtime's thread.
-        tokio::task::spawn_blocking(move || drop((old_directory, old_policies, old_config)));
-        self.pods.converge(desired, waiting).await;
+        tokio::task::spawn_blocking(move || drop((replaced, old_config)));
+        self.pods.converge(desired.pods, desired.waiting).await;
         Ok(())
     }
 

@@ -1,5 +1,5 @@
 //! HBONE: each proxied TCP connection is one HTTP/2 `CONNECT` stream over TLS 1.3 mTLS to
-//! the destination pod's IP on port 15008 (../shared/docs/hbone.md).
+//! the destination pod's IP on port 15008 (docs/hbone.md).
 //!
 //! # Layout
 //! * `server.rs` — the listener in each pod: verify the client, check the target is this

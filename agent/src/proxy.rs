@@ -42,6 +42,7 @@ use tokio::{
 use crate::{
     addr,
     cancel::Cancel,
+    datapath::FlowMaps,
     hbone::client::Pool,
     identity::{IdentityManager, SpiffeId},
     inpod::{PodNetns, Use},
@@ -117,7 +118,37 @@ pub struct Mesh {
     pub node_conns: Arc<crate::limits::Share>,
 }
 
+/// What [`Mesh::install`] replaced, to be freed off the runtime's thread.
+pub type Replaced = (Arc<Directory>, Arc<PolicySet>);
+
 impl Mesh {
+    /// Put a new directory and policy set in force: cached connect verdicts are forgotten
+    /// (an IP may now be someone else's, a verdict may have changed), and open inbound
+    /// connections the new policies deny are closed now, not at their next connect — on a
+    /// blocking thread (thousands of connections take milliseconds); if that fails, every
+    /// open inbound connection is closed (fail closed). Returns what was replaced.
+    pub async fn install(&self, directory: Directory, policies: PolicySet, flows: &FlowMaps) -> Replaced {
+        let old_directory = std::mem::replace(&mut *self.directory.write(), Arc::new(directory));
+        let old_policies = std::mem::replace(&mut *self.policies.write(), Arc::new(policies));
+        let forgot = flows.clear_verdicts();
+        if forgot > 0 {
+            tracing::debug!(forgot, "cached connect verdicts cleared");
+        }
+        let (watchers, policies) = (self.watchers.clone(), self.policies.read().clone());
+        let closed = match tokio::task::spawn_blocking(move || watchers.recheck(&policies)).await {
+            Ok(closed) => closed,
+            Err(e) => {
+                let closed = self.watchers.close_all();
+                tracing::error!(closed, "policy recheck failed ({e}); closed every open inbound connection");
+                closed
+            }
+        };
+        if closed > 0 {
+            tracing::info!(closed, "open connections closed after a policy change");
+        }
+        (old_directory, old_policies)
+    }
+
     /// The workload behind an address, by the directory.
     pub fn workload_at(&self, ip: std::net::IpAddr) -> Option<WorkloadName<'static>> {
         self.directory.read().workloads.get(&ip.to_canonical()).map(|p| WorkloadName::from(p).owned())

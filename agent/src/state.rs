@@ -96,6 +96,25 @@ pub struct Desired {
     pub waiting: BTreeMap<String, String>,
 }
 
+/// Everything a config asks of this node, worked out before anything changes.
+#[derive(Debug)]
+pub struct WorkedOut {
+    pub desired: Desired,
+    pub directory: Directory,
+    pub policies: crate::policy::PolicySet,
+}
+
+/// Work out what `cfg` asks of the node `mesh.node`: its pods, the directory of meshed
+/// workloads and services, the compiled AuthorizationPolicies. Pure; the agent runs it on a
+/// blocking thread (thousands of workloads take milliseconds).
+pub fn work_out(cfg: &LocalConfig, mesh: &Mesh<'_>) -> Result<WorkedOut, ConfigError> {
+    Ok(WorkedOut {
+        desired: desired(cfg, mesh)?,
+        directory: directory(cfg, mesh.trust_domain)?,
+        policies: crate::policy::PolicySet::new(cfg.compile_policies(mesh.root_namespace)?),
+    })
+}
+
 pub fn desired(cfg: &LocalConfig, mesh: &Mesh<'_>) -> Result<Desired, ConfigError> {
     let mut out = Desired::default();
     for (index, w) in cfg.workloads.iter().enumerate().filter(|(_, w)| w.node == mesh.node) {

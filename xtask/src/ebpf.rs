@@ -1,4 +1,4 @@
-//! Building the eBPF object. Two routes (../shared/docs/toolchain.md):
+//! Building the eBPF object. Two routes (ARCHITECTURE.md, "The kernel side"):
 //!
 //! * **nightly**: a rustup nightly with `rust-src` → `cargo +nightly build -Z build-std=core`;
 //! * **debian**: Debian's `rustc-web` with a prebuilt `core` for `bpfel-unknown-none`
