@@ -8,10 +8,9 @@ use tokio::net::TcpListener;
 use crate::{
     config::{self, CertSourceConfig, LocalConfig, Settings},
     datapath::{Datapath, DatapathError, DatapathOptions, FlowMaps},
-    hbone,
     identity::{BuiltinCa, BuiltinSource, CertSource, FilesSource, IdentityManager, IstioCaSource},
     pods::{self, Pods},
-    proxy::{self, ConnTracker, Mesh},
+    proxy::{ConnTracker, Mesh},
     publish::admin::{self, AdminState},
     publish::{self, Publisher},
     source::{self, Event, Source},
@@ -146,27 +145,8 @@ impl Agent {
         };
         let ids = IdentityManager::new(source, provider, &settings.trust_domain)?;
         tokio::spawn(ids.clone().run());
-        let mesh = Arc::new(Mesh {
-            directory: parking_lot::RwLock::new(Arc::new(state::Directory::default())),
-            pool: hbone::client::Pool::new(ids.clone()),
-            ids,
-            metrics: Arc::new(crate::publish::metrics::Metrics::new()),
-            policies: parking_lot::RwLock::new(Arc::default()),
-            watchers: Arc::new(proxy::Watchers::default()),
-            local: parking_lot::RwLock::new(std::collections::HashMap::new()),
-            node_conns: crate::limits::Share::new(settings.limits.conns_total),
-        });
-        let reaper = mesh.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(hbone::POOL_IDLE / 2);
-            loop {
-                every.tick().await;
-                let closed = reaper.pool.reap(hbone::POOL_IDLE);
-                if closed > 0 {
-                    tracing::debug!(closed, "idle HBONE connections closed");
-                }
-            }
-        });
+        let mesh = Arc::new(Mesh::new(ids, settings.limits.conns_total));
+        tokio::spawn(mesh.clone().reap_idle_tunnels());
         let admin = Arc::new(AdminState {
             snapshot: parking_lot::RwLock::new(serde_json::Value::Null),
             dump_wanted: tokio::sync::Notify::new(),

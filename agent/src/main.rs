@@ -167,7 +167,7 @@ struct RunArgs {
     worker_threads: Option<u16>,
     /// Connections in flight one enrolled pod may have (both directions); more are reset
     /// at once, counted (`selvedge_denials_total{reason="over_limit"}`) and logged.
-    /// Default: a quarter of --max-conns.
+    /// Default: a quarter of --max-conns (as given, or its default), at least 16.
     #[arg(long, env = "SELVEDGE_MAX_CONNS_PER_POD", value_parser = clap::value_parser!(u32).range(1..))]
     max_conns_per_pod: Option<u32>,
     /// Connections in flight on the node. Default: what the open-file limit holds at two

@@ -122,6 +122,35 @@ pub struct Mesh {
 pub type Replaced = (Arc<Directory>, Arc<PolicySet>);
 
 impl Mesh {
+    /// An empty mesh (no peers, no policies) over `ids`, with the HBONE client's pool and
+    /// a node share of `conns_total` connections in flight.
+    pub fn new(ids: Arc<IdentityManager>, conns_total: usize) -> Self {
+        Mesh {
+            directory: parking_lot::RwLock::new(Arc::new(Directory::default())),
+            pool: Pool::new(ids.clone()),
+            ids,
+            metrics: Arc::new(Metrics::new()),
+            policies: parking_lot::RwLock::new(Arc::default()),
+            watchers: Arc::new(Watchers::default()),
+            local: parking_lot::RwLock::new(std::collections::HashMap::new()),
+            node_conns: crate::limits::Share::new(conns_total),
+        }
+    }
+
+    /// Close pooled HBONE connections idle for [`POOL_IDLE`](crate::hbone::POOL_IDLE),
+    /// checking twice per that period; runs for the agent's life.
+    pub async fn reap_idle_tunnels(self: Arc<Self>) {
+        let idle = crate::hbone::POOL_IDLE;
+        let mut every = tokio::time::interval(idle / 2);
+        loop {
+            every.tick().await;
+            let closed = self.pool.reap(idle);
+            if closed > 0 {
+                tracing::debug!(closed, "idle HBONE connections closed");
+            }
+        }
+    }
+
     /// Put a new directory and policy set in force: cached connect verdicts are forgotten
     /// (an IP may now be someone else's, a verdict may have changed), and open inbound
     /// connections the new policies deny are closed now, not at their next connect — on a
