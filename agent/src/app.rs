@@ -264,6 +264,7 @@ impl Agent {
                         self.reject_config(source.refusal(reason));
                         false
                     }
+                    Event::Request => false,
                     Event::Stopped => return Ok(()),
                 },
                 _ = tick.tick() => {

@@ -36,6 +36,9 @@ pub enum Event {
     Config(Arc<LocalConfig>),
     /// A change that cannot be applied: the config in force stays.
     Refused(String),
+    /// A request of the CNI plugin came in: the loop answers what it can at once
+    /// (`Source::after`), not at its next tick.
+    Request,
     /// The source has ended (the Kubernetes watch stopped): the agent stops.
     Stopped,
 }

@@ -140,7 +140,13 @@ impl KubeSource {
                     self.cluster.snapshot = self.snapshots.borrow_and_update().clone();
                     self.cluster.dirty = true;
                 }
-                Some((req, reply)) = self.cni_requests.recv() => self.cluster.accept(req, reply, &self.node),
+                Some((req, reply)) = self.cni_requests.recv() => {
+                    self.cluster.accept(req, reply, &self.node);
+                    self.cluster.register_waits();
+                    if !self.cluster.dirty {
+                        return Event::Request;
+                    }
+                }
             }
         }
     }
