@@ -19,7 +19,10 @@ mod svid;
 
 pub use ca::{svid_params, BuiltinCa, CaError};
 pub use files::FilesSource;
-pub use istio_ca::{IstioCaConfig, IstioCaSource};
+pub use istio_ca::{
+    frame, unframe, IstioCaConfig, IstioCaSource, IstioCertificateRequest, IstioCertificateResponse,
+    IMPERSONATED_IDENTITY, PATH as ISTIO_CA_PATH,
+};
 pub use manager::{
     key_der, new_key, BuiltinSource, CertSource, CertStatus, IdentityError, IdentityManager, IssueFuture, Issued,
 };

@@ -24,6 +24,8 @@
 //! * `agent/src/publish/metrics.rs` — Prometheus metrics (Istio's names and labels, `selvedge_*`)
 //! * `agent/src/publish/metrics/live.rs` — the open connections for `/connections`
 //! * `agent/src/publish/inspect.rs` — the inspection CLI (`selvedge status`, `workloads`, …)
+//! * `agent/src/ca_service.rs` — `selvedge ca serve`: the cluster CA (the Istio CA API), authenticating callers by token
+//! * `agent/src/ca_service/authorize.rs` — who may obtain which certificate: a node agent only its node's pods' identities (pure)
 //! * `agent/src/config.rs` — the config file's format and validation, the resolved settings (pure)
 //! * `agent/src/state.rs` — desired enrollment, the peer directory and the plan towards them (pure)
 //! * `agent/src/policy.rs` — the policy core (pure)
@@ -120,6 +122,7 @@
 pub mod accept;
 pub mod addr;
 pub mod app;
+pub mod ca_service;
 pub mod cancel;
 pub mod cni;
 pub mod config;

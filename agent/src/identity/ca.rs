@@ -145,6 +145,31 @@ impl BuiltinCa {
         Ok(csr.signed_by(&self.issuer).map_err(cert_err("sign CSR"))?.pem())
     }
 
+    /// Sign the public key of a PKCS#10 request for `id` alone: the certificate carries
+    /// the SVID's own fields (`svid_params`), never what the request asked for beyond its
+    /// key. What a CA serving other agents signs.
+    pub fn sign_csr_for(&self, csr_pem: &str, id: &SpiffeId, lifetime: Duration) -> Result<String, CaError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(cert_err("parse CSR"))?;
+        csr.params = svid_params(id)?;
+        let now = time::OffsetDateTime::now_utc();
+        csr.params.not_before = now - BACKDATE;
+        csr.params.not_after = now + lifetime;
+        Ok(csr.signed_by(&self.issuer).map_err(cert_err(format!("sign {id}")))?.pem())
+    }
+
+    /// A serving certificate for `name` (DNS or IP), for the CA service's own TLS; returns
+    /// the certificate and its new key.
+    pub fn serving_cert(&self, name: &str, lifetime: Duration) -> Result<(CertificateDer<'static>, KeyPair), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(cert_err("key"))?;
+        let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(cert_err(format!("name {name}")))?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + lifetime;
+        let cert = params.signed_by(&key, &self.issuer).map_err(cert_err("sign the serving certificate"))?;
+        Ok((cert.der().clone(), key))
+    }
+
     /// The root as PEM.
     pub fn root_pem(&self) -> &str {
         &self.root_pem
