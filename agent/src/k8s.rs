@@ -17,6 +17,7 @@ use kube::{
     Api, Config,
 };
 
+pub mod authority;
 pub mod convert;
 pub mod watch;
 

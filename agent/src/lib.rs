@@ -71,6 +71,7 @@
 //! * `agent/src/sys.rs` — cgroup v2, netns cookies, statfs, `setns`
 //! * `agent/src/tuning.rs` — the one restart that sets glibc's copy tunable
 //! * `agent/src/k8s.rs` — Kubernetes (the only module that imports kube)
+//! * `agent/src/k8s/authority.rs` — the CA service's view of the cluster: TokenReview and the pods on a node
 //! * `agent/src/k8s/convert.rs` — cluster objects into the agent's config (pure)
 //! * `agent/src/k8s/watch.rs` — reflectors and consistent snapshots
 //! * `agent/src/cni.rs` — race-free enrollment with the chained CNI plugin

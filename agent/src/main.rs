@@ -96,6 +96,47 @@ enum CaCommand {
         #[arg(long, env = config::ENV_TRUST_DOMAIN, default_value = config::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
+    /// Serve the cluster CA: the Istio CA API (`IstioCertificateService/CreateCertificate`,
+    /// gRPC over TLS) that agents with `--cert-source istio` ask, so that no node holds the
+    /// root key. Callers are authenticated with their ServiceAccount token (TokenReview,
+    /// bound to `--audience`); a node agent (`--node-agent`) gets a certificate only for a
+    /// service account with a running pod on its own node (the node its token is bound
+    /// to), any other caller only its own identity. Every refusal is logged with the reason.
+    Serve(Box<CaServeArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct CaServeArgs {
+    /// The root (from `selvedge ca init`): this is the only place its key is needed.
+    #[arg(long, env = config::ENV_CA_DIR, default_value = config::DEFAULT_CA_DIR)]
+    dir: PathBuf,
+    #[arg(long, env = config::ENV_TRUST_DOMAIN, default_value = config::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Where to listen (Istio's CA port is 15012).
+    #[arg(long, env = "SELVEDGE_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    listen: std::net::SocketAddr,
+    /// The name agents dial (their `--istio-ca-server-name`, or the host of
+    /// `--istio-ca-addr`): the serving certificate is issued for it.
+    #[arg(long, env = "SELVEDGE_CA_SERVER_NAME", default_value = "selvedge-ca.selvedge-system.svc")]
+    server_name: String,
+    /// Service accounts (`namespace/name`) of node agents, which may ask for the identities
+    /// of their node's pods. Repeatable.
+    #[arg(
+        long = "node-agent",
+        env = "SELVEDGE_CA_NODE_AGENTS",
+        value_delimiter = ',',
+        default_value = "selvedge-system/selvedge"
+    )]
+    node_agents: Vec<String>,
+    /// The audience callers' tokens must be bound to.
+    #[arg(long, env = "SELVEDGE_CA_AUDIENCE", default_value = "istio-ca")]
+    audience: String,
+    /// The longest certificate lifetime it issues, in seconds.
+    #[arg(long, env = "SELVEDGE_CA_MAX_LIFETIME", default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(60..))]
+    max_lifetime_secs: u64,
+    /// kubeconfig (default: the pod's ServiceAccount).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -302,6 +343,7 @@ fn main() -> anyhow::Result<()> {
             println!("root written: {} (trust domain {trust_domain})", cert.display());
             Ok(())
         }
+        Command::Ca(CaCommand::Serve(args)) => ca_serve(*args),
         Command::Status(a) => inspect(selvedge::publish::inspect::View::Status, &a),
         Command::Workloads(a) => inspect(selvedge::publish::inspect::View::Workloads, &a),
         Command::Services(a) => inspect(selvedge::publish::inspect::View::Services, &a),
@@ -318,6 +360,51 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `selvedge ca serve`: until SIGTERM or Ctrl-C.
+fn ca_serve(args: CaServeArgs) -> anyhow::Result<()> {
+    use std::collections::BTreeSet;
+    let _ = init_tracing(LogFormat::Text);
+    let node_agents: BTreeSet<(String, String)> = args
+        .node_agents
+        .iter()
+        .map(|a| {
+            a.split_once('/')
+                .filter(|(ns, n)| !ns.is_empty() && !n.is_empty())
+                .map(|(ns, n)| (ns.to_owned(), n.to_owned()))
+                .with_context(|| format!("--node-agent {a:?}: want namespace/name"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let ca = selvedge::identity::BuiltinCa::load(&args.dir).with_context(|| format!("CA {}", args.dir.display()))?;
+    if selvedge::tls::provider_with(selvedge::tls::AesGcm::for_this_cpu()).install_default().is_err() {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
+    let rt = runtime(1).context("start the async runtime")?;
+    rt.block_on(async move {
+        use selvedge::ca_service::{CaService, CaSettings};
+        let client = selvedge::k8s::client(args.kubeconfig.as_deref()).await?;
+        let authority = selvedge::k8s::authority::KubeAuthority::new(client, vec![args.audience.clone()]);
+        let settings = CaSettings {
+            trust_domain: args.trust_domain.clone(),
+            node_agents,
+            max_lifetime: std::time::Duration::from_secs(args.max_lifetime_secs),
+        };
+        let service = CaService::new(ca, authority, settings);
+        let tls = service.tls(&args.server_name).map_err(anyhow::Error::msg)?;
+        let listener =
+            tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listen {}", args.listen))?;
+        tracing::info!(listen = %args.listen, server_name = %args.server_name, "CA service ready");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            () = service.clone().serve(listener, tls) => {}
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        let (issued, refused) = service.counts();
+        tracing::info!(issued, refused, "CA service stopped");
+        anyhow::Ok(())
+    })
 }
 
 /// Every proxied connection holds two or three sockets: lift the soft descriptor limit to

@@ -71,6 +71,8 @@ struct Shared {
     requests: Mutex<Vec<String>>,
     /// For the `/api` discovery document.
     addr: SocketAddr,
+    /// What TokenReview answers: token → (user object, audiences it is bound to).
+    tokens: Mutex<std::collections::BTreeMap<String, (Value, Vec<String>)>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -123,6 +125,7 @@ impl ApiServer {
             open_connections: AtomicUsize::new(0),
             bookmark_interval_ms: AtomicU64::new(millis(DEFAULT_BOOKMARK_INTERVAL)),
             requests: Mutex::new(Vec::new()),
+            tokens: Mutex::new(std::collections::BTreeMap::new()),
             addr,
         });
         let (shutdown, stop) = oneshot::channel();
@@ -199,6 +202,19 @@ impl ApiServer {
     /// Forgets history, as an etcd compaction does: a watch that later asks to start from a
     /// resource version below the current one gets a 410 `Expired` ERROR event. Open watches
     /// carry on.
+    /// Make TokenReview accept `token` for audience `audience` as the ServiceAccount
+    /// `namespace/name`, bound to a pod on `node` (a projected, pod-bound token: its
+    /// `extra` names the pod's node), or to no pod when `node` is None.
+    pub fn add_token(&self, token: &str, namespace: &str, name: &str, node: Option<&str>, audience: &str) {
+        let mut extra = serde_json::Map::new();
+        if let Some(node) = node {
+            extra.insert("authentication.kubernetes.io/node-name".into(), serde_json::json!([node]));
+            extra.insert("authentication.kubernetes.io/pod-name".into(), serde_json::json!([format!("{name}-pod")]));
+        }
+        let user = serde_json::json!({"username": format!("system:serviceaccount:{namespace}:{name}"), "extra": extra});
+        blocking(&self.shared.tokens).insert(token.to_owned(), (user, vec![audience.to_owned()]));
+    }
+
     pub fn compact(&self) {
         blocking(&self.shared.store).compact();
     }

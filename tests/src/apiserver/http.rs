@@ -139,7 +139,48 @@ fn route(path: &str) -> Option<Route> {
 pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let target = req.uri().path_and_query().map_or_else(|| req.uri().path(), |pq| pq.as_str());
     shared.requests.lock().await.push(format!("{} {target}", req.method()));
+    if req.method() == Method::POST && req.uri().path() == TOKEN_REVIEWS {
+        return Ok(token_review(&shared, req).await);
+    }
     Ok(respond(&shared, &req).await)
+}
+
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+/// `POST tokenreviews`: authenticated when the token was added (`ApiServer::add_token`)
+/// and bound to one of the audiences asked for (any, when none is asked).
+async fn token_review(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+    };
+    let review: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+    };
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let asked: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    let known = shared.tokens.lock().await.get(token).cloned();
+    let status_field = match known {
+        Some((user, bound)) if asked.is_empty() || asked.iter().any(|a| bound.contains(a)) => {
+            json!({"authenticated": true, "user": user, "audiences": bound})
+        }
+        Some(_) => json!({"authenticated": false, "error": "token audiences do not match"}),
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    let answer = json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "metadata": {"creationTimestamp": null},
+        "spec": review["spec"],
+        "status": status_field,
+    });
+    json(StatusCode::CREATED, &answer)
 }
 
 async fn respond(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
