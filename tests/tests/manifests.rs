@@ -9,8 +9,8 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        apps::v1::DaemonSet,
-        core::v1::{Container, Namespace, PodSpec, ServiceAccount, Volume},
+        apps::v1::{DaemonSet, Deployment},
+        core::v1::{Container, Namespace, PodSpec, Service, ServiceAccount, Volume},
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -76,6 +76,8 @@ struct Manifests {
     cluster_roles: Vec<ClusterRole>,
     bindings: Vec<ClusterRoleBinding>,
     daemonsets: Vec<DaemonSet>,
+    deployments: Vec<Deployment>,
+    services: Vec<Service>,
 }
 
 fn parse(docs: &[Value], file: &str) -> Manifests {
@@ -89,6 +91,8 @@ fn parse(docs: &[Value], file: &str) -> Manifests {
             "ClusterRole" => m.cluster_roles.push(typed(doc, &what)),
             "ClusterRoleBinding" => m.bindings.push(typed(doc, &what)),
             "DaemonSet" => m.daemonsets.push(typed(doc, &what)),
+            "Deployment" => m.deployments.push(typed(doc, &what)),
+            "Service" => m.services.push(typed(doc, &what)),
             other => panic!("{what}: unexpected kind {other:?}; teach this test about it"),
         }
     }
@@ -275,7 +279,6 @@ fn agent_container_has_the_least_privilege_that_works() {
         ("SELVEDGE_MESH_LABEL", "selvedge.dev/mesh"),
         ("SELVEDGE_STATE_DIR", "/var/run/selvedge"),
         ("SELVEDGE_PROC_DIR", "/proc"),
-        ("SELVEDGE_CA_DIR", "/var/lib/selvedge/ca"),
         ("SELVEDGE_LOG_FORMAT", "json"),
         ("SELVEDGE_CNI_CONF_DIR", "/etc/cni/net.d"),
     ] {
@@ -323,7 +326,6 @@ fn init_container_installs_the_cni_plugin_without_capabilities() {
 enum Source {
     /// Host path and, when the contract fixes it, the hostPath type.
     Host(&'static str, Option<&'static str>),
-    Secret(&'static str),
 }
 
 #[derive(Debug)]
@@ -352,10 +354,6 @@ fn check_mount(spec: &PodSpec, c: &Container, want: &Want) {
             if kind.is_some() {
                 assert_eq!(host.type_.as_deref(), kind, "{at}: hostPath type");
             }
-        }
-        Source::Secret(name) => {
-            let secret = volume.secret.as_ref().unwrap_or_else(|| panic!("{at}: not a Secret"));
-            assert_eq!(secret.secret_name.as_deref(), Some(name), "{at}: Secret");
         }
     }
 }
@@ -388,22 +386,91 @@ fn agent_mounts_what_it_needs_from_the_host() {
         },
         Want { path: "/opt/cni/bin", source: host("/opt/cni/bin"), read_only: false, propagation: None },
         Want { path: "/etc/cni/net.d", source: host("/etc/cni/net.d"), read_only: false, propagation: None },
-        Want {
-            path: "/var/lib/selvedge/ca",
-            source: Source::Secret("selvedge-ca"),
-            read_only: true,
-            propagation: None,
-        },
     ];
     for want in &wants {
         check_mount(spec, agent, want);
     }
+}
 
-    let ca = volume(spec, "ca").secret.as_ref().expect("ca is a Secret volume");
-    assert_eq!(ca.default_mode, Some(0o400), "the CA key is readable by root only");
-    let keys: BTreeSet<&str> = ca.items.iter().flatten().map(|i| i.key.as_str()).collect();
+#[test]
+fn agents_hold_no_key_of_the_mesh_only_the_root_certificate_and_a_token_for_the_ca() {
+    let m = manifests();
+    let spec = pod_spec(one(&m.daemonsets, "DaemonSet"));
+    let agent = agent(spec);
+    assert!(spec.volumes.iter().flatten().all(|v| v.secret.is_none()), "no Secret reaches a node agent");
+    let root = volume(spec, "ca-root").config_map.as_ref().expect("ca-root is a ConfigMap volume");
+    assert_eq!(root.name, "selvedge-ca-root");
+    let keys: Vec<&str> = root.items.iter().flatten().map(|i| i.key.as_str()).collect();
+    assert_eq!(keys, ["root-cert.pem"], "the root certificate and nothing else");
+    let projected = volume(spec, "ca-token").projected.as_ref().expect("ca-token is a projected volume");
+    let token = projected.sources.iter().flatten().find_map(|s| s.service_account_token.as_ref()).expect("a token");
+    assert_eq!(token.audience.as_deref(), Some("istio-ca"), "bound to the CA's audience");
+    assert_eq!(token.path, "istio-token");
+    assert_eq!(env(agent, "SELVEDGE_CERT_SOURCE"), Some("istio"));
+    assert_eq!(env(agent, "SELVEDGE_ISTIO_CA_ADDR"), Some("selvedge-ca.selvedge-system.svc:15012"));
+    assert_eq!(env(agent, "SELVEDGE_ISTIO_CA_ROOT"), Some("/var/run/secrets/selvedge/root-cert.pem"));
+    assert_eq!(env(agent, "SELVEDGE_ISTIO_CA_TOKEN"), Some("/var/run/secrets/tokens/istio-token"));
+    for (path, volume) in [("/var/run/secrets/selvedge", "ca-root"), ("/var/run/secrets/tokens", "ca-token")] {
+        let mount = agent.volume_mounts.iter().flatten().find(|m| m.mount_path == path).expect(path);
+        assert_eq!((mount.name.as_str(), mount.read_only), (volume, Some(true)), "{path}");
+    }
+}
+
+fn ca_manifests() -> Manifests {
+    parse(&documents(&deploy_dir().join("base").join("ca.yaml")), "base/ca.yaml")
+}
+
+#[test]
+fn the_root_key_is_mounted_only_in_the_cluster_ca_which_reviews_tokens_and_lists_pods() {
+    let m = ca_manifests();
+    let ca = one(&m.deployments, "Deployment");
+    assert_eq!(ca.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let ca_spec = ca.spec.as_ref().expect("a spec");
+    assert_eq!(ca_spec.replicas, Some(2), "one CA answers while the other moves");
+    let pod = ca_spec.template.spec.as_ref().expect("a pod spec");
+    assert_eq!(pod.service_account_name.as_deref(), Some("selvedge-ca"));
+    let container = one(&pod.containers, "container");
+    assert_eq!(
+        container.command.as_deref(),
+        Some(&["/usr/local/bin/selvedge".to_string(), "ca".into(), "serve".into()][..])
+    );
+    let security = pod.security_context.as_ref().expect("a pod security context");
+    assert_eq!(security.run_as_non_root, Some(true));
+    let dropped =
+        container.security_context.as_ref().and_then(|s| s.capabilities.as_ref()).and_then(|c| c.drop.as_ref());
+    assert_eq!(strings(dropped), BTreeSet::from(["ALL"]), "no capability at all");
+    let key = volume(pod, "ca").secret.as_ref().expect("the CA's Secret");
+    assert_eq!(key.secret_name.as_deref(), Some("selvedge-ca"));
+    assert_eq!(key.default_mode, Some(0o440), "the key readable by the CA's group (fsGroup) only");
+    let keys: BTreeSet<&str> = key.items.iter().flatten().map(|i| i.key.as_str()).collect();
     assert_eq!(keys, BTreeSet::from(["root-cert.pem", "root-key.pem"]));
-    assert_ne!(ca.optional, Some(true), "an agent without its CA cannot issue certificates");
+
+    let role = one(&m.cluster_roles, "ClusterRole");
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        for group in strings(rule.api_groups.as_ref()) {
+            for resource in strings(rule.resources.as_ref()) {
+                for verb in &rule.verbs {
+                    granted.insert((group, resource, verb.as_str()));
+                }
+            }
+        }
+    }
+    let want = BTreeSet::from([
+        ("authentication.k8s.io", "tokenreviews", "create"),
+        ("", "pods", "get"),
+        ("", "pods", "list"),
+    ]);
+    assert_eq!(granted, want, "exactly what the CA asks the API");
+    let binding = one(&m.bindings, "ClusterRoleBinding");
+    let subjects: Vec<_> =
+        binding.subjects.iter().flatten().map(|s| (s.name.as_str(), s.namespace.as_deref())).collect();
+    assert_eq!(subjects, [("selvedge-ca", Some(NAMESPACE))]);
+
+    let service = one(&m.services, "Service");
+    let port = service.spec.as_ref().and_then(|s| s.ports.as_ref()).map(|p| p[0].port);
+    assert_eq!(port, Some(15012), "the port the agents dial");
+    assert_eq!(service.metadata.name.as_deref(), Some("selvedge-ca"), "the name in the agents' --istio-ca-addr");
 }
 
 #[test]
@@ -462,7 +529,7 @@ fn kustomizations_build_on_the_base() {
     let deploy = std::fs::canonicalize(deploy_dir()).expect("deploy/ exists");
     let base = deploy.join("base");
     assert_eq!(kustomization(&deploy).resources, ["base"]);
-    assert_eq!(kustomization(&base).resources, ["selvedge.yaml"]);
+    assert_eq!(kustomization(&base).resources, ["selvedge.yaml", "ca.yaml"]);
     let overlay = deploy.join("privileged");
     let k = kustomization(&overlay);
     assert_eq!(k.resources.len(), 1);

@@ -30,8 +30,12 @@ for f in root-cert.pem root-key.pem; do
     [[ -f $ca/$f ]] || { echo "$ca/$f is missing: run \`cargo xtask lab up\` on the host" >&2; exit 1; }
 done
 kubectl create namespace selvedge-system --dry-run=client -o yaml | kubectl apply -f -
+# The key goes to the cluster CA only (Secret); the agents get the root certificate.
 kubectl -n selvedge-system create secret generic selvedge-ca \
     --from-file=root-cert.pem="$ca/root-cert.pem" --from-file=root-key.pem="$ca/root-key.pem" \
+    --dry-run=client -o yaml | kubectl apply -f -
+kubectl -n selvedge-system create configmap selvedge-ca-root \
+    --from-file=root-cert.pem="$ca/root-cert.pem" \
     --dry-run=client -o yaml | kubectl apply -f -
 
 existed=$(kubectl -n selvedge-system get daemonset selvedge --ignore-not-found -o name)
