@@ -2,7 +2,7 @@
 //! the Istio CA API the agents already use (`IstioCertificateService/CreateCertificate`,
 //! gRPC over HTTP/2 over TLS), authenticates each caller by its bearer token, and
 //! authorizes impersonation the way istiod does for ztunnel (`authorize.rs`): a node agent
-//! gets a certificate only for a service account with a running pod on its own node.
+//! gets a certificate only for a service account with a pod (not finished) on its own node.
 //!
 //! Who a token belongs to and which pods run where come from an [`Authority`]: in a
 //! cluster, the Kubernetes API (`k8s::authority`: TokenReview and the pod list).
@@ -35,7 +35,7 @@ use authorize::{Account, Caller, Rules};
 pub trait Authority: Send + Sync + 'static {
     /// The caller a bearer token stands for; Err(reason) when it is not valid.
     fn authenticate(&self, token: &str) -> impl Future<Output = Result<Caller, String>> + Send;
-    /// The (namespace, service account) pairs with a running pod on `node`.
+    /// The (namespace, service account) pairs with a pod (not finished) on `node`.
     fn accounts_on(&self, node: &str) -> impl Future<Output = Result<BTreeSet<Account>, String>> + Send;
 }
 

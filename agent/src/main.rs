@@ -100,7 +100,7 @@ enum CaCommand {
     /// gRPC over TLS) that agents with `--cert-source istio` ask, so that no node holds the
     /// root key. Callers are authenticated with their ServiceAccount token (TokenReview,
     /// bound to `--audience`); a node agent (`--node-agent`) gets a certificate only for a
-    /// service account with a running pod on its own node (the node its token is bound
+    /// service account with a pod (not finished) on its own node (the node its token is bound
     /// to), any other caller only its own identity. Every refusal is logged with the reason.
     Serve(Box<CaServeArgs>),
 }

@@ -123,6 +123,8 @@ impl Cluster {
         let fabric = lab.fabric_netns();
         let fabric_name = fabric.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         run("ip", &["-n", &fabric_name, "addr", "add", "198.19.0.254/24", "dev", "br0"]);
+        // Up, so what runs beside the API server in the fabric (the cluster CA) reaches it.
+        run("ip", &["-n", &fabric_name, "link", "set", "lo", "up"]);
         let api = ApiServer::start_in_netns(&fabric, API_ADDR.parse().expect("API address"));
         let kubeconfig = lab.dir.join("kubeconfig");
         api.write_kubeconfig(&kubeconfig);
@@ -142,7 +144,12 @@ impl Cluster {
 
     /// Start `node`'s agent in Kubernetes mode; returns once it is ready (first list applied).
     pub fn start_agent(&mut self, node: &str) {
-        let opts = AgentOptions { kubeconfig: Some(self.kubeconfig.clone()), ..AgentOptions::default() };
+        self.start_agent_with(node, Vec::new());
+    }
+
+    /// [`Self::start_agent`] with more `selvedge run` flags.
+    pub fn start_agent_with(&mut self, node: &str, extra_args: Vec<String>) {
+        let opts = AgentOptions { kubeconfig: Some(self.kubeconfig.clone()), extra_args, ..AgentOptions::default() };
         self.lab.start_agent(node, opts);
     }
 

@@ -1,6 +1,6 @@
 //! Who may obtain which certificate (pure). The rule istiod applies to ztunnel: a caller
 //! always gets its own identity; a node agent may get another identity only for a service
-//! account that has a running pod on the agent's own node — the node its token is bound to.
+//! account that has a pod (not finished) on the agent's own node — the node its token is bound to.
 
 use std::collections::BTreeSet;
 
@@ -31,7 +31,7 @@ pub fn is_node_agent(rules: &Rules<'_>, caller: &Caller) -> bool {
     rules.node_agents.contains(&(caller.namespace.clone(), caller.service_account.clone()))
 }
 
-/// May `caller` obtain `requested`? `on_node`: the service accounts with a running pod on
+/// May `caller` obtain `requested`? `on_node`: the service accounts with a pod (not finished) on
 /// the caller's node (asked only when it impersonates). Err: the reason, for the log and
 /// the gRPC answer.
 pub fn authorize(
@@ -58,7 +58,7 @@ pub fn authorize(
     if on_node.is_some_and(|accounts| accounts.contains(&account)) {
         Ok(())
     } else {
-        Err(format!("node agent {who} on {node}: no running pod of {requested} on that node"))
+        Err(format!("node agent {who} on {node}: no pod of {requested} on that node (finished pods do not count)"))
     }
 }
 
@@ -79,14 +79,14 @@ mod tests {
     }
 
     #[test]
-    fn a_node_agent_gets_only_identities_with_a_running_pod_on_its_node() {
+    fn a_node_agent_gets_only_identities_with_a_pod_on_its_node() {
         let agents = accounts(&[("selvedge", "selvedge")]);
         let rules = Rules { trust_domain: "cluster.local", node_agents: &agents };
         let agent = caller("selvedge", "selvedge", Some("n1"));
         let on_n1 = accounts(&[("shop", "web")]);
         assert_eq!(authorize(&rules, &agent, &id("shop", "web"), Some(&on_n1)), Ok(()));
         let other_node = authorize(&rules, &agent, &id("shop", "db"), Some(&on_n1)).unwrap_err();
-        assert!(other_node.contains("no running pod of spiffe://cluster.local/ns/shop/sa/db"), "{other_node}");
+        assert!(other_node.contains("no pod of spiffe://cluster.local/ns/shop/sa/db"), "{other_node}");
         assert!(authorize(&rules, &agent, &id("shop", "ghost"), Some(&on_n1)).is_err(), "no pod at all");
         let unbound = authorize(&rules, &caller("selvedge", "selvedge", None), &id("shop", "web"), Some(&on_n1));
         assert!(unbound.unwrap_err().contains("not bound to a pod"));

@@ -105,7 +105,7 @@ async fn a_node_agent_gets_certificates_only_for_pods_on_its_node() {
     assert!(lifetime <= 24 * 3600 + 600, "a week was asked for, the CA's maximum is a day: {lifetime} s");
 
     let e = n1.issue(&id("shop", "db")).await.expect_err("db runs on n2 only");
-    assert!(e.contains("grpc-status 7") && e.contains("no running pod"), "{e}");
+    assert!(e.contains("grpc-status 7") && e.contains("no pod of"), "{e}");
     let e = n1.issue(&id("shop", "ghost")).await.expect_err("no pod has that identity");
     assert!(e.contains("grpc-status 7"), "{e}");
     // The other node's agent gets db, and not web.

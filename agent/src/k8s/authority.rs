@@ -1,5 +1,5 @@
 //! The CA service's view of the cluster (`ca_service::Authority`): who presents a token
-//! (TokenReview, audience-bound) and which service accounts have a running pod on a node
+//! (TokenReview, audience-bound) and which service accounts have a pod (not finished) on a node
 //! (the pod list, by field selector).
 
 use std::collections::BTreeSet;
@@ -89,7 +89,10 @@ impl Authority for KubeAuthority {
     }
 
     async fn accounts_on(&self, node: &str) -> Result<BTreeSet<Account>, String> {
-        let params = ListParams::default().fields(&format!("spec.nodeName={node},status.phase=Running"));
+        // Pending pods count: a pod's agent asks for its certificate while the pod starts
+        // (its CNI ADD waits for the enrollment); finished ones do not.
+        let params =
+            ListParams::default().fields(&format!("spec.nodeName={node},status.phase!=Succeeded,status.phase!=Failed"));
         let pods =
             Api::<Pod>::all(self.client.clone()).list(&params).await.map_err(|e| format!("pods on {node}: {e}"))?;
         Ok(pods
