@@ -33,6 +33,9 @@ pub struct AgentOptions {
     pub worker_threads: Option<u16>,
     /// More `selvedge run` flags, appended as they are.
     pub extra_args: Vec<String>,
+    /// Run the agent with only these capabilities (`setpriv --bounding-set`, names as
+    /// `setpriv` knows them, e.g. `bpf`), as a container granted exactly them would.
+    pub capabilities: Option<Vec<&'static str>>,
 }
 
 impl Default for AgentOptions {
@@ -46,6 +49,7 @@ impl Default for AgentOptions {
             kubeconfig: None,
             worker_threads: None,
             extra_args: Vec::new(),
+            capabilities: None,
         }
     }
 }
@@ -133,7 +137,15 @@ impl Agent {
         let mut a = Agent { spec, opts: opts.clone(), selvedge: env.selvedge.clone(), child: None };
         let _ = a.write_config(pods, services, policies);
         let _ = std::fs::remove_file(a.status_path());
-        let mut cmd = Command::new(&a.selvedge);
+        let mut cmd = match &opts.capabilities {
+            Some(caps) => {
+                let set: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+                let mut c = Command::new("setpriv");
+                c.arg("--bounding-set").arg(format!("-all,{}", set.join(","))).arg(&a.selvedge);
+                c
+            }
+            None => Command::new(&a.selvedge),
+        };
         cmd.arg("run");
         match &opts.kubeconfig {
             Some(kc) => cmd

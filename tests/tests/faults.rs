@@ -253,3 +253,45 @@ fn one_pod_cannot_exhaust_the_node_its_excess_is_refused_and_counted() {
         lab.ask("a", e).ok().filter(|r| r.server.is_some())
     });
 }
+
+/// The capabilities the DaemonSet grants the agent (`deploy/base/selvedge.yaml`), as
+/// `setpriv` names them, with the bit of each in a capability set.
+const GRANTED: [(&str, u32); 3] = [("bpf", 39), ("net_admin", 12), ("sys_admin", 21)];
+
+#[test]
+fn the_agent_does_its_whole_job_with_only_the_capabilities_the_daemonset_grants() {
+    let mut lab = Lab::new("least-privilege");
+    lab.node("n1").node("n2");
+    lab.pod("n1", "a", true).pod("n1", "c", false);
+    lab.pod("n2", "d", true);
+    let only = selvedge_tests::AgentOptions {
+        capabilities: Some(GRANTED.iter().map(|(name, _)| *name).collect()),
+        ..selvedge_tests::AgentOptions::default()
+    };
+    lab.start_agent("n1", only.clone());
+    lab.start_agent("n2", only);
+    lab.serve("a", "whoami", PORT);
+    lab.serve("d", "whoami", PORT);
+    lab.set_pod("d", true, true);
+    lab.write_configs();
+
+    // Capture, HBONE with mTLS, inbound steering, STRICT in the kernel: all of it.
+    let r = lab.ask("a", lab.get("d").addr(PORT)).expect("a reaches d over HBONE");
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
+    let r = lab.ask("c", lab.get("a").addr(PORT)).expect("inbound to a through its agent");
+    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY);
+    lab.ask("c", lab.get("d").addr(PORT)).expect_err("STRICT d drops plaintext");
+    lab.bind_in_pod("a", 15001).expect_err("the bind guard holds");
+    lab.agent("n1").wait_event("the kernel's log records reach the agent", |e| e["target"] == "selvedge::ebpf");
+
+    // And it held nothing more than that while doing it.
+    let pid = lab.agent("n1").pid().expect("the agent runs");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's status");
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .expect("CapEff");
+    let want = GRANTED.iter().fold(0u64, |set, (_, bit)| set | 1 << bit);
+    assert_eq!(effective, want, "effective capabilities {effective:#x}, want exactly {want:#x}");
+}

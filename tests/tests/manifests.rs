@@ -23,7 +23,7 @@ const NAME: &str = "selvedge";
 const AGENT: &str = "selvedge";
 const INIT: &str = "install-cni";
 const IMAGE: &str = "selvedge:dev";
-const CAPABILITIES: [&str; 5] = ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON", "SYS_RESOURCE"];
+const CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "SYS_ADMIN"];
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("deploy")
