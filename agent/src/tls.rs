@@ -69,9 +69,7 @@ impl ResolvesClientCert for CurrentSvid {
 /// The server side of one workload's HBONE listener: presents that workload's SVID.
 pub fn server_config(ids: &Arc<IdentityManager>, id: &SpiffeId) -> Result<Arc<ServerConfig>, TlsSetupError> {
     let provider = ids.provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(ids.roots(), provider.clone())
-        .build()
-        .map_err(|e| TlsSetupError::Config(e.to_string()))?;
+    let verifier = Arc::new(CurrentRootsClientVerifier::new(ids.clone())?);
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&TLS13])
         .map_err(|e| TlsSetupError::Config(e.to_string()))?
@@ -128,16 +126,99 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>, trust_domain: &str) -
 
 /// Chain against our trust bundle, then the single URI SAN must equal `expected`. Server
 /// names (IP addresses here) are not used: SVIDs do not carry them.
+/// The anchors are the trust bundle in force at each full handshake (a rotated bundle is
+/// used from the next one; open connections and resumed sessions keep theirs).
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
-    anchors: Vec<rustls::pki_types::TrustAnchor<'static>>,
+    ids: Arc<IdentityManager>,
     expected: SpiffeId,
     provider: Arc<CryptoProvider>,
 }
 
 impl SpiffeServerVerifier {
-    pub fn new(ids: &IdentityManager, expected: SpiffeId) -> Result<Self, TlsSetupError> {
-        Ok(Self { anchors: ids.roots().roots.clone(), expected, provider: ids.provider() })
+    pub fn new(ids: &Arc<IdentityManager>, expected: SpiffeId) -> Result<Self, TlsSetupError> {
+        Ok(Self { ids: ids.clone(), expected, provider: ids.provider() })
+    }
+}
+
+/// The server side's client verifier over the trust bundle in force: rustls's WebPKI
+/// verifier, made again when the bundle changes (`IdentityManager::refresh_roots`).
+#[derive(Debug)]
+pub struct CurrentRootsClientVerifier {
+    ids: Arc<IdentityManager>,
+    /// The bundle the verifier below was made from, and the verifier.
+    made: parking_lot::Mutex<(Arc<rustls::RootCertStore>, Arc<dyn rustls::server::danger::ClientCertVerifier>)>,
+}
+
+impl CurrentRootsClientVerifier {
+    pub fn new(ids: Arc<IdentityManager>) -> Result<Self, TlsSetupError> {
+        let roots = ids.roots();
+        let verifier = Self::make(&ids, roots.clone())?;
+        Ok(Self { ids, made: parking_lot::Mutex::new((roots, verifier)) })
+    }
+
+    fn make(
+        ids: &IdentityManager,
+        roots: Arc<rustls::RootCertStore>,
+    ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsSetupError> {
+        WebPkiClientVerifier::builder_with_provider(roots, ids.provider())
+            .build()
+            .map_err(|e| TlsSetupError::Config(e.to_string()))
+    }
+
+    /// The verifier for the bundle in force now.
+    fn current(&self) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+        let roots = self.ids.roots();
+        let mut made = self.made.lock();
+        if !Arc::ptr_eq(&made.0, &roots) {
+            let verifier = Self::make(&self.ids, roots.clone()).map_err(|e| TlsError::General(e.to_string()))?;
+            *made = (roots, verifier);
+        }
+        Ok(made.1.clone())
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for CurrentRootsClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        // No hints: the bundle can change under a borrowed list, and an agent presents its
+        // one SVID whatever the hints say.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, TlsError> {
+        self.current()?.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        Err(TlsError::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.ids.provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.ids.provider().signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -162,9 +243,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
+        let roots = self.ids.roots();
         cert.verify_for_usage(
             self.provider.signature_verification_algorithms.all,
-            &self.anchors,
+            &roots.roots,
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),
@@ -204,3 +286,6 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod rotation_tests;

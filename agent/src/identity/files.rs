@@ -26,7 +26,8 @@ pub const KEY: &str = "key.pem";
 #[derive(Debug)]
 pub struct FilesSource {
     dir: PathBuf,
-    roots: Vec<CertificateDer<'static>>,
+    /// The bundle last read well (a bad or half-written file keeps it).
+    roots: parking_lot::Mutex<Vec<CertificateDer<'static>>>,
 }
 
 impl FilesSource {
@@ -36,7 +37,7 @@ impl FilesSource {
         if roots.is_empty() {
             return Err(format!("{}: no certificates", bundle.display()));
         }
-        Ok(Self { dir: dir.to_owned(), roots })
+        Ok(Self { dir: dir.to_owned(), roots: parking_lot::Mutex::new(roots) })
     }
 
     fn paths(&self, id: &SpiffeId) -> (PathBuf, PathBuf) {
@@ -61,8 +62,16 @@ impl CertSource for FilesSource {
         Box::pin(async move { self.read(id) })
     }
 
+    /// The bundle file as it is now (re-read at every check, so a rotated bundle is
+    /// taken without a restart); the last good one if it cannot be read or is empty.
     fn roots(&self) -> Vec<CertificateDer<'static>> {
-        self.roots.clone()
+        let mut last = self.roots.lock();
+        if let Ok(now) = read_pem_certs(&self.dir.join(BUNDLE)) {
+            if !now.is_empty() {
+                *last = now;
+            }
+        }
+        last.clone()
     }
 
     /// Reload when a file changed since the current pair was loaded (or at half-life, in

@@ -65,8 +65,11 @@ pub struct IstioCaConfig {
 
 pub struct IstioCaSource {
     cfg: IstioCaConfig,
-    roots: Vec<CertificateDer<'static>>,
-    tls: Arc<ClientConfig>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The root file as last read well; a change also re-makes `tls` (the CA's own
+    /// certificate may come from the new root).
+    roots: Mutex<Vec<CertificateDer<'static>>>,
+    tls: Mutex<Arc<ClientConfig>>,
     /// The HTTP/2 connection to the CA, reused while it lives.
     conn: Mutex<Option<h2::client::SendRequest<Bytes>>>,
 }
@@ -80,26 +83,17 @@ impl std::fmt::Debug for IstioCaSource {
 impl IstioCaSource {
     pub fn new(cfg: IstioCaConfig, provider: Arc<rustls::crypto::CryptoProvider>) -> Result<Self, String> {
         let roots = read_pem_certs(&cfg.root_file)?;
-        let mut store = RootCertStore::empty();
-        for r in &roots {
-            store.add(r.clone()).map_err(|e| format!("{}: {e}", cfg.root_file.display()))?;
-        }
-        let mut tls = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(store)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let tls = client_tls(&provider, &roots).map_err(|e| format!("{}: {e}", cfg.root_file.display()))?;
         ServerName::try_from(cfg.server_name.clone())
             .map_err(|e| format!("CA server name {:?}: {e}", cfg.server_name))?;
-        Ok(Self { cfg, roots, tls: Arc::new(tls), conn: Mutex::new(None) })
+        Ok(Self { cfg, provider, roots: Mutex::new(roots), tls: Mutex::new(tls), conn: Mutex::new(None) })
     }
 
     async fn connect(&self) -> Result<h2::client::SendRequest<Bytes>, String> {
         let tcp = TcpStream::connect(self.cfg.addr).await.map_err(|e| format!("connect {}: {e}", self.cfg.addr))?;
         let name = ServerName::try_from(self.cfg.server_name.clone()).map_err(|e| e.to_string())?;
-        let tls =
-            TlsConnector::from(self.tls.clone()).connect(name, tcp).await.map_err(|e| format!("TLS to the CA: {e}"))?;
+        let config = self.tls.lock().clone();
+        let tls = TlsConnector::from(config).connect(name, tcp).await.map_err(|e| format!("TLS to the CA: {e}"))?;
         let (sender, conn) = h2::client::handshake(tls).await.map_err(|e| format!("HTTP/2 to the CA: {e}"))?;
         tokio::spawn(async move {
             let _ = conn.await;
@@ -124,6 +118,24 @@ impl IstioCaSource {
         }
         result
     }
+}
+
+/// TLS to the CA, verified with `roots`.
+fn client_tls(
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+    roots: &[CertificateDer<'static>],
+) -> Result<Arc<ClientConfig>, String> {
+    let mut store = RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).map_err(|e| e.to_string())?;
+    }
+    let mut tls = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(tls))
 }
 
 /// Frame a message the gRPC way: uncompressed flag, 4-byte length, bytes.
@@ -239,8 +251,21 @@ impl CertSource for IstioCaSource {
         })
     }
 
+    /// The root file as it is now (re-read at every check: a root rotation needs no
+    /// restart); the last good bundle if it cannot be read or used.
     fn roots(&self) -> Vec<CertificateDer<'static>> {
-        self.roots.clone()
+        let mut last = self.roots.lock();
+        if let Ok(now) = read_pem_certs(&self.cfg.root_file) {
+            if !now.is_empty() && now != *last {
+                if let Ok(tls) = client_tls(&self.provider, &now) {
+                    *self.tls.lock() = tls;
+                    // The next call dials again, verifying the CA with the new bundle.
+                    *self.conn.lock() = None;
+                    *last = now;
+                }
+            }
+        }
+        last.clone()
     }
 }
 

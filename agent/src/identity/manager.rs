@@ -108,7 +108,9 @@ pub struct IdentityManager {
     source: Arc<dyn CertSource>,
     provider: Arc<CryptoProvider>,
     trust_domain: String,
-    roots: Arc<RootCertStore>,
+    /// The trust bundle in force: the source's roots, re-read every check (a root
+    /// rotation: old and new root both trusted, leaves re-issued, the old root removed).
+    roots: RwLock<(Vec<CertificateDer<'static>>, Arc<RootCertStore>)>,
     entries: RwLock<BTreeMap<SpiffeId, Entry>>,
 }
 
@@ -124,28 +126,45 @@ impl IdentityManager {
         provider: Arc<CryptoProvider>,
         trust_domain: &str,
     ) -> Result<Arc<Self>, IdentityError> {
-        let mut roots = RootCertStore::empty();
-        for r in source.roots() {
-            roots.add(r).map_err(|e| IdentityError::Roots(e.to_string()))?;
-        }
-        if roots.is_empty() {
-            return Err(IdentityError::Roots("the certificate source has no roots".into()));
-        }
+        let ders = source.roots();
+        let roots = store(&ders).map_err(IdentityError::Roots)?;
         Ok(Arc::new(Self {
             source,
             provider,
             trust_domain: trust_domain.into(),
-            roots: Arc::new(roots),
+            roots: RwLock::new((ders, Arc::new(roots))),
             entries: RwLock::new(BTreeMap::new()),
         }))
+    }
+
+    /// Take the source's roots if they changed; an empty or unusable bundle keeps the one in
+    /// force (a half-written file must not leave the agent trusting nothing — or anything).
+    /// Returns whether the bundle changed.
+    pub fn refresh_roots(&self) -> bool {
+        let ders = self.source.roots();
+        if self.roots.read().0 == ders {
+            return false;
+        }
+        match store(&ders) {
+            Ok(roots) => {
+                tracing::info!(roots = ders.len(), "trust bundle changed");
+                *self.roots.write() = (ders, Arc::new(roots));
+                true
+            }
+            Err(e) => {
+                tracing::warn!("trust bundle not changed: {e}");
+                false
+            }
+        }
     }
 
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
 
+    /// The trust bundle in force now (verifiers read it at every full handshake).
     pub fn roots(&self) -> Arc<RootCertStore> {
-        self.roots.clone()
+        self.roots.read().1.clone()
     }
 
     pub fn provider(&self) -> Arc<CryptoProvider> {
@@ -218,6 +237,7 @@ impl IdentityManager {
 
     /// One pass: renew what is past half-life (or missing), drop what has expired.
     pub async fn refresh(&self) {
+        self.refresh_roots();
         let now = SystemTime::now();
         let due: Vec<SpiffeId> = {
             let mut entries = self.entries.write();
@@ -262,6 +282,18 @@ impl IdentityManager {
             })
             .collect()
     }
+}
+
+/// A root store from a bundle; Err when it is empty or holds no usable certificate.
+fn store(ders: &[CertificateDer<'static>]) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for r in ders {
+        roots.add(r.clone()).map_err(|e| e.to_string())?;
+    }
+    if roots.is_empty() {
+        return Err("the certificate source has no roots".into());
+    }
+    Ok(roots)
 }
 
 #[cfg(test)]
