@@ -379,11 +379,18 @@ impl Lab {
     /// Write certificate files for `pods` the way an external issuer (SPIRE, cert-manager)
     /// would, signed by the lab's CA; returns the directory (`--cert-source files`).
     pub fn write_cert_files(&self, pods: &[&str], lifetime: std::time::Duration) -> PathBuf {
-        use selvedge::identity::{new_key, BuiltinCa, SpiffeId};
-        let ca = BuiltinCa::load(&self.dir.join("ca")).expect("lab CA");
         let dir = self.dir.join("certs");
         std::fs::create_dir_all(&dir).expect("cert dir");
         std::fs::copy(self.dir.join("ca/root-cert.pem"), dir.join("root-cert.pem")).expect("bundle");
+        self.issue_cert_files(&self.dir.join("ca"), pods, lifetime)
+    }
+
+    /// (Re-)issue `pods`' certificate files under `<lab>/certs` from the CA in `ca_dir`,
+    /// leaving the bundle as it is; returns the directory.
+    pub fn issue_cert_files(&self, ca_dir: &Path, pods: &[&str], lifetime: std::time::Duration) -> PathBuf {
+        use selvedge::identity::{new_key, BuiltinCa, SpiffeId};
+        let ca = BuiltinCa::load(ca_dir).expect("CA");
+        let dir = self.dir.join("certs");
         for pod in pods {
             let id = SpiffeId::new("cluster.local", "lab", pod).expect("identity");
             let d = dir.join("lab").join(pod);

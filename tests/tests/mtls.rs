@@ -145,3 +145,53 @@ fn a_real_agent_refuses_bad_certificates_spoofed_targets_and_other_methods() {
         e["result"] == "refused" && e["reason"].as_str().is_some_and(|r| r.contains("not the workload behind"))
     });
 }
+
+#[test]
+fn a_root_rotation_with_traffic_running_keeps_old_and_new_connections_working() {
+    use std::time::Duration;
+    let mut lab = Lab::new("rotation");
+    lab.node("n1").node("n2");
+    lab.pod("n1", "a", true).pod("n2", "d", true);
+    let day = Duration::from_secs(24 * 3600);
+    let certs = lab.write_cert_files(&["a", "d"], day);
+    let (old_root, new_ca) = (lab.dir.join("ca").join("root-cert.pem"), lab.dir.join("ca-new"));
+    let made = std::process::Command::new(&lab.env.selvedge).args(["ca", "init", "--dir"]).arg(&new_ca).output();
+    assert!(made.is_ok_and(|o| o.status.success()), "a second root");
+    let new_root = new_ca.join("root-cert.pem");
+    for node in ["n1", "n2"] {
+        lab.start_agent(node, AgentOptions { cert_dir: Some(certs.clone()), ..AgentOptions::default() });
+    }
+    lab.serve("d", "echo", 7000);
+    let d = lab.get("d").addr(7000);
+    // A connection writes for 40 s, through the whole rotation (each step below waits at
+    // most 10 s), into a sink that reports how it ended.
+    let reports = lab.dir.join("sink.jsonl");
+    lab.serve_args("d", &["sink", "7001", reports.to_str().expect("utf-8")]);
+    let long = lab.spawn_app("a", &["stream", &lab.get("d").addr(7001).to_string(), "40"]);
+    let bundle = |roots: &[&std::path::Path]| {
+        let pem: String = roots.iter().map(|r| std::fs::read_to_string(r).expect("root")).collect();
+        std::fs::write(certs.join("root-cert.pem"), pem).expect("bundle");
+    };
+    let works = |lab: &Lab, step: &str| {
+        // Files are re-read every second: allow a couple.
+        selvedge_tests::sys::wait_for(10, step, || {
+            let t = lab.transfer("a", d, 65_536).ok()?;
+            t.is_exact().then_some(())
+        })
+    };
+    bundle(&[&old_root, &new_root]);
+    works(&lab, "new connections with both roots trusted");
+    lab.issue_cert_files(&new_ca, &["a", "d"], day);
+    works(&lab, "new connections with the leaves from the new root");
+    bundle(&[&new_root]);
+    works(&lab, "new connections with the old root removed");
+    let line = lab.child_first_line(long, Duration::from_secs(90));
+    let client: serde_json::Value = serde_json::from_str(&line).expect("the long connection's report");
+    assert!(client["write_error"].is_null() && client["end"] == "eof", "it ended cleanly: {client}");
+    let sink = selvedge_tests::sys::wait_for(10, "the sink's report", || {
+        std::fs::read_to_string(&reports).ok().and_then(|t| t.lines().next().map(str::to_owned))
+    });
+    let sink: serde_json::Value = serde_json::from_str(&sink).expect("the sink's report");
+    assert_eq!(sink["end"], "eof", "{sink}");
+    assert_eq!(sink["received"], client["sent"], "every byte written during the rotation arrived: {sink} {client}");
+}
