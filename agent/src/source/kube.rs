@@ -68,9 +68,13 @@ pub struct KubeStart {
     settings: KubeSettings,
 }
 
+type Converting = tokio::task::JoinHandle<k8s::Converted>;
+
 /// The cluster source, running.
 pub struct KubeSource {
     cluster: Cluster,
+    /// A conversion in progress (see `next`).
+    converting: Option<Converting>,
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     cni_requests: mpsc::Receiver<cni::server::Pending>,
     node: String,
@@ -115,7 +119,7 @@ impl KubeSource {
             dirty: false,
             problems: Vec::new(),
         };
-        Self { cluster, snapshots, cni_requests, node: node.to_owned() }
+        Self { cluster, converting: None, snapshots, cni_requests, node: node.to_owned() }
     }
 
     /// The next cluster state to apply (a new snapshot from the API, or a pod network
@@ -123,13 +127,17 @@ impl KubeSource {
     pub async fn next(&mut self) -> Event {
         loop {
             self.cluster.register_waits();
-            if self.cluster.dirty {
+            if self.converting.is_none() && self.cluster.dirty {
                 if let Some(snap) = self.cluster.snapshot.clone() {
-                    let event = self.convert(&snap).await;
-                    // Only once converted: a cancelled conversion is done again.
+                    self.converting = Some(self.convert(&snap));
                     self.cluster.dirty = false;
-                    return event;
                 }
+            }
+            // Kept across calls: a `select!` that drops `next` mid-conversion resumes it.
+            if let Some(converting) = self.converting.as_mut() {
+                let converted = converting.await;
+                self.converting = None;
+                return self.converted(converted);
             }
             tokio::select! {
                 changed = self.snapshots.changed() => {
@@ -153,15 +161,17 @@ impl KubeSource {
 
     /// The cluster state as the agent's config, converted on a blocking thread (a large
     /// cluster's state takes milliseconds the data path does not wait out).
-    async fn convert(&mut self, snap: &Arc<Snapshot>) -> Event {
-        let c = &mut self.cluster;
+    fn convert(&self, snap: &Arc<Snapshot>) -> Converting {
+        let c = &self.cluster;
         let mut networks: BTreeMap<String, PodNetwork> = c.discovered.clone();
         networks.extend(c.registry.networks().map(|(k, v)| (k.clone(), v.clone())));
-        let convert = {
-            let (snap, node, key) = (snap.clone(), self.node.clone(), c.settings.mesh_label.clone());
-            tokio::task::spawn_blocking(move || k8s::to_config(&snap, &node, &key, &networks))
-        };
-        let converted = match convert.await {
+        let (snap, node, key) = (snap.clone(), self.node.clone(), c.settings.mesh_label.clone());
+        tokio::task::spawn_blocking(move || k8s::to_config(&snap, &node, &key, &networks))
+    }
+
+    fn converted(&mut self, result: Result<k8s::Converted, tokio::task::JoinError>) -> Event {
+        let c = &mut self.cluster;
+        let converted = match result {
             Ok(converted) => converted,
             Err(e) => return Event::Refused(format!("converting it failed: {e}")),
         };
