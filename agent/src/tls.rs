@@ -194,13 +194,14 @@ impl rustls::server::danger::ClientCertVerifier for CurrentRootsClientVerifier {
         self.current()?.verify_client_cert(end_entity, intermediates, now)
     }
 
+    // Signatures and schemes do not depend on the bundle: the verifier last made answers.
     fn verify_tls12_signature(
         &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        Err(TlsError::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        self.made.lock().1.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -209,16 +210,11 @@ impl rustls::server::danger::ClientCertVerifier for CurrentRootsClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.ids.provider().signature_verification_algorithms,
-        )
+        self.made.lock().1.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.ids.provider().signature_verification_algorithms.supported_schemes()
+        self.made.lock().1.supported_verify_schemes()
     }
 }
 
