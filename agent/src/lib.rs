@@ -33,7 +33,7 @@
 //! * `agent/src/policy/authz.rs` — AuthorizationPolicy compiled, and evaluated at L4
 //! * `agent/src/policy/authz/doc.rs` — the AuthorizationPolicy document as written
 //! * `agent/src/policy/peer_auth.rs` — PeerAuthentication resolved per workload and port
-//! * `agent/src/proxy.rs` — proxying: pod context, the accept loop, relays, reset arming
+//! * `agent/src/proxy.rs` — proxying: pod context, the accept loop, relays
 //! * `agent/src/proxy/outbound.rs` — outbound 15001: original destination, source-side policy, HBONE or plain
 //! * `agent/src/proxy/inbound.rs` — inbound 15006 plaintext and the HBONE server's upstream
 //! * `agent/src/proxy/same_node.rs` — the same-node handoff (no HBONE)
@@ -68,7 +68,7 @@
 //! * `agent/src/accept.rs` — the one accept step every listener uses
 //! * `agent/src/cancel.rs` — a connection's one-shot "stop now"
 //! * `agent/src/addr.rs` — std addresses and the kernel ABI's form
-//! * `agent/src/sys.rs` — cgroup v2, netns cookies, statfs, `setns`
+//! * `agent/src/sys.rs` — cgroup v2, netns cookies, statfs, `setns`, reset-on-close (`SO_LINGER` 0) arming
 //! * `agent/src/tuning.rs` — the one restart that sets glibc's copy tunable
 //! * `agent/src/k8s.rs` — Kubernetes (the only module that imports kube)
 //! * `agent/src/k8s/authority.rs` — the CA service's view of the cluster: TokenReview and the pods on a node

@@ -27,7 +27,7 @@ use crate::{
     limits::Share,
     proxy::{self, ConnTracker, Mesh, PodContext},
     state::{self, Change, PodSpec},
-    tls,
+    sys, tls,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -302,7 +302,7 @@ impl Pods {
         let inbound = any(INBOUND_PORT).await?;
         // Every connection these accept resets its app unless its relay ends cleanly.
         for l in outbound.iter().chain([&inbound]) {
-            proxy::arm_reset(l).map_err(|source| InpodError::Socket {
+            sys::arm_reset(l).map_err(|source| InpodError::Socket {
                 path: netns.path().to_owned(),
                 what: "SO_LINGER on a listener".into(),
                 source,

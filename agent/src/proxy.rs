@@ -49,6 +49,7 @@ use crate::{
     policy::{Action, ConnFacts, Decision, PolicySet, Verdict, WorkloadMtls},
     publish::metrics::{Count, Metrics},
     state::Directory,
+    sys::{arm_reset, disarm_reset, reset},
 };
 
 pub use crate::hbone::server::DENIED_LATER;
@@ -266,20 +267,18 @@ impl Direction {
 /// by `conns` (failed accepts: see `accept::next`).
 ///
 /// Each connection takes a place in its pod's share and the node's (`limits`); one over
-/// either is refused at once by `over` (logged, counted, reset), so a pod that opens
-/// connections without end runs into its own limit, not the node's descriptors.
-pub async fn accept_loop<F, Fut, O>(
+/// either is refused at once (logged, counted, reset), so a pod that opens connections
+/// without end runs into its own limit, not the node's descriptors.
+pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     pod: &PodContext,
     mesh: &Mesh,
     direction: Direction,
     conns: Arc<ConnTracker>,
-    over: O,
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
-    O: Fn(TcpStream, SocketAddr, &str),
 {
     let shares = crate::limits::ConnShares { pod: pod.conns.clone(), node: mesh.node_conns.clone() };
     let what = format!("pod {} {}", pod.name, direction.as_str());
@@ -288,7 +287,7 @@ pub async fn accept_loop<F, Fut, O>(
         let held = match shares.take() {
             Ok(held) => held,
             Err(why) => {
-                over(stream, peer, &why);
+                refuse_over_limit(pod, mesh, direction, stream, peer, &why);
                 continue;
             }
         };
@@ -301,7 +300,7 @@ pub async fn accept_loop<F, Fut, O>(
 }
 
 /// Refuse a connection over a limit: logged with `why`, counted, reset.
-pub fn refuse_over_limit(
+fn refuse_over_limit(
     pod: &PodContext,
     mesh: &Mesh,
     direction: Direction,
@@ -388,27 +387,6 @@ pub async fn connect_in_pod(
         Ok(Err(e)) => Err(format!("connect {dst}: {e}")),
         Err(_) => Err(format!("connect {dst}: timed out after {}s", timeout.as_secs())),
     }
-}
-
-/// Make every close of `sock` (and, on a listener, of every connection it accepts: they
-/// inherit it) a reset, until [`disarm_reset`]: a relay that ends by an error, a policy
-/// close, a cancelled task or the agent's own death (the kernel closes a killed process's
-/// sockets) then shows the app a reset, never a FIN after a prefix of the stream.
-pub fn arm_reset(sock: &impl std::os::fd::AsFd) -> std::io::Result<()> {
-    socket2::SockRef::from(sock).set_linger(Some(Duration::ZERO))
-}
-
-/// A relay ended cleanly: close with FIN again, after the bytes still queued (a zero
-/// linger would discard them).
-pub fn disarm_reset(sock: &impl std::os::fd::AsFd) {
-    let _ = socket2::SockRef::from(sock).set_linger(None);
-}
-
-/// Close with RST so the app sees a reset rather than a clean end of stream.
-pub fn reset(stream: TcpStream) {
-    // A zero linger makes close() send RST at once; it never blocks.
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
 }
 
 #[cfg(test)]

@@ -173,6 +173,26 @@ pub fn is_own_address(ip: std::net::IpAddr) -> io::Result<bool> {
     Ok(found)
 }
 
+/// Make every close of `sock` (and, on a listener, of every connection it accepts: they
+/// inherit it) a reset, until [`disarm_reset`]: a relay that ends by an error, a policy
+/// close, a cancelled task or the agent's own death (the kernel closes a killed process's
+/// sockets) then shows the app a reset, never a FIN after a prefix of the stream.
+pub fn arm_reset(sock: &impl std::os::fd::AsFd) -> io::Result<()> {
+    // A zero linger makes close() send RST at once; it never blocks.
+    socket2::SockRef::from(sock).set_linger(Some(std::time::Duration::ZERO))
+}
+
+/// A relay ended cleanly: close with FIN again, after the bytes still queued (a zero
+/// linger would discard them).
+pub fn disarm_reset(sock: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(sock).set_linger(None);
+}
+
+/// Close `sock` with RST, so the peer sees a reset rather than a clean end of stream.
+pub fn reset(sock: impl std::os::fd::AsFd) {
+    let _ = arm_reset(&sock);
+}
+
 /// Is `dir` a directory of a cgroup v2 filesystem?
 pub fn is_cgroup2(dir: &Path) -> bool {
     const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;

@@ -28,7 +28,7 @@ const BUF_MAX: usize = 1024 * 1024;
 
 /// Carry bytes both ways between `socket` and one stream until both directions have ended,
 /// or until the first error, which ends both (the stream is reset, and so is the socket
-/// when it is dropped: it was armed with `proxy::arm_reset`; a clean end disarms it). Bytes are counted into
+/// when it is dropped: it was armed with `sys::arm_reset`; a clean end disarms it). Bytes are counted into
 /// `up` (socket → stream) and `down` (stream → socket) as they move, so the counts hold
 /// whatever way the splice ends, even when it is dropped.
 ///
@@ -178,8 +178,8 @@ impl Future for Splice<'_> {
         }
         if this.up_done && this.down_done {
             // A clean end: the app's socket closes with FIN after what is still queued (it
-            // was armed to reset, see `proxy::arm_reset`, for every other end).
-            crate::proxy::disarm_reset(&this.socket);
+            // was armed to reset, see `sys::arm_reset`, for every other end).
+            crate::sys::disarm_reset(&this.socket);
             Poll::Ready(Ok(()))
         } else {
             Poll::Pending

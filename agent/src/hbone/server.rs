@@ -124,7 +124,7 @@ pub async fn serve<U: Upstream>(listener: TcpListener, opts: ServerOptions, upst
                 status: 0,
                 reason: &reason,
             });
-            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            crate::sys::reset(tcp);
             continue;
         };
         let turns = Turns::default();

@@ -29,8 +29,7 @@ pub async fn serve(
     timeout: Duration,
 ) {
     let (p, m) = (pod.clone(), mesh.clone());
-    let over = |stream, peer, why: &str| super::refuse_over_limit(&p, &m, Direction::Inbound, stream, peer, why);
-    accept_loop(listener, &p, &m, Direction::Inbound, conns, over, move |stream, peer| {
+    accept_loop(listener, &p, &m, Direction::Inbound, conns, move |stream, peer| {
         handle(stream, peer, pod.clone(), mesh.clone(), timeout)
     })
     .await

@@ -34,8 +34,7 @@ pub async fn serve(
     timeout: Duration,
 ) {
     let (p, m) = (pod.clone(), mesh.clone());
-    let over = |stream, peer, why: &str| super::refuse_over_limit(&p, &m, Direction::Outbound, stream, peer, why);
-    accept_loop(listener, &p, &m, Direction::Outbound, conns, over, move |stream, peer| {
+    accept_loop(listener, &p, &m, Direction::Outbound, conns, move |stream, peer| {
         handle(stream, peer, pod.clone(), flows.clone(), mesh.clone(), timeout)
     })
     .await

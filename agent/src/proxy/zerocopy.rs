@@ -218,7 +218,7 @@ mod tests {
         server.read_exact(&mut [0; 7000]).await.unwrap();
         server.write_all(&[2; 40]).await.unwrap();
         app.read_exact(&mut [0; 40]).await.unwrap();
-        crate::proxy::reset(app);
+        crate::sys::reset(app);
         let (result, to_up, to_down) = relayed.await.unwrap();
         assert!(result.is_err(), "a reset is an error, not a clean end");
         assert_eq!((to_up, to_down), (7000, 40));
