@@ -41,22 +41,29 @@ impl Limits {
             handshakes: to_usize((nofile / 8).max(16)),
         }
     }
+
+    /// The limits in force: each one given (`--max-conns`, `--max-conns-per-pod`,
+    /// `--max-handshakes`), else its default from `nofile`; a pod's default share follows
+    /// the node's share in force, given or not.
+    pub fn resolve(
+        nofile: u64,
+        conns_total: Option<usize>,
+        conns_per_pod: Option<usize>,
+        handshakes: Option<usize>,
+    ) -> Self {
+        let defaults = Self::from_fd_limit(nofile);
+        let conns_total = conns_total.unwrap_or(defaults.conns_total);
+        Self {
+            conns_per_pod: conns_per_pod.unwrap_or_else(|| pod_share(conns_total)),
+            conns_total,
+            handshakes: handshakes.unwrap_or(defaults.handshakes),
+        }
+    }
 }
 
 /// One pod's default share of the node's `conns_total`: a quarter, at least 16.
-pub fn pod_share(conns_total: usize) -> usize {
+fn pod_share(conns_total: usize) -> usize {
     (conns_total / 4).max(16)
-}
-
-/// The open-file limit of this process (soft), as raised at start.
-pub fn fd_limit() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes into a local struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        lim.rlim_cur
-    } else {
-        1024
-    }
 }
 
 /// A counted share: at most `max` holders at once.
@@ -141,6 +148,14 @@ mod tests {
         assert!(l.handshakes * 8 <= 20_000);
         let tiny = Limits::from_fd_limit(1024);
         assert!(tiny.conns_total >= 64 && tiny.conns_per_pod >= 16, "a low limit still serves: {tiny:?}");
+    }
+
+    #[test]
+    fn a_pods_default_share_follows_the_node_share_given() {
+        assert_eq!(Limits::resolve(20_000, None, None, None), Limits::from_fd_limit(20_000));
+        let given = Limits::resolve(20_000, Some(400), None, Some(7));
+        assert_eq!((given.conns_total, given.conns_per_pod, given.handshakes), (400, 100, 7));
+        assert_eq!(Limits::resolve(20_000, Some(400), Some(3), None).conns_per_pod, 3);
     }
 
     #[test]

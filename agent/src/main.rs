@@ -408,18 +408,21 @@ fn ca_serve(args: CaServeArgs) -> anyhow::Result<()> {
 }
 
 /// Every proxied connection holds two or three sockets: lift the soft descriptor limit to
-/// the hard one (a default of 1024 would cap a node at a few hundred connections).
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+/// the hard one (a default of 1024 would cap a node at a few hundred connections). Returns
+/// the soft limit in force after it (1024 if it cannot be read).
+fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 1024, rlim_max: 0 };
     // SAFETY: plain getrlimit/setrlimit on a local struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
                 tracing::debug!(from = lim.rlim_cur, to = lim.rlim_max, "raised the open-file limit");
+                return lim.rlim_max;
             }
         }
     }
+    lim.rlim_cur
 }
 
 fn cert_source(args: &RunArgs) -> anyhow::Result<config::CertSourceConfig> {
@@ -473,15 +476,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }),
         (None, false) => anyhow::bail!("give --config FILE (local workloads) or --kube (a Kubernetes cluster)"),
     };
-    raise_fd_limit();
-    let defaults = selvedge::limits::Limits::from_fd_limit(selvedge::limits::fd_limit());
-    let conns_total = args.max_conns.map_or(defaults.conns_total, |n| n as usize);
-    let limits = selvedge::limits::Limits {
-        // A quarter of the node's share, the one given or the default.
-        conns_per_pod: args.max_conns_per_pod.map_or_else(|| selvedge::limits::pod_share(conns_total), |n| n as usize),
-        conns_total,
-        handshakes: args.max_handshakes.map_or(defaults.handshakes, |n| n as usize),
-    };
+    let limits = selvedge::limits::Limits::resolve(
+        raise_fd_limit(),
+        args.max_conns.map(|n| n as usize),
+        args.max_conns_per_pod.map(|n| n as usize),
+        args.max_handshakes.map(|n| n as usize),
+    );
     let settings = Settings {
         source,
         node: args.node,
