@@ -169,10 +169,9 @@ impl<A: Authority> CaService<A> {
         let req: IstioCertificateRequest = unframe(body).map_err(|e| (INVALID_ARGUMENT, e))?;
         let requested = requested_identity(&req).map_err(|e| (INVALID_ARGUMENT, e))?;
         let rules = Rules { trust_domain: &self.settings.trust_domain, node_agents: &self.settings.node_agents };
-        let own = requested.namespace == caller.namespace && requested.service_account == caller.service_account;
-        let on_node = match (&caller.node, own || !authorize::is_node_agent(&rules, &caller)) {
-            (Some(node), false) => Some(self.authority.accounts_on(node).await.map_err(|e| (UNAVAILABLE, e))?),
-            _ => None,
+        let on_node = match authorize::node_to_ask(&rules, &caller, &requested) {
+            Some(node) => Some(self.authority.accounts_on(node).await.map_err(|e| (UNAVAILABLE, e))?),
+            None => None,
         };
         authorize::authorize(&rules, &caller, &requested, on_node.as_ref()).map_err(|e| (PERMISSION_DENIED, e))?;
         let asked = u64::try_from(req.validity_duration).unwrap_or(0);

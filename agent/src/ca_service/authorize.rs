@@ -27,13 +27,27 @@ pub struct Rules<'a> {
 }
 
 /// Is `caller` the node agent it needs to be to ask for someone else's identity?
-pub fn is_node_agent(rules: &Rules<'_>, caller: &Caller) -> bool {
+fn is_node_agent(rules: &Rules<'_>, caller: &Caller) -> bool {
     rules.node_agents.contains(&(caller.namespace.clone(), caller.service_account.clone()))
 }
 
+/// Is `requested` the caller's own identity (in any trust domain: `authorize` checks that)?
+fn is_own(caller: &Caller, requested: &SpiffeId) -> bool {
+    requested.namespace == caller.namespace && requested.service_account == caller.service_account
+}
+
+/// The node whose pods `authorize` must know about: the caller's, when it is a node agent
+/// asking for someone else's identity; None when the answer does not depend on them.
+pub fn node_to_ask<'a>(rules: &Rules<'_>, caller: &'a Caller, requested: &SpiffeId) -> Option<&'a str> {
+    if is_own(caller, requested) || !is_node_agent(rules, caller) {
+        return None;
+    }
+    caller.node.as_deref()
+}
+
 /// May `caller` obtain `requested`? `on_node`: the service accounts with a pod (not finished) on
-/// the caller's node (asked only when it impersonates). Err: the reason, for the log and
-/// the gRPC answer.
+/// the caller's node (asked only when it impersonates, see [`node_to_ask`]). Err: the
+/// reason, for the log and the gRPC answer.
 pub fn authorize(
     rules: &Rules<'_>,
     caller: &Caller,
@@ -43,8 +57,7 @@ pub fn authorize(
     if requested.trust_domain != rules.trust_domain {
         return Err(format!("{requested} is not in this CA's trust domain {}", rules.trust_domain));
     }
-    let own = requested.namespace == caller.namespace && requested.service_account == caller.service_account;
-    if own {
+    if is_own(caller, requested) {
         return Ok(());
     }
     let who = format!("{}/{}", caller.namespace, caller.service_account);
@@ -88,6 +101,8 @@ mod tests {
         let other_node = authorize(&rules, &agent, &id("shop", "db"), Some(&on_n1)).unwrap_err();
         assert!(other_node.contains("no pod of spiffe://cluster.local/ns/shop/sa/db"), "{other_node}");
         assert!(authorize(&rules, &agent, &id("shop", "ghost"), Some(&on_n1)).is_err(), "no pod at all");
+        assert_eq!(node_to_ask(&rules, &agent, &id("shop", "web")), Some("n1"));
+        assert_eq!(node_to_ask(&rules, &agent, &id("selvedge", "selvedge")), None, "its own identity");
         let unbound = authorize(&rules, &caller("selvedge", "selvedge", None), &id("shop", "web"), Some(&on_n1));
         assert!(unbound.unwrap_err().contains("not bound to a pod"));
         let foreign = SpiffeId::new("other.td", "shop", "web").unwrap();
