@@ -44,8 +44,6 @@ pub enum AppError {
     #[error(transparent)]
     Identity(#[from] crate::identity::IdentityError),
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsSetupError),
-    #[error(transparent)]
     Admin(#[from] admin::AdminError),
     #[error("config: working out what it asks for failed: {0}")]
     Computation(String),
