@@ -47,9 +47,32 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
+/// A listening address from a flag: `IP:PORT`, `[IPv6]:PORT`, or an IPv6 address without
+/// brackets followed by `:PORT` (what a manifest gets from `$(HOST_IP):15020` on an IPv6
+/// node: the last colon separates the port).
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    let bad = || format!("{s:?} is not IP:PORT (e.g. 0.0.0.0:15020, [::]:15020, 2001:db8::1:15020)");
+    let (ip, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let ip: Ipv6Addr = ip.parse().map_err(|_| bad())?;
+    Ok(SocketAddr::new(IpAddr::V6(ip), port.parse().map_err(|_| bad())?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_addresses_from_flags_and_manifests() {
+        assert_eq!(parse_listen("198.18.0.1:15020").unwrap(), "198.18.0.1:15020".parse().unwrap());
+        assert_eq!(parse_listen("[2001:db8::1]:15021").unwrap(), "[2001:db8::1]:15021".parse().unwrap());
+        assert_eq!(parse_listen("2001:db8::1:15021").unwrap(), "[2001:db8::1]:15021".parse().unwrap());
+        for bad in ["", "15020", ":15020", "198.18.0.1", "198.18.0.1:x", "host:15020", "2001:db8::1:99999"] {
+            assert!(parse_listen(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn round_trips_v4_and_v6() {

@@ -8,6 +8,7 @@
 //! cluster, the Kubernetes API (`k8s::authority`: TokenReview and the pod list).
 
 pub mod authorize;
+pub mod metrics;
 
 use std::{
     collections::BTreeSet,
@@ -63,6 +64,7 @@ pub struct CaService<A> {
     settings: CaSettings,
     issued: AtomicU64,
     refused: AtomicU64,
+    metrics: Arc<metrics::CaMetrics>,
 }
 
 impl<A> std::fmt::Debug for CaService<A> {
@@ -73,7 +75,13 @@ impl<A> std::fmt::Debug for CaService<A> {
 
 impl<A: Authority> CaService<A> {
     pub fn new(ca: BuiltinCa, authority: A, settings: CaSettings) -> Arc<Self> {
-        Arc::new(Self { ca, authority, settings, issued: AtomicU64::new(0), refused: AtomicU64::new(0) })
+        let metrics = Arc::default();
+        Arc::new(Self { ca, authority, settings, issued: AtomicU64::new(0), refused: AtomicU64::new(0), metrics })
+    }
+
+    /// Its counters, for the metrics listener.
+    pub fn metrics(&self) -> Arc<metrics::CaMetrics> {
+        self.metrics.clone()
     }
 
     /// (issued, refused) so far.
@@ -84,14 +92,14 @@ impl<A: Authority> CaService<A> {
     /// TLS for `name` (the address the agents dial, as in their `--istio-ca-server-name`),
     /// with a serving certificate from the root.
     pub fn tls(&self, name: &str) -> Result<Arc<rustls::ServerConfig>, String> {
-        let (cert, key) =
+        let (chain, key) =
             self.ca.serving_cert(name, Duration::from_secs(365 * 24 * 3600)).map_err(|e| e.to_string())?;
         let provider = Arc::new(crate::tls::crypto_provider());
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_no_client_auth()
-            .with_single_cert(vec![cert], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+            .with_single_cert(chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
             .map_err(|e| e.to_string())?;
         tls.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(tls))
@@ -139,6 +147,7 @@ impl<A: Authority> CaService<A> {
         match answer {
             Ok(resp) => {
                 self.issued.fetch_add(1, Ordering::Relaxed);
+                self.metrics.issued();
                 if let Ok(mut send) = respond.send_response(ok, false) {
                     let _ = send.send_data(frame(&resp), false);
                     let _ = send.send_trailers(grpc_status(0, ""));
@@ -146,6 +155,7 @@ impl<A: Authority> CaService<A> {
             }
             Err((code, reason)) => {
                 let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                self.metrics.refused(code);
                 tracing::warn!(%peer, grpc_status = code, refused_total = refused, "certificate refused: {reason}");
                 let mut resp = ok;
                 resp.headers_mut().extend(grpc_status(code, &reason));
@@ -181,7 +191,12 @@ impl<A: Authority> CaService<A> {
         };
         let leaf = self.ca.sign_csr_for(&req.csr, &requested, lifetime).map_err(|e| (INTERNAL, e.to_string()))?;
         tracing::info!(identity = %requested, caller = %format!("{}/{}", caller.namespace, caller.service_account), node = caller.node.as_deref().unwrap_or("-"), "certificate issued");
-        Ok(IstioCertificateResponse { cert_chain: vec![leaf, self.ca.root_pem().to_string()] })
+        // Leaf, intermediates, root: the order istiod answers in.
+        let cert_chain = std::iter::once(leaf)
+            .chain(self.ca.chain_pems().iter().cloned())
+            .chain(std::iter::once(self.ca.root_pem().to_string()))
+            .collect();
+        Ok(IstioCertificateResponse { cert_chain })
     }
 }
 

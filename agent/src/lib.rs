@@ -26,6 +26,7 @@
 //! * `agent/src/publish/inspect.rs` — the inspection CLI (`selvedge status`, `workloads`, …)
 //! * `agent/src/ca_service.rs` — `selvedge ca serve`: the cluster CA (the Istio CA API), authenticating callers by token
 //! * `agent/src/ca_service/authorize.rs` — who may obtain which certificate: a node agent only its node's pods' identities (pure)
+//! * `agent/src/ca_service/metrics.rs` — the CA service's counters (issued, refusals by status) on `/metrics`, and `/healthz/ready`
 //! * `agent/src/config.rs` — the config file's format and validation, the resolved settings (pure)
 //! * `agent/src/state.rs` — desired enrollment, the peer directory and the plan towards them (pure)
 //! * `agent/src/policy.rs` — the policy core (pure)

@@ -96,6 +96,25 @@ enum CaCommand {
         #[arg(long, env = config::ENV_TRUST_DOMAIN, default_value = config::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
+    /// Create an intermediate CA in DIR signed by the CA in --root-dir, in the layout of
+    /// Istio's plug-in CA: ca-cert.pem, ca-key.pem (readable by root only), cert-chain.pem
+    /// (intermediate up to root) and root-cert.pem. Give DIR to `ca serve --dir` (or
+    /// `run --ca-dir`) and keep the root key offline; certificates it issues carry the
+    /// intermediate, so peers still need only the root. It signs workload certificates
+    /// only (path length 0). Refuses to overwrite.
+    Intermediate {
+        /// Where to write the intermediate.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA that signs it (a root from `ca init`, or another intermediate).
+        #[arg(long)]
+        root_dir: PathBuf,
+        #[arg(long, env = config::ENV_TRUST_DOMAIN, default_value = config::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// How long it is valid, in days.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u64).range(1..=3650))]
+        days: u64,
+    },
     /// Serve the cluster CA: the Istio CA API (`IstioCertificateService/CreateCertificate`,
     /// gRPC over TLS) that agents with `--cert-source istio` ask, so that no node holds the
     /// root key. Callers are authenticated with their ServiceAccount token (TokenReview,
@@ -107,7 +126,10 @@ enum CaCommand {
 
 #[derive(Debug, clap::Args)]
 struct CaServeArgs {
-    /// The root (from `selvedge ca init`): this is the only place its key is needed.
+    /// The CA that signs: a root (from `selvedge ca init`; this is then the only place its
+    /// key is needed) or an intermediate (from `selvedge ca intermediate`, or Istio's
+    /// plug-in CA layout: ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem), so that
+    /// the root key stays offline.
     #[arg(long, env = config::ENV_CA_DIR, default_value = config::DEFAULT_CA_DIR)]
     dir: PathBuf,
     #[arg(long, env = config::ENV_TRUST_DOMAIN, default_value = config::DEFAULT_TRUST_DOMAIN)]
@@ -115,6 +137,10 @@ struct CaServeArgs {
     /// Where to listen (Istio's CA port is 15012).
     #[arg(long, env = "SELVEDGE_CA_LISTEN", default_value = "0.0.0.0:15012")]
     listen: std::net::SocketAddr,
+    /// Prometheus metrics (/metrics: certificates issued, refusals by gRPC status) and
+    /// readiness (/healthz/ready). 15014 is istiod's monitoring port.
+    #[arg(long, env = "SELVEDGE_CA_METRICS_ADDR", default_value = "0.0.0.0:15014")]
+    metrics_addr: std::net::SocketAddr,
     /// The name agents dial (their `--istio-ca-server-name`, or the host of
     /// `--istio-ca-addr`): the serving certificate is issued for it.
     #[arg(long, env = "SELVEDGE_CA_SERVER_NAME", default_value = "selvedge-ca.selvedge-system.svc")]
@@ -235,12 +261,12 @@ struct RunArgs {
     #[arg(long, env = "SELVEDGE_ADMIN_ADDR", default_value = selvedge::publish::admin::DEFAULT_ADMIN)]
     admin_addr: std::net::SocketAddr,
     /// Prometheus metrics (/metrics, /stats/prometheus).
-    #[arg(long, env = "SELVEDGE_METRICS_ADDR", default_value = selvedge::publish::admin::DEFAULT_METRICS)]
+    #[arg(long, env = "SELVEDGE_METRICS_ADDR", value_parser = selvedge::addr::parse_listen, default_value = selvedge::publish::admin::DEFAULT_METRICS)]
     metrics_addr: std::net::SocketAddr,
     /// Readiness (/healthz/ready): ready once programs are attached, local workloads
     /// enrolled and their certificates present. An older agent on the node that holds the
     /// port (a rolling update) is asked to hand it over.
-    #[arg(long, env = "SELVEDGE_READINESS_ADDR", default_value = selvedge::publish::admin::DEFAULT_READINESS)]
+    #[arg(long, env = "SELVEDGE_READINESS_ADDR", value_parser = selvedge::addr::parse_listen, default_value = selvedge::publish::admin::DEFAULT_READINESS)]
     readiness_addr: std::net::SocketAddr,
     /// SPIFFE trust domain of this mesh: identities are spiffe://<TD>/ns/<ns>/sa/<sa>.
     #[arg(long, env = config::ENV_TRUST_DOMAIN, default_value = config::DEFAULT_TRUST_DOMAIN)]
@@ -343,6 +369,16 @@ fn main() -> anyhow::Result<()> {
             println!("root written: {} (trust domain {trust_domain})", cert.display());
             Ok(())
         }
+        Command::Ca(CaCommand::Intermediate { dir, root_dir, trust_domain, days }) => {
+            selvedge::identity::SpiffeId::new(&trust_domain, "default", "default")
+                .with_context(|| format!("trust domain {trust_domain:?}"))?;
+            let root =
+                selvedge::identity::BuiltinCa::load(&root_dir).with_context(|| format!("CA {}", root_dir.display()))?;
+            let lifetime = std::time::Duration::from_secs(days * 24 * 3600);
+            let cert = root.init_intermediate(&dir, &trust_domain, lifetime)?;
+            println!("intermediate written: {} (valid {days} days, signed by {})", cert.display(), root_dir.display());
+            Ok(())
+        }
         Command::Ca(CaCommand::Serve(args)) => ca_serve(*args),
         Command::Status(a) => inspect(selvedge::publish::inspect::View::Status, &a),
         Command::Workloads(a) => inspect(selvedge::publish::inspect::View::Workloads, &a),
@@ -394,13 +430,18 @@ fn ca_serve(args: CaServeArgs) -> anyhow::Result<()> {
         let tls = service.tls(&args.server_name).map_err(anyhow::Error::msg)?;
         let listener =
             tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listen {}", args.listen))?;
-        tracing::info!(listen = %args.listen, server_name = %args.server_name, "CA service ready");
+        let metrics = tokio::net::TcpListener::bind(args.metrics_addr)
+            .await
+            .with_context(|| format!("listen {} (metrics)", args.metrics_addr))?;
+        let metrics = tokio::spawn(selvedge::ca_service::metrics::serve(metrics, service.metrics()));
+        tracing::info!(listen = %args.listen, metrics = %args.metrics_addr, server_name = %args.server_name, "CA service ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             () = service.clone().serve(listener, tls) => {}
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
+        metrics.abort();
         let (issued, refused) = service.counts();
         tracing::info!(issued, refused, "CA service stopped");
         anyhow::Ok(())

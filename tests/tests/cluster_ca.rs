@@ -12,6 +12,7 @@ use selvedge_tests::{
 
 const PORT: u16 = 8080;
 const CA_ADDR: &str = "198.19.0.254:15012";
+const METRICS_ADDR: &str = "198.19.0.254:15014";
 
 /// The CA process, stopped when the test ends (passing or not).
 struct CaProcess(Child);
@@ -28,10 +29,22 @@ fn agents_holding_only_the_root_certificate_mesh_through_the_cluster_ca() {
     let mut c = Cluster::new("cluster-ca", &["n1", "n2"]);
     c.namespace("shop", true);
     let ca_dir = c.lab.dir.join("ca");
+    // The service signs with an intermediate made from the lab's root: the root key is not
+    // where the service runs, and the agents still hold only the root certificate.
+    let intermediate = c.lab.dir.join("ca-intermediate");
+    let made = Command::new(&c.lab.env.selvedge)
+        .args(["ca", "intermediate", "--days", "2", "--root-dir"])
+        .arg(&ca_dir)
+        .arg("--dir")
+        .arg(&intermediate)
+        .output()
+        .expect("run selvedge ca intermediate");
+    assert!(made.status.success(), "ca intermediate: {}", String::from_utf8_lossy(&made.stderr));
+    assert!(!intermediate.join("root-key.pem").exists());
     let log = c.lab.dir.join("ca-service.log");
     let mut cmd = Command::new(&c.lab.env.selvedge);
     cmd.args(["ca", "serve", "--listen", CA_ADDR, "--server-name", "198.19.0.254", "--dir"])
-        .arg(&ca_dir)
+        .arg(&intermediate)
         .arg("--kubeconfig")
         .arg(&c.kubeconfig);
     let fabric = c.lab.fabric_netns();
@@ -87,4 +100,13 @@ fn agents_holding_only_the_root_certificate_mesh_through_the_cluster_ca() {
             "the CA issued {identity} to {node}'s agent: {said}"
         );
     }
+    // What an operator's Prometheus scrapes from the CA (from a node, as it would).
+    let (status, metrics) =
+        c.lab.http_on_node("n1", METRICS_ADDR.parse().expect("addr"), "GET", "/metrics").expect("CA metrics");
+    assert_eq!(status, 200);
+    let issued = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("selvedge_ca_certificates_issued_total "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(issued.is_some_and(|n| n >= 2), "web's and db's certificates counted: {metrics}");
 }

@@ -272,6 +272,15 @@ fn agent_container_has_the_least_privilege_that_works() {
     assert_eq!(sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()), Some("Unconfined"));
     assert_eq!(sc.app_armor_profile.as_ref().map(|p| p.type_.as_str()), Some("Unconfined"));
 
+    // Metrics and readiness on the node's address, not every address of the node.
+    let host_ip = agent.env.iter().flatten().find(|e| e.name == "SELVEDGE_HOST_IP").expect("SELVEDGE_HOST_IP");
+    let field = host_ip.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).expect("from a fieldRef");
+    assert_eq!(field.field_path, "status.hostIP");
+    assert_eq!(env(agent, "SELVEDGE_METRICS_ADDR"), Some("$(SELVEDGE_HOST_IP):15020"));
+    assert_eq!(env(agent, "SELVEDGE_READINESS_ADDR"), Some("$(SELVEDGE_HOST_IP):15021"));
+    let position = |name: &str| agent.env.iter().flatten().position(|e| e.name == name);
+    assert!(position("SELVEDGE_HOST_IP") < position("SELVEDGE_METRICS_ADDR"), "defined before it is used");
+
     let node = agent.env.iter().flatten().find(|e| e.name == "SELVEDGE_NODE").expect("SELVEDGE_NODE");
     let field = node.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).expect("SELVEDGE_NODE from a fieldRef");
     assert_eq!(field.field_path, "spec.nodeName");
@@ -442,8 +451,11 @@ fn the_root_key_is_mounted_only_in_the_cluster_ca_which_reviews_tokens_and_lists
     let key = volume(pod, "ca").secret.as_ref().expect("the CA's Secret");
     assert_eq!(key.secret_name.as_deref(), Some("selvedge-ca"));
     assert_eq!(key.default_mode, Some(0o440), "the key readable by the CA's group (fsGroup) only");
-    let keys: BTreeSet<&str> = key.items.iter().flatten().map(|i| i.key.as_str()).collect();
-    assert_eq!(keys, BTreeSet::from(["root-cert.pem", "root-key.pem"]));
+    assert!(key.items.is_none(), "every key of the Secret: a root, or an intermediate (Istio's plug-in layout)");
+    let probe = container.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("HTTP readiness probe");
+    assert_eq!((probe.path.as_deref(), &probe.port), (Some("/healthz/ready"), &IntOrString::Int(15014)));
+    let annotations = ca_spec.template.metadata.as_ref().and_then(|m| m.annotations.as_ref()).expect("annotations");
+    assert_eq!(annotations.get("prometheus.io/port").map(String::as_str), Some("15014"), "its metrics are scraped");
 
     let role = one(&m.cluster_roles, "ClusterRole");
     let mut granted = BTreeSet::new();

@@ -43,6 +43,12 @@ impl Drop for Fixture {
 }
 
 async fn start() -> Fixture {
+    start_with(false).await
+}
+
+/// The service signing with the root, or with an intermediate made from it (the root key
+/// then is not in the service's directory at all).
+async fn start_with(intermediate: bool) -> Fixture {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
         "selvedge-ca-service-{}-{}",
@@ -50,7 +56,13 @@ async fn start() -> Fixture {
         SEQ.fetch_add(1, Ordering::SeqCst)
     ));
     let _ = std::fs::remove_dir_all(&dir);
-    BuiltinCa::init(&dir.join("ca"), "cluster.local").unwrap();
+    if intermediate {
+        BuiltinCa::init(&dir.join("root"), "cluster.local").unwrap();
+        let root = BuiltinCa::load(&dir.join("root")).unwrap();
+        root.init_intermediate(&dir.join("ca"), "cluster.local", Duration::from_secs(3600)).unwrap();
+    } else {
+        BuiltinCa::init(&dir.join("ca"), "cluster.local").unwrap();
+    }
     let table = Table {
         tokens: BTreeMap::from([
             ("agent-n1", caller("selvedge", "selvedge", "n1")),
@@ -114,6 +126,9 @@ async fn a_node_agent_gets_certificates_only_for_pods_on_its_node() {
     assert!(n2.issue(&id("shop", "web")).await.is_err());
     let (issued, refused) = f.service.counts();
     assert_eq!((issued, refused), (2, 3), "every answer counted");
+    let text = f.service.metrics().encode();
+    assert!(text.contains("selvedge_ca_certificates_issued_total 2"), "{text}");
+    assert!(text.contains(r#"selvedge_ca_requests_refused_total{reason="permission_denied"} 3"#), "{text}");
 }
 
 #[tokio::test]
@@ -125,4 +140,31 @@ async fn a_stolen_workload_token_or_a_bad_one_gets_nothing_but_its_own_identity(
     assert!(e.contains("only its own identity"), "{e}");
     let e = client(&f, "forged").issue(&id("shop", "web")).await.expect_err("an unknown token");
     assert!(e.contains("grpc-status 16"), "{e}");
+}
+
+#[tokio::test]
+async fn with_an_intermediate_every_answer_chains_to_the_root_alone() {
+    let f = start_with(true).await;
+    assert!(!f.dir.join("ca").join("root-key.pem").exists(), "the service never saw the root key");
+    // The client verifies the service's own TLS with the root only: the serving chain
+    // carries the intermediate.
+    let issued = client(&f, "agent-n1").issue(&id("shop", "web")).await.expect("web runs on n1");
+    assert_eq!(issued.chain.len(), 3, "leaf, intermediate, root");
+    let root = BuiltinCa::load(&f.dir.join("root")).unwrap().root();
+    assert_eq!(issued.chain[2], root);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(crate::tls::crypto_provider()),
+    )
+    .build()
+    .unwrap();
+    verifier
+        .verify_client_cert(&issued.chain[0], &issued.chain[1..2], rustls_pki_types::UnixTime::now())
+        .expect("leaf + intermediate verify against the root");
+    assert!(
+        verifier.verify_client_cert(&issued.chain[0], &[], rustls_pki_types::UnixTime::now()).is_err(),
+        "and the leaf alone does not: the intermediate is what links them"
+    );
 }
