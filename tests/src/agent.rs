@@ -36,6 +36,12 @@ pub struct AgentOptions {
     /// Run the agent with only these capabilities (`setpriv --bounding-set`, names as
     /// `setpriv` knows them, e.g. `bpf`), as a container granted exactly them would.
     pub capabilities: Option<Vec<&'static str>>,
+    /// Run the agent under the DaemonSet's seccomp profile (`deploy/seccomp`), installed
+    /// after the capabilities are set, as a runtime does. `SELVEDGE_LAB_SECCOMP=log` puts
+    /// every lab agent under it in log mode instead (what it would refuse goes to the
+    /// kernel log: how the profile is checked after the agent changes), `=enforce` under
+    /// it for real.
+    pub seccomp: bool,
 }
 
 impl Default for AgentOptions {
@@ -50,6 +56,7 @@ impl Default for AgentOptions {
             worker_threads: None,
             extra_args: Vec::new(),
             capabilities: None,
+            seccomp: false,
         }
     }
 }
@@ -137,15 +144,24 @@ impl Agent {
         let mut a = Agent { spec, opts: opts.clone(), selvedge: env.selvedge.clone(), child: None };
         let _ = a.write_config(pods, services, policies);
         let _ = std::fs::remove_file(a.status_path());
-        let mut cmd = match &opts.capabilities {
-            Some(caps) => {
-                let set: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
-                let mut c = Command::new("setpriv");
-                c.arg("--bounding-set").arg(format!("-all,{}", set.join(","))).arg(&a.selvedge);
-                c
+        // setpriv (capabilities), then the seccomp filter, then the agent.
+        let mut argv: Vec<std::ffi::OsString> = vec![a.selvedge.clone().into()];
+        let mode = std::env::var("SELVEDGE_LAB_SECCOMP").ok();
+        if opts.seccomp || mode.is_some() {
+            let mut wrap: Vec<std::ffi::OsString> =
+                vec![env.app.clone().into(), "seccomp-exec".into(), crate::seccomp::agent_profile().into()];
+            if mode.as_deref() == Some("log") && !opts.seccomp {
+                wrap.push("--log".into());
             }
-            None => Command::new(&a.selvedge),
-        };
+            wrap.push("--".into());
+            argv.splice(0..0, wrap);
+        }
+        if let Some(caps) = &opts.capabilities {
+            let set: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+            argv.splice(0..0, ["setpriv".into(), "--bounding-set".into(), format!("-all,{}", set.join(",")).into()]);
+        }
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         cmd.arg("run");
         match &opts.kubeconfig {
             Some(kc) => cmd

@@ -8,6 +8,7 @@
 //! * [`app`]    — running `selvedge-lab-app` in pods and parsing what it reports;
 //! * [`probe`]  — an HBONE client presenting chosen (bad) certificates, for refusal tests;
 //! * [`sys`]    — preflight checks and small helpers;
+//! * [`seccomp`] — runs a process under a Kubernetes `Localhost` seccomp profile (the agent's);
 //! * [`apiserver`] — a test Kubernetes API server (list/watch over HTTP) for the agent's k8s path;
 //! * [`cluster`] — that API server, `--kube` agents and pods built by real CNI plugins.
 //!
@@ -21,6 +22,7 @@ pub mod cluster;
 pub mod lab;
 pub mod probe;
 pub mod proc;
+pub mod seccomp;
 pub mod sys;
 
 pub use agent::{AgentOptions, Status};

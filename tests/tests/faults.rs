@@ -259,13 +259,14 @@ fn one_pod_cannot_exhaust_the_node_its_excess_is_refused_and_counted() {
 const GRANTED: [(&str, u32); 3] = [("bpf", 39), ("net_admin", 12), ("sys_admin", 21)];
 
 #[test]
-fn the_agent_does_its_whole_job_with_only_the_capabilities_the_daemonset_grants() {
+fn the_agent_does_its_whole_job_with_only_the_capabilities_and_seccomp_profile_the_daemonset_grants() {
     let mut lab = Lab::new("least-privilege");
     lab.node("n1").node("n2");
     lab.pod("n1", "a", true).pod("n1", "c", false);
     lab.pod("n2", "d", true);
     let only = selvedge_tests::AgentOptions {
         capabilities: Some(GRANTED.iter().map(|(name, _)| *name).collect()),
+        seccomp: true,
         ..selvedge_tests::AgentOptions::default()
     };
     lab.start_agent("n1", only.clone());
@@ -294,4 +295,47 @@ fn the_agent_does_its_whole_job_with_only_the_capabilities_the_daemonset_grants(
         .expect("CapEff");
     let want = GRANTED.iter().fold(0u64, |set, (_, bit)| set | 1 << bit);
     assert_eq!(effective, want, "effective capabilities {effective:#x}, want exactly {want:#x}");
+    let filtered = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map(str::trim);
+    assert_eq!(filtered, Some("2"), "under a seccomp filter (deploy/seccomp/selvedge-agent.json)");
+}
+
+/// What the profile is for: with CAP_SYS_ADMIN granted (setns), it still refuses what an
+/// escape from the agent's container would use, and lets programs start (the agent's own
+/// threads: the test above).
+#[test]
+fn the_agents_seccomp_profile_refuses_what_an_escape_needs() {
+    let env = selvedge_tests::sys::preflight();
+    let profile = selvedge_tests::seccomp::agent_profile();
+    let run = |argv: &[&str]| {
+        let out = std::process::Command::new(&env.app)
+            .arg("seccomp-exec")
+            .arg(&profile)
+            .arg("--")
+            .args(argv)
+            .output()
+            .expect("run seccomp-exec");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    assert!(run(&["true"]).0, "a program starts under the profile");
+    let (ok, err) = run(&["sh", "-c", "true & wait"]);
+    assert!(ok, "processes start (clone without namespace flags is allowed): {err}");
+    for argv in [
+        &["unshare", "--mount", "true"][..],
+        &["unshare", "--net", "true"],
+        &["unshare", "--user", "true"],
+    ] {
+        let (ok, err) = run(argv);
+        assert!(!ok && err.contains("Operation not permitted"), "{argv:?} must be refused with EPERM: {err}");
+    }
+    // mount(2) in the agent's own mount namespace (util-linux words EPERM "permission
+    // denied"); unmounted at once should the profile ever let it through.
+    let dir = std::env::temp_dir().join(format!("selvedge-seccomp-mount-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mount point");
+    let target = dir.display().to_string();
+    let (ok, err) = run(&["mount", "-t", "tmpfs", "none", &target]);
+    if ok {
+        let _ = std::process::Command::new("umount").arg(&dir).status();
+    }
+    let _ = std::fs::remove_dir(&dir);
+    assert!(!ok && err.contains("permission denied"), "mount must be refused: {err}");
 }

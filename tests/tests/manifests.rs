@@ -269,7 +269,13 @@ fn agent_container_has_the_least_privilege_that_works() {
     let caps = sc.capabilities.as_ref().expect("capabilities");
     assert_eq!(strings(caps.drop.as_ref()), BTreeSet::from(["ALL"]));
     assert_eq!(strings(caps.add.as_ref()), BTreeSet::from(CAPABILITIES));
-    assert_eq!(sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()), Some("Unconfined"));
+    // The profile the init container writes (and the lab runs the agent under): the
+    // kubelet resolves it under its seccomp directory, the init container's mount.
+    let seccomp = sc.seccomp_profile.as_ref().expect("a seccomp profile");
+    assert_eq!(
+        (seccomp.type_.as_str(), seccomp.localhost_profile.as_deref()),
+        ("Localhost", Some("selvedge/agent.json"))
+    );
     assert_eq!(sc.app_armor_profile.as_ref().map(|p| p.type_.as_str()), Some("Unconfined"));
 
     // Metrics and readiness on the node's address, not every address of the node.
@@ -313,6 +319,7 @@ fn init_container_installs_the_cni_plugin_without_capabilities() {
         ("SELVEDGE_CNI_CONF_DIR", "/etc/cni/net.d"),
         ("SELVEDGE_STATE_DIR", "/var/run/selvedge"),
         ("SELVEDGE_MESH_LABEL", "selvedge.dev/mesh"),
+        ("SELVEDGE_SECCOMP_DIR", "/var/lib/kubelet/seccomp/selvedge"),
     ] {
         assert_eq!(env(init, name), Some(value), "install-cni env {name}");
     }
@@ -326,6 +333,7 @@ fn init_container_installs_the_cni_plugin_without_capabilities() {
         ("/opt/cni/bin", "/opt/cni/bin"),
         ("/etc/cni/net.d", "/etc/cni/net.d"),
         ("/var/run/selvedge", "/var/run/selvedge"),
+        ("/var/lib/kubelet/seccomp/selvedge", "/var/lib/kubelet/seccomp/selvedge"),
     ] {
         check_mount(spec, init, &Want { path, source: Source::Host(host, None), read_only: false, propagation: None });
     }

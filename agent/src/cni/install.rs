@@ -4,7 +4,10 @@
 //! 2. writes a kubeconfig for the plugin's API lookup (agent down) from the pod's
 //!    ServiceAccount: the token and CA are copied to the state directory, which the agent
 //!    keeps current while it runs;
-//! 3. chains `selvedge-cni` at the end of the cluster CNI's configuration (the first
+//! 3. writes the agent container's seccomp profile where the kubelet finds `Localhost`
+//!    profiles (when `--seccomp-dir` is given: the DaemonSet does), before the agent
+//!    container is created;
+//! 4. chains `selvedge-cni` at the end of the cluster CNI's configuration (the first
 //!    `*.conflist`/`*.conf` by name in the conf directory), waiting for it to appear.
 
 use std::{
@@ -26,6 +29,10 @@ pub const KUBECONFIG_NAME: &str = "selvedge-cni.kubeconfig";
 /// Token and CA copies, in the state directory.
 pub const TOKEN_NAME: &str = "cni-token";
 pub const CA_NAME: &str = "cni-ca.crt";
+/// The agent's seccomp profile (`deploy/seccomp/selvedge-agent.json`), and its file name in
+/// `--seccomp-dir`.
+pub const AGENT_SECCOMP_PROFILE: &str = include_str!("../../../deploy/seccomp/selvedge-agent.json");
+pub const AGENT_SECCOMP_NAME: &str = "agent.json";
 
 #[derive(Debug, Parser)]
 #[command(name = "selvedge-cni install", about = "Install selvedge-cni and chain it into the node's CNI configuration")]
@@ -42,6 +49,10 @@ pub struct InstallArgs {
     /// The enrollment label key.
     #[arg(long, env = "SELVEDGE_MESH_LABEL", default_value = crate::k8s::DEFAULT_MESH_LABEL)]
     pub mesh_label: String,
+    /// Write the agent's seccomp profile here (`agent.json`): the kubelet's `Localhost`
+    /// profile directory, e.g. /var/lib/kubelet/seccomp/selvedge.
+    #[arg(long, env = "SELVEDGE_SECCOMP_DIR")]
+    pub seccomp_dir: Option<PathBuf>,
     /// How long to wait for the cluster CNI's configuration to appear.
     #[arg(long, default_value_t = 300)]
     pub wait_secs: u64,
@@ -62,6 +73,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             None
         }
     };
+    if let Some(dir) = &a.seccomp_dir {
+        let path = install_seccomp_profile(dir)?;
+        println!("wrote the agent's seccomp profile {}", path.display());
+    }
     let deadline = Instant::now() + Duration::from_secs(a.wait_secs);
     let file = loop {
         if let Some(f) = cluster_conf(&a.conf_dir)? {
@@ -76,6 +91,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let out = chain_file(&file, read_conf(&file)?, entry)?;
     println!("chained {PLUGIN_TYPE} into {}", out.display());
     Ok(())
+}
+
+/// Write the agent's seccomp profile into `dir` (created if needed), atomically.
+pub fn install_seccomp_profile(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let path = dir.join(AGENT_SECCOMP_NAME);
+    write_atomically(&path, AGENT_SECCOMP_PROFILE.as_bytes(), 0o644)?;
+    Ok(path)
 }
 
 fn read_conf(file: &Path) -> anyhow::Result<Value> {
@@ -225,6 +248,19 @@ mod tests {
         assert_eq!(ensure_chained(&dir, state, "m").unwrap(), None, "present: left alone");
         let v: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
         assert_eq!(v["plugins"][1]["agentSocket"], "/var/run/selvedge/cni.sock");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn writes_the_agents_seccomp_profile_for_the_kubelet() {
+        let dir = std::env::temp_dir().join(format!("selvedge-seccomp-install-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = install_seccomp_profile(&dir.join("selvedge")).unwrap();
+        assert_eq!(path, dir.join("selvedge").join(AGENT_SECCOMP_NAME));
+        let written: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(written["defaultAction"], "SCMP_ACT_ERRNO", "deny by default");
+        // Again (a restarted init container): replaced, not refused.
+        install_seccomp_profile(&dir.join("selvedge")).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -26,6 +26,10 @@
 //! * `refusal-time ADDR N` — N connects to a destination that refuses; for each, the time
 //!   until the app learns it (connect() fails, or the first read is reset): microseconds.
 //! * `http ADDR METHOD PATH` — one plain HTTP/1.1 request; prints the status and body.
+//! * `seccomp-exec PROFILE [--log] -- CMD ARGS…` — install the seccomp profile PROFILE (the
+//!   JSON a Kubernetes `Localhost` profile is), then execute CMD: what a container runtime
+//!   does last before the container's process starts. `--log` turns the default action into
+//!   `SCMP_ACT_LOG` (what would be refused shows in the kernel log instead).
 //! * `hbone-probe HBONE_ADDR CA_DIR SPIFFE_ID CERT METHOD TARGET` — an HBONE client
 //!   presenting CERT (good, expired, two-sans, no-san, other-td, unknown-root) as SPIFFE_ID;
 //!   prints the HTTP status or the error.
@@ -61,6 +65,7 @@ fn main() {
         "drain" => drain(addr(arg(1))),
         "bind" => bind(port(arg(1))),
         "hbone-probe" => hbone_probe(&args[1..]),
+        "seccomp-exec" => seccomp_exec(&args[1..]),
         "http" => http(addr(arg(1)), arg(2), arg(3)),
         "refusal-time" => refusal_time(addr(arg(1)), arg(2).parse().unwrap_or_else(|_| usage())),
         "pingpong" => pingpong(addr(arg(1)), num(arg(2)), num(arg(3))),
@@ -432,4 +437,21 @@ fn http(to: SocketAddr, method: &str, path: &str) {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn seccomp_exec(args: &[String]) -> ! {
+    use std::os::unix::process::CommandExt;
+    let (profile, rest) = args.split_first().unwrap_or_else(|| usage());
+    let (log, rest) = match rest.split_first() {
+        Some((flag, rest)) if flag == "--log" => (true, rest),
+        _ => (false, rest),
+    };
+    let Some(("--", [cmd, cmd_args @ ..])) = rest.split_first().map(|(d, r)| (d.as_str(), r)) else { usage() };
+    let text = std::fs::read_to_string(profile).unwrap_or_else(|e| panic!("read {profile}: {e}"));
+    let filter = selvedge_tests::seccomp::Filter::compile(&text, log.then_some("SCMP_ACT_LOG"))
+        .unwrap_or_else(|e| panic!("{profile}: {e}"));
+    filter.install().unwrap_or_else(|e| panic!("install the seccomp filter: {e}"));
+    let e = std::process::Command::new(cmd).args(cmd_args).exec();
+    eprintln!("execute {cmd}: {e}");
+    std::process::exit(127)
 }
