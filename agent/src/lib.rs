@@ -109,6 +109,7 @@
 //! * `tests/src/proc.rs` — spawning in a netns and cgroup
 //! * `tests/src/probe.rs` — an HBONE client with chosen certificates
 //! * `tests/src/sys.rs` — preflight and helpers
+//! * `tests/src/seccomp.rs` — runs a process under a Kubernetes Localhost seccomp profile (the agent's)
 //! * `tests/src/cluster.rs` — the simulated cluster (test API server, CNI plugins, `--kube` agents)
 //! * `tests/src/apiserver.rs` — the test Kubernetes API server
 //! * `tests/src/apiserver/http.rs` — its HTTP side

@@ -376,3 +376,44 @@ pub fn number(name: &str) -> Option<u32> {
     };
     u32::try_from(nr).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compiles_the_agents_profile_and_refuses_what_it_cannot_mean() {
+        let text = std::fs::read_to_string(agent_profile()).unwrap();
+        Filter::compile(&text, None).expect("every name and rule of the shipped profile");
+        let bad = |syscalls: &str| {
+            let p = format!(
+                r#"{{"defaultAction":"SCMP_ACT_ERRNO","architectures":["SCMP_ARCH_X86_64"],"syscalls":[{syscalls}]}}"#
+            );
+            Filter::compile(&p, None).unwrap_err()
+        };
+        assert!(bad(r#"{"names":["no_such_call"],"action":"SCMP_ACT_ALLOW"}"#).contains("no_such_call"));
+        assert!(bad(r#"{"names":["read"],"action":"SCMP_ACT_TRACE"}"#).contains("SCMP_ACT_TRACE"));
+        assert!(bad(
+            r#"{"names":["read"],"action":"SCMP_ACT_ALLOW","args":[{"index":0,"value":1,"op":"SCMP_CMP_GT"}]}"#
+        )
+        .contains("SCMP_CMP_GT"));
+        assert!(bad(r#"{"names":["read"],"action":"SCMP_ACT_ALLOW","includes":{}}"#).contains("includes"));
+        let no_arch = r#"{"defaultAction":"SCMP_ACT_ERRNO","architectures":["SCMP_ARCH_AARCH64"]}"#;
+        assert!(Filter::compile(no_arch, None).is_err());
+    }
+
+    #[test]
+    fn a_rule_with_a_condition_falls_through_with_the_number_reloaded() {
+        let block = rule_block(
+            56,
+            &[Arg { index: 0, value: 0x7E02_0000, value_two: 0, op: "SCMP_CMP_MASKED_EQ".into() }],
+            RET_ALLOW,
+        )
+        .unwrap();
+        // jeq nr; 2 × (ld, and, jeq); ret; ld nr
+        assert_eq!(block.len(), 1 + 6 + 1 + 1);
+        assert_eq!(block[0].jf, 8, "a different number skips the whole block");
+        assert_eq!((block[3].jf, block[6].jf), (4, 1), "a failed condition lands on the reload");
+        assert_eq!(block[8].k, OFF_NR);
+    }
+}

@@ -319,11 +319,7 @@ fn the_agents_seccomp_profile_refuses_what_an_escape_needs() {
     assert!(run(&["true"]).0, "a program starts under the profile");
     let (ok, err) = run(&["sh", "-c", "true & wait"]);
     assert!(ok, "processes start (clone without namespace flags is allowed): {err}");
-    for argv in [
-        &["unshare", "--mount", "true"][..],
-        &["unshare", "--net", "true"],
-        &["unshare", "--user", "true"],
-    ] {
+    for argv in [&["unshare", "--mount", "true"][..], &["unshare", "--net", "true"], &["unshare", "--user", "true"]] {
         let (ok, err) = run(argv);
         assert!(!ok && err.contains("Operation not permitted"), "{argv:?} must be refused with EPERM: {err}");
     }
