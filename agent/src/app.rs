@@ -143,7 +143,7 @@ impl Agent {
         };
         let ids = IdentityManager::new(source, provider, &settings.trust_domain)?;
         tokio::spawn(ids.clone().run());
-        let mesh = Arc::new(Mesh::new(ids, settings.limits.conns_total));
+        let mesh = Arc::new(Mesh::new(ids, settings.limits.conns_total, &settings.cluster_id));
         tokio::spawn(mesh.clone().reap_idle_tunnels());
         let admin = Arc::new(AdminState {
             snapshot: parking_lot::RwLock::new(serde_json::Value::Null),

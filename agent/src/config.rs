@@ -125,6 +125,11 @@ pub struct Workload {
     pub netns: Option<PathBuf>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The workload that owns the pod (a Deployment's, StatefulSet's, Job's… name), as
+    /// Istio's `*_workload` metric labels name it; the pod's name when not given (a bare
+    /// pod). In a cluster, from the pod's owner references.
+    #[serde(default)]
+    pub workload_name: Option<String>,
     /// Ports the node's health checks (the kubelet's probes) connect to in plaintext: from
     /// an address of the agent's own network namespace (the node's), a connection to one of
     /// them is exempt from STRICT and from AuthorizationPolicy, as Istio's ambient mode
@@ -331,6 +336,8 @@ pub struct Settings {
     pub trust_domain: String,
     /// Where mesh-wide `PeerAuthentication`s live.
     pub root_namespace: String,
+    /// `source_cluster`/`destination_cluster` in metrics.
+    pub cluster_id: String,
     pub certs: CertSourceConfig,
     /// Connection and handshake limits (`--max-conns-per-pod`, `--max-conns`, `--max-handshakes`).
     pub limits: crate::limits::Limits,

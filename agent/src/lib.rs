@@ -29,6 +29,7 @@
 //! * `agent/src/ca_service/metrics.rs` — the CA service's counters (issued, refusals by status) on `/metrics`, and `/healthz/ready`
 //! * `agent/src/config.rs` — the config file's format and validation, the resolved settings (pure)
 //! * `agent/src/state.rs` — desired enrollment, the peer directory and the plan towards them (pure)
+//! * `agent/src/state/meta.rs` — Istio's names for a workload (owning workload, canonical service and revision) and a service (pure)
 //! * `agent/src/policy.rs` — the policy core (pure)
 //! * `agent/src/policy/set.rs` — `PolicySet::decide`: the one entry point of every authorization decision
 //! * `agent/src/policy/authz.rs` — AuthorizationPolicy compiled, and evaluated at L4

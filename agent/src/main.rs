@@ -274,6 +274,10 @@ struct RunArgs {
     /// Namespace whose selector-less PeerAuthentication applies mesh-wide.
     #[arg(long, env = config::ENV_ROOT_NAMESPACE, default_value = config::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
+    /// The cluster's name in Istio's `source_cluster`/`destination_cluster` metric labels
+    /// (istiod's CLUSTER_ID; its default is `Kubernetes`).
+    #[arg(long, env = "SELVEDGE_CLUSTER_ID", default_value = selvedge::publish::metrics::DEFAULT_CLUSTER_ID)]
+    cluster_id: String,
     /// Where workload certificates come from: `builtin` (the agent signs them with the CA in
     /// --ca-dir), `files` (watched files under --cert-dir, e.g. from SPIRE or cert-manager:
     /// root-cert.pem, and <namespace>/<serviceAccount>/{cert-chain,key}.pem) or `istio`
@@ -533,6 +537,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_pods: args.max_pods,
         trust_domain: args.trust_domain,
         root_namespace: args.root_namespace,
+        cluster_id: args.cluster_id,
         certs,
         limits,
         admin_addr: args.admin_addr,

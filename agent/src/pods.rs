@@ -246,6 +246,7 @@ impl Pods {
             netns,
             mtls: parking_lot::RwLock::new(spec.mtls.clone()),
             labels: spec.labels.clone(),
+            meta: spec.meta.clone(),
             conns: crate::limits::Share::new(self.conns_per_pod),
         });
         let timeout = Duration::from_secs(config::CONNECT_TIMEOUT_SECS);

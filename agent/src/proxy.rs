@@ -67,6 +67,8 @@ pub struct PodContext {
     pub mtls: parking_lot::RwLock<WorkloadMtls>,
     /// Its labels (AuthorizationPolicy selectors).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// What its metrics say of it (owning workload, canonical service and revision).
+    pub meta: Arc<crate::state::WorkloadMeta>,
     /// Its connections in flight, both directions (`--max-conns-per-pod`).
     pub conns: Arc<crate::limits::Share>,
 }
@@ -123,14 +125,14 @@ pub struct Mesh {
 pub type Replaced = (Arc<Directory>, Arc<PolicySet>);
 
 impl Mesh {
-    /// An empty mesh (no peers, no policies) over `ids`, with the HBONE client's pool and
-    /// a node share of `conns_total` connections in flight.
-    pub fn new(ids: Arc<IdentityManager>, conns_total: usize) -> Self {
+    /// An empty mesh (no peers, no policies) over `ids`, with the HBONE client's pool, a
+    /// node share of `conns_total` connections in flight, and metrics naming `cluster`.
+    pub fn new(ids: Arc<IdentityManager>, conns_total: usize, cluster: &str) -> Self {
         Mesh {
             directory: parking_lot::RwLock::new(Arc::new(Directory::default())),
             pool: Pool::new(ids.clone()),
             ids,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(Metrics::new(cluster)),
             policies: parking_lot::RwLock::new(Arc::default()),
             watchers: Arc::new(Watchers::default()),
             local: parking_lot::RwLock::new(std::collections::HashMap::new()),
@@ -182,6 +184,12 @@ impl Mesh {
     /// The workload behind an address, by the directory.
     pub fn workload_at(&self, ip: std::net::IpAddr) -> Option<WorkloadName<'static>> {
         self.directory.read().workloads.get(&ip.to_canonical()).map(|p| WorkloadName::from(p).owned())
+    }
+
+    /// The service an endpoint serves, as the destination reports it (a guess when several
+    /// do, as ztunnel's: the first in config order).
+    pub fn service_of(&self, endpoint: SocketAddr) -> Option<Arc<crate::state::ServiceName>> {
+        self.directory.read().by_endpoint.get(&addr::canonical(endpoint)).cloned()
     }
 
     /// The pod behind an address when this agent serves it.

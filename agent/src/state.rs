@@ -5,7 +5,10 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
 };
 
 use crate::{
@@ -13,6 +16,14 @@ use crate::{
     identity::SpiffeId,
     policy::{resolve_mtls, WorkloadMtls},
 };
+
+pub mod meta;
+pub use meta::{ServiceName, WorkloadMeta};
+
+/// Istio's metadata of a configured workload.
+fn meta_of(w: &Workload) -> Arc<WorkloadMeta> {
+    Arc::new(WorkloadMeta::of(w.workload_name.as_deref().unwrap_or(&w.name), &w.namespace, &w.labels))
+}
 
 /// Mesh-wide facts the config is read against.
 #[derive(Debug, Clone)]
@@ -35,6 +46,8 @@ pub struct PodSpec {
     pub mtls: WorkloadMtls,
     /// Its labels (policy selectors).
     pub labels: BTreeMap<String, String>,
+    /// What its metrics say of it.
+    pub meta: Arc<WorkloadMeta>,
 }
 
 /// Any meshed workload, local or not, as a destination: its identity for HBONE.
@@ -46,15 +59,15 @@ pub struct Peer {
     pub identity: SpiffeId,
     /// For AuthorizationPolicy selectors, evaluated at the source too.
     pub labels: BTreeMap<String, String>,
+    /// What metrics say of it.
+    pub meta: Arc<WorkloadMeta>,
 }
 
 /// A service's endpoints for one VIP port.
 #[derive(Debug)]
 pub struct ServiceEntry {
-    /// `namespace/name`, for logs.
-    pub name: String,
-    /// `name.namespace.svc.cluster.local`, Istio's `destination_service`.
-    pub fqdn: String,
+    /// Its names (`namespace/name` in logs, the FQDN in metrics).
+    pub service: Arc<ServiceName>,
     /// Endpoint addresses (workload IP, target port), in a stable order.
     pub endpoints: Vec<SocketAddr>,
     /// Round-robin cursor.
@@ -77,6 +90,10 @@ impl ServiceEntry {
 pub struct Directory {
     pub workloads: BTreeMap<IpAddr, Peer>,
     pub services: BTreeMap<SocketAddr, ServiceEntry>,
+    /// The service an endpoint (workload IP, target port) serves (the first in config
+    /// order when several do): what the destination's agent reports as
+    /// `destination_service`, as ztunnel guesses it.
+    pub by_endpoint: BTreeMap<SocketAddr, Arc<ServiceName>>,
 }
 
 fn identity_of(cfg: &LocalConfig, index: usize, td: &str) -> Result<SpiffeId, ConfigError> {
@@ -134,6 +151,7 @@ pub fn desired(cfg: &LocalConfig, mesh: &Mesh<'_>) -> Result<Desired, ConfigErro
                 ..resolve_mtls(&cfg.peer_authentications, mesh.root_namespace, &w.namespace, &w.labels)
             },
             labels: w.labels.clone(),
+            meta: meta_of(w),
         };
         out.pods.insert(w.uid.clone(), spec);
     }
@@ -150,6 +168,7 @@ pub fn directory(cfg: &LocalConfig, trust_domain: &str) -> Result<Directory, Con
             node: w.node.clone(),
             identity: identity_of(cfg, index, trust_domain)?,
             labels: w.labels.clone(),
+            meta: meta_of(w),
         };
         for ip in &w.ips {
             if out.workloads.insert(ip.to_canonical(), peer.clone()).is_some() {
@@ -187,12 +206,18 @@ pub fn directory(cfg: &LocalConfig, trust_domain: &str) -> Result<Directory, Con
         };
         let selected: Vec<IpAddr> =
             candidates.into_iter().filter(selects).flat_map(|w| w.ips.iter().copied()).collect();
+        let service = Arc::new(ServiceName::new(&svc.name, &svc.namespace));
+        for p in &svc.ports {
+            let target = p.target_port.unwrap_or(p.port);
+            for ip in &selected {
+                out.by_endpoint.entry(SocketAddr::new(ip.to_canonical(), target)).or_insert_with(|| service.clone());
+            }
+        }
         for vip in &svc.vips {
             for p in &svc.ports {
                 let target = p.target_port.unwrap_or(p.port);
                 let entry = ServiceEntry {
-                    name: format!("{}/{}", svc.namespace, svc.name),
-                    fqdn: format!("{}.{}.svc.cluster.local", svc.name, svc.namespace),
+                    service: service.clone(),
                     endpoints: selected.iter().map(|ip| SocketAddr::new(*ip, target)).collect(),
                     next: AtomicUsize::new(0),
                 };
@@ -257,6 +282,7 @@ mod tests {
             netns: netns.into(),
             mtls: WorkloadMtls { strict, ..WorkloadMtls::default() },
             labels: BTreeMap::new(),
+            meta: Arc::new(WorkloadMeta::of(uid, "ns", &BTreeMap::new())),
         }
     }
 
@@ -312,7 +338,12 @@ mod tests {
         .unwrap();
         let dir = directory(&cfg, "td").unwrap();
         let svc = &dir.services[&"198.19.100.10:80".parse().unwrap()];
-        assert_eq!(svc.name, "shop/db");
+        assert_eq!(svc.service.to_string(), "shop/db");
+        // What the destination reports: the service its endpoints serve.
+        let served = &dir.by_endpoint[&"198.18.1.11:8080".parse().unwrap()];
+        assert_eq!(served.fqdn, "db.shop.svc.cluster.local");
+        assert!(!dir.by_endpoint.contains_key(&"198.18.1.12:8080".parse().unwrap()), "not selected");
+        assert_eq!(dir.workloads[&"198.18.1.10".parse().unwrap()].meta.canonical_service, "db", "from the app label");
         let picks: Vec<SocketAddr> = (0..4).map(|_| svc.pick().unwrap()).collect();
         assert_eq!(picks[0], "198.18.1.10:8080".parse().unwrap());
         assert_eq!(picks[1], "198.18.1.11:8080".parse().unwrap());

@@ -75,11 +75,11 @@ fn jump(code: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
     libc::sock_filter { code: code as u16, jt, jf, k }
 }
 
-const LD_W_ABS: u32 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u32;
-const JEQ_K: u32 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u32;
-const JGE_K: u32 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u32;
-const AND_K: u32 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u32;
-const RET_K: u32 = (libc::BPF_RET | libc::BPF_K) as u32;
+const LD_W_ABS: u32 = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+const JEQ_K: u32 = libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K;
+const JGE_K: u32 = libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K;
+const AND_K: u32 = libc::BPF_ALU | libc::BPF_AND | libc::BPF_K;
+const RET_K: u32 = libc::BPF_RET | libc::BPF_K;
 
 fn action(name: &str, errno: Option<u32>) -> Result<u32, String> {
     match name {

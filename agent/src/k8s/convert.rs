@@ -191,8 +191,34 @@ fn workload(pod: &Pod, node: &str, networks: &BTreeMap<String, PodNetwork>) -> O
         ips,
         netns: network.map(|n| n.netns.clone()),
         labels: m.labels.clone().unwrap_or_default(),
+        workload_name: owner_workload(pod),
         probe_ports: probe_ports(spec),
     })
+}
+
+/// The workload that owns a pod, as Istio's metrics name it: a ReplicaSet made by a
+/// Deployment counts as the Deployment (its name less the `-<pod-template-hash>`), a Job
+/// made by a CronJob as the CronJob (less the `-<scheduled time>` digits), any other owner
+/// (StatefulSet, DaemonSet, Job, ReplicaSet, a custom controller) by its own name. None for
+/// a bare pod (its own name is then the workload's).
+pub fn owner_workload(pod: &Pod) -> Option<String> {
+    let owners = pod.metadata.owner_references.as_ref()?;
+    let owner = owners.iter().find(|o| o.controller == Some(true)).or_else(|| owners.first())?;
+    let name = owner.name.as_str();
+    let trimmed = match owner.kind.as_str() {
+        "ReplicaSet" => pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("pod-template-hash"))
+            .and_then(|hash| name.strip_suffix(hash.as_str())?.strip_suffix('-')),
+        "Job" => name
+            .rsplit_once('-')
+            .filter(|(_, t)| (8..=10).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_digit()))
+            .map(|(cron, _)| cron),
+        _ => None,
+    };
+    Some(trimmed.filter(|t| !t.is_empty()).unwrap_or(name).to_owned())
 }
 
 /// The ports the kubelet probes (liveness, readiness, startup; TCP, HTTP or gRPC) in any

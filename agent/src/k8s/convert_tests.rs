@@ -297,3 +297,30 @@ fn services_with_selectors_and_numeric_target_ports() {
 }
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+#[test]
+fn a_pods_workload_is_its_owner_as_istio_names_it() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    let owned = |kind: &str, name: &str, hash: Option<&str>| {
+        let mut p = pod("u1", "shop", "n1", "198.18.1.10", 0);
+        p.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: kind.into(),
+            name: name.into(),
+            uid: "owner".into(),
+            controller: Some(true),
+            ..OwnerReference::default()
+        }]);
+        if let Some(h) = hash {
+            p.metadata.labels.get_or_insert_with(Default::default).insert("pod-template-hash".into(), h.into());
+        }
+        owner_workload(&p)
+    };
+    assert_eq!(owned("ReplicaSet", "reviews-v2-5d8f7c9b6", Some("5d8f7c9b6")).as_deref(), Some("reviews-v2"));
+    assert_eq!(owned("ReplicaSet", "standalone", None).as_deref(), Some("standalone"), "a bare ReplicaSet");
+    assert_eq!(owned("StatefulSet", "db", None).as_deref(), Some("db"));
+    assert_eq!(owned("DaemonSet", "agent", None).as_deref(), Some("agent"));
+    assert_eq!(owned("Job", "backup-29412360", None).as_deref(), Some("backup"), "a CronJob's Job");
+    assert_eq!(owned("Job", "migrate", None).as_deref(), Some("migrate"));
+    assert_eq!(owner_workload(&pod("u2", "shop", "n1", "198.18.1.11", 0)), None, "a bare pod");
+}

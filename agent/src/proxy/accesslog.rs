@@ -49,8 +49,10 @@ pub struct Closed {
     pub src_identity: String,
     pub dst_identity: String,
     pub service: String,
-    pub sent: u64,
-    pub received: u64,
+    /// Source → destination (Istio's and the line's `bytes_received`).
+    pub request_bytes: u64,
+    /// Destination → source (Istio's and the line's `bytes_sent`).
+    pub response_bytes: u64,
     pub duration_ms: u64,
     pub error: Option<String>,
 }
@@ -65,7 +67,7 @@ impl Closed {
             security = self.security,
             src_identity = %self.src_identity, dst_identity = %self.dst_identity,
             service = %self.service,
-            bytes_sent = self.sent, bytes_received = self.received,
+            bytes_sent = self.response_bytes, bytes_received = self.request_bytes,
             duration_ms = self.duration_ms,
             result = if self.error.is_some() { "error" } else { "ok" },
             reason = %self.error.unwrap_or_default(),

@@ -7,8 +7,8 @@ use super::{Direction, PodContext};
 use crate::{
     addr::Compact,
     identity::SpiffeId,
-    publish::metrics::{Listing, Metrics, Tally, TcpLabels, UNKNOWN},
-    state::Peer,
+    publish::metrics::{Listing, Metrics, Tally, TcpLabels, WorkloadLabels, UNKNOWN},
+    state::{Peer, ServiceName, WorkloadMeta},
 };
 
 /// Why a connection was refused: a stable code for metrics and logs (append-only).
@@ -60,14 +60,14 @@ impl Refusal {
     }
 }
 
-/// A workload's name and namespace, for labels: the pod or directory entry the connection
-/// holds anyway, or a copy where neither lasts (a lookup). One pointer and a tag: a record
-/// holds two for its connection's whole life.
+/// A workload as Istio's labels name it: through the pod or directory entry the connection
+/// holds anyway, or a shared copy where neither lasts (a lookup). One pointer and a tag: a
+/// record holds two for its connection's whole life.
 #[derive(Debug, Clone)]
 pub enum WorkloadName<'a> {
     Pod(&'a PodContext),
     Peer(&'a Peer),
-    Owned(Arc<(String, String)>),
+    Owned(Arc<WorkloadMeta>),
 }
 
 impl<'a> From<&'a Peer> for WorkloadName<'a> {
@@ -77,25 +77,21 @@ impl<'a> From<&'a Peer> for WorkloadName<'a> {
 }
 
 impl WorkloadName<'_> {
-    pub fn name(&self) -> &str {
+    pub fn meta(&self) -> &WorkloadMeta {
         match self {
-            WorkloadName::Pod(p) => &p.name,
-            WorkloadName::Peer(p) => &p.name,
-            WorkloadName::Owned(o) => &o.0,
+            WorkloadName::Pod(p) => &p.meta,
+            WorkloadName::Peer(p) => &p.meta,
+            WorkloadName::Owned(o) => o,
         }
     }
 
-    pub fn namespace(&self) -> &str {
-        match self {
-            WorkloadName::Pod(p) => &p.namespace,
-            WorkloadName::Peer(p) => &p.namespace,
-            WorkloadName::Owned(o) => &o.1,
-        }
-    }
-
-    /// Owned, for keeping beyond the lookup that found it.
+    /// Owned, for keeping beyond the lookup that found it (a reference count, no copy).
     pub fn owned(&self) -> WorkloadName<'static> {
-        WorkloadName::Owned(Arc::new((self.name().to_string(), self.namespace().to_string())))
+        WorkloadName::Owned(match self {
+            WorkloadName::Pod(p) => p.meta.clone(),
+            WorkloadName::Peer(p) => p.meta.clone(),
+            WorkloadName::Owned(o) => o.clone(),
+        })
     }
 }
 
@@ -142,9 +138,9 @@ pub struct Flow<'a> {
     /// The workloads at either end, where known.
     pub src_workload: Option<WorkloadName<'a>>,
     pub dst_workload: Option<WorkloadName<'a>>,
-    /// The service dialled (its FQDN, from the directory snapshot the connection holds),
-    /// when the destination was a service VIP.
-    pub service: Option<&'a str>,
+    /// The service: at the source, the one whose VIP was dialled; at the destination, the
+    /// one this pod and port serve (guessed as ztunnel does; see `Directory::by_endpoint`).
+    pub service: Option<Arc<ServiceName>>,
     metrics: Option<&'a Metrics>,
     /// Its clock, bytes and listing.
     pub state: Opened,
@@ -229,34 +225,40 @@ impl<'a> Flow<'a> {
         self
     }
 
-    fn labels(&self, response_flags: &'static str) -> TcpLabels {
-        let name = |w: &Option<WorkloadName>| w.as_ref().map_or(UNKNOWN, WorkloadName::name).to_string();
-        let ns = |w: &Option<WorkloadName>| w.as_ref().map_or(UNKNOWN, WorkloadName::namespace).to_string();
+    fn labels(&self, cluster: &str, response_flags: &'static str) -> TcpLabels {
+        let side = |w: &Option<WorkloadName>| WorkloadLabels::of(w.as_ref().map(WorkloadName::meta), cluster);
+        let service = |f: fn(&ServiceName) -> &str| self.service.as_deref().map_or(UNKNOWN, f).to_string();
         TcpLabels {
             reporter: match self.direction {
                 Direction::Outbound => "source",
                 Direction::Inbound => "destination",
             },
-            source_workload: name(&self.src_workload),
-            source_workload_namespace: ns(&self.src_workload),
+            source: side(&self.src_workload),
             source_principal: id_str(self.src_identity),
-            destination_workload: name(&self.dst_workload),
-            destination_workload_namespace: ns(&self.dst_workload),
+            destination: side(&self.dst_workload),
             destination_principal: id_str(self.dst_identity),
-            destination_service: self.service.unwrap_or(UNKNOWN).to_string(),
+            destination_service: service(|s| &s.fqdn),
+            destination_service_name: service(|s| &s.name),
+            destination_service_namespace: service(|s| &s.namespace),
             request_protocol: "tcp",
             response_flags,
             connection_security_policy: self.security.as_str(),
         }
     }
 
+    fn service_str(&self) -> &str {
+        self.service.as_deref().map_or(UNKNOWN, |s| &s.fqdn)
+    }
+
     /// The connection is through: count it as opened (its labels are final now).
     pub fn opened(&mut self) {
         if let Some(m) = self.metrics {
-            let labels = self.labels("-");
+            let labels = self.labels(m.cluster(), "-");
             let counters = m.open(&labels);
-            self.state.tally.sent.report_to(counters.sent);
-            self.state.tally.received.report_to(counters.received);
+            // Istio's meaning: "received" is the request (source → destination), "sent"
+            // the response.
+            self.state.tally.sent.report_to(counters.request_bytes);
+            self.state.tally.received.report_to(counters.response_bytes);
             let id = m.track(&Listing {
                 direction: self.direction.as_str(),
                 pod: self.pod,
@@ -286,7 +288,7 @@ impl<'a> Flow<'a> {
     pub fn refused(&self, why: Refusal, detail: &str) {
         if let Some(m) = self.metrics {
             m.denied(why.code());
-            m.open(&self.labels(why.response_flags())).closed.inc();
+            m.open(&self.labels(m.cluster(), why.response_flags())).closed.inc();
         }
         tracing::warn!(
             target: "selvedge::access",
@@ -295,7 +297,7 @@ impl<'a> Flow<'a> {
             src = %self.src(), dst = %self.dst(),
             security = self.security.as_str(),
             src_identity = %id_str(self.src_identity), dst_identity = %id_str(self.dst_identity),
-            service = %self.service.unwrap_or(UNKNOWN),
+            service = %self.service_str(),
             result = "refused", reason_code = why.code(), reason = detail,
             "connection refused"
         );
@@ -321,9 +323,9 @@ impl<'a> Flow<'a> {
             security: self.security.as_str(),
             src_identity: id_str(self.src_identity),
             dst_identity: id_str(self.dst_identity),
-            service: self.service.unwrap_or(UNKNOWN).to_string(),
-            sent: self.state.tally.sent.get(),
-            received: self.state.tally.received.get(),
+            service: self.service_str().to_string(),
+            request_bytes: self.state.tally.sent.get(),
+            response_bytes: self.state.tally.received.get(),
             duration_ms: self.state.started.elapsed().as_millis() as u64,
             error,
         });
@@ -350,13 +352,19 @@ mod tests {
             assert_eq!((flow.src(), flow.dst()), (src, dst));
             assert_eq!(flow.security.as_str(), "none");
             flow.security = Security::MutualTls;
-            flow.service = Some("db.lab.svc.cluster.local");
-            let labels = flow.labels("-");
+            flow.service = Some(Arc::new(ServiceName::new("db", "lab")));
+            let labels = flow.labels("Kubernetes", "-");
             assert_eq!(labels.connection_security_policy, "mutual_tls");
             assert_eq!(labels.destination_service, "db.lab.svc.cluster.local");
-            assert_eq!(labels.source_workload, UNKNOWN);
+            assert_eq!(
+                (labels.destination_service_name.as_str(), labels.destination_service_namespace.as_str()),
+                ("db", "lab")
+            );
+            assert_eq!(labels.source.workload, UNKNOWN);
+            assert_eq!(labels.source.cluster, UNKNOWN, "a workload it does not know is in no known cluster");
         }
-        let owned = WorkloadName::Owned(Arc::new(("api".into(), "lab".into()))).owned();
-        assert_eq!((owned.name(), owned.namespace()), ("api", "lab"));
+        let meta = WorkloadMeta::of("api", "lab", &Default::default());
+        let owned = WorkloadName::Owned(Arc::new(meta.clone())).owned();
+        assert_eq!(owned.meta(), &meta);
     }
 }

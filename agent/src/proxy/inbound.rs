@@ -70,6 +70,7 @@ fn decide<'a>(
     let mut flow = Flow::new(Direction::Inbound, pod, peer, local).with_metrics(&mesh.metrics);
     // Plaintext: the source workload is known only by address, never its principal.
     flow.src_workload = mesh.workload_at(peer.ip());
+    flow.service = mesh.service_of(local);
     if RESERVED_PORTS.contains(&local.port()) {
         // Delivering to the agent's own port would loop back into this listener.
         flow.refused(Refusal::ReservedPort, "destination is a port reserved for the agent");
@@ -148,6 +149,7 @@ impl HboneUpstream {
     fn labelled<'a>(&'a self, principal: Option<&'a SpiffeId>, peer: SocketAddr, target: SocketAddr) -> Flow<'a> {
         let mut flow = self.flow(principal, peer, target);
         flow.src_workload = self.mesh.workload_at(peer.ip());
+        flow.service = self.mesh.service_of(target);
         flow
     }
 }

@@ -166,13 +166,13 @@ fn decide<'a>(
     // nowhere; only captured connections can reach it).
     let mut service = None;
     if let Some(svc) = directory.services.get(&addr::canonical(dst)) {
-        service = Some(svc.fqdn.as_str());
+        service = Some(svc.service.clone());
         match svc.pick() {
             Some(endpoint) => dst = endpoint,
             None => {
                 let mut flow = Flow::new(Direction::Outbound, pod, peer, dst).with_metrics(&mesh.metrics);
                 flow.service = service;
-                flow.refused(Refusal::NoEndpoints, &format!("service {} has no endpoints", svc.name));
+                flow.refused(Refusal::NoEndpoints, &format!("service {} has no endpoints", svc.service));
                 return None;
             }
         }

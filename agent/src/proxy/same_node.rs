@@ -37,7 +37,7 @@ pub async fn handoff(
     inbound.src_identity = Some(&src_pod.identity);
     inbound.dst_identity = Some(&dst_pod.identity);
     inbound.src_workload = outbound.src_workload.clone();
-    inbound.service = outbound.service;
+    inbound.service = outbound.service.clone();
     let refuse = |why: Refusal, detail: &str, stream: TcpStream| {
         inbound.refused(why, detail);
         outbound.refused(why, detail);

@@ -308,7 +308,7 @@ mod tests {
             dump_built: tokio::sync::watch::Sender::new(0),
             ready: AtomicBool::new(ready),
             not_ready: RwLock::new("starting".into()),
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(Metrics::default()),
             set_log_level: Box::new(|_| Ok(())),
             quit: Notify::new(),
             handover: Notify::new(),

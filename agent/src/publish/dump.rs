@@ -184,12 +184,12 @@ impl Publisher {
         let peers: Vec<Value> = directory
             .workloads
             .iter()
-            .map(|(ip, p)| json!({"ip": ip, "name": p.name, "namespace": p.namespace, "node": p.node, "identity": p.identity.to_string()}))
+            .map(|(ip, p)| json!({"ip": ip, "name": p.name, "namespace": p.namespace, "node": p.node, "identity": p.identity.to_string(), "workload": p.meta.workload, "canonicalService": p.meta.canonical_service, "canonicalRevision": p.meta.canonical_revision}))
             .collect();
         let services: Vec<Value> = directory
             .services
             .iter()
-            .map(|(vip, s)| json!({"vip": vip, "name": s.name, "hostname": s.fqdn, "endpoints": s.endpoints}))
+            .map(|(vip, s)| json!({"vip": vip, "name": s.service.to_string(), "hostname": s.service.fqdn, "endpoints": s.endpoints}))
             .collect();
         let cfg = &v.config;
         let policies: Vec<Value> = cfg

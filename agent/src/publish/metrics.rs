@@ -20,19 +20,21 @@ mod live;
 use live::Live;
 pub use live::{Listing, LiveConnection};
 
-/// Istio's labels for `istio_tcp_*`. `unknown` where a value is not known; principals only
-/// ever come from verified certificates.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Istio's labels for `istio_tcp_*`, the standard set ztunnel reports. `unknown` where a
+/// value is not known; principals only ever come from verified certificates.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct TcpLabels {
     /// `source` (the client's agent) or `destination` (the server's agent).
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
+    /// `source_workload`, `source_canonical_service`, … (see [`WorkloadLabels`]).
+    pub source: WorkloadLabels,
     pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
+    pub destination: WorkloadLabels,
     pub destination_principal: String,
+    /// `name.namespace.svc.cluster.local`, and its parts.
     pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
     pub request_protocol: &'static str,
     /// `-` when the connection went through; Envoy-style flags otherwise (`UF` upstream
     /// failure, `NR` no route, `DENY` refused by the mesh).
@@ -40,6 +42,75 @@ pub struct TcpLabels {
     /// `mutual_tls` or `none`.
     pub connection_security_policy: &'static str,
 }
+
+/// One side's workload labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct WorkloadLabels {
+    /// The owning workload (a Deployment's name…), not the pod.
+    pub workload: String,
+    pub namespace: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    /// `--cluster-id` for a workload this agent knows.
+    pub cluster: String,
+}
+
+impl WorkloadLabels {
+    /// The labels of a workload (`unknown` throughout when it is not known).
+    pub fn of(meta: Option<&crate::state::WorkloadMeta>, cluster: &str) -> Self {
+        let or_unknown = |f: fn(&crate::state::WorkloadMeta) -> &str| meta.map_or(UNKNOWN, f).to_string();
+        WorkloadLabels {
+            workload: or_unknown(|m| &m.workload),
+            namespace: or_unknown(|m| &m.namespace),
+            canonical_service: or_unknown(|m| &m.canonical_service),
+            canonical_revision: or_unknown(|m| &m.canonical_revision),
+            cluster: if meta.is_some() { cluster.to_string() } else { UNKNOWN.to_string() },
+        }
+    }
+}
+
+impl EncodeLabelSet for TcpLabels {
+    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let (s, d) = (&self.source, &self.destination);
+        // `*_app` and `*_version` are the canonical service and revision, as ztunnel has them.
+        [
+            ("reporter", self.reporter),
+            ("source_workload", &s.workload),
+            ("source_canonical_service", &s.canonical_service),
+            ("source_canonical_revision", &s.canonical_revision),
+            ("source_workload_namespace", &s.namespace),
+            ("source_principal", &self.source_principal),
+            ("source_app", &s.canonical_service),
+            ("source_version", &s.canonical_revision),
+            ("source_cluster", &s.cluster),
+            ("destination_service", &self.destination_service),
+            ("destination_service_namespace", &self.destination_service_namespace),
+            ("destination_service_name", &self.destination_service_name),
+            ("destination_workload", &d.workload),
+            ("destination_canonical_service", &d.canonical_service),
+            ("destination_canonical_revision", &d.canonical_revision),
+            ("destination_workload_namespace", &d.namespace),
+            ("destination_principal", &self.destination_principal),
+            ("destination_app", &d.canonical_service),
+            ("destination_version", &d.canonical_revision),
+            ("destination_cluster", &d.cluster),
+            ("request_protocol", self.request_protocol),
+            ("response_flags", self.response_flags),
+            ("connection_security_policy", self.connection_security_policy),
+        ]
+        .encode(encoder)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Build {
+    component: &'static str,
+    tag: &'static str,
+}
+
+/// The cluster Istio's `*_cluster` labels name when `--cluster-id` is not given (istiod's
+/// default).
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
@@ -77,10 +148,14 @@ pub const UNKNOWN: &str = "unknown";
 /// All of the agent's metrics and the registry that exposes them.
 pub struct Metrics {
     registry: Registry,
+    /// `*_cluster` of the workloads it knows.
+    cluster: String,
     opened: Family<TcpLabels, Counter>,
     closed: Family<TcpLabels, Counter>,
-    sent: Family<TcpLabels, Counter>,
-    received: Family<TcpLabels, Counter>,
+    /// Bytes of the request, source → destination (`istio_tcp_received_bytes`).
+    request_bytes: Family<TcpLabels, Counter>,
+    /// Bytes of the response, destination → source (`istio_tcp_sent_bytes`).
+    response_bytes: Family<TcpLabels, Counter>,
     denials: Family<Reason, Counter>,
     enrolled: Gauge,
     kernel: Family<KernelCounter, Counter>,
@@ -113,8 +188,10 @@ impl std::fmt::Debug for Metrics {
 #[derive(Debug, Clone)]
 pub struct ConnMetrics {
     pub closed: Counter,
-    pub sent: Counter,
-    pub received: Counter,
+    /// Source → destination.
+    pub request_bytes: Counter,
+    /// Destination → source.
+    pub response_bytes: Counter,
 }
 
 /// Bytes one way of one connection, counted as they move: its own total (for the access
@@ -168,9 +245,11 @@ impl<A: Count, B: Count> Count for (&A, &B) {
     }
 }
 
-/// A connection's bytes both ways: `sent` source → destination, `received` destination →
-/// source, on either side's agent (the access log's `bytes_sent`/`bytes_received`, and
-/// `istio_tcp_{sent,received}_bytes_total`).
+/// A connection's bytes both ways: `sent` source → destination (the request), `received`
+/// destination → source (the response), on either side's agent. Istio names them the other
+/// way round, from the server's side: `istio_tcp_received_bytes_total` and the access log's
+/// `bytes_received` are `sent` here, `istio_tcp_sent_bytes_total` and `bytes_sent` are
+/// `received`.
 #[derive(Debug, Default)]
 pub struct Tally {
     pub sent: ByteCount,
@@ -179,18 +258,20 @@ pub struct Tally {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(DEFAULT_CLUSTER_ID)
     }
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// Metrics of an agent in cluster `cluster` (Istio's `*_cluster` labels).
+    pub fn new(cluster: &str) -> Self {
         let mut registry = Registry::default();
         let m = Metrics {
+            cluster: cluster.to_string(),
             opened: Family::default(),
             closed: Family::default(),
-            sent: Family::default(),
-            received: Family::default(),
+            request_bytes: Family::default(),
+            response_bytes: Family::default(),
             denials: Family::default(),
             enrolled: Gauge::default(),
             kernel: Family::default(),
@@ -212,8 +293,21 @@ impl Metrics {
         // prometheus-client appends `_total` to counters.
         registry.register("istio_tcp_connections_opened", "TCP connections opened", m.opened.clone());
         registry.register("istio_tcp_connections_closed", "TCP connections closed", m.closed.clone());
-        registry.register("istio_tcp_sent_bytes", "Bytes sent by the client", m.sent.clone());
-        registry.register("istio_tcp_received_bytes", "Bytes received by the client", m.received.clone());
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent during the response (destination to source)",
+            m.response_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received during the request (source to destination)",
+            m.request_bytes.clone(),
+        );
+        let build = Family::<Build, Gauge>::default();
+        // `component="ztunnel"`: what Istio's ztunnel dashboard counts node proxies by; the
+        // tag is Selvedge's version.
+        build.get_or_create(&Build { component: "ztunnel", tag: env!("CARGO_PKG_VERSION") }).set(1);
+        registry.register("istio_build", "Build of the node proxy (Selvedge's version as the tag)", build);
         registry.register("selvedge_denials", "Connections refused, by reason", m.denials.clone());
         registry.register("selvedge_enrolled_workloads", "Workloads enrolled on this node", m.enrolled.clone());
         registry.register(
@@ -278,9 +372,14 @@ impl Metrics {
         self.opened.get_or_create(labels).inc();
         ConnMetrics {
             closed: self.closed.get_or_create_owned(labels),
-            sent: self.sent.get_or_create_owned(labels),
-            received: self.received.get_or_create_owned(labels),
+            request_bytes: self.request_bytes.get_or_create_owned(labels),
+            response_bytes: self.response_bytes.get_or_create_owned(labels),
         }
+    }
+
+    /// The cluster its workloads' `*_cluster` labels name.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
     }
 
     pub fn config_rejected(&self) {
@@ -373,15 +472,16 @@ mod tests {
     use super::*;
 
     fn labels(reporter: &'static str) -> TcpLabels {
+        let web = crate::state::WorkloadMeta::of("web", "shop", &[("app".to_string(), "web".to_string())].into());
         TcpLabels {
             reporter,
-            source_workload: "a".into(),
-            source_workload_namespace: "shop".into(),
+            source: WorkloadLabels::of(Some(&web), "c1"),
             source_principal: "spiffe://td/ns/shop/sa/a".into(),
-            destination_workload: "d".into(),
-            destination_workload_namespace: "shop".into(),
+            destination: WorkloadLabels::of(None, "c1"),
             destination_principal: UNKNOWN.into(),
             destination_service: UNKNOWN.into(),
+            destination_service_name: UNKNOWN.into(),
+            destination_service_namespace: UNKNOWN.into(),
             request_protocol: "tcp",
             response_flags: "-",
             connection_security_policy: "mutual_tls",
@@ -389,23 +489,26 @@ mod tests {
     }
 
     #[test]
-    fn counts_connections_and_bytes_with_istio_names() {
-        let m = Metrics::new();
+    fn counts_connections_and_bytes_with_istio_names_and_meanings() {
+        let m = Metrics::new("c1");
         // Bytes show while the connection is open, those counted before it was opened too.
+        // The client sends 10 (the request) and receives 20 (the response): Istio's "sent"
+        // is the response.
         let mut t = Tally::default();
         t.sent.add(4);
         let c = m.open(&labels("source"));
-        t.sent.report_to(c.sent);
-        t.received.report_to(c.received);
+        t.sent.report_to(c.request_bytes);
+        t.received.report_to(c.response_bytes);
         t.sent.add(6);
         t.received.add(20);
         let line = |text: &str, name: &str| text.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
-        assert!(line(&m.encode(), "istio_tcp_sent_bytes_total{").ends_with(" 10"), "counted while open");
+        assert!(line(&m.encode(), "istio_tcp_received_bytes_total{").ends_with(" 10"), "counted while open");
+        assert!(line(&m.encode(), "istio_tcp_sent_bytes_total{").ends_with(" 20"), "the response");
         assert_eq!((t.sent.get(), t.received.get()), (10, 20));
         c.closed.inc();
         let c = m.open(&labels("source"));
-        c.sent.inc_by(1);
-        c.received.inc_by(2);
+        c.request_bytes.inc_by(1);
+        c.response_bytes.inc_by(2);
         c.closed.inc();
         m.denied("no_original_destination");
         m.kernel_totals(&[("captured", 5)]);
@@ -413,9 +516,25 @@ mod tests {
         let text = m.encode();
         let line = |name: &str| line(&text, name);
         assert!(line("istio_tcp_connections_opened_total{").ends_with(" 2"), "{text}");
-        assert!(line("istio_tcp_sent_bytes_total{").ends_with(" 11"), "{text}");
-        assert!(line("istio_tcp_received_bytes_total{").ends_with(" 22"), "{text}");
-        assert!(line("istio_tcp_sent_bytes_total{").contains("connection_security_policy=\"mutual_tls\""));
+        assert!(line("istio_tcp_sent_bytes_total{").ends_with(" 22"), "{text}");
+        assert!(line("istio_tcp_received_bytes_total{").ends_with(" 11"), "{text}");
+        let sent = line("istio_tcp_sent_bytes_total{");
+        for label in [
+            r#"connection_security_policy="mutual_tls""#,
+            r#"source_workload="web""#,
+            r#"source_app="web""#,
+            r#"source_canonical_service="web""#,
+            r#"source_version="latest""#,
+            r#"source_canonical_revision="latest""#,
+            r#"source_cluster="c1""#,
+            r#"destination_cluster="unknown""#,
+            r#"destination_service_name="unknown""#,
+            r#"destination_service_namespace="unknown""#,
+        ] {
+            assert!(sent.contains(label), "{label} in {sent}");
+        }
+        assert_eq!(sent.matches("=\"").count(), 23, "Istio's 23 standard labels: {sent}");
+        assert!(line("istio_build{").contains(r#"component="ztunnel""#), "{text}");
         assert!(line("selvedge_denials_total{").contains("reason=\"no_original_destination\""));
         assert!(line("selvedge_kernel_events_total{").ends_with(" 7"), "deltas add up to the kernel total: {text}");
     }

@@ -84,8 +84,9 @@ fn demo(keep: bool) {
             f.from,
             format!("{} {dst}", f.to),
             handled,
-            outbound["bytes_sent"].as_u64().unwrap_or_default(),
-            inbound["bytes_received"].as_u64().unwrap_or_default(),
+            // Istio's words: the request is "received" by the mesh, the response "sent".
+            outbound["bytes_received"].as_u64().unwrap_or_default(),
+            inbound["bytes_sent"].as_u64().unwrap_or_default(),
         );
         // The identities the destination's agent verified: from the client's certificate
         // (another node), or from the source pod's own identity (same node: one agent
