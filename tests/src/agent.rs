@@ -11,7 +11,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    lab::{LabService, Pod},
+    lab::{LabService, Pod, PodMeta},
     proc::{self, Place},
     sys::{wait_for, Env},
 };
@@ -105,6 +105,9 @@ pub struct Agent {
     pub opts: AgentOptions,
     selvedge: PathBuf,
     child: Option<Child>,
+    /// More of what the config says about pods, by pod name (`Lab::set_labels`,
+    /// `Lab::set_workload_name`); none by default.
+    pub(crate) pod_meta: BTreeMap<String, PodMeta>,
 }
 
 impl Agent {
@@ -141,7 +144,21 @@ impl Agent {
         services: &[LabService],
         policies: &[String],
     ) -> Self {
-        let mut a = Agent { spec, opts: opts.clone(), selvedge: env.selvedge.clone(), child: None };
+        Self::start_with_meta(env, spec, opts, pods, services, policies, &BTreeMap::new())
+    }
+
+    /// [`start`](Self::start), with more labels and workload names for some pods.
+    pub fn start_with_meta(
+        env: &Env,
+        spec: AgentSpec,
+        opts: AgentOptions,
+        pods: &[Pod],
+        services: &[LabService],
+        policies: &[String],
+        pod_meta: &BTreeMap<String, PodMeta>,
+    ) -> Self {
+        let mut a =
+            Agent { spec, opts: opts.clone(), selvedge: env.selvedge.clone(), child: None, pod_meta: pod_meta.clone() };
         let _ = a.write_config(pods, services, policies);
         let _ = std::fs::remove_file(a.status_path());
         // setpriv (capabilities), then the seccomp filter, then the agent.
@@ -223,17 +240,35 @@ impl Agent {
     fn write_config(&self, pods: &[Pod], services: &[LabService], policies: &[String]) -> bool {
         let mut y = String::from("workloads:\n");
         for p in pods.iter().filter(|p| p.enrolled) {
+            let meta = self.pod_meta.get(&p.name);
+            let labels = match meta.filter(|m| !m.labels.is_empty()) {
+                None => format!("{{app: {}, role: {}}}", p.name, p.role),
+                Some(m) => {
+                    let mut all =
+                        BTreeMap::from([("app".to_string(), p.name.clone()), ("role".to_string(), p.role.clone())]);
+                    all.extend(m.labels.clone());
+                    // JSON strings are YAML strings: keys like `app.kubernetes.io/name` and values
+                    // like `1.0` stay strings.
+                    let pairs: Vec<String> = all
+                        .iter()
+                        .map(|(k, v)| format!("{}: {}", serde_json::json!(k), serde_json::json!(v)))
+                        .collect();
+                    format!("{{{}}}", pairs.join(", "))
+                }
+            };
             let _ = writeln!(
                 y,
-                "- uid: uid-{name}\n  name: {name}\n  namespace: {namespace}\n  serviceAccount: {name}\n  node: {node}\n  ips: [{ip}]\n  netns: {ns}\n  labels: {{app: {name}, role: {role}}}\n  probePorts: {probes:?}",
+                "- uid: uid-{name}\n  name: {name}\n  namespace: {namespace}\n  serviceAccount: {name}\n  node: {node}\n  ips: [{ip}]\n  netns: {ns}\n  labels: {labels}\n  probePorts: {probes:?}",
                 probes = p.probe_ports,
                 name = p.name,
-                role = p.role,
                 node = p.node,
                 ip = p.ip,
                 ns = p.netns.display(),
                 namespace = p.namespace,
             );
+            if let Some(w) = meta.and_then(|m| m.workload_name.as_ref()) {
+                let _ = writeln!(y, "  workloadName: {}", serde_json::json!(w));
+            }
         }
         y.push_str("services:\n");
         for svc in services {

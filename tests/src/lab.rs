@@ -63,6 +63,15 @@ pub struct LabService {
     pub role: String,
 }
 
+/// What the agents' config says about a pod beyond its [`Pod`] record: labels over the
+/// lab's own (`app: <pod name>`, `role: <role>`; one of these names replaces the lab's
+/// value), and the name of the workload that owns it (`workloadName`, else the pod's name).
+#[derive(Debug, Clone, Default)]
+pub struct PodMeta {
+    pub labels: BTreeMap<String, String>,
+    pub workload_name: Option<String>,
+}
+
 impl Pod {
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::from((self.ip, port))
@@ -95,6 +104,9 @@ pub struct Lab {
     /// AuthorizationPolicy documents (YAML flow mappings) for the agents' config.
     pub policies: Vec<String>,
     agents: BTreeMap<String, Agent>,
+    /// More labels and workload names for some pods, by pod name (`set_labels`,
+    /// `set_workload_name`).
+    pub pod_meta: BTreeMap<String, PodMeta>,
     /// Processes started in pods, with their stderr files.
     children: Vec<(Child, PathBuf)>,
     /// The first stdout line of each process started in a pod, by pid, once written (see
@@ -133,6 +145,7 @@ impl Lab {
             services: Vec::new(),
             policies: Vec::new(),
             agents: BTreeMap::new(),
+            pod_meta: BTreeMap::new(),
             children: Vec::new(),
             first_lines: BTreeMap::new(),
         }
@@ -290,6 +303,21 @@ impl Lab {
         self.pods.get_mut(pod).unwrap_or_else(|| panic!("no pod {pod}")).role = role.into();
     }
 
+    /// Give `pod` more labels (or other values of `app`/`role`); takes effect at the next
+    /// agent start or `write_configs`.
+    pub fn set_labels(&mut self, pod: &str, labels: &[(&str, &str)]) {
+        assert!(self.pods.contains_key(pod), "no pod {pod}");
+        let meta = self.pod_meta.entry(pod.into()).or_default();
+        meta.labels.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    }
+
+    /// Name the workload that owns `pod` (a Deployment's name, say); takes effect at the
+    /// next agent start or `write_configs`.
+    pub fn set_workload_name(&mut self, pod: &str, workload: &str) {
+        assert!(self.pods.contains_key(pod), "no pod {pod}");
+        self.pod_meta.entry(pod.into()).or_default().workload_name = Some(workload.into());
+    }
+
     /// Change a pod's enrollment or STRICT flag; takes effect at the next `write_config`.
     pub fn set_pod(&mut self, pod: &str, enrolled: bool, strict: bool) {
         let p = self.pods.get_mut(pod).unwrap_or_else(|| panic!("no pod {pod}"));
@@ -304,7 +332,8 @@ impl Lab {
             old.kill();
         }
         let pods: Vec<Pod> = self.pods.values().cloned().collect();
-        let agent = Agent::start(&self.env, spec, opts, &pods, &self.services, &self.policies);
+        let agent =
+            Agent::start_with_meta(&self.env, spec, opts, &pods, &self.services, &self.policies, &self.pod_meta);
         self.agents.insert(node.into(), agent);
     }
 
@@ -316,7 +345,8 @@ impl Lab {
         let old = self.agents.remove(node).unwrap_or_else(|| panic!("no agent on {node} to replace"));
         let spec = self.agent_spec(node, &format!("{node}-surge"));
         let pods: Vec<Pod> = self.pods.values().cloned().collect();
-        let agent = Agent::start(&self.env, spec, opts, &pods, &self.services, &self.policies);
+        let agent =
+            Agent::start_with_meta(&self.env, spec, opts, &pods, &self.services, &self.policies, &self.pod_meta);
         self.agents.insert(node.into(), agent);
         old
     }
@@ -351,6 +381,7 @@ impl Lab {
     pub fn write_configs(&mut self) {
         let pods: Vec<Pod> = self.pods.values().cloned().collect();
         for agent in self.agents.values_mut() {
+            agent.pod_meta = self.pod_meta.clone();
             agent.reconfigure(&pods, &self.services, &self.policies);
         }
     }

@@ -34,6 +34,10 @@ const DEBIAN_ROUTE_PACKAGES: &[&str] = &["rustc-web", "libstd-rust-web-dev-bpf"]
 const LINKER_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Prometheus's `promtool`, which the dashboards test evaluates PromQL with. Only the one
+/// binary is taken out of Debian's `prometheus` package: installing the package would start
+/// a Prometheus server on the machine.
+const PROMTOOL: &str = "/usr/local/lib/selvedge/promtool";
 
 pub fn run() -> anyhow::Result<()> {
     if !cfg!(target_os = "linux") {
@@ -56,6 +60,7 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
     install_bpf_linker()?;
+    install_promtool()?;
     mount_bpffs()?;
     check_cgroup2()?;
     eprintln!("setup: ok (eBPF route: {:?})", ebpf::route().unwrap_or(Route::Debian));
@@ -115,6 +120,49 @@ fn install_bpf_linker() -> anyhow::Result<()> {
         "llvm-22",
     ]))
     .context("installing bpf-linker")
+}
+
+/// `apt-get download prometheus` into a scratch directory, unpack it there (`dpkg-deb -x`,
+/// nothing is installed) and keep only `usr/bin/promtool`, at [`PROMTOOL`].
+fn install_promtool() -> anyhow::Result<()> {
+    let target = Path::new(PROMTOOL);
+    if cmd::output(Command::new(target).arg("--version")).is_some() {
+        return Ok(());
+    }
+    if !cmd::is_root() {
+        bail!("{PROMTOOL} is missing; run `sudo cargo xtask setup`");
+    }
+    let scratch = std::env::temp_dir().join(format!("selvedge-promtool-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).with_context(|| format!("create {}", scratch.display()))?;
+    let result = extract_promtool(&scratch, target);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn extract_promtool(scratch: &Path, target: &Path) -> anyhow::Result<()> {
+    let download = |s: &Path| cmd::run(Command::new("apt-get").current_dir(s).args(["download", "-q", "prometheus"]));
+    if download(scratch).is_err() {
+        // The package lists may be older than the archive: refresh them once.
+        cmd::run(Command::new("apt-get").args(["update", "-q"]))?;
+        download(scratch).context("apt-get download prometheus")?;
+    }
+    let deb = std::fs::read_dir(scratch)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download prometheus left no .deb")?;
+    let unpacked = scratch.join("root");
+    cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    let dir = target.parent().context("promtool's directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    // Copied beside the target, then renamed: a run stopped halfway leaves no broken binary.
+    let tmp = target.with_extension("tmp");
+    std::fs::copy(unpacked.join("usr/bin/promtool"), &tmp).context("the package holds no usr/bin/promtool")?;
+    std::fs::rename(&tmp, target).with_context(|| format!("install {}", target.display()))?;
+    let version = cmd::output(Command::new(target).arg("--version")).context("the extracted promtool does not run")?;
+    eprintln!("setup: {} ({})", target.display(), version.lines().next().unwrap_or_default());
+    Ok(())
 }
 
 fn mount_bpffs() -> anyhow::Result<()> {

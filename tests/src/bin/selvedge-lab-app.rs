@@ -25,6 +25,12 @@
 //! * `hold ADDR N SECONDS` — open N connections, keep them idle SECONDS, close.
 //! * `refusal-time ADDR N` — N connects to a destination that refuses; for each, the time
 //!   until the app learns it (connect() fails, or the first read is reset): microseconds.
+//! * `respond PORT` — for each connection: read an 8-byte big-endian count DOWN, write DOWN
+//!   bytes, half-close, then read the client's remaining bytes to their end.
+//! * `exchange ADDR UP DOWN` — the client of `respond`: send exactly UP bytes (the 8-byte
+//!   count DOWN first, so UP ≥ 8), half-close, read to the end while writing; print the
+//!   bytes sent and received and any errors. An asymmetric exchange: request and response
+//!   sizes differ, so their directions can be told apart.
 //! * `http ADDR METHOD PATH` — one plain HTTP/1.1 request; prints the status and body.
 //! * `seccomp-exec PROFILE [--log] -- CMD ARGS…` — install the seccomp profile PROFILE (the
 //!   JSON a Kubernetes `Localhost` profile is), then execute CMD: what a container runtime
@@ -67,6 +73,8 @@ fn main() {
         "hbone-probe" => hbone_probe(&args[1..]),
         "seccomp-exec" => seccomp_exec(&args[1..]),
         "http" => http(addr(arg(1)), arg(2), arg(3)),
+        "respond" => serve(port(arg(1)), respond),
+        "exchange" => exchange(addr(arg(1)), num(arg(2)), num(arg(3))),
         "refusal-time" => refusal_time(addr(arg(1)), arg(2).parse().unwrap_or_else(|_| usage())),
         "pingpong" => pingpong(addr(arg(1)), num(arg(2)), num(arg(3))),
         "connrate" => connrate(addr(arg(1)), num(arg(2))),
@@ -433,6 +441,46 @@ fn http(to: SocketAddr, method: &str, path: &str) {
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     println!("{}", json!({"status": status, "body": body}));
+}
+
+fn respond(mut s: TcpStream) {
+    let mut head = [0u8; 8];
+    if s.read_exact(&mut head).is_err() {
+        return;
+    }
+    let down = u64::from_be_bytes(head);
+    let chunk = vec![7u8; 64 * 1024];
+    let mut left = down;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        if s.write_all(&chunk[..n]).is_err() {
+            return;
+        }
+        left -= n as u64;
+    }
+    let _ = s.shutdown(Shutdown::Write);
+    let _ = read_all(&mut s);
+}
+
+fn exchange(to: SocketAddr, up: usize, down: usize) {
+    if up < 8 {
+        usage();
+    }
+    let s = connect(to);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut data = payload(up);
+    data[..8].copy_from_slice(&(down as u64).to_be_bytes());
+    let mut w = s.try_clone().unwrap_or_else(|e| fail(&format!("clone: {e}")));
+    let writer = std::thread::spawn(move || {
+        let r = w.write_all(&data);
+        let _ = w.shutdown(Shutdown::Write);
+        r.map_err(|e| e.to_string())
+    });
+    let mut r = s;
+    let (received, end) = read_all(&mut r);
+    let wrote = writer.join().unwrap_or_else(|_| Err("writer panicked".into()));
+    let sent = if wrote.is_ok() { up } else { 0 };
+    println!("{}", json!({"sent": sent, "received": received, "end": end, "write_error": wrote.err()}));
 }
 
 fn hex(b: &[u8]) -> String {
