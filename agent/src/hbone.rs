@@ -12,12 +12,16 @@
 //! * `batch.rs` — how a connection's task is spawned, so one write carries the frames of
 //!   every stream ready in the same turn;
 //! * `coalesce.rs` — the connection's TLS stream, whose records wait for the end of the turn;
+//! * `headers.rs` — `forwarded`, `baggage`, `traceparent` on a CONNECT, as ztunnel has them;
+//! * `keepalive.rs` — HTTP/2 PINGs that drop a connection whose peer stopped answering;
 //! * this file — flow-control settings and limits.
 
 mod batch;
 pub mod client;
 mod coalesce;
 mod flood;
+pub mod headers;
+pub mod keepalive;
 mod pump;
 mod readahead;
 pub mod server;
@@ -38,11 +42,17 @@ pub const TLS_SEND_BUFFER: usize = 256 * 1024;
 pub const MAX_STREAMS: u32 = 100;
 /// A TLS handshake that has not finished by then is dropped with everything it holds.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// A pooled connection that has carried no stream for this long is closed.
-pub const POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// A pooled connection that has carried no stream for this long is closed (ztunnel's
+/// default `POOL_UNUSED_RELEASE_TIMEOUT`); PINGs keep it alive until then.
+pub const POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(5 * 60);
 /// An inbound HBONE connection with no open stream for this long is closed by the server:
-/// twice the clients' [`POOL_IDLE`], so a client normally closes its idle connection first.
-pub const SERVER_IDLE: std::time::Duration = std::time::Duration::from_secs(120);
+/// longer than the clients' [`POOL_IDLE`], so a client normally closes its idle connection
+/// first.
+pub const SERVER_IDLE: std::time::Duration = std::time::Duration::from_secs(6 * 60);
+/// `SETTINGS_MAX_HEADER_LIST_SIZE` advertised, as ztunnel does: what a peer may send in one
+/// header block (a CONNECT's or its answer's).
+pub const MAX_HEADER_LIST_CLIENT: u32 = 16 * 1024;
+pub const MAX_HEADER_LIST_SERVER: u32 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PumpError {

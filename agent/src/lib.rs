@@ -49,6 +49,8 @@
 //! * `agent/src/hbone/pump.rs` — bytes between a socket and an HTTP/2 stream
 //! * `agent/src/hbone/flood.rs` — the bound on a peer's PING/SETTINGS frames
 //! * `agent/src/hbone/coalesce.rs` — TLS records written once per turn
+//! * `agent/src/hbone/headers.rs` — what a CONNECT carries besides its target (forwarded, baggage, traceparent), as ztunnel (pure)
+//! * `agent/src/hbone/keepalive.rs` — HTTP/2 PINGs: a connection whose peer stops answering is dropped
 //! * `agent/src/hbone/batch.rs` — an HTTP/2 connection's task and its turns
 //! * `agent/src/hbone/readahead.rs` — an HBONE socket read in large pieces
 //! * `agent/src/tls.rs` — rustls configurations and SPIFFE peer checks

@@ -256,6 +256,7 @@ impl Pods {
             handshake_timeout: hbone::HANDSHAKE_TIMEOUT,
             idle_timeout: hbone::SERVER_IDLE,
             handshakes: self.handshakes.clone(),
+            ping_interval: hbone::keepalive::PING_INTERVAL,
         };
         let upstream = Arc::new(proxy::inbound::HboneUpstream {
             pod: ctx.clone(),

@@ -186,10 +186,13 @@ impl Mesh {
         self.directory.read().workloads.get(&ip.to_canonical()).map(|p| WorkloadName::from(p).owned())
     }
 
-    /// The service an endpoint serves, as the destination reports it (a guess when several
-    /// do, as ztunnel's: the first in config order).
-    pub fn service_of(&self, endpoint: SocketAddr) -> Option<Arc<crate::state::ServiceName>> {
-        self.directory.read().by_endpoint.get(&addr::canonical(endpoint)).cloned()
+    /// The service an endpoint serves, as the destination reports it: the one the client
+    /// named (`host`) when the endpoint serves it (a claim checked against what this agent
+    /// knows, never taken as is), else the first in config order (ztunnel's guess).
+    pub fn service_of(&self, endpoint: SocketAddr, host: Option<&str>) -> Option<Arc<crate::state::ServiceName>> {
+        let directory = self.directory.read();
+        let served = directory.by_endpoint.get(&addr::canonical(endpoint))?;
+        served.iter().find(|s| Some(s.fqdn.as_str()) == host).or(served.first()).cloned()
     }
 
     /// The pod behind an address when this agent serves it.

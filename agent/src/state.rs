@@ -90,10 +90,10 @@ impl ServiceEntry {
 pub struct Directory {
     pub workloads: BTreeMap<IpAddr, Peer>,
     pub services: BTreeMap<SocketAddr, ServiceEntry>,
-    /// The service an endpoint (workload IP, target port) serves (the first in config
-    /// order when several do): what the destination's agent reports as
-    /// `destination_service`, as ztunnel guesses it.
-    pub by_endpoint: BTreeMap<SocketAddr, Arc<ServiceName>>,
+    /// The services an endpoint (workload IP, target port) serves, in config order: what
+    /// the destination's agent reports as `destination_service` (the one the client named
+    /// in its CONNECT if it is among them, else the first, as ztunnel guesses it).
+    pub by_endpoint: BTreeMap<SocketAddr, Vec<Arc<ServiceName>>>,
 }
 
 fn identity_of(cfg: &LocalConfig, index: usize, td: &str) -> Result<SpiffeId, ConfigError> {
@@ -210,7 +210,10 @@ pub fn directory(cfg: &LocalConfig, trust_domain: &str) -> Result<Directory, Con
         for p in &svc.ports {
             let target = p.target_port.unwrap_or(p.port);
             for ip in &selected {
-                out.by_endpoint.entry(SocketAddr::new(ip.to_canonical(), target)).or_insert_with(|| service.clone());
+                let served = out.by_endpoint.entry(SocketAddr::new(ip.to_canonical(), target)).or_default();
+                if !served.contains(&service) {
+                    served.push(service.clone());
+                }
             }
         }
         for vip in &svc.vips {
@@ -341,7 +344,7 @@ mod tests {
         assert_eq!(svc.service.to_string(), "shop/db");
         // What the destination reports: the service its endpoints serve.
         let served = &dir.by_endpoint[&"198.18.1.11:8080".parse().unwrap()];
-        assert_eq!(served.fqdn, "db.shop.svc.cluster.local");
+        assert_eq!(served[0].fqdn, "db.shop.svc.cluster.local");
         assert!(!dir.by_endpoint.contains_key(&"198.18.1.12:8080".parse().unwrap()), "not selected");
         assert_eq!(dir.workloads[&"198.18.1.10".parse().unwrap()].meta.canonical_service, "db", "from the app label");
         let picks: Vec<SocketAddr> = (0..4).map(|_| svc.pick().unwrap()).collect();

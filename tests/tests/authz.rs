@@ -106,10 +106,10 @@ fn denials_are_logged_with_the_policy_and_counted() {
     let reason = event["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("shop/p") && reason.contains("decided at the source"), "{event}");
     // The destination enforces by itself too: a client that skips its agent and presents
-    // a's (valid) certificate directly to d's HBONE listener gets 403.
+    // a's (valid) certificate directly to d's HBONE listener gets 401 (ztunnel's answer).
     let hbone = lab.get("d").addr(15008);
     let status = lab.hbone_probe("c", hbone, &format!("spiffe://{a}"), "good", "CONNECT", lab.get("d").addr(8080));
-    assert_eq!(status, Ok(403));
+    assert_eq!(status, Ok(401));
     let event = lab.agent("n2").wait_access("the denial at the destination", |e| e["reason_code"] == "policy");
     assert!(event["reason"].as_str().is_some_and(|r| r.contains("shop/p")), "{event}");
     assert_eq!(event["src_identity"], "spiffe://cluster.local/ns/shop/sa/a");

@@ -38,8 +38,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::{
-    batch::Turns, coalesce::Coalesced, readahead::ReadAhead, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME,
-    MAX_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER,
+    batch::Turns, coalesce::Coalesced, headers::ConnectHeaders, keepalive, readahead::ReadAhead, CONNECTION_WINDOW,
+    HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_HEADER_LIST_CLIENT, MAX_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER,
 };
 use crate::{
     identity::{identity_valid_at, IdentityManager, SpiffeId},
@@ -56,6 +56,9 @@ pub enum TunnelError {
     H2(SocketAddr, h2::Error),
     #[error("{0} answered {1} to CONNECT")]
     Status(SocketAddr, StatusCode),
+    /// The destination's policy refused it (401, or 403 from older agents).
+    #[error("{0} answered {1} to CONNECT: denied by the destination's policy")]
+    Denied(SocketAddr, StatusCode),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -223,7 +226,7 @@ impl Pool {
         &self,
         key: &PoolKey,
         target: SocketAddr,
-        source: SocketAddr,
+        headers: &ConnectHeaders,
         early: &Bytes,
         dial: D,
     ) -> Result<Tunnel, TunnelError>
@@ -239,7 +242,7 @@ impl Pool {
                 // up would carry its size.
                 None => Box::pin(self.grow(key, &dial)).await?,
             };
-            match stream(conn.sender.clone(), key.dst_addr, target, source, early, slot).await {
+            match stream(conn.sender.clone(), key.dst_addr, target, headers, early, slot).await {
                 Ok(t) => return Ok(t),
                 Err(Failure::Retry(e)) if !fresh => {
                     tracing::debug!(dst = %key.dst_addr, "pooled HBONE connection unusable, dropping it: {e}");
@@ -418,17 +421,20 @@ impl Pool {
         tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
         self.handshakes[usize::from(resumed)].fetch_add(1, Ordering::Relaxed);
         let turns = Turns::default();
-        let (sender, conn) = h2::client::Builder::new()
+        let (sender, mut conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            // ztunnel's: answers carry no more than this in headers.
+            .max_header_list_size(MAX_HEADER_LIST_CLIENT)
             .handshake::<_, Bytes>(Coalesced::new(tls, turns.clone()))
             .await
             .map_err(|e| TunnelError::H2(to, e))?;
         turns.arm();
+        let pings = conn.ping_pong();
         super::batch::spawn(turns, async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(dst = %to, "HBONE connection ended: {e}");
+            if let Some(why) = keepalive::drive(conn, pings, keepalive::PING_INTERVAL, keepalive::PING_TIMEOUT).await {
+                tracing::info!(dst = %to, "HBONE connection dropped: {why}");
             }
         });
         Ok(sender)
@@ -456,7 +462,7 @@ async fn stream(
     sender: SendRequest<Bytes>,
     to: SocketAddr,
     target: SocketAddr,
-    source: SocketAddr,
+    headers: &ConnectHeaders,
     early: &Bytes,
     slot: Slot,
 ) -> Result<Tunnel, Failure> {
@@ -465,7 +471,9 @@ async fn stream(
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
-        .header("forwarded", format!("for={}", forwarded_for(source)))
+        .header(super::headers::FORWARDED, headers.forwarded.clone())
+        .header(super::headers::BAGGAGE, headers.baggage.clone())
+        .header(super::headers::TRACEPARENT, super::headers::traceparent())
         .body(())
         .map_err(|e| Failure::Final(TunnelError::Dial(to, e.to_string())))?;
     let (response, mut send) = ready.send_request(req, false).map_err(|e| Failure::Retry(h2(e)))?;
@@ -485,16 +493,13 @@ async fn stream(
             Failure::Final(h2(e))
         }
     })?;
-    if response.status() != StatusCode::OK {
-        return Err(Failure::Final(TunnelError::Status(to, response.status())));
+    match response.status() {
+        StatusCode::OK => {}
+        // A policy denial: 401 from ztunnel and Selvedge, 403 from earlier Selvedge agents.
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            return Err(Failure::Final(TunnelError::Denied(to, response.status())))
+        }
+        status => return Err(Failure::Final(TunnelError::Status(to, status))),
     }
     Ok(Tunnel { send, recv: response.into_body(), slot })
-}
-
-/// RFC 7239 node: IPv6 in quotes and brackets.
-fn forwarded_for(source: SocketAddr) -> String {
-    match source {
-        SocketAddr::V4(v4) => v4.ip().to_string(),
-        SocketAddr::V6(v6) => format!("\"[{}]\"", v6.ip()),
-    }
 }

@@ -16,6 +16,7 @@ use super::{
     batch::Turns,
     coalesce::Coalesced,
     flood::{FloodGuard, FLOOD},
+    headers::ConnectInfo,
     readahead::ReadAhead,
     splice, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER,
 };
@@ -28,7 +29,7 @@ pub trait Upstream: Send + Sync + 'static {
     fn begin(&self) -> Self::Guard;
     /// Kept while an authorized stream is open; its notifier closes the stream.
     type Watch: Send;
-    /// May `principal`, connecting from `peer`, reach `target`? Err(reason) answers 403.
+    /// May `principal`, connecting from `peer`, reach `target`? Err(reason) answers 401.
     fn authorize(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Result<Self::Watch, String>;
     /// Cancelled when the connection must be closed (e.g. a policy now denies it).
     fn cancelled(watch: &Self::Watch) -> &Cancel;
@@ -38,8 +39,9 @@ pub trait Upstream: Send + Sync + 'static {
     /// counting its bytes as they move. Held by every open stream, so small: what the
     /// stream's record needs at the end and the task has anyway is passed back then.
     type Served: Send;
-    /// The stream from `principal` at `peer` to `target` is through (answered 200).
-    fn served(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Self::Served;
+    /// The stream from `principal` at `peer` to `target` is through (answered 200); `info`
+    /// is what its CONNECT said besides.
+    fn served(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr, info: ConnectInfo) -> Self::Served;
     /// Where its bytes are counted: (client → app, app → client).
     fn tally(served: &Self::Served) -> (&ByteCount, &ByteCount);
     /// The served stream ended; `error` says why when it ended abnormally.
@@ -68,7 +70,7 @@ pub enum Outcome {
     Method,
     /// 503: the app could not be reached.
     Unavailable,
-    /// 403: an authorization policy denied it.
+    /// 401 (ztunnel's answer): an authorization policy denied it.
     Denied,
     /// Over the limit of TLS handshakes in progress.
     OverLimit,
@@ -101,6 +103,9 @@ pub struct ServerOptions {
     /// TLS handshakes in progress, shared by every pod's listener: a connection over it
     /// is reset at once (a flood of slow handshakes must not take the node's descriptors).
     pub handshakes: Arc<crate::limits::Share>,
+    /// Normally [`PING_INTERVAL`](super::keepalive::PING_INTERVAL); a PING unanswered for
+    /// twice that drops the connection.
+    pub ping_interval: Duration,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -165,6 +170,7 @@ async fn connection<U: Upstream>(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(super::MAX_HEADER_LIST_SERVER)
         .handshake::<_, Bytes>(FloodGuard::new(Coalesced::new(stream, turns.clone())));
     let mut conn = match tokio::time::timeout(opts.handshake_timeout, h2).await {
         Ok(Ok(c)) => c,
@@ -173,6 +179,13 @@ async fn connection<U: Upstream>(
     };
     drop(handshake);
     turns.arm();
+    let pings = conn.ping_pong();
+    let mut unanswered = std::pin::pin!(async {
+        match pings {
+            Some(p) => super::keepalive::until_unanswered(p, opts.ping_interval, 2 * opts.ping_interval).await,
+            None => std::future::pending().await,
+        }
+    });
     // Streams open on this connection: each stream's task holds one clone.
     let open = Arc::new(());
     let mut idle_since = tokio::time::Instant::now();
@@ -180,6 +193,12 @@ async fn connection<U: Upstream>(
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
+            why = &mut unanswered => {
+                // Dropping the connection resets its streams: their apps see a reset, not a
+                // clean end.
+                tracing::info!(%peer, "inbound HBONE connection dropped: {why}");
+                break;
+            }
             () = tokio::time::sleep_until(idle_since + opts.idle_timeout), if !closing => {
                 if Arc::strong_count(&open) == 1 {
                     // GOAWAY, then the loop runs until the connection has ended.
@@ -254,7 +273,7 @@ fn record<'a>(
         outcome: match status {
             StatusCode::METHOD_NOT_ALLOWED => Outcome::Method,
             StatusCode::SERVICE_UNAVAILABLE => Outcome::Unavailable,
-            StatusCode::FORBIDDEN => Outcome::Denied,
+            StatusCode::UNAUTHORIZED => Outcome::Denied,
             _ => Outcome::BadTarget,
         },
         peer,
@@ -277,6 +296,7 @@ struct Open<W> {
     recv: h2::RecvStream,
     watch: W,
     target: SocketAddr,
+    info: ConnectInfo,
 }
 
 /// Check, decide, connect to the app and answer 200 — or answer the refusal and log it.
@@ -297,12 +317,13 @@ async fn open_stream<U: Upstream>(
             return None;
         }
     };
-    // Decided before the app sees a byte: a denied tunnel never connects to it.
+    // Decided before the app sees a byte: a denied tunnel never connects to it. 401, as
+    // ztunnel answers a policy denial.
     let watch = match up.authorize(principal, peer, target) {
         Ok(w) => w,
         Err(reason) => {
-            let _ = reply(&mut respond, StatusCode::FORBIDDEN);
-            up.log(record(peer, principal, Some(target), StatusCode::FORBIDDEN, reason.as_str()));
+            let _ = reply(&mut respond, StatusCode::UNAUTHORIZED);
+            up.log(record(peer, principal, Some(target), StatusCode::UNAUTHORIZED, reason.as_str()));
             return None;
         }
     };
@@ -320,11 +341,13 @@ async fn open_stream<U: Upstream>(
         // Allowed and connected, but the client went away first: a served stream that
         // ended at once.
         Err(e) => {
-            up.ended(up.served(principal, peer, target), principal, peer, target, Some(format!("stream gone: {e}")));
+            let served = up.served(principal, peer, target, ConnectInfo::read(req.headers()));
+            up.ended(served, principal, peer, target, Some(format!("stream gone: {e}")));
             return None;
         }
     };
-    Some(Open { app, send, recv: req.into_body(), watch, target })
+    let info = ConnectInfo::read(req.headers());
+    Some(Open { app, send, recv: req.into_body(), watch, target, info })
 }
 
 /// One stream's task. What an idle stream costs is mostly this future, so it holds little
@@ -343,8 +366,8 @@ fn serve_stream<U: Upstream>(
     let opening = Box::pin(open_stream(req, respond, peer, local, principal.clone(), up.clone()));
     async move {
         let _guard = guard;
-        let Some(Open { app, send, recv, watch, target }) = opening.await else { return };
-        let served = up.served(&principal, peer, target);
+        let Some(Open { app, send, recv, watch, target, info }) = opening.await else { return };
+        let served = up.served(&principal, peer, target, info);
         let (to_app, to_client) = U::tally(&served);
         let result = tokio::select! {
             r = splice(app, send, recv, to_client, to_app) => r.err().map(|e| e.to_string()),

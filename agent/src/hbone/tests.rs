@@ -16,6 +16,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::{
     client::{Pool, PoolKey, Tunnel, TunnelError},
+    headers::{ConnectHeaders, ConnectInfo},
     server::{self, Record, ServerOptions, Upstream},
 };
 use crate::{
@@ -26,6 +27,12 @@ use crate::{
 };
 
 const TD: &str = "lab.local";
+
+/// What the in-process client's CONNECTs say besides the target.
+fn headers() -> ConnectHeaders {
+    let meta = crate::state::WorkloadMeta::of("web", "shop", &Default::default());
+    ConnectHeaders::new("198.18.1.10:40000".parse().unwrap(), Some("db.shop.svc.cluster.local"), &meta, "web", "c1")
+}
 
 pub(super) fn id(ns: &str, sa: &str) -> SpiffeId {
     SpiffeId::new(TD, ns, sa).unwrap()
@@ -52,6 +59,8 @@ struct Recorder {
     echo: Mutex<Option<SocketAddr>>,
     records: Mutex<Vec<(u16, String, Option<String>)>>,
     served_bytes: Mutex<Vec<(u64, u64)>>,
+    /// What each served stream's CONNECT said besides its target.
+    connect_info: Mutex<Vec<ConnectInfo>>,
 }
 
 impl Upstream for Recorder {
@@ -62,7 +71,7 @@ impl Upstream for Recorder {
     type Watch = Cancel;
 
     fn authorize(&self, principal: &SpiffeId, _: SocketAddr, _: SocketAddr) -> Result<Self::Watch, String> {
-        // The in-process server denies one identity, to exercise the 403 path.
+        // The in-process server denies one identity, to exercise the 401 path.
         if principal.service_account == "denied" {
             Err("denied by test policy".into())
         } else {
@@ -83,7 +92,8 @@ impl Upstream for Recorder {
 
     type Served = Tally;
 
-    fn served(&self, _: &SpiffeId, _: SocketAddr, _: SocketAddr) -> Tally {
+    fn served(&self, _: &SpiffeId, _: SocketAddr, _: SocketAddr, info: ConnectInfo) -> Tally {
+        self.connect_info.lock().push(info);
         Tally::default()
     }
 
@@ -163,6 +173,7 @@ async fn fixture_with(handshake_timeout: Duration, idle_timeout: Duration, hands
         handshake_timeout,
         idle_timeout,
         handshakes: crate::limits::Share::new(handshakes),
+        ping_interval: Duration::from_millis(200),
     };
     tokio::spawn(server::serve(listener, opts, up.clone()));
     Fixture { ca: for_test, ids, server_id, server, echo, up }
@@ -174,7 +185,7 @@ fn key(f: &Fixture, src: SpiffeId, dst: SpiffeId) -> PoolKey {
 
 async fn open(pool: &Pool, k: &PoolKey, target: SocketAddr) -> Result<super::client::Tunnel, TunnelError> {
     let to = k.dst_addr;
-    pool.open(k, target, "127.0.0.1:1".parse().unwrap(), &Bytes::new(), || TcpStream::connect(to)).await
+    pool.open(k, target, &headers(), &Bytes::new(), || TcpStream::connect(to)).await
 }
 
 /// Send `data` through a tunnel, half-close, read everything back.
@@ -294,7 +305,7 @@ async fn a_connection_is_dialled_ahead_before_the_slots_run_out() {
         TcpStream::connect(to)
     };
     while held.len() < super::MAX_STREAMS as usize + 10 {
-        held.push(pool.open(&k, target, "127.0.0.1:1".parse().unwrap(), &Bytes::new(), counted).await.unwrap());
+        held.push(pool.open(&k, target, &headers(), &Bytes::new(), counted).await.unwrap());
     }
     assert_eq!((dials.into_inner(), pool.len()), (0, 2));
     assert_eq!(round_trip(held.pop().unwrap(), b"ahead").await, b"ahead");
@@ -352,7 +363,7 @@ where
                 dials.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 dial(k.dst_addr)
             };
-            pool.open(&k, target, "127.0.0.1:1".parse().unwrap(), &Bytes::new(), counted).await
+            pool.open(&k, target, &headers(), &Bytes::new(), counted).await
         })
     });
     let results = futures::future::join_all(opens).await.into_iter().map(|r| r.unwrap()).collect();
@@ -403,7 +414,7 @@ async fn early_bytes_ride_with_the_request_and_come_first() {
     f.ids.acquire(&id("shop", "denied")).await.unwrap();
     let pool = Pool::new(f.ids.clone());
     let target = SocketAddr::new(f.server.ip(), f.echo.port());
-    let from = "127.0.0.1:1".parse().unwrap();
+    let from = &headers();
     let k = key(&f, id("shop", "web"), f.server_id.clone());
     let dial = || TcpStream::connect(f.server);
     for _ in 0..2 {
@@ -416,9 +427,9 @@ async fn early_bytes_ride_with_the_request_and_come_first() {
     let denied = key(&f, id("shop", "denied"), f.server_id.clone());
     for _ in 0..2 {
         let err = pool.open(&denied, target, from, &Bytes::from_static(b"x"), dial).await.unwrap_err();
-        assert!(matches!(err, TunnelError::Status(_, StatusCode::FORBIDDEN)), "{err}");
+        assert!(matches!(err, TunnelError::Denied(_, StatusCode::UNAUTHORIZED)), "{err}");
     }
-    assert_eq!(pool.len(), 2, "one connection per key, kept after a 403");
+    assert_eq!(pool.len(), 2, "one connection per key, kept after a 401");
 }
 
 #[tokio::test]
@@ -444,15 +455,15 @@ async fn reconnections_resume_the_tls_session_and_keep_each_identity() {
 }
 
 #[tokio::test]
-async fn a_denied_principal_gets_403_and_never_reaches_the_app() {
+async fn a_denied_principal_gets_401_and_never_reaches_the_app() {
     let f = fixture(Duration::from_secs(5)).await;
     f.ids.acquire(&id("shop", "denied")).await.unwrap();
     let pool = Pool::new(f.ids.clone());
     let k = key(&f, id("shop", "denied"), f.server_id.clone());
     let err = open(&pool, &k, SocketAddr::new(f.server.ip(), f.echo.port())).await.unwrap_err();
-    assert!(matches!(err, TunnelError::Status(_, StatusCode::FORBIDDEN)), "{err}");
+    assert!(matches!(err, TunnelError::Denied(_, StatusCode::UNAUTHORIZED)), "{err}");
     let recs = records_settle(&f.up, 1).await;
-    assert!(recs.iter().any(|(s, r, _)| *s == 403 && r.contains("denied by test policy")), "{recs:?}");
+    assert!(recs.iter().any(|(s, r, _)| *s == 401 && r.contains("denied by test policy")), "{recs:?}");
 }
 
 #[tokio::test]
@@ -734,4 +745,57 @@ async fn bad_client_certificates_are_refused() {
     // connection then ends with the HTTP/2 preface only, logged as such or not at all).
     let good = with_client_cert(&f, sign(svid_params(&web).unwrap()), &key).await;
     assert!(!good.contains("rejected") && !good.contains("TLS handshake failed"), "good certificate: {good}");
+}
+
+#[tokio::test]
+async fn a_connect_says_where_from_which_service_and_who_as_ztunnel_does() {
+    let f = fixture(Duration::from_secs(5)).await;
+    let pool = Pool::new(f.ids.clone());
+    let k = key(&f, id("shop", "web"), f.server_id.clone());
+    let target = SocketAddr::new(f.server.ip(), f.echo.port());
+    for _ in 0..2 {
+        let t = open(&pool, &k, target).await.unwrap();
+        assert_eq!(round_trip(t, b"hi").await, b"hi");
+    }
+    records_settle(&f.up, 2).await;
+    let infos = f.up.connect_info.lock().clone();
+    assert_eq!(infos.len(), 2);
+    for info in &infos {
+        assert_eq!(info.host.as_deref(), Some("db.shop.svc.cluster.local"), "forwarded's host");
+        let source = info.source.as_ref().expect("baggage names the source workload");
+        assert_eq!((source.workload.as_str(), source.namespace.as_str()), ("web", "shop"));
+        assert_eq!(source.cluster.as_deref(), Some("c1"));
+        assert!(info.traceparent.is_some(), "a traceparent");
+    }
+    assert_ne!(infos[0].traceparent, infos[1].traceparent, "a new trace context per stream");
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_dropped_and_its_streams_reset() {
+    // The fixture's server pings every 200 ms and gives up after 400 ms without an answer.
+    let f = fixture(Duration::from_secs(5)).await;
+    let cfg = tls::client_config(&f.ids, &id("shop", "web"), &f.server_id, 0).unwrap();
+    let tcp = TcpStream::connect(f.server).await.unwrap();
+    let tls = TlsConnector::from(cfg).connect(ServerName::IpAddress(f.server.ip().into()), tcp).await.unwrap();
+    let (sender, conn) = h2::client::handshake(tls).await.unwrap();
+    let (freeze, frozen) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            _ = &mut conn => {}
+            // Frozen: the connection (and its socket) stays open, but nothing reads it or
+            // answers the server's PINGs — a peer whose node went away.
+            _ = frozen => std::future::pending::<()>().await,
+        }
+    });
+    let target = SocketAddr::new(f.server.ip(), f.echo.port());
+    let req = Request::builder().method(Method::CONNECT).uri(target.to_string()).body(()).unwrap();
+    let mut ready = sender.ready().await.unwrap();
+    let (resp, _send) = ready.send_request(req, false).unwrap();
+    assert_eq!(resp.await.unwrap().status(), StatusCode::OK, "the stream is open");
+    freeze.send(()).unwrap();
+    let recs = records_settle(&f.up, 1).await;
+    let (status, error, _) = &recs[0];
+    assert_eq!(*status, 200);
+    assert!(!error.is_empty(), "the open stream ended with an error, not a clean end: {recs:?}");
 }

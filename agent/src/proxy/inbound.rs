@@ -8,10 +8,15 @@ use tokio::net::TcpListener;
 
 use super::{
     accept_loop, connect_in_pod, flow::Opened, relay, reset, ConnTracker, Direction, Flow, Mesh, Mover, PodContext,
-    Refusal, Security, WatchGuard,
+    Refusal, Security, WatchGuard, WorkloadName,
 };
 use crate::{
-    addr, cancel::Cancel, hbone::server::Outcome, identity::SpiffeId, inpod::Use, policy::ConnFacts,
+    addr,
+    cancel::Cancel,
+    hbone::{headers::ConnectInfo, server::Outcome},
+    identity::SpiffeId,
+    inpod::Use,
+    policy::ConnFacts,
     publish::metrics::ByteCount,
 };
 
@@ -70,7 +75,7 @@ fn decide<'a>(
     let mut flow = Flow::new(Direction::Inbound, pod, peer, local).with_metrics(&mesh.metrics);
     // Plaintext: the source workload is known only by address, never its principal.
     flow.src_workload = mesh.workload_at(peer.ip());
-    flow.service = mesh.service_of(local);
+    flow.service = mesh.service_of(local, None);
     if RESERVED_PORTS.contains(&local.port()) {
         // Delivering to the agent's own port would loop back into this listener.
         flow.refused(Refusal::ReservedPort, "destination is a port reserved for the agent");
@@ -149,7 +154,7 @@ impl HboneUpstream {
     fn labelled<'a>(&'a self, principal: Option<&'a SpiffeId>, peer: SocketAddr, target: SocketAddr) -> Flow<'a> {
         let mut flow = self.flow(principal, peer, target);
         flow.src_workload = self.mesh.workload_at(peer.ip());
-        flow.service = self.mesh.service_of(target);
+        flow.service = self.mesh.service_of(target, None);
         flow
     }
 }
@@ -177,8 +182,16 @@ impl crate::hbone::server::Upstream for HboneUpstream {
 
     type Served = Opened;
 
-    fn served(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Opened {
+    fn served(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr, info: ConnectInfo) -> Opened {
         let mut flow = self.labelled(Some(principal), peer, target);
+        // A source this agent does not know (another cluster's, or a peer ahead of this
+        // agent's view) is labelled as its own agent describes it.
+        if flow.src_workload.is_none() {
+            flow.src_workload = info.source.map(WorkloadName::Owned);
+        }
+        if info.host.is_some() {
+            flow.service = self.mesh.service_of(target, info.host.as_deref());
+        }
         flow.opened();
         flow.detach()
     }

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     addr,
     datapath::FlowMaps,
-    hbone,
+    hbone::{self, headers::ConnectHeaders},
     inpod::Use,
     policy::{ConnFacts, Decision},
     state::{Directory, Peer},
@@ -234,6 +234,12 @@ fn tunnel<'f, 'a: 'f>(
     flow.security = Security::MutualTls;
     flow.src_identity = Some(&pod.identity);
     flow.dst_identity = Some(&to.identity);
+    // What the CONNECT says besides: the app's address as the destination would see it
+    // without the mesh (the pod's IP and the app's own port), the service dialled, and who
+    // the source is.
+    let source = SocketAddr::new(pod.ips.first().copied().unwrap_or(peer.ip()), peer.port());
+    let host = flow.service.as_deref().map(|s| s.fqdn.as_str());
+    let headers = ConnectHeaders::new(source, host, &pod.meta, &pod.name, mesh.metrics.cluster());
     let ready = match early_bytes(&stream) {
         Ok(early) => {
             let early_len = early.len() as u64;
@@ -247,8 +253,7 @@ fn tunnel<'f, 'a: 'f>(
                     dst: to.identity.clone(),
                     dst_addr: SocketAddr::new(dst.ip(), HBONE_PORT),
                 };
-                let source = SocketAddr::new(pod.ips.first().copied().unwrap_or(peer.ip()), 0);
-                let opened = mesh.pool.open(&key, dst, source, &early, || dial(pod, key.dst_addr, timeout)).await;
+                let opened = mesh.pool.open(&key, dst, &headers, &early, || dial(pod, key.dst_addr, timeout)).await;
                 // The key's free stream slots are running low: the next connection is
                 // dialled now, off every stream's path (`hbone::client`, "Ahead of need").
                 if opened.is_ok() && mesh.pool.short_of_slots(&key) {
@@ -277,7 +282,11 @@ fn tunnel<'f, 'a: 'f>(
             match opened {
                 Ok(t) => (stream, t, early_len),
                 Err(e) => {
-                    flow.refused(Refusal::TunnelFailed, &e.to_string());
+                    let why = match e {
+                        hbone::client::TunnelError::Denied(..) => Refusal::Policy,
+                        _ => Refusal::TunnelFailed,
+                    };
+                    flow.refused(why, &e.to_string());
                     return reset(stream);
                 }
             }

@@ -51,7 +51,7 @@ pub struct WorkloadLabels {
     pub namespace: String,
     pub canonical_service: String,
     pub canonical_revision: String,
-    /// `--cluster-id` for a workload this agent knows.
+    /// `--cluster-id` for a workload this agent knows (a peer's own, from its `baggage`).
     pub cluster: String,
 }
 
@@ -64,7 +64,10 @@ impl WorkloadLabels {
             namespace: or_unknown(|m| &m.namespace),
             canonical_service: or_unknown(|m| &m.canonical_service),
             canonical_revision: or_unknown(|m| &m.canonical_revision),
-            cluster: if meta.is_some() { cluster.to_string() } else { UNKNOWN.to_string() },
+            cluster: match meta {
+                Some(m) => m.cluster.as_deref().unwrap_or(cluster).to_string(),
+                None => UNKNOWN.to_string(),
+            },
         }
     }
 }

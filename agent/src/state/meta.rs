@@ -18,6 +18,8 @@ pub struct WorkloadMeta {
     /// `service.istio.io/canonical-revision`, else `app.kubernetes.io/version`, else
     /// `version`, else `latest`. Also `*_version`.
     pub canonical_revision: String,
+    /// Its cluster when another one's (a peer's `baggage` says so); None: this agent's.
+    pub cluster: Option<String>,
 }
 
 pub const CANONICAL_NAME: &str = "service.istio.io/canonical-name";
@@ -33,6 +35,7 @@ impl WorkloadMeta {
                 .unwrap_or_else(|| workload.to_owned()),
             canonical_revision: first(&[CANONICAL_REVISION, "app.kubernetes.io/version", "version"])
                 .unwrap_or_else(|| "latest".to_owned()),
+            cluster: None,
         }
     }
 }
