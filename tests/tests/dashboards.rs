@@ -354,14 +354,7 @@ fn checks(version: &str) -> Vec<Check> {
         ("srcwl", "web"),
         ("dstsvc", SERVICE),
     ];
-    let web_page = [
-        ("namespace", "front"),
-        ("workload", "web"),
-        ("qrep", "destination"),
-        ("srcns", ".*"),
-        ("srcwl", ".*"),
-        ("dstsvc", SERVICE),
-    ];
+    let web_page = [("namespace", "front"), ("workload", "web"), ("qrep", "destination"), ("dstsvc", SERVICE)];
     let service_page = [
         ("service", SERVICE),
         ("qrep", "destination"),
