@@ -28,8 +28,8 @@ use aya::{
 };
 use parking_lot::Mutex;
 use selvedge_common::{
-    capacity, maps, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, Stat, VerdictKey, ABI_VERSION, POD_FLAG_STRICT,
-    POD_SLOT_GLOBAL, SLOT_ENROLLED, SLOT_STRICT, STATS_LEN, VERDICT_DENY,
+    capacity, maps, DeliveryKey, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, Stat, VerdictKey, ABI_VERSION,
+    POD_FLAG_STRICT, POD_SLOT_GLOBAL, SLOT_ENROLLED, SLOT_STRICT, STATS_LEN, VERDICT_DENY,
 };
 
 pub use pins::Uninstalled;
@@ -40,19 +40,29 @@ pub use walk::{KernelFacts, KernelWalk};
 static EMBEDDED_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/selvedge.bpf.o"));
 
 /// Cgroup programs: (ELF function name, pin name).
-const CGROUP_SOCK_ADDR: [&str; 6] =
-    ["capture_connect4", "capture_connect6", "restore_peer4", "restore_peer6", "guard_bind4", "guard_bind6"];
+const CGROUP_SOCK_ADDR: [&str; 8] = [
+    "capture_connect4",
+    "capture_connect6",
+    "restore_peer4",
+    "restore_peer6",
+    "guard_bind4",
+    "guard_bind6",
+    "reveal_self4",
+    "reveal_self6",
+];
 const SOCKOPS: &str = "track_captured";
 const SK_MSG: &str = "redirect_loopback";
 const SK_LOOKUP: &str = "steer_inbound";
 /// Every link name this agent pins under `<pin>/links` (besides `pod-<cookie>`).
-const LINK_NAMES: [&str; 7] = [
+const LINK_NAMES: [&str; 9] = [
     CGROUP_SOCK_ADDR[0],
     CGROUP_SOCK_ADDR[1],
     CGROUP_SOCK_ADDR[2],
     CGROUP_SOCK_ADDR[3],
     CGROUP_SOCK_ADDR[4],
     CGROUP_SOCK_ADDR[5],
+    CGROUP_SOCK_ADDR[6],
+    CGROUP_SOCK_ADDR[7],
     SOCKOPS,
 ];
 
@@ -142,6 +152,8 @@ pub struct FlowMaps {
     verdicts: Mutex<HashMap<MapData, VerdictKey, u32>>,
     /// `SockHash::insert` takes `&mut`; inserts are one syscall each.
     pairs: Mutex<SockHash<MapData, PairKey>>,
+    /// Deliveries from a client's address in flight (see [`FlowMaps::begin_delivery`]).
+    delivering: Mutex<HashMap<MapData, DeliveryKey, u32>>,
     fast_path: bool,
 }
 
@@ -152,6 +164,17 @@ impl std::fmt::Debug for FlowMaps {
 }
 
 impl FlowMaps {
+    /// Let the pod's `sk_lookup` pass the SYN of a delivery the agent is about to make from
+    /// a client's address (else, by its address, it would be steered back to the agent).
+    /// Undone by [`end_delivery`](Self::end_delivery) once the connect is over.
+    pub fn begin_delivery(&self, key: &DeliveryKey) -> Result<(), DatapathError> {
+        self.delivering.lock().insert(key, 1, 0).map_err(map_err(maps::DELIVERING, "register a delivery"))
+    }
+
+    pub fn end_delivery(&self, key: &DeliveryKey) {
+        let _ = self.delivering.lock().remove(key);
+    }
+
     /// The destination a captured connection was dialled to, if the kernel recorded one.
     pub fn original_destination(&self, key: &OrigDstKey) -> Option<SockAddr> {
         self.orig_dst.get(key, 0).ok()
@@ -218,6 +241,8 @@ pub struct Datapath {
     /// Keeps the programs (and the aya-log reader) of the main load alive.
     _ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, PodInfo>,
+    /// netns cookie -> the pod's IPv4 address (what `getsockname` reports).
+    pod_addr: HashMap<MapData, u64, SockAddr>,
     slots: Array<MapData, u32>,
     inbound: SockMap<MapData>,
     /// The `inbound` indices this agent has set: a sockmap cannot be read back from user
@@ -312,12 +337,14 @@ impl Datapath {
             orig_dst: take(&mut ebpf, maps::ORIG_DST)?,
             verdicts: Mutex::new(take(&mut ebpf, maps::VERDICTS)?),
             pairs: Mutex::new(pairs),
+            delivering: Mutex::new(take(&mut ebpf, maps::DELIVERING)?),
             fast_path: opts.fast_path,
         };
         let dp = Datapath {
             pin_dir: opts.pin_dir.clone(),
             fresh,
             enrolled: take(&mut ebpf, maps::ENROLLED)?,
+            pod_addr: take(&mut ebpf, maps::POD_ADDR)?,
             slots: take(&mut ebpf, maps::SLOTS)?,
             inbound: take(&mut ebpf, maps::INBOUND_LISTENERS)?,
             inbound_set: std::collections::BTreeSet::new(),
@@ -335,6 +362,7 @@ impl Datapath {
 
     /// Capture a pod: inbound steering first (it drops until the rest is in place), then
     /// its inbound listener, then the enrollment entry that turns on outbound capture.
+    /// `addr`: its own address, which `getsockname` tells its apps (IPv4).
     pub fn enroll(
         &mut self,
         netns_cookie: u64,
@@ -342,8 +370,13 @@ impl Datapath {
         pod_id: u32,
         strict: bool,
         inbound_listener: &impl AsRawFd,
+        addr: Option<std::net::IpAddr>,
     ) -> Result<(), DatapathError> {
         self.attach_lookup(netns_cookie, netns, pod_id)?;
+        if let Some(ip) = addr.map(|a| a.to_canonical()).filter(std::net::IpAddr::is_ipv4) {
+            let abi = crate::addr::to_abi(std::net::SocketAddr::new(ip, 0));
+            self.pod_addr.insert(netns_cookie, abi, 0).map_err(map_err(maps::POD_ADDR, "set the pod's address"))?;
+        }
         self.inbound
             .set(pod_id, inbound_listener, 0)
             .map_err(map_err(maps::INBOUND_LISTENERS, format!("set pod {pod_id}")))?;
@@ -412,6 +445,7 @@ impl Datapath {
             Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
             Err(source) => return Err(DatapathError::Map { map: maps::ENROLLED, what: "unenroll".into(), source }),
         }
+        let _ = self.pod_addr.remove(&netns_cookie);
         let _ = self.slots.set(pod_id, 0, 0);
         let _ = self.inbound.clear_index(&pod_id);
         self.inbound_set.remove(&pod_id);

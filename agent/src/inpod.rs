@@ -35,6 +35,8 @@ use tokio::sync::oneshot;
 
 use crate::sys;
 
+pub mod route;
+
 #[derive(Debug, thiserror::Error)]
 pub enum InpodError {
     #[error("pod netns {path}: cannot open: {source} (is the pod still running?)")]
@@ -83,6 +85,9 @@ pub enum Use {
     /// the pod's own address (IPv6 has no spare loopback addresses; `sk_lookup` treats
     /// source == destination as from inside the pod).
     Deliver,
+    /// A delivery from the client's own address: `IP_TRANSPARENT`, marked
+    /// [`route::DELIVERY_MARK`], not bound yet (see [`PodNetns::transparent_socket`]).
+    Transparent,
 }
 
 /// The spare IPv4 sockets, one reserve per [`Use`].
@@ -90,6 +95,7 @@ pub enum Use {
 struct Reserves {
     dial: Vec<Socket>,
     deliver: Vec<Socket>,
+    transparent: Vec<Socket>,
 }
 
 impl Reserves {
@@ -97,6 +103,7 @@ impl Reserves {
         match use_ {
             Use::Dial => &mut self.dial,
             Use::Deliver => &mut self.deliver,
+            Use::Transparent => &mut self.transparent,
         }
     }
 }
@@ -115,6 +122,8 @@ pub struct PodNetns {
     tx: mpsc::Sender<Request>,
     /// IPv4 stream sockets the thread made in advance, ready for their use.
     spares: Spares,
+    /// The pod's routing takes transparent deliveries back ([`route::set_up`] worked).
+    transparent: bool,
 }
 
 impl PodNetns {
@@ -123,7 +132,7 @@ impl PodNetns {
         let file = File::open(path).map_err(|source| InpodError::Open { path: path.to_owned(), source })?;
         let thread_file = file.try_clone().map_err(|source| InpodError::Open { path: path.to_owned(), source })?;
         let (tx, rx) = mpsc::channel::<Request>();
-        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<u64>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<(u64, bool)>>();
         let spares = Spares::default();
         let thread_spares = spares.clone();
         let name = format!("netns-{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
@@ -131,12 +140,12 @@ impl PodNetns {
             .name(name.chars().take(15).collect())
             .spawn(move || serve(thread_file, rx, ready_tx, thread_spares))
             .map_err(|source| InpodError::Enter { path: path.to_owned(), source })?;
-        let cookie = ready_rx
+        let (cookie, transparent) = ready_rx
             .recv()
             .map_err(|_| InpodError::ThreadGone { path: path.to_owned() })?
             .map_err(|source| InpodError::Enter { path: path.to_owned(), source })?;
         let _ = tx.send(Request::Refill);
-        Ok(Self { file, path: path.to_owned(), cookie, tx, spares })
+        Ok(Self { file, path: path.to_owned(), cookie, tx, spares, transparent })
     }
 
     pub fn cookie(&self) -> u64 {
@@ -194,6 +203,30 @@ impl PodNetns {
         Ok(tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock)))
     }
 
+    /// Whether deliveries from the client's own address work in this pod.
+    pub fn transparent(&self) -> bool {
+        self.transparent
+    }
+
+    /// A socket inside the pod bound to `from` (a client's address, not the pod's; its own
+    /// port when that is free, else one the kernel picks), marked for [`route`]'s rule: for
+    /// a delivery the app sees as coming from that client. Returns it with the address it
+    /// is bound to.
+    pub async fn transparent_socket(
+        &self,
+        from: SocketAddr,
+    ) -> Result<(tokio::net::TcpSocket, SocketAddr), InpodError> {
+        let sock = self.stream_socket(from.is_ipv6(), Use::Transparent).await?;
+        let fail = |what: &str, source| InpodError::Socket { path: self.path.clone(), what: what.into(), source };
+        let bound = sock.bind(from).or_else(|e| match from.port() {
+            0 => Err(e),
+            _ => sock.bind(SocketAddr::new(from.ip(), 0)),
+        });
+        bound.map_err(|e| fail(&format!("bind to {from}"), e))?;
+        let bound = sock.local_addr().map_err(|e| fail("read the bound address", e))?;
+        Ok((sock, bound))
+    }
+
     async fn ask(
         &self,
         make: impl FnOnce(oneshot::Sender<io::Result<Socket>>) -> Request,
@@ -210,7 +243,7 @@ impl PodNetns {
 }
 
 /// The pod's socket thread: enter the namespace, report its cookie, then serve requests.
-fn serve(ns: File, rx: mpsc::Receiver<Request>, ready: mpsc::Sender<io::Result<u64>>, spares: Spares) {
+fn serve(ns: File, rx: mpsc::Receiver<Request>, ready: mpsc::Sender<io::Result<(u64, bool)>>, spares: Spares) {
     let entered = sys::setns_net(ns.as_fd()).and_then(|()| {
         let probe = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
         sys::netns_cookie(&probe)
@@ -224,7 +257,15 @@ fn serve(ns: File, rx: mpsc::Receiver<Request>, ready: mpsc::Sender<io::Result<u
             tracing::warn!("listener migration not enabled in the pod's netns (connections queued at a stopping agent's listeners are reset in a rolling update): {e}");
         }
     }
-    if ready.send(entered).is_err() || !ok {
+    let transparent = ok
+        && route::set_up()
+            .inspect_err(|e| {
+                tracing::warn!(
+                    "transparent delivery not set up in the pod's netns (its apps see 127.0.0.6 as the client): {e}"
+                );
+            })
+            .is_ok();
+    if ready.send(entered.map(|cookie| (cookie, transparent))).is_err() || !ok {
         return;
     }
     drop(ns);
@@ -237,7 +278,9 @@ fn serve(ns: File, rx: mpsc::Receiver<Request>, ready: mpsc::Sender<io::Result<u
                 let _ = reply.send(stream_socket(ipv6, use_));
             }
             Request::Refill => {
-                for use_ in [Use::Dial, Use::Deliver] {
+                let uses: &[Use] =
+                    if transparent { &[Use::Dial, Use::Deliver, Use::Transparent] } else { &[Use::Dial, Use::Deliver] };
+                for &use_ in uses {
                     while spares.lock().of(use_).len() < SPARE_SOCKETS {
                         match stream_socket(false, use_) {
                             Ok(s) => spares.lock().of(use_).push(s),
@@ -261,6 +304,17 @@ fn stream_socket(ipv6: bool, use_: Use) -> io::Result<Socket> {
         // The port is chosen at connect, unique per 4-tuple (see `sys::bind_address_no_port`).
         sys::bind_address_no_port(&s)?;
         s.bind(&SocketAddr::V4(SocketAddrV4::new(DELIVERY_SOURCE_V4, 0)).into())?;
+    }
+    if use_ == Use::Transparent {
+        // Bound later, to a client's address: allowed by IP_TRANSPARENT (CAP_NET_ADMIN).
+        if ipv6 {
+            sys::set_ipv6_transparent(&s)?;
+        } else {
+            s.set_ip_transparent(true)?;
+        }
+        s.set_mark(route::DELIVERY_MARK)?;
+        // The client's own port may still be held by an earlier delivery in TIME_WAIT.
+        s.set_reuse_address(true)?;
     }
     Ok(s)
 }
@@ -336,7 +390,7 @@ mod tests {
         let server = listener("127.0.0.1:0".parse().unwrap()).unwrap();
         server.set_nonblocking(false).unwrap();
         let at = server.local_addr().unwrap();
-        for use_ in [Use::Dial, Use::Deliver] {
+        for use_ in [Use::Dial, Use::Deliver, Use::Transparent] {
             let s = stream_socket(false, use_).unwrap();
             assert!(s.nodelay().unwrap(), "{use_:?}: TCP_NODELAY set before connect");
             let bound = s.local_addr().unwrap().as_socket().unwrap();
@@ -344,6 +398,12 @@ mod tests {
                 // Bound to the delivery source, the port left to connect.
                 Use::Deliver => assert_eq!(bound, SocketAddr::from((DELIVERY_SOURCE_V4, 0))),
                 Use::Dial => assert!(bound.ip().is_unspecified(), "a dial is not bound: {bound}"),
+                // Bound when used, to a client's address; marked for the pod's rule.
+                Use::Transparent => {
+                    assert!(bound.ip().is_unspecified(), "{bound}");
+                    assert_eq!(s.mark().unwrap(), route::DELIVERY_MARK);
+                    assert!(s.ip_transparent().unwrap());
+                }
             }
             let _ = s.connect(&at);
             let (accepted, from) = server.accept().unwrap();

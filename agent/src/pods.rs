@@ -232,7 +232,8 @@ impl Pods {
                 return Err(e);
             }
         };
-        if let Err(e) = self.datapath.enroll(cookie, netns.file(), pod_id, spec.mtls.kernel_strict(), &inbound) {
+        let addr = spec.ips.first().copied();
+        if let Err(e) = self.datapath.enroll(cookie, netns.file(), pod_id, spec.mtls.kernel_strict(), &inbound, addr) {
             self.mesh.ids.release(&spec.identity);
             return Err(e.into());
         }
@@ -248,6 +249,8 @@ impl Pods {
             labels: spec.labels.clone(),
             meta: spec.meta.clone(),
             conns: crate::limits::Share::new(self.conns_per_pod),
+            slot: pod_id,
+            flows: self.flows.clone(),
         });
         let timeout = Duration::from_secs(config::CONNECT_TIMEOUT_SECS);
         let hbone_opts = hbone::server::ServerOptions {

@@ -69,6 +69,10 @@ pub struct PodContext {
     pub labels: std::collections::BTreeMap<String, String>,
     /// What its metrics say of it (owning workload, canonical service and revision).
     pub meta: Arc<crate::state::WorkloadMeta>,
+    /// Its slot in the kernel's per-pod maps.
+    pub slot: u32,
+    /// The kernel maps connections use (deliveries from a client's address register there).
+    pub flows: Arc<FlowMaps>,
     /// Its connections in flight, both directions (`--max-conns-per-pod`).
     pub conns: Arc<crate::limits::Share>,
 }

@@ -55,6 +55,14 @@ pub mod maps {
     pub const VERDICTS: &str = "SV_VERDICTS";
     /// u32 index -> u64 per-CPU counters, see [`super::Stat`]. PERCPU_ARRAY.
     pub const STATS: &str = "SV_STATS";
+    /// netns cookie (u64) -> [`super::SockAddr`] (port 0): an enrolled pod's own IPv4
+    /// address, what `getsockname()` tells an app its captured connection is from. HASH.
+    pub const POD_ADDR: &str = "SV_POD_ADDR";
+    /// [`super::DeliveryKey`] -> u32: connects the agent is making, inside a pod, to one of
+    /// its apps from the client's own address; the pod's `sk_lookup` lets them through
+    /// to the app instead of steering them back to the agent. HASH; entries live only
+    /// while the connect is in flight.
+    pub const DELIVERING: &str = "SV_DELIVERING";
 }
 
 /// Capacity of the maps, shared so user space can report occupancy against it.
@@ -64,6 +72,8 @@ pub mod capacity {
     pub const PAIRS: u32 = 65536;
     pub const VERDICTS: u32 = 65536;
     pub const INBOUND_LISTENERS: u32 = 4096;
+    /// Deliveries whose handshake is in flight on the node at once.
+    pub const DELIVERING: u32 = 16384;
 }
 
 /// Indexes into the SETTINGS array.
@@ -114,6 +124,18 @@ pub struct VerdictKey {
     pub netns_cookie: u64,
     pub dst: SockAddr,
     pub _pad: u32,
+}
+
+/// A delivery in flight: the pod (its slot), the app's port, and the address the agent's
+/// socket is bound to (the client's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct DeliveryKey {
+    pub slot: u32,
+    /// The app's port, host order.
+    pub local_port: u16,
+    pub _pad: u16,
+    pub remote: SockAddr,
 }
 
 /// Bits of [`PodInfo::flags`].
@@ -210,16 +232,18 @@ const _: () = assert!(core::mem::size_of::<SockAddr>() == 20);
 const _: () = assert!(core::mem::size_of::<OrigDstKey>() == 32);
 const _: () = assert!(core::mem::size_of::<PairKey>() == 48);
 const _: () = assert!(core::mem::size_of::<VerdictKey>() == 32);
+const _: () = assert!(core::mem::size_of::<DeliveryKey>() == 28);
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY (all five): plain-old-data, `#[repr(C)]`, every bit pattern valid, and no
+    // SAFETY (all six): plain-old-data, `#[repr(C)]`, every bit pattern valid, and no
     // implicit padding (the size asserts above match the sum of the fields).
     unsafe impl aya::Pod for super::PodInfo {}
     unsafe impl aya::Pod for super::SockAddr {}
     unsafe impl aya::Pod for super::OrigDstKey {}
     unsafe impl aya::Pod for super::PairKey {}
     unsafe impl aya::Pod for super::VerdictKey {}
+    unsafe impl aya::Pod for super::DeliveryKey {}
 }
 
 #[cfg(test)]

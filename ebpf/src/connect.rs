@@ -1,5 +1,6 @@
 //! Outbound capture: `connect()` from an enrolled pod goes to the agent's in-pod listener,
-//! and `getpeername()` hands the app back the address it dialled.
+//! `getpeername()` hands the app back the address it dialled, and `getsockname()` its pod's
+//! own address.
 
 use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -9,7 +10,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use selvedge_common::{SockAddr, Stat, VerdictKey, OUTBOUND_PORT, VERDICT_DENY};
 
-use crate::maps::{bump, ctx_ip6, ctx_set_ip6, ctx_u32, enrolled, is_agent, IPPROTO_TCP, ORIG_BY_COOKIE, VERDICTS};
+use crate::maps::{
+    bump, ctx_ip6, ctx_set_ip6, ctx_u32, enrolled, is_agent, IPPROTO_TCP, ORIG_BY_COOKIE, POD_ADDR, VERDICTS,
+};
 
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
@@ -78,6 +81,39 @@ pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
         sa.user_port = u32::from(orig.port.to_be());
     }
     ALLOW
+}
+
+/// A captured connection really runs from the app to the agent over loopback; the app is
+/// told it runs from its pod's address (the port is the connection's own), as it would be
+/// without the mesh.
+#[cgroup_sock_addr(getsockname4)]
+pub fn reveal_self4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as above.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if let Some(v4) = pod_addr(&ctx).and_then(|a| a.v4_raw()) {
+        sa.user_ip4 = v4;
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getsockname6)]
+pub fn reveal_self6(ctx: SockAddrContext) -> i32 {
+    if let Some(a) = pod_addr(&ctx) {
+        // An IPv6 socket on an IPv4 path keeps the mapped form it had.
+        ctx_set_ip6!(ctx.sock_addr, user_ip6, a.ip);
+    }
+    ALLOW
+}
+
+/// The pod's address, for a connection this hook captured (else None: left alone).
+#[inline(always)]
+fn pod_addr(ctx: &SockAddrContext) -> Option<SockAddr> {
+    original(ctx)?;
+    // SAFETY: helper allowed in cgroup sock_addr programs; value copied out of the map.
+    unsafe {
+        let netns = bpf_get_netns_cookie(ctx.sock_addr.cast());
+        POD_ADDR.get(&netns).copied()
+    }
 }
 
 /// `user_port` holds the network-order port in its low 16 bits.

@@ -14,9 +14,9 @@ use aya_ebpf::{
     programs::SkLookupContext,
     Global,
 };
-use selvedge_common::{Stat, AF_INET6, HBONE_PORT, SLOT_ENROLLED, SLOT_STRICT};
+use selvedge_common::{DeliveryKey, Stat, AF_INET6, HBONE_PORT, SLOT_ENROLLED, SLOT_STRICT};
 
-use crate::maps::{bump, ctx_addr, ctx_u32, INBOUND, IPPROTO_TCP, LOOPBACK_IFINDEX, SLOTS};
+use crate::maps::{bump, ctx_addr, ctx_u32, DELIVERING, INBOUND, IPPROTO_TCP, LOOPBACK_IFINDEX, SLOTS};
 
 /// Did this SYN come from inside the pod (including the agent delivering to the app)?
 ///
@@ -36,6 +36,28 @@ fn from_inside(lk: *mut aya_ebpf::bindings::bpf_sk_lookup) -> bool {
     remote.is_loopback() || (family == AF_INET6 && remote.ip == local.ip)
 }
 
+/// Is this the SYN of a delivery the agent registered (its socket bound to the client's
+/// address, so by address it looks like a client from outside)?
+#[inline(always)]
+fn delivering(lk: *mut aya_ebpf::bindings::bpf_sk_lookup, slot: u32) -> bool {
+    let family = ctx_u32!(lk, family);
+    let key = DeliveryKey {
+        slot,
+        local_port: ctx_u32!(lk, local_port) as u16,
+        _pad: 0,
+        remote: ctx_addr!(lk, family, remote_ip4, remote_ip6, remote_port(lk)),
+    };
+    // SAFETY: a lookup in a map of plain-old-data values.
+    unsafe { DELIVERING.get(&key).is_some() }
+}
+
+/// `remote_port` of `bpf_sk_lookup` is a `__be16`.
+#[inline(always)]
+fn remote_port(lk: *mut aya_ebpf::bindings::bpf_sk_lookup) -> u16 {
+    // SAFETY: the context pointer is valid for the program's run; a fixed-offset field.
+    u16::from_be(unsafe { core::ptr::read_volatile(&raw const (*lk).remote_port) })
+}
+
 /// This instance's pod slot; overridden by the agent when it loads the program per pod.
 #[unsafe(no_mangle)]
 static SV_POD_SLOT: Global<u32> = Global::new(u32::MAX);
@@ -47,6 +69,10 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let slot = SV_POD_SLOT.load();
+    if delivering(lk, slot) {
+        // The agent itself, connecting to the app from the client's address.
+        return SK_PASS;
+    }
     let flags = SLOTS.get(slot).copied().unwrap_or(0);
     if flags & SLOT_ENROLLED == 0 {
         // Attached means "this netns is meshed"; an unset slot means enrollment has not

@@ -7,7 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
 use selvedge_common::{
-    capacity, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, Stat, VerdictKey, SETTINGS_LEN, STATS_LEN,
+    capacity, DeliveryKey, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, Stat, VerdictKey, SETTINGS_LEN,
+    STATS_LEN,
 };
 
 #[map(name = "SV_ENROLLED")]
@@ -36,6 +37,12 @@ pub static VERDICTS: LruHashMap<VerdictKey, u32> = LruHashMap::pinned(capacity::
 
 #[map(name = "SV_SETTINGS")]
 pub static SETTINGS: Array<u64> = Array::pinned(SETTINGS_LEN, 0);
+
+#[map(name = "SV_POD_ADDR")]
+pub static POD_ADDR: HashMap<u64, SockAddr> = HashMap::pinned(capacity::ENROLLED, 0);
+
+#[map(name = "SV_DELIVERING")]
+pub static DELIVERING: HashMap<DeliveryKey, u32> = HashMap::pinned(capacity::DELIVERING, 0);
 
 #[map(name = "SV_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_LEN, 0);

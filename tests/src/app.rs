@@ -28,6 +28,10 @@ pub enum Client {
 pub struct Transfer {
     pub local: Option<SocketAddr>,
     pub peer: Option<SocketAddr>,
+    /// Where the client's socket is really connected (the kernel's table): the agent's
+    /// 127.0.0.1:15001 when captured.
+    #[serde(default)]
+    pub wire_peer: Option<SocketAddr>,
     pub sent: usize,
     pub received: usize,
     pub sent_sha256: String,
@@ -37,6 +41,11 @@ pub struct Transfer {
 }
 
 impl Transfer {
+    /// As [`Ask::captured`].
+    pub fn captured(&self) -> bool {
+        is_capture_listener(self.wire_peer)
+    }
+
     /// Every byte came back, in order.
     pub fn is_exact(&self) -> bool {
         self.sent == self.received
@@ -51,6 +60,9 @@ impl Transfer {
 pub struct Ask {
     pub local: Option<SocketAddr>,
     pub peer: Option<SocketAddr>,
+    /// As [`Transfer::wire_peer`].
+    #[serde(default)]
+    pub wire_peer: Option<SocketAddr>,
     pub server: Option<ServerView>,
 }
 
@@ -58,9 +70,23 @@ pub struct Ask {
 pub struct ServerView {
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// The connection's other end is a socket in the server's own pod: the agent delivered
+    /// it there (the app sees the client's address all the same).
+    #[serde(default)]
+    pub peer_in_pod: bool,
+}
+
+/// The agent's outbound listener, where a captured connect really goes.
+pub fn is_capture_listener(a: Option<SocketAddr>) -> bool {
+    a.is_some_and(|a| a.ip().to_canonical().is_loopback() && a.port() == 15001)
 }
 
 impl Ask {
+    /// The app's connect went to its agent (the kernel's view, whatever `getpeername` says).
+    pub fn captured(&self) -> bool {
+        is_capture_listener(self.wire_peer)
+    }
+
     pub fn server(&self) -> &ServerView {
         self.server.as_ref().unwrap_or_else(|| panic!("server sent no report: {self:?}"))
     }

@@ -1,16 +1,16 @@
 //! Outbound and inbound capture, on one node and across two, and what must stay untouched.
 //!
-//! Proof of capture, per testing.md: the app dialled a remote address but its socket is
-//! connected to the agent over loopback (`local` is 127.0.0.1) while `getpeername` still
-//! shows what it dialled; the server sees the agent's delivery address 127.0.0.6 as its
-//! peer instead of the client; and the agents' counters and access logs record it. Between
+//! Proof of capture, per testing.md: the app dialled a remote address but the kernel's
+//! table shows its socket connected to the agent's 127.0.0.1:15001, while `getpeername`
+//! still shows what it dialled and `getsockname` its pod's own address; the server sees
+//! the client's own address and port, from a socket inside its pod (the agent's
+//! delivery); and the agents' counters and access logs record it. Between
 //! meshed pods the legs are joined by an mTLS (HBONE) tunnel, and the destination's agent
 //! logs the client's verified SPIFFE ID.
 
 use selvedge_tests::{AgentOptions, Lab};
 
 const PORT: u16 = 8080;
-const AGENT_DELIVERY: &str = "127.0.0.6";
 
 fn two_nodes(name: &str) -> Lab {
     let mut lab = Lab::new(name);
@@ -30,10 +30,13 @@ fn outbound_and_inbound_capture_on_one_node() {
     let before = lab.agent("n1").status();
 
     let r = lab.ask("a", b).expect("a reaches b through the agent");
-    assert_eq!(r.local.unwrap().ip().to_string(), "127.0.0.1", "a's socket is connected to the agent: {r:?}");
+    assert!(r.captured(), "a's socket is connected to the agent: {r:?}");
+    // And a cannot tell: its own address is its pod's, and b sees that exact address.
+    assert_eq!(r.local.unwrap().ip(), lab.get("a").ip, "getsockname gives a its pod's address");
+    assert_eq!(Some(r.server().peer), r.local, "b sees a's own address and port, not the agent's");
     assert_eq!(r.peer, Some(b), "getpeername gives a back the address it dialled");
     assert_eq!(r.server().local, b, "the server sees the original destination as its local address");
-    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY, "inbound went through b's agent");
+    assert!(r.server().peer_in_pod, "inbound went through b's agent");
 
     let after = lab.agent("n1").fresh_status();
     assert!(after.stat("captured") > before.stat("captured"), "connect4 counted the capture");
@@ -59,9 +62,10 @@ fn capture_across_two_nodes() {
     let a = lab.get("a").ip;
 
     let r = lab.ask("a", d).expect("a reaches d on the other node");
-    assert_eq!(r.local.unwrap().ip().to_string(), "127.0.0.1", "{r:?}");
+    assert!(r.captured(), "{r:?}");
     assert_eq!(r.peer, Some(d));
-    assert_eq!(r.server().peer.ip().to_string(), AGENT_DELIVERY, "d's agent delivered it");
+    assert_eq!(Some(r.server().peer), r.local, "d sees a's own address and port across nodes (HBONE's forwarded)");
+    assert!(r.server().peer_in_pod, "d's agent delivered it");
 
     lab.agent("n1").wait_access("outbound leg to d", |e| e["direction"] == "outbound" && e["dst"] == d.to_string());
     let from_a = format!("{a}:");
@@ -85,6 +89,7 @@ fn unenrolled_pods_and_host_processes_are_untouched() {
     // An unenrolled pod talking to an unenrolled pod: plain networking end to end.
     let r = lab.ask("c", e).expect("c reaches e");
     assert_eq!(r.local.unwrap().ip(), c, "c's connect was not redirected");
+    assert!(!r.captured(), "{r:?}");
     assert_eq!(r.server().peer.ip(), c, "e saw c itself");
 
     // A host process that enters an enrolled pod's netns is not the pod: not captured.
@@ -103,12 +108,13 @@ fn enrollment_follows_config_changes_live() {
     lab.set_pod("c", true, false);
     lab.write_configs();
     let r = lab.ask("c", e).expect("c reaches e once enrolled");
-    assert_eq!(r.local.unwrap().ip().to_string(), "127.0.0.1", "c is captured after the config change: {r:?}");
+    assert!(r.captured(), "c is captured after the config change: {r:?}");
     assert!(lab.agent("n1").status().enrolled.contains(&"c".to_string()));
 
     lab.set_pod("c", false, false);
     lab.write_configs();
     let r = lab.ask("c", e).expect("c reaches e once unenrolled");
     assert_eq!(r.local.unwrap().ip(), c, "c is no longer captured: {r:?}");
+    assert!(!r.captured(), "{r:?}");
     assert_eq!(r.server().peer.ip(), c);
 }

@@ -87,9 +87,7 @@ fn agents_holding_only_the_root_certificate_mesh_through_the_cluster_ca() {
         |e: &serde_json::Value| e["pod"] == "db" && e["src_identity"] == "spiffe://cluster.local/ns/shop/sa/web";
     wait_for(20, "a connection from web to db under mTLS", || {
         let r = c.lab.ask("web", db).ok()?;
-        (r.server.as_ref()?.peer.ip().to_string() == "127.0.0.6"
-            && c.lab.agent_ref("n2").access_log().iter().any(from_web))
-        .then_some(())
+        (r.server.as_ref()?.peer_in_pod && c.lab.agent_ref("n2").access_log().iter().any(from_web)).then_some(())
     });
     let said = said(&log);
     for (identity, node) in

@@ -69,7 +69,7 @@ fn policy_applies_with_the_sources_identity_and_bytes_arrive_exactly() {
     for client in [Client::Blocking, Client::EventLoop] {
         let t = lab.transfer_with(client, "a", b_echo, bytes).expect("a -> b echo");
         assert!(t.is_exact(), "{client:?}: {t:?}");
-        assert_eq!(t.local.unwrap().ip().to_string(), "127.0.0.1", "captured by the agent");
+        assert!(t.captured(), "captured by the agent: {t:?}");
     }
     // Both legs logged and counted, as same_node, each with both identities.
     let n1 = lab.agent("n1");
@@ -124,7 +124,7 @@ fn strict_admits_the_handoff_and_still_drops_plaintext_from_the_same_node() {
     // Not a plaintext hole: the unmeshed neighbour's SYN is dropped by b's sk_lookup.
     lab.ask("c", b).expect_err("plaintext from an unmeshed pod on the same node is dropped");
     let r = lab.ask("a", b).expect("a meshed neighbour is handed over");
-    assert_eq!(r.server().peer.ip().to_string(), "127.0.0.6", "delivered by the agent inside b");
+    assert!(r.server().peer_in_pod, "delivered by the agent inside b");
     lab.agent("n1").wait_access("the handoff, as same_node", |e| {
         e["direction"] == "inbound" && e["pod"] == "b" && e["security"] == "same_node" && e["result"] == "ok"
     });

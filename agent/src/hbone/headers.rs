@@ -77,6 +77,15 @@ impl ConnectInfo {
     }
 }
 
+/// `for` of the first `forwarded` element, when it is an address with a port.
+pub fn forwarded_for(headers: &HeaderMap) -> Option<SocketAddr> {
+    let value = headers.get(FORWARDED)?.to_str().ok()?;
+    value.split(',').next()?.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        k.trim().eq_ignore_ascii_case("for").then(|| v.trim().trim_matches('"').parse().ok()).flatten()
+    })
+}
+
 /// `host` of the first `forwarded` element.
 fn forwarded_host(value: &str) -> Option<String> {
     let first = value.split(',').next()?;
@@ -144,6 +153,7 @@ mod tests {
         headers.insert(FORWARDED, h.forwarded.clone());
         headers.insert(BAGGAGE, h.baggage.clone());
         headers.insert(TRACEPARENT, traceparent());
+        assert_eq!(forwarded_for(&headers), Some("198.18.1.10:40123".parse().unwrap()));
         let info = ConnectInfo::read(&headers);
         assert_eq!(info.host.as_deref(), Some("db.shop.svc.cluster.local"));
         let source = info.source.unwrap();

@@ -33,8 +33,13 @@ pub trait Upstream: Send + Sync + 'static {
     fn authorize(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Result<Self::Watch, String>;
     /// Cancelled when the connection must be closed (e.g. a policy now denies it).
     fn cancelled(watch: &Self::Watch) -> &Cancel;
-    /// Connect to the app at `target` inside this pod.
-    fn connect(&self, target: SocketAddr) -> impl std::future::Future<Output = Result<TcpStream, String>> + Send;
+    /// Connect to the app at `target` inside this pod, for the client at `client` (its
+    /// pod's address, and its own port when its CONNECT said it; else 0).
+    fn connect(
+        &self,
+        target: SocketAddr,
+        client: SocketAddr,
+    ) -> impl std::future::Future<Output = Result<TcpStream, String>> + Send;
     /// A served stream while it is open (from its 200 on): counted as opened, listed, and
     /// counting its bytes as they move. Held by every open stream, so small: what the
     /// stream's record needs at the end and the task has anyway is passed back then.
@@ -327,7 +332,11 @@ async fn open_stream<U: Upstream>(
             return None;
         }
     };
-    let app = match up.connect(target).await {
+    // The client's pod is the HBONE connection's peer (its agent, or ztunnel, dials from
+    // inside it); its port, what its `forwarded` says when that names the same address.
+    let forwarded = super::headers::forwarded_for(req.headers()).filter(|f| f.ip() == peer.ip());
+    let client = SocketAddr::new(peer.ip(), forwarded.map_or(0, |f| f.port()));
+    let app = match up.connect(target, client).await {
         Ok(s) => s,
         Err(reason) => {
             let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);

@@ -83,7 +83,7 @@ impl Upstream for Recorder {
         watch
     }
 
-    async fn connect(&self, target: SocketAddr) -> Result<TcpStream, String> {
+    async fn connect(&self, target: SocketAddr, _: SocketAddr) -> Result<TcpStream, String> {
         let echo = self.echo.lock().ok_or("no app")?;
         // The target's IP is this listener's (checked by the server); the app is the echo.
         assert_eq!(target.ip(), echo.ip());

@@ -20,9 +20,70 @@ use crate::{
     publish::metrics::ByteCount,
 };
 
-/// Connect to the pod's app at `app`, from the delivery source (`inpod::Use::Deliver`).
-pub async fn deliver(pod: &PodContext, app: SocketAddr, timeout: Duration) -> Result<tokio::net::TcpStream, String> {
+/// Connect to the pod's app at `app` as the client at `from` would have: from its own
+/// address (transparent delivery: `inpod::route`), so the app sees who is calling, as it
+/// would behind ztunnel or without a mesh. Where that cannot be done (the pod's routing was
+/// not set up, families differ, the kernel map is full) it delivers from 127.0.0.6. Port 0
+/// in `from`: any port but `avoid` (the client's own, when its connection ends in this
+/// namespace: the agent's accepted socket holds that 4-tuple, reversed).
+pub async fn deliver(
+    pod: &PodContext,
+    app: SocketAddr,
+    from: SocketAddr,
+    avoid: u16,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, String> {
+    let from = addr::canonical(from);
+    if pod.netns.transparent() && from.is_ipv4() == app.is_ipv4() && !from.ip().is_loopback() {
+        match deliver_as(pod, app, from, avoid, timeout).await {
+            Ok(s) => return Ok(s),
+            Err(Some(e)) => return Err(e),
+            Err(None) => {} // could not be set up: the plain delivery below
+        }
+    }
     connect_in_pod(pod, Use::Deliver, app, timeout).await
+}
+
+/// A transparent delivery: Err(None) when it could not be set up (nothing was sent).
+async fn deliver_as(
+    pod: &PodContext,
+    app: SocketAddr,
+    from: SocketAddr,
+    avoid: u16,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, Option<String>> {
+    let (sock, bound) = pod
+        .netns
+        .transparent_socket(from)
+        .await
+        .map_err(|e| tracing::debug!(pod = %pod.name, "delivery from {from} not possible: {e}"))
+        .map_err(|()| None)?;
+    if avoid != 0 && bound.port() == avoid {
+        return Err(None); // one in tens of thousands: the plain delivery instead
+    }
+    let key =
+        selvedge_common::DeliveryKey { slot: pod.slot, local_port: app.port(), _pad: 0, remote: addr::to_abi(bound) };
+    pod.flows
+        .begin_delivery(&key)
+        .map_err(|e| tracing::warn!(pod = %pod.name, "delivery from {from}: {e}"))
+        .map_err(|()| None)?;
+    let connected = tokio::time::timeout(timeout, sock.connect(app)).await;
+    // The handshake is over either way: later packets of the connection never consult
+    // `sk_lookup`.
+    pod.flows.end_delivery(&key);
+    match connected {
+        Ok(Ok(s)) => {
+            crate::sys::arm_reset(&s).map(|()| s).map_err(|e| Some(format!("connect {app}: arm SO_LINGER: {e}")))
+        }
+        // The 4-tuple is taken (an earlier delivery's TIME_WAIT): no SYN left, so the
+        // plain delivery can still be made.
+        Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE)) => {
+            tracing::debug!(pod = %pod.name, "delivery from {bound}: {e}");
+            Err(None)
+        }
+        Ok(Err(e)) => Err(Some(format!("connect {app} from {bound}: {e}"))),
+        Err(_) => Err(Some(format!("connect {app} from {bound}: timed out after {}s", timeout.as_secs()))),
+    }
 }
 
 /// Serve one inbound listener until the task is aborted.
@@ -52,7 +113,9 @@ async fn handle(
     let Some((mut flow, local, watch)) = decide(&stream, peer, &pod, &mesh) else {
         return reset(stream);
     };
-    match deliver(&pod, local, timeout).await {
+    // Not from the client's own port: its connection to this very address ends here, in
+    // this namespace (the agent's accepted socket holds that 4-tuple).
+    match deliver(&pod, local, SocketAddr::new(peer.ip(), 0), peer.port(), timeout).await {
         Ok(app) => relay(&mut flow, stream, app, Mover::Splice, watch.as_ref().map(|w| &*w.cancel)).await,
         Err(reason) => {
             flow.refused(Refusal::UpstreamUnreachable, &reason);
@@ -167,8 +230,8 @@ impl crate::hbone::server::Upstream for HboneUpstream {
         self.conns.open()
     }
 
-    async fn connect(&self, target: SocketAddr) -> Result<tokio::net::TcpStream, String> {
-        deliver(&self.pod, target, self.timeout).await
+    async fn connect(&self, target: SocketAddr, client: SocketAddr) -> Result<tokio::net::TcpStream, String> {
+        deliver(&self.pod, target, client, 0, self.timeout).await
     }
 
     fn authorize(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr) -> Result<Self::Watch, String> {

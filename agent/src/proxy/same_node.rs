@@ -53,7 +53,7 @@ pub async fn handoff(
         Ok(watch) => watch,
         Err(decision) => return refuse(Refusal::Policy, &decision.reason(), stream),
     };
-    let app = match Box::pin(inbound::deliver(&dst_pod, dst, timeout)).await {
+    let app = match Box::pin(inbound::deliver(&dst_pod, dst, SocketAddr::new(src_ip, peer.port()), 0, timeout)).await {
         Ok(app) => app,
         Err(reason) => return refuse(Refusal::UpstreamUnreachable, &reason, stream),
     };

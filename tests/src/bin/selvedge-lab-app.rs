@@ -2,7 +2,9 @@
 //! saw as one JSON line, so tests assert on bytes and addresses, not on logs.
 //!
 //! * `echo PORT`    — echo every byte back; on the client's EOF, finish and shut down.
-//! * `whoami PORT`  — send `{"peer":..,"local":..}` as seen by the server, then close.
+//! * `whoami PORT`  — send `{"peer":..,"local":..,"peer_in_pod":..}` as seen by the server,
+//!   then close; `peer_in_pod`: the client's end is a socket in the server's own netns
+//!   (the agent delivering inside the pod), not a connection from outside.
 //! * `send ADDR N`  — connect, write N deterministic bytes while reading the echo
 //!   concurrently, half-close, read to EOF; print sizes, hashes and socket addresses.
 //!   A blocking client: one thread writes, one reads.
@@ -123,10 +125,70 @@ fn echo(mut s: TcpStream) {
 }
 
 fn whoami(mut s: TcpStream) {
-    let line = json!({"peer": s.peer_addr().ok(), "local": s.local_addr().ok()}).to_string() + "\n";
+    let (peer, local) = (s.peer_addr().ok(), s.local_addr().ok());
+    let in_pod = peer.zip(local).is_some_and(|(p, l)| socket_here(p, l));
+    let line = json!({"peer": peer, "local": local, "peer_in_pod": in_pod}).to_string() + "\n";
     let _ = s.write_all(line.as_bytes());
     let _ = s.shutdown(Shutdown::Write);
     let _ = s.read(&mut [0u8; 1]);
+}
+
+/// Where this socket is really connected, as the kernel's table has it (`getpeername` and
+/// `getsockname` answers can be rewritten by the mesh's hooks; /proc/net/tcp is not): the
+/// lab's proof that a connect was captured (to the agent's 127.0.0.1:15001) or not.
+fn wire_peer(s: &TcpStream) -> Option<SocketAddr> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstat on a live descriptor into a zeroed stat.
+    let inode = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        (libc::fstat(s.as_raw_fd(), &mut st) == 0).then_some(st.st_ino)?
+    };
+    tcp_table().into_iter().find(|(_, _, i)| *i == inode).map(|(_, remote, _)| remote)
+}
+
+/// Every TCP socket of this network namespace: (local, remote, inode), IPv4-mapped
+/// addresses as IPv4.
+fn tcp_table() -> Vec<(SocketAddr, SocketAddr, u64)> {
+    let parse = |field: &str| -> Option<SocketAddr> {
+        let (ip, port) = field.split_once(':')?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        let ip: std::net::IpAddr = match ip.len() {
+            8 => std::net::Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_ne_bytes()).into(),
+            32 => {
+                let mut bytes = [0u8; 16];
+                for (i, word) in bytes.chunks_mut(4).enumerate() {
+                    word.copy_from_slice(&u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok()?.to_ne_bytes());
+                }
+                std::net::Ipv6Addr::from(bytes).to_canonical()
+            }
+            _ => return None,
+        };
+        Some(SocketAddr::new(ip, port))
+    };
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"].iter().filter_map(|f| std::fs::read_to_string(f).ok()) {
+        for line in table.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if let (Some(l), Some(r), Some(inode)) = (
+                f.get(1).and_then(|x| parse(x)),
+                f.get(2).and_then(|x| parse(x)),
+                f.get(9).and_then(|x| x.parse().ok()),
+            ) {
+                out.push((l, r, inode));
+            }
+        }
+    }
+    out
+}
+
+/// Is there a TCP socket in this network namespace bound to `local` and connected to
+/// `remote` (the other end of one of ours)? Read from /proc/net/tcp{,6}, which show this
+/// process's namespace. How the lab tells a connection the agent made inside the pod
+/// (from the client's address, or 127.0.0.6) from one that came in from outside.
+fn socket_here(local: SocketAddr, remote: SocketAddr) -> bool {
+    let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let (local, remote) = (canon(local), canon(remote));
+    tcp_table().iter().any(|(l, r, _)| *l == local && *r == remote)
 }
 
 fn fail(msg: &str) -> ! {
@@ -204,7 +266,7 @@ use selvedge_tests::app::payload;
 fn send(to: SocketAddr, n: usize) {
     let s = connect(to);
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    let (local, peer) = (s.local_addr().ok(), s.peer_addr().ok());
+    let (local, peer, wire) = (s.local_addr().ok(), s.peer_addr().ok(), wire_peer(&s));
     let data = payload(n);
     let sent_sha = hex(&Sha256::digest(&data));
     let mut w = s.try_clone().unwrap_or_else(|e| fail(&format!("clone: {e}")));
@@ -221,7 +283,7 @@ fn send(to: SocketAddr, n: usize) {
     println!(
         "{}",
         json!({
-            "local": local, "peer": peer, "sent": n, "received": got.len(),
+            "local": local, "peer": peer, "wire_peer": wire, "sent": n, "received": got.len(),
             "sent_sha256": sent_sha, "received_sha256": hex(&Sha256::digest(&got)),
             "write_error": wrote.err(), "read_error": read.err(),
         })
@@ -241,7 +303,7 @@ fn send_poll(to: SocketAddr, n: usize, mut pause: Option<(usize, Duration)>) {
             Err(e) => fail(&format!("first write: {e}")),
         }
     }
-    let (local, peer) = (s.local_addr().ok(), s.peer_addr().ok());
+    let (local, peer, wire) = (s.local_addr().ok(), s.peer_addr().ok(), wire_peer(&s));
     s.set_nonblocking(true).unwrap_or_else(|e| fail(&format!("nonblocking: {e}")));
     let (mut got, mut shut) = (Vec::with_capacity(n), false);
     let (mut write_error, mut read_error) = (None, None);
@@ -299,7 +361,7 @@ fn send_poll(to: SocketAddr, n: usize, mut pause: Option<(usize, Duration)>) {
     println!(
         "{}",
         json!({
-            "local": local, "peer": peer, "sent": off, "received": got.len(),
+            "local": local, "peer": peer, "wire_peer": wire, "sent": off, "received": got.len(),
             "sent_sha256": hex(&Sha256::digest(&data)), "received_sha256": hex(&Sha256::digest(&got)),
             "write_error": write_error, "read_error": read_error,
         })
@@ -309,13 +371,13 @@ fn send_poll(to: SocketAddr, n: usize, mut pause: Option<(usize, Duration)>) {
 fn ask(to: SocketAddr) {
     let mut s = connect(to);
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let (local, peer) = (s.local_addr().ok(), s.peer_addr().ok());
+    let (local, peer, wire) = (s.local_addr().ok(), s.peer_addr().ok(), wire_peer(&s));
     let mut text = String::new();
     let read = s.read_to_string(&mut text);
     let server: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or(serde_json::Value::Null);
     println!(
         "{}",
-        json!({"local": local, "peer": peer, "server": server, "read_error": read.err().map(|e| e.to_string())})
+        json!({"local": local, "peer": peer, "wire_peer": wire, "server": server, "read_error": read.err().map(|e| e.to_string())})
     );
 }
 
