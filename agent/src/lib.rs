@@ -68,6 +68,7 @@
 //! * `agent/src/datapath/batch.rs` — batched map lookups and deletes
 //! * `agent/src/datapath/logs.rs` — kernel log records into the agent's logs
 //! * `agent/src/inpod.rs` — one thread per pod netns that makes the agent's sockets there
+//! * `agent/src/inpod/route.rs` — transparent delivery inside a pod: the fwmark rule, its local table, tcp_fwmark_accept (netlink, no iptables)
 //! * `agent/src/limits.rs` — connection and handshake shares of the descriptors
 //! * `agent/src/accept.rs` — the one accept step every listener uses
 //! * `agent/src/cancel.rs` — a connection's one-shot "stop now"
