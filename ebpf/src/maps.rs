@@ -7,8 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
 use selvedge_common::{
-    capacity, DeliveryKey, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, Stat, VerdictKey, SETTINGS_LEN,
-    STATS_LEN,
+    capacity, DeliveryKey, OrigDstKey, PairKey, PodInfo, Setting, SockAddr, Stat, VerdictKey, SETTINGS_LEN, STATS_LEN,
 };
 
 #[map(name = "SV_ENROLLED")]
