@@ -105,6 +105,7 @@
 //! * `xtask/src/tasks.rs` — build, test, demo, bench, load
 //! * `xtask/src/ebpf.rs` — building the eBPF object
 //! * `xtask/src/lab.rs` — the Vagrant lab's commands
+//! * `xtask/src/interop.rs` — `cargo xtask interop`: build Istio's ztunnel from a checkout, run the interop checks
 //! * `xtask/src/cmd.rs` — running commands
 //! * `tests/src/lib.rs` — the netns lab harness
 //! * `tests/src/lab.rs` — nodes, pods, fabric, cleanup
@@ -123,6 +124,7 @@
 //! * `tests/src/apiserver/resources.rs` — the resources it serves
 //! * `tests/src/bin/selvedge-lab-app.rs` — the lab's test app
 //! * `tests/src/bin/selvedge-lab.rs` — the demo's lab
+//! * `tests/src/bin/selvedge-interop.rs` — Selvedge against ztunnel in the lab: PASS/FAIL per check
 //! * `tests/src/bin/selvedge-bench/main.rs` — `cargo xtask bench`
 //! * `tests/src/bin/selvedge-bench/rounds.rs` — the bench's mirrored rounds
 

@@ -5,10 +5,12 @@
 //! * `ebpf.rs`  — pick the eBPF build route and build the object;
 //! * `tasks.rs` — build, test (the CI command), demo, load;
 //! * `lab.rs`   — the Vagrant k3s lab (`lab up|test|down|ssh`);
+//! * `interop.rs` — build Istio's ztunnel from a checkout and run `selvedge-interop` against it;
 //! * `cmd.rs`   — running commands with clear failures.
 
 mod cmd;
 mod ebpf;
+mod interop;
 mod lab;
 mod setup;
 mod tasks;
@@ -88,6 +90,14 @@ enum Task {
         #[arg(last = true)]
         run_args: Vec<String>,
     },
+    /// Selvedge against Istio's ztunnel built from a source checkout (both directions,
+    /// policy both ways, metrics, the client's address): PASS/FAIL per check. Not part of
+    /// `test` (it needs the ztunnel source). Root.
+    Interop {
+        /// A ztunnel source checkout (github.com/istio/ztunnel); built here if needed.
+        #[arg(long)]
+        ztunnel: PathBuf,
+    },
     /// The Vagrant lab: a k3s cluster running the DaemonSet (vagrant/README.md).
     Lab {
         #[command(subcommand)]
@@ -115,6 +125,7 @@ fn run() -> anyhow::Result<()> {
             tasks::bench(&root, quick, idle_only, agent_threads, rounds)
         }
         Task::Load { config, node, uninstall, run_args } => tasks::load(&root, &config, node, uninstall, &run_args),
+        Task::Interop { ztunnel } => interop::run(&root, &ztunnel),
         Task::Lab { cmd } => lab::run(&root, cmd),
     }
 }
