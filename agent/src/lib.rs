@@ -24,6 +24,7 @@
 //! * `agent/src/publish/metrics.rs` — Prometheus metrics (Istio's names and labels, `selvedge_*`)
 //! * `agent/src/publish/metrics/live.rs` — the open connections for `/connections`
 //! * `agent/src/publish/inspect.rs` — the inspection CLI (`selvedge status`, `workloads`, …)
+//! * `agent/src/publish/inspect/views.rs` — the views that combine what the agent publishes: mesh-wide workloads, certificate states, connections as apps see them, links by pod (pure)
 //! * `agent/src/ca_service.rs` — `selvedge ca serve`: the cluster CA (the Istio CA API), authenticating callers by token
 //! * `agent/src/ca_service/authorize.rs` — who may obtain which certificate: a node agent only its node's pods' identities (pure)
 //! * `agent/src/ca_service/metrics.rs` — the CA service's counters (issued, refusals by status) on `/metrics`, and `/healthz/ready`

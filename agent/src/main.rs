@@ -53,18 +53,48 @@ enum Command {
     Ca(CaCommand),
     /// The agent at a glance: readiness, enrolled and failed workloads, kernel counters.
     Status(InspectArgs),
-    /// Enrolled workloads (and those that failed, with the reason).
-    Workloads(InspectArgs),
+    /// Every workload the agent knows, on every node (its directory): namespace, name,
+    /// owning workload, node, IPs, protocol, identity; HERE says which are this node's
+    /// (enrolled, or why not). The protocol is HBONE for all: the directory holds meshed
+    /// workloads only.
+    Workloads(WorkloadsArgs),
     /// Services: VIPs and their endpoints.
     Services(InspectArgs),
     /// Policies and the workloads they select.
     Policies(InspectArgs),
-    /// Workload certificates: identity, expiry, last renewal error.
+    /// Workload certificates (identity, serial, validity in UTC, state: valid, expiring —
+    /// in the last quarter of its life —, expired or missing; last renewal error) and the
+    /// trust bundle's roots.
     Certs(InspectArgs),
-    /// Open proxied connections.
+    /// Open proxied connections: direction, pod, source, destination, security, identities,
+    /// age. An outbound source is shown as its app sees it (the pod's IP, the app's port);
+    /// an inbound HBONE source has the tunnel's port.
     Connections(InspectArgs),
-    /// eBPF state from the kernel: pinned links, maps with entry counts.
+    /// eBPF state from the kernel: pinned links (each pod's named), maps with entry counts.
     Bpf(InspectArgs),
+    /// Show the running agent's log filter, or set it (e.g. `debug`, `warn,selvedge=debug`).
+    Log(LogArgs),
+    /// This command's version and commit, and the running agent's (fails when no agent
+    /// answers).
+    Version(InspectArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct WorkloadsArgs {
+    /// Only the workloads on this node.
+    #[arg(long)]
+    node: Option<String>,
+    #[command(flatten)]
+    inspect: InspectArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct LogArgs {
+    /// The new filter: a level (off, error, warn, info, debug, trace) or comma-separated
+    /// TARGET=LEVEL directives. Without it, the filter in force is shown.
+    level: Option<String>,
+    #[command(flatten)]
+    inspect: InspectArgs,
 }
 
 /// The inspection commands read the running agent's admin API.
@@ -339,9 +369,12 @@ fn init_tracing(format: LogFormat) -> selvedge::publish::admin::SetLogLevel {
             .with(fmt::layer().json().flatten_event(true).with_writer(selvedge::proxy::accesslog::writer))
             .init(),
     }
-    Box::new(move |level: &str| {
-        let f = EnvFilter::try_new(level).map_err(|e| format!("bad log filter {level:?}: {e}"))?;
-        handle.reload(f).map_err(|e| e.to_string())
+    Box::new(move |level: Option<&str>| {
+        if let Some(level) = level {
+            let f = EnvFilter::try_new(level).map_err(|e| format!("bad log filter {level:?}: {e}"))?;
+            handle.reload(f).map_err(|e| e.to_string())?;
+        }
+        handle.with_current(ToString::to_string).map_err(|e| e.to_string())
     })
 }
 
@@ -351,14 +384,25 @@ fn colour_logs(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> 
     stderr_is_terminal && no_color.is_none_or(std::ffi::OsStr::is_empty)
 }
 
-fn inspect(view: selvedge::publish::inspect::View, args: &InspectArgs) -> anyhow::Result<()> {
-    use selvedge::publish::inspect::{show, Output};
-    let output = match args.output {
+fn output(args: &InspectArgs) -> selvedge::publish::inspect::Output {
+    use selvedge::publish::inspect::Output;
+    match args.output {
         OutputFormat::Table => Output::Table,
         OutputFormat::Json => Output::Json,
         OutputFormat::Yaml => Output::Yaml,
-    };
-    print!("{}", show(args.admin, view, output)?);
+    }
+}
+
+fn inspect(view: selvedge::publish::inspect::View, args: &InspectArgs) -> anyhow::Result<()> {
+    inspect_filtered(view, args, &selvedge::publish::inspect::Filter::default())
+}
+
+fn inspect_filtered(
+    view: selvedge::publish::inspect::View,
+    args: &InspectArgs,
+    filter: &selvedge::publish::inspect::Filter,
+) -> anyhow::Result<()> {
+    print!("{}", selvedge::publish::inspect::show(args.admin, view, output(args), filter)?);
     Ok(())
 }
 
@@ -385,12 +429,30 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Ca(CaCommand::Serve(args)) => ca_serve(*args),
         Command::Status(a) => inspect(selvedge::publish::inspect::View::Status, &a),
-        Command::Workloads(a) => inspect(selvedge::publish::inspect::View::Workloads, &a),
+        Command::Workloads(a) => {
+            let filter = selvedge::publish::inspect::Filter { node: a.node };
+            inspect_filtered(selvedge::publish::inspect::View::Workloads, &a.inspect, &filter)
+        }
         Command::Services(a) => inspect(selvedge::publish::inspect::View::Services, &a),
         Command::Policies(a) => inspect(selvedge::publish::inspect::View::Policies, &a),
         Command::Certs(a) => inspect(selvedge::publish::inspect::View::Certs, &a),
         Command::Connections(a) => inspect(selvedge::publish::inspect::View::Connections, &a),
         Command::Bpf(a) => inspect(selvedge::publish::inspect::View::Bpf, &a),
+        Command::Log(a) => {
+            print!(
+                "{}",
+                selvedge::publish::inspect::log_level(a.inspect.admin, a.level.as_deref(), output(&a.inspect))?
+            );
+            Ok(())
+        }
+        Command::Version(a) => {
+            let (text, answered) = selvedge::publish::inspect::version(a.admin, output(&a));
+            print!("{text}");
+            if !answered {
+                std::process::exit(1); // the text says why
+            }
+            Ok(())
+        }
         Command::Uninstall { pin_dir } => {
             let done = datapath::uninstall(&pin_dir).with_context(|| format!("uninstall {}", pin_dir.display()))?;
             println!("removed {} pins under {}", done.removed, pin_dir.display());

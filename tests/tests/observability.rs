@@ -176,19 +176,29 @@ fn every_inspection_command_works_against_a_running_agent() {
     lab.serve("d", "echo", PORT);
     let d = lab.get("d").addr(PORT);
     // Keep a connection open while `connections` looks.
-    std::thread::scope(|s| {
+    let listed = std::thread::scope(|s| {
         let lab = &lab;
         let slow = s.spawn(move || lab.transfer_with(Client::EventLoopSplit(3000), "a", d, 64 * 1024));
         std::thread::sleep(std::time::Duration::from_millis(1000));
+        let (ok, table) = lab.selvedge_on("n1", &["connections"]);
+        assert!(ok && table.contains("AGE") && table.contains("lab/a"), "{table}");
         let (ok, out) = lab.selvedge_on("n1", &["connections", "-o", "json"]);
         assert!(ok, "{out}");
         let conns: serde_json::Value = serde_json::from_str(&out).expect("json");
-        assert!(
-            conns.as_array().is_some_and(|c| c.iter().any(|x| x["pod"] == "a" && x["security"] == "mutual_tls")),
-            "{out}"
-        );
-        assert!(slow.join().unwrap().expect("slow transfer").is_exact());
+        let transfer = slow.join().unwrap().expect("slow transfer");
+        assert!(transfer.is_exact());
+        (conns, transfer.local.expect("the app's own address"))
     });
+    // The outbound connection's source is what the app's socket says it is (its pod's
+    // address and port), not the loopback address capture gave it.
+    let (conns, app_local) = listed;
+    let ours = conns.as_array().and_then(|c| c.iter().find(|x| x["direction"] == "outbound")).cloned();
+    let ours = ours.unwrap_or_else(|| panic!("no outbound connection listed: {conns}"));
+    assert_eq!((ours["namespace"].as_str(), ours["pod"].as_str()), (Some("lab"), Some("a")), "{ours}");
+    assert_eq!(ours["security"], "mutual_tls", "{ours}");
+    assert_eq!(ours["src"], app_local.to_string(), "{ours}");
+    assert_eq!(ours["dst"], d.to_string(), "{ours}");
+    assert!(ours["age"].as_str().is_some_and(|a| a.ends_with('s')), "{ours}");
     for (cmd, needle) in [
         ("status", "enrolled_workloads"),
         ("workloads", "spiffe://cluster.local/ns/lab/sa/a"),
@@ -197,6 +207,8 @@ fn every_inspection_command_works_against_a_running_agent() {
         ("certs", "spiffe://cluster.local/ns/lab/sa/a"),
         ("connections", "DIRECTION"),
         ("bpf", "capture_connect4"),
+        ("log", "log level: "),
+        ("version", "agent"),
     ] {
         let (ok, table) = lab.selvedge_on("n1", &[cmd]);
         assert!(ok && table.contains(needle), "selvedge {cmd}:\n{table}");
@@ -210,19 +222,80 @@ fn every_inspection_command_works_against_a_running_agent() {
             assert!(parsed.is_ok(), "selvedge {cmd} -o {format} is not {format}: {out}");
         }
     }
-    let (ok, bpf) = lab.selvedge_on("n1", &["bpf", "-o", "json"]);
-    let bpf: serde_json::Value = serde_json::from_str(&bpf).unwrap_or_default();
-    assert!(
-        ok && bpf["maps"].as_array().is_some_and(|m| m.iter().any(|x| x["name"] == "SV_ENROLLED" && x["entries"] == 1))
+    let json = |node: &str, args: &[&str]| -> serde_json::Value {
+        let args: Vec<&str> = args.iter().copied().chain(["-o", "json"]).collect();
+        let (ok, out) = lab.selvedge_on(node, &args);
+        assert!(ok, "selvedge {args:?}: {out}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("selvedge {args:?}: {e}: {out}"))
+    };
+
+    // Workloads: the whole directory, this node's marked; --node narrows it.
+    let all = json("n1", &["workloads"]);
+    let row = |name: &str| all.as_array().and_then(|w| w.iter().find(|x| x["name"] == name)).cloned();
+    let (a, d_row) = (row("a").expect("a listed"), row("d").expect("d (on n2) listed on n1"));
+    assert_eq!(
+        (a["node"].as_str(), a["here"].as_str(), a["protocol"].as_str()),
+        (Some("n1"), Some("enrolled"), Some("HBONE"))
     );
-    // Runtime log level.
-    let (status, _) = lab.http_on_node("n1", local(15000), "POST", "/logging?level=debug").unwrap();
-    assert_eq!(status, 200);
+    assert_eq!((d_row["node"].as_str(), d_row["here"].is_null()), (Some("n2"), true), "{d_row}");
+    assert_eq!(d_row["ips"], serde_json::json!([lab.get("d").ip.to_string()]), "{d_row}");
+    assert_eq!(
+        (a["workload"].as_str(), a["identity"].as_str()),
+        (Some("a"), Some("spiffe://cluster.local/ns/lab/sa/a"))
+    );
+    let n2 = json("n1", &["workloads", "--node", "n2"]);
+    assert!(n2.as_array().is_some_and(|w| !w.is_empty() && w.iter().all(|x| x["node"] == "n2")), "{n2}");
+
+    // Certificates: serial, RFC 3339 dates, state; the root of the trust bundle.
+    let certs = json("n1", &["certs"]);
+    let cert = &certs["certificates"][0];
+    assert_eq!(
+        (cert["identity"].as_str(), cert["state"].as_str()),
+        (Some("spiffe://cluster.local/ns/lab/sa/a"), Some("valid"))
+    );
+    assert!(cert["serial"].as_str().is_some_and(|s| s.len() >= 2), "{cert}");
+    for k in ["not_before_utc", "not_after_utc"] {
+        assert!(
+            cert[k].as_str().is_some_and(|t| t.len() == 20 && t.ends_with('Z') && t.as_bytes()[10] == b'T'),
+            "{k}: {cert}"
+        );
+    }
+    let root = &certs["trust_bundle"]["roots"][0];
+    assert!(root["subject"].as_str().is_some_and(|s| !s.is_empty()) && root["serial"].is_string(), "{certs}");
+
+    // bpf: the pod's sk_lookup link is named by its pod.
+    let bpf = json("n1", &["bpf"]);
+    assert!(bpf["maps"].as_array().is_some_and(|m| m.iter().any(|x| x["name"] == "SV_ENROLLED" && x["entries"] == 1)));
+    let pod_link = bpf["links"].as_array().and_then(|l| l.iter().find(|x| x["pod"] == "lab/a")).cloned();
+    assert!(pod_link.is_some_and(|l| l["link"].as_str().is_some_and(|n| n.starts_with("pod-"))), "{bpf}");
+    let (_, table) = lab.selvedge_on("n1", &["bpf"]);
+    assert!(table.lines().any(|l| l.starts_with("pod-") && l.contains("lab/a")), "{table}");
+
+    // Runtime log level: set, read back, a bad one refused with the reason.
+    let (ok, out) = lab.selvedge_on("n1", &["log", "warn,selvedge=debug"]);
+    // The filter as the agent holds it (its directives, most specific first).
+    let set = |l: &serde_json::Value| l.as_str().is_some_and(|l| l.contains("selvedge=debug") && l.contains("warn"));
+    assert!(ok && out.starts_with("log level: ") && set(&out.trim().into()), "{out}");
+    let now = json("n1", &["log"]);
+    assert!(set(&now["level"]), "{now}");
+    let (ok, out) = lab.selvedge_on("n1", &["log", "verbose"]);
+    assert!(!ok && out.contains("refused") && out.contains("names no level"), "{out}");
+    assert_eq!(json("n1", &["log"]), now, "a refused filter changes nothing");
     let (status, _) = lab.http_on_node("n1", local(15000), "POST", "/logging?level=%5Bbad").unwrap();
     assert_eq!(status, 400);
+    let (ok, _) = lab.selvedge_on("n1", &["log", "info"]);
+    assert!(ok);
+
+    // Version: this binary's and the agent's, the same build here.
+    let v = json("n1", &["version"]);
+    assert_eq!(v["client"], v["agent"], "{v}");
+    assert!(v["client"]["commit"].as_str().is_some_and(|c| !c.is_empty()), "{v}");
+
     // With no agent, the CLI says what is wrong.
     let (ok, out) = lab.selvedge_on("n1", &["status", "--admin", "127.0.0.1:15999"]);
     assert!(!ok && out.contains("cannot reach the admin API"), "{out}");
+    let (ok, out) = lab.selvedge_on("n1", &["version", "--admin", "127.0.0.1:15999"]);
+    assert!(!ok && out.contains("client ") && out.contains("no agent answers at 127.0.0.1:15999"), "{out}");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //!
 //! | port  | address      | paths |
 //! |-------|--------------|-------|
-//! | 15000 | 127.0.0.1    | `/config_dump`, `/connections`, `/logging?level=…`, `/quitquitquit`, `/readiness/handover` |
+//! | 15000 | 127.0.0.1    | `/config_dump`, `/connections`, `/logging[?level=…]`, `/version`, `/quitquitquit`, `/readiness/handover` |
 //! | 15020 | all          | `/metrics`, `/stats/prometheus` |
 //! | 15021 | all          | `/healthz/ready` |
 //!
@@ -38,8 +38,33 @@ pub const DEFAULT_READINESS: &str = "0.0.0.0:15021";
 /// shutdown) before serving the last document it built.
 pub const DUMP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Changes the log filter at runtime (`/logging?level=…`).
-pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+/// The log filter at runtime (`/logging`): `Some(filter)` sets it, `None` only reads it;
+/// either way it answers the filter in force after the call.
+pub type SetLogLevel = Box<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
+
+/// This build's version and commit (`/version`, `selvedge version`).
+pub fn version() -> serde_json::Value {
+    serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "commit": env!("SELVEDGE_GIT_COMMIT")})
+}
+
+/// The levels a log filter directive may name.
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Refuse a filter with a directive that names no level: the log filter would read
+/// `verbose` as "everything from the target `verbose`", and silence every other log.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    let usage = "want a level (off, error, warn, info, debug, trace) or TARGET=LEVEL directives, comma-separated";
+    if filter.trim().is_empty() {
+        return Err(format!("empty log filter: {usage}"));
+    }
+    for directive in filter.split(',').map(str::trim) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!("bad log filter {filter:?}: {directive:?} names no level; {usage}"));
+        }
+    }
+    Ok(())
+}
 
 /// What the endpoints serve, kept current by the agent.
 pub struct AdminState {
@@ -240,7 +265,34 @@ fn json(v: &serde_json::Value) -> Response<Full<Bytes>> {
 }
 
 fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
-    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=').map(percent_decode))
+}
+
+/// A query value as sent: `%XX` escapes decoded (`selvedge log` sends `selvedge%3Dtrace`),
+/// `+` a space; a malformed escape is kept as written.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex =
+            b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Have the run loop build a new `/config_dump` document, and wait for it (at most
@@ -270,19 +322,20 @@ pub fn handle(req: &Request<Incoming>, which: Endpoints, state: &AdminState) -> 
         }
         (Endpoints::Admin, &Method::GET, "/config_dump") => json(&state.snapshot.read()),
         (Endpoints::Admin, &Method::GET, "/connections") => json(&state.metrics.live_connections()),
+        (Endpoints::Admin, &Method::GET, "/version") => json(&version()),
         (Endpoints::Admin, _, "/logging") => match query(req, "level") {
-            Some(level) => match (state.set_log_level)(&level) {
-                Ok(()) => {
-                    tracing::info!(level = %level, "log level changed");
-                    reply(StatusCode::OK, "text/plain", format!("level set to {level}\n"))
+            Some(level) => match check_log_filter(&level).and_then(|()| (state.set_log_level)(Some(&level))) {
+                Ok(now) => {
+                    tracing::info!(level = %now, "log level changed");
+                    reply(StatusCode::OK, "text/plain", format!("level set to {now}\n"))
                 }
                 Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
             },
-            None => reply(
-                StatusCode::BAD_REQUEST,
-                "text/plain",
-                "usage: /logging?level=<filter, e.g. debug or selvedge=trace>\n",
-            ),
+            // No level: the filter in force (JSON, for `selvedge log`).
+            None => match (state.set_log_level)(None) {
+                Ok(now) => json(&serde_json::json!({ "level": now })),
+                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
+            },
         },
         (Endpoints::Admin, &Method::POST, "/readiness/handover") => {
             state.handover.notify_waiters();
@@ -309,7 +362,7 @@ mod tests {
             ready: AtomicBool::new(ready),
             not_ready: RwLock::new("starting".into()),
             metrics: Arc::new(Metrics::default()),
-            set_log_level: Box::new(|_| Ok(())),
+            set_log_level: Box::new(|l| Ok(l.unwrap_or("info").to_string())),
             quit: Notify::new(),
             handover: Notify::new(),
         })
@@ -322,6 +375,23 @@ mod tests {
         let mut answer = String::new();
         s.read_to_string(&mut answer).await.unwrap();
         answer.lines().next().unwrap_or_default().to_string()
+    }
+
+    #[test]
+    fn a_log_filter_must_name_a_level_in_each_directive() {
+        for good in ["debug", "INFO", "selvedge=trace", "warn,selvedge::access=info", "h2=off, info"] {
+            assert_eq!(check_log_filter(good), Ok(()), "{good}");
+        }
+        for bad in ["", "verbose", "selvedge=loud", "info,selvedge", "[bad"] {
+            let e = check_log_filter(bad).expect_err(bad);
+            assert!(e.contains("want a level"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(percent_decode("selvedge%3Dtrace%2Cinfo"), "selvedge=trace,info");
+        assert_eq!(percent_decode("a+b%zz%4"), "a b%zz%4");
     }
 
     #[tokio::test]

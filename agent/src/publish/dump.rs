@@ -8,6 +8,21 @@ use serde_json::{json, Value};
 use super::{Publisher, View};
 use crate::datapath::KernelFacts;
 
+/// How every workload in the directory is reached: each one is meshed (enrolled by its
+/// node's agent), so by HBONE.
+const PEER_PROTOCOL: &str = "HBONE";
+
+/// Fill in a local workload's names from the config (a failed or waiting one is known by
+/// uid): its namespace, name and IPs, for `selvedge workloads` to match it with the
+/// directory.
+fn named(w: &mut Value, v: &View<'_>, uid: &str) {
+    if let Some(c) = v.config.workloads.iter().find(|c| c.uid == uid) {
+        w["name"] = c.name.clone().into();
+        w["namespace"] = c.namespace.clone().into();
+        w["ips"] = json!(c.ips);
+    }
+}
+
 /// Every this many ticks (of 500 ms), walk the eBPF maps and list the kernel's programs;
 /// the dump and the metrics share the latest result.
 const KERNEL_VIEW_EVERY: u64 = 10;
@@ -175,8 +190,16 @@ impl Publisher {
                     "enrolled": true,
                 })
             })
-            .chain(v.pods.failed().iter().map(|(uid, f)| json!({"uid": uid, "enrolled": false, "reason": f.reason, "closed": f.closed.is_some()})))
-            .chain(v.pods.waiting().iter().map(|(uid, name)| json!({"uid": uid, "name": name, "enrolled": false, "reason": "waiting for its network namespace (CNI ADD, or a running process found in /proc)"})))
+            .chain(v.pods.failed().iter().map(|(uid, f)| {
+                let mut w = json!({"uid": uid, "enrolled": false, "reason": f.reason, "closed": f.closed.is_some(), "netns_cookie": f.closed, "node": v.settings.node});
+                named(&mut w, v, uid);
+                w
+            }))
+            .chain(v.pods.waiting().iter().map(|(uid, name)| {
+                let mut w = json!({"uid": uid, "name": name, "enrolled": false, "node": v.settings.node, "reason": "waiting for its network namespace (CNI ADD, or a running process found in /proc)"});
+                named(&mut w, v, uid);
+                w
+            }))
             .collect();
         let none = KernelFacts::default();
         let facts = self.kernel_view.facts.as_ref().unwrap_or(&none);
@@ -184,7 +207,7 @@ impl Publisher {
         let peers: Vec<Value> = directory
             .workloads
             .iter()
-            .map(|(ip, p)| json!({"ip": ip, "name": p.name, "namespace": p.namespace, "node": p.node, "identity": p.identity.to_string(), "workload": p.meta.workload, "canonicalService": p.meta.canonical_service, "canonicalRevision": p.meta.canonical_revision}))
+            .map(|(ip, p)| json!({"ip": ip, "name": p.name, "namespace": p.namespace, "node": p.node, "identity": p.identity.to_string(), "workload": p.meta.workload, "canonicalService": p.meta.canonical_service, "canonicalRevision": p.meta.canonical_revision, "protocol": PEER_PROTOCOL}))
             .collect();
         let services: Vec<Value> = directory
             .services
@@ -252,7 +275,9 @@ impl Publisher {
             "peers": peers,
             "services": services,
             "policies": policies,
-            "certificates": v.mesh.ids.status(),
+            "certificates": certificates(v),
+            "trust_bundle": trust_bundle(&v.settings.certs),
+            "version": super::admin::version(),
             "pooled_hbone_connections": v.mesh.pool.len(),
             "kernel": {
                 "pin_dir": v.pods.datapath().pin_dir(),
@@ -270,9 +295,120 @@ impl Publisher {
     }
 }
 
+/// Each workload certificate the agent holds or wants: identity, serial, validity (unix
+/// seconds and RFC 3339) and its state ([`cert_state`]) by this node's clock.
+fn certificates(v: &View<'_>) -> Vec<Value> {
+    let now = unix(std::time::SystemTime::now()).unwrap_or_default();
+    v.mesh
+        .ids
+        .status()
+        .into_iter()
+        .map(|c| {
+            let svid = c.identity.parse().ok().and_then(|id| v.mesh.ids.current(&id));
+            let leaf = svid.as_ref().and_then(|s| s.certified.cert.first().map(|der| describe(der)));
+            let not_before = leaf.as_ref().and_then(|l| l["not_before"].as_u64());
+            let mut out = json!({
+                "identity": c.identity,
+                "serial": leaf.as_ref().map(|l| l["serial"].clone()),
+                "not_before": not_before,
+                "not_after": c.not_after,
+                "not_before_utc": not_before.map(rfc3339),
+                "not_after_utc": c.not_after.map(rfc3339),
+                "state": cert_state(not_before, c.not_after, now),
+                "chain_length": svid.as_ref().map(|s| s.certified.cert.len()),
+                "last_error": c.last_error,
+            });
+            if let Some(issuer) = leaf.as_ref().map(|l| l["issuer"].clone()) {
+                out["issuer"] = issuer;
+            }
+            out
+        })
+        .collect()
+}
+
+/// `valid`; `expiring` in the last quarter of its life (renewal, due at half-life, has
+/// failed for a while); `expired`; `missing` (never issued, or forgotten).
+pub(crate) fn cert_state(not_before: Option<u64>, not_after: Option<u64>, now: u64) -> &'static str {
+    let Some(after) = not_after else { return "missing" };
+    if now >= after {
+        return "expired";
+    }
+    let life = not_before.map_or(0, |b| after.saturating_sub(b));
+    if life > 0 && now >= after - life / 4 {
+        "expiring"
+    } else {
+        "valid"
+    }
+}
+
+/// The roots peers are verified against, read from where the certificate source reads
+/// them (`root-cert.pem` in `--ca-dir` or `--cert-dir`, or `--istio-ca-root`).
+fn trust_bundle(certs: &crate::config::CertSourceConfig) -> Value {
+    use crate::config::CertSourceConfig;
+    use rustls_pki_types::{pem::PemObject, CertificateDer};
+    let file = match certs {
+        CertSourceConfig::Builtin { ca_dir: dir, .. } | CertSourceConfig::Files { dir } => dir.join("root-cert.pem"),
+        CertSourceConfig::Istio(c) => c.root_file.clone(),
+    };
+    match CertificateDer::pem_file_iter(&file).and_then(Iterator::collect::<Result<Vec<_>, _>>) {
+        Ok(ders) => json!({"file": file, "roots": ders.iter().map(|d| describe(d)).collect::<Vec<_>>()}),
+        Err(e) => json!({"file": file, "roots": [], "error": e.to_string()}),
+    }
+}
+
+/// A certificate's subject, issuer, serial and validity.
+fn describe(der: &[u8]) -> Value {
+    match x509_parser::parse_x509_certificate(der) {
+        Ok((_, c)) => {
+            let (before, after) = (c.validity().not_before.timestamp(), c.validity().not_after.timestamp());
+            let (before, after) = (u64::try_from(before).ok(), u64::try_from(after).ok());
+            json!({
+                "subject": c.subject().to_string(),
+                "issuer": c.issuer().to_string(),
+                "serial": c.raw_serial_as_string(),
+                "not_before": before, "not_after": after,
+                "not_before_utc": before.map(rfc3339), "not_after_utc": after.map(rfc3339),
+            })
+        }
+        Err(e) => json!({"error": format!("unparsable certificate: {e}")}),
+    }
+}
+
+fn unix(t: std::time::SystemTime) -> Option<u64> {
+    t.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs())
+}
+
+/// Unix seconds as RFC 3339 in UTC (`2026-01-31T23:59:59Z`).
+pub(crate) fn rfc3339(unix: u64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(i64::try_from(unix).unwrap_or(i64::MAX)) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => format!("unix {unix}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::newly_near_full;
+    use super::{cert_state, newly_near_full, rfc3339};
+
+    #[test]
+    fn certificate_states_and_dates() {
+        // A 100 s certificate: expiring in its last 25 s.
+        assert_eq!(cert_state(Some(1000), Some(1100), 1050), "valid");
+        assert_eq!(cert_state(Some(1000), Some(1100), 1075), "expiring");
+        assert_eq!(cert_state(Some(1000), Some(1100), 1100), "expired");
+        assert_eq!(cert_state(None, None, 5), "missing");
+        assert_eq!(cert_state(None, Some(10), 5), "valid", "no start known: valid until it expires");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_796_694_839), "2026-12-08T01:53:59Z");
+    }
 
     #[test]
     fn a_map_is_reported_once_when_it_crosses_ninety_percent() {

@@ -1,6 +1,8 @@
-//! `selvedge status | workloads | services | policies | certs | connections | bpf`: read the
-//! running agent's admin API (127.0.0.1:15000 in the node's network namespace) and show one
-//! view of it as a table, JSON or YAML.
+//! `selvedge status | workloads | services | policies | certs | connections | bpf | log |
+//! version`: read the running agent's admin API (127.0.0.1:15000 in the node's network
+//! namespace) and show one view of it as a table, JSON or YAML.
+
+mod views;
 
 use std::{
     io::{Read, Write},
@@ -28,6 +30,12 @@ pub enum Output {
     Yaml,
 }
 
+/// What narrows a view: `--node` (workloads).
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub node: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
     #[error(
@@ -41,32 +49,115 @@ pub enum InspectError {
     },
     #[error("admin API at {addr}: {detail}")]
     Protocol { addr: SocketAddr, detail: String },
+    #[error("the agent at {addr} refused: {detail}")]
+    Refused { addr: SocketAddr, detail: String },
+}
+
+/// One request to the admin API: the status code and the body.
+fn request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), InspectError> {
+    let err = |detail: String| InspectError::Protocol { addr, detail };
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|source| InspectError::Connect { addr, source })?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .map_err(|e| err(e.to_string()))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| err(e.to_string()))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| err("malformed HTTP response".into()))?;
+    let status =
+        head.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| err(format!("bad status line: {head}")))?;
+    Ok((status, body.to_string()))
 }
 
 /// GET `path` from the admin API and parse the JSON body.
 pub fn fetch(addr: SocketAddr, path: &str) -> Result<Value, InspectError> {
     let err = |detail: String| InspectError::Protocol { addr, detail };
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|source| InspectError::Connect { addr, source })?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| err(e.to_string()))?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| err(e.to_string()))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| err("malformed HTTP response".into()))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(err(head.lines().next().unwrap_or_default().to_string()));
+    match request(addr, "GET", path)? {
+        (200, body) => serde_json::from_str(&body).map_err(|e| err(format!("bad JSON: {e}"))),
+        (status, body) => Err(err(format!("GET {path}: {status} {}", body.trim()))),
     }
-    serde_json::from_str(body).map_err(|e| err(format!("bad JSON: {e}")))
 }
 
 /// Fetch and render one view.
-pub fn show(addr: SocketAddr, view: View, output: Output) -> Result<String, InspectError> {
-    let doc = match view {
-        View::Connections => fetch(addr, "/connections")?,
-        _ => fetch(addr, "/config_dump")?,
+pub fn show(addr: SocketAddr, view: View, output: Output, filter: &Filter) -> Result<String, InspectError> {
+    let doc = fetch(addr, "/config_dump")?;
+    let v = match view {
+        View::Connections => {
+            let conns = fetch(addr, "/connections")?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            views::connections(&conns, &doc, u64::try_from(now.as_millis()).unwrap_or(u64::MAX))
+        }
+        View::Workloads => views::workloads(&doc, filter.node.as_deref()),
+        _ => select(view, &doc),
     };
-    Ok(render(view, &doc, output))
+    Ok(format_view(view, &v, output))
+}
+
+/// `selvedge log [LEVEL]`: set the running agent's log filter (when `level` is given), and
+/// show the one in force.
+pub fn log_level(addr: SocketAddr, level: Option<&str>, output: Output) -> Result<String, InspectError> {
+    if let Some(level) = level {
+        let path = format!("/logging?level={}", percent_encode(level));
+        match request(addr, "POST", &path)? {
+            (200, _) => {}
+            (404, _) => {
+                return Err(InspectError::Protocol {
+                    addr,
+                    detail: "no /logging endpoint (not a Selvedge agent?)".into(),
+                })
+            }
+            (_, body) => return Err(InspectError::Refused { addr, detail: body.trim().to_string() }),
+        }
+    }
+    let now = fetch(addr, "/logging")?;
+    Ok(match output {
+        Output::Table => format!("log level: {}\n", cell(&now["level"])),
+        _ => plain(&now, output),
+    })
+}
+
+/// Every byte but the unreserved ones (RFC 3986) as `%XX`.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => char::from(b).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `selvedge version`: this binary's version and commit, and the running agent's. The
+/// text, and whether an agent answered (the command fails when none did).
+pub fn version(addr: SocketAddr, output: Output) -> (String, bool) {
+    let client = super::admin::version();
+    let agent = fetch(addr, "/version").map_err(|e| match e {
+        InspectError::Protocol { detail, .. } if detail.contains(" 404 ") => {
+            format!("the agent at {addr} does not serve /version (it is older than this command)")
+        }
+        InspectError::Connect { source, .. } => format!("no agent answers at {addr}: {source}"),
+        other => other.to_string(),
+    });
+    let answered = agent.is_ok();
+    let text = match output {
+        Output::Table => {
+            let line =
+                |who: &str, v: &Value| format!("{who:<7} {} (commit {})\n", cell(&v["version"]), cell(&v["commit"]));
+            line("client", &client)
+                + &match &agent {
+                    Ok(a) => line("agent", a),
+                    Err(e) => format!("agent   {e}\n"),
+                }
+        }
+        _ => {
+            let mut doc = serde_json::json!({"client": client, "agent": agent.as_ref().ok()});
+            if let Err(e) = &agent {
+                doc["agent_error"] = e.clone().into();
+            }
+            plain(&doc, output)
+        }
+    };
+    (text, answered)
 }
 
 /// The part of the document a view shows.
@@ -95,21 +186,33 @@ fn select(view: View, doc: &Value) -> Value {
             s.insert("counters".into(), doc["kernel"]["counters"].clone());
             Value::Object(s)
         }
-        View::Workloads => doc["workloads"].clone(),
+        View::Workloads => views::workloads(doc, None),
         View::Services => doc["services"].clone(),
         View::Policies => doc["policies"].clone(),
-        View::Certs => doc["certificates"].clone(),
+        View::Certs => views::certs(doc),
         View::Connections => doc.clone(),
-        View::Bpf => doc["kernel"].clone(),
+        View::Bpf => views::bpf(doc),
     }
 }
 
+/// Render one view of a `/config_dump` document (`connections` takes the `/connections`
+/// list as it comes).
 pub fn render(view: View, doc: &Value, output: Output) -> String {
-    let v = select(view, doc);
+    format_view(view, &select(view, doc), output)
+}
+
+fn format_view(view: View, v: &Value, output: Output) -> String {
     match output {
-        Output::Json => serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
-        Output::Yaml => serde_yaml_ng::to_string(&v).unwrap_or_default(),
-        Output::Table => table_for(view, &v),
+        Output::Table => table_for(view, v),
+        _ => plain(v, output),
+    }
+}
+
+/// JSON or YAML.
+fn plain(v: &Value, output: Output) -> String {
+    match output {
+        Output::Yaml => serde_yaml_ng::to_string(v).unwrap_or_default(),
+        _ => serde_json::to_string_pretty(v).unwrap_or_default() + "\n",
     }
 }
 
@@ -175,29 +278,52 @@ fn table_for(view: View, v: &Value) -> String {
             out
         }
         View::Workloads => t(
-            &["NAME", "NAMESPACE", "IDENTITY", "IPS", "SLOT", "ENROLLED", "REASON"],
-            &["name", "namespace", "identity", "ips", "pod_slot", "enrolled", "reason"],
+            &["NAMESPACE", "NAME", "WORKLOAD", "NODE", "IPS", "PROTOCOL", "IDENTITY", "HERE"],
+            &["namespace", "name", "workload", "node", "ips", "protocol", "identity", "here"],
         ),
         View::Services => t(&["VIP", "NAME", "HOSTNAME", "ENDPOINTS"], &["vip", "name", "hostname", "endpoints"]),
         View::Policies => t(
             &["KIND", "NAMESPACE", "NAME", "MODE", "SELECTS", "APPLIES"],
             &["kind", "namespace", "name", "mode", "selects", "applies"],
         ),
-        View::Certs => t(&["IDENTITY", "NOT_AFTER", "LAST_ERROR"], &["identity", "not_after", "last_error"]),
-        View::Connections => t(
-            &["ID", "DIRECTION", "POD", "SRC", "DST", "SECURITY", "SRC_IDENTITY", "DST_IDENTITY"],
-            &["id", "direction", "pod", "src", "dst", "security", "src_identity", "dst_identity"],
-        ),
+        View::Certs => {
+            let mut out = table(
+                &["IDENTITY", "SERIAL", "NOT_BEFORE", "NOT_AFTER", "STATE", "LAST_ERROR"],
+                &rows(
+                    &v["certificates"],
+                    &["identity", "serial", "not_before_utc", "not_after_utc", "state", "last_error"],
+                ),
+            );
+            let bundle = &v["trust_bundle"];
+            out += &format!("\nTRUST BUNDLE ({})\n", cell(&bundle["file"]));
+            if let Some(e) = bundle["error"].as_str() {
+                out += &format!("  cannot read it: {e}\n");
+            }
+            out += &table(
+                &["ROOT", "SERIAL", "NOT_AFTER"],
+                &rows(&bundle["roots"], &["subject", "serial", "not_after_utc"]),
+            );
+            out
+        }
+        View::Connections => {
+            let mut rows = rows(
+                v,
+                &["direction", "namespace", "pod", "src", "dst", "security", "src_identity", "dst_identity", "age"],
+            );
+            for r in &mut rows {
+                let pod = r.remove(2);
+                r[1] = format!("{}/{pod}", r[1]);
+            }
+            table(&["DIRECTION", "POD", "SRC", "DST", "SECURITY", "SRC_IDENTITY", "DST_IDENTITY", "AGE"], &rows)
+        }
         View::Bpf => {
             let mut out = format!(
-                "pin dir: {}\ncgroup:  {}\nfast path: {}\n\nLINKS\n",
+                "pin dir: {}\ncgroup:  {}\nfast path: {}\n\n",
                 cell(&v["pin_dir"]),
                 cell(&v["cgroup"]),
                 cell(&v["fast_path"])
             );
-            for l in v["links"].as_array().into_iter().flatten() {
-                out += &format!("  {}\n", cell(l));
-            }
+            out += &table(&["LINK", "PROGRAM", "POD"], &rows(&v["links"], &["link", "program", "pod"]));
             out += "\n";
             out += &table(&["MAP", "ENTRIES", "CAPACITY"], &rows(&v["maps"], &["name", "entries", "capacity"]));
             out
@@ -216,7 +342,8 @@ mod tests {
                 {"name": "a", "namespace": "shop", "identity": "spiffe://td/ns/shop/sa/a", "ips": ["198.18.1.10"], "pod_slot": 0, "enrolled": true},
                 {"uid": "b", "enrolled": false, "reason": "no free pod slot"}
             ],
-            "services": [], "policies": [], "certificates": [{"identity": "spiffe://td/ns/shop/sa/a", "not_after": 1, "last_error": null}],
+            "services": [], "policies": [], "certificates": [{"identity": "spiffe://td/ns/shop/sa/a", "not_after": 1, "state": "expired", "last_error": null}],
+            "trust_bundle": {"file": "/ca/root-cert.pem", "roots": [{"subject": "CN=root", "serial": "01", "not_after_utc": "2036-01-01T00:00:00Z"}]},
             "kernel": {"pin_dir": "/sys/fs/bpf/selvedge", "links": ["capture_connect4"], "programs": [{"link": "capture_connect4", "program_id": 7, "program": "capture_connect", "type": "BPF_PROG_TYPE_CGROUP_SOCK_ADDR"}], "maps": [{"name": "SV_ENROLLED", "entries": 1, "capacity": 4}], "counters": {"captured": 3}}
         })
     }
@@ -247,8 +374,27 @@ mod tests {
         let bpf = render(View::Bpf, &d, Output::Table);
         assert!(bpf.contains("capture_connect4") && bpf.contains("SV_ENROLLED"), "{bpf}");
         let j: Value = serde_json::from_str(&render(View::Certs, &d, Output::Json)).unwrap();
-        assert_eq!(j[0]["identity"], "spiffe://td/ns/shop/sa/a");
+        assert_eq!(j["certificates"][0]["identity"], "spiffe://td/ns/shop/sa/a");
         let y: Value = serde_yaml_ng::from_str(&render(View::Workloads, &d, Output::Yaml)).unwrap();
-        assert_eq!(y[0]["name"], "a");
+        assert_eq!((&y[1]["name"], &y[1]["here"]), (&"a".into(), &"enrolled".into()), "{y:?}");
+        let certs = render(View::Certs, &d, Output::Table);
+        assert!(certs.contains("STATE") && certs.contains("expired") && certs.contains("CN=root"), "{certs}");
+    }
+
+    #[test]
+    fn log_filters_are_sent_encoded() {
+        assert_eq!(percent_encode("selvedge=trace,info"), "selvedge%3Dtrace%2Cinfo");
+        assert_eq!(percent_encode("debug"), "debug");
+    }
+
+    #[test]
+    fn version_says_when_no_agent_answers() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (text, answered) = version(free, Output::Table);
+        assert!(!answered);
+        assert!(text.starts_with("client  ") && text.contains("no agent answers at"), "{text}");
+        let (json, _) = version(free, Output::Json);
+        let j: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!((j["client"]["version"].as_str(), j["agent"].is_null()), (Some(env!("CARGO_PKG_VERSION")), true));
     }
 }
