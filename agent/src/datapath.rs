@@ -19,6 +19,8 @@ use std::{
     collections::BTreeMap,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
 };
 
 use aya::{
@@ -153,8 +155,32 @@ pub struct FlowMaps {
     /// `SockHash::insert` takes `&mut`; inserts are one syscall each.
     pairs: Mutex<SockHash<MapData, PairKey>>,
     /// Deliveries from a client's address in flight (see [`FlowMaps::begin_delivery`]).
-    delivering: Mutex<HashMap<MapData, DeliveryKey, u32>>,
+    delivering: Mutex<HashMap<MapData, DeliveryKey, u64>>,
     fast_path: bool,
+}
+
+/// A registered delivery ([`FlowMaps::begin_delivery`]); dropping it removes the entry.
+#[derive(Debug)]
+pub struct Delivering {
+    flows: Arc<FlowMaps>,
+    key: DeliveryKey,
+}
+
+impl Drop for Delivering {
+    fn drop(&mut self) {
+        let _ = self.flows.delivering.lock().remove(&self.key);
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the kernel's `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime into a local timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
 }
 
 impl std::fmt::Debug for FlowMaps {
@@ -164,15 +190,24 @@ impl std::fmt::Debug for FlowMaps {
 }
 
 impl FlowMaps {
-    /// Let the pod's `sk_lookup` pass the SYN of a delivery the agent is about to make from
-    /// a client's address (else, by its address, it would be steered back to the agent).
-    /// Undone by [`end_delivery`](Self::end_delivery) once the connect is over.
-    pub fn begin_delivery(&self, key: &DeliveryKey) -> Result<(), DatapathError> {
-        self.delivering.lock().insert(key, 1, 0).map_err(map_err(maps::DELIVERING, "register a delivery"))
+    /// Let the pod's `sk_lookup` pass the SYNs of a delivery the agent is about to make from
+    /// a client's address (else, by its address, it would be steered back to the agent),
+    /// for at most `within`. The returned guard takes the entry out again when dropped: when
+    /// the connect is over, or its task is cancelled.
+    pub fn begin_delivery(self: &Arc<Self>, key: DeliveryKey, within: Duration) -> Result<Delivering, DatapathError> {
+        let deadline = monotonic_ns().saturating_add(u64::try_from(within.as_nanos()).unwrap_or(u64::MAX));
+        self.delivering.lock().insert(key, deadline, 0).map_err(map_err(maps::DELIVERING, "register a delivery"))?;
+        Ok(Delivering { flows: self.clone(), key })
     }
 
-    pub fn end_delivery(&self, key: &DeliveryKey) {
-        let _ = self.delivering.lock().remove(key);
+    /// Forget every registered delivery (an earlier agent's, at start).
+    pub fn clear_deliveries(&self) {
+        use aya::maps::IterableMap;
+        let d = self.delivering.lock();
+        let data = IterableMap::<DeliveryKey, u64>::map(&*d);
+        if let Ok(info) = data.info() {
+            let _ = batch::delete_all(data.fd().as_fd(), info.key_size(), info.value_size());
+        }
     }
 
     /// The destination a captured connection was dialled to, if the kernel recorded one.
@@ -340,6 +375,7 @@ impl Datapath {
             delivering: Mutex::new(take(&mut ebpf, maps::DELIVERING)?),
             fast_path: opts.fast_path,
         };
+        flows.clear_deliveries();
         let dp = Datapath {
             pin_dir: opts.pin_dir.clone(),
             fresh,

@@ -58,10 +58,12 @@ pub mod maps {
     /// netns cookie (u64) -> [`super::SockAddr`] (port 0): an enrolled pod's own IPv4
     /// address, what `getsockname()` tells an app its captured connection is from. HASH.
     pub const POD_ADDR: &str = "SV_POD_ADDR";
-    /// [`super::DeliveryKey`] -> u32: connects the agent is making, inside a pod, to one of
-    /// its apps from the client's own address; the pod's `sk_lookup` lets them through
-    /// to the app instead of steering them back to the agent. HASH; entries live only
-    /// while the connect is in flight.
+    /// [`super::DeliveryKey`] -> u64 deadline (CLOCK_MONOTONIC ns): connects the agent is
+    /// making, inside a pod, to one of its apps from the client's own address; the pod's
+    /// `sk_lookup` lets their SYNs through to the app instead of steering them back to the
+    /// agent, until the deadline. LRU HASH; the agent removes an entry when its connect is
+    /// over (or abandoned) and empties the map at start, and the deadline makes any entry
+    /// left behind (an agent killed mid-connect) inert within seconds.
     pub const DELIVERING: &str = "SV_DELIVERING";
 }
 

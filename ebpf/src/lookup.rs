@@ -47,8 +47,8 @@ fn delivering(lk: *mut aya_ebpf::bindings::bpf_sk_lookup, slot: u32) -> bool {
         _pad: 0,
         remote: ctx_addr!(lk, family, remote_ip4, remote_ip6, remote_port(lk)),
     };
-    // SAFETY: a lookup in a map of plain-old-data values.
-    unsafe { DELIVERING.get(&key).is_some() }
+    // SAFETY: a lookup in a map of plain-old-data values; a helper without arguments.
+    unsafe { DELIVERING.get(&key).is_some_and(|deadline| aya_ebpf::helpers::bpf_ktime_get_ns() < *deadline) }
 }
 
 /// `remote_port` of `bpf_sk_lookup` is a `__be16`.

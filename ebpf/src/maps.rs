@@ -41,7 +41,7 @@ pub static SETTINGS: Array<u64> = Array::pinned(SETTINGS_LEN, 0);
 pub static POD_ADDR: HashMap<u64, SockAddr> = HashMap::pinned(capacity::ENROLLED, 0);
 
 #[map(name = "SV_DELIVERING")]
-pub static DELIVERING: HashMap<DeliveryKey, u32> = HashMap::pinned(capacity::DELIVERING, 0);
+pub static DELIVERING: LruHashMap<DeliveryKey, u64> = LruHashMap::pinned(capacity::DELIVERING, 0);
 
 #[map(name = "SV_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_LEN, 0);

@@ -63,14 +63,15 @@ async fn deliver_as(
     }
     let key =
         selvedge_common::DeliveryKey { slot: pod.slot, local_port: app.port(), _pad: 0, remote: addr::to_abi(bound) };
-    pod.flows
-        .begin_delivery(&key)
+    let registered = pod
+        .flows
+        .begin_delivery(key, timeout)
         .map_err(|e| tracing::warn!(pod = %pod.name, "delivery from {from}: {e}"))
         .map_err(|()| None)?;
     let connected = tokio::time::timeout(timeout, sock.connect(app)).await;
     // The handshake is over either way: later packets of the connection never consult
-    // `sk_lookup`.
-    pod.flows.end_delivery(&key);
+    // `sk_lookup`. (Dropped with this future too, if it is cancelled mid-connect.)
+    drop(registered);
     match connected {
         Ok(Ok(s)) => {
             crate::sys::arm_reset(&s).map(|()| s).map_err(|e| Some(format!("connect {app}: arm SO_LINGER: {e}")))
