@@ -59,14 +59,14 @@ fn ztunnel_config(lab: &Lab) -> String {
     let workload = |pod: &str, node: &str| {
         let p = lab.get(pod);
         format!(
-            "- uid: uid-{pod}\n  name: {pod}\n  namespace: {ns}\n  serviceAccount: {pod}\n  trustDomain: cluster.local\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: {node}\n  network: \"\"\n",
+            "- uid: uid-{pod}\n  name: {pod}\n  namespace: {ns}\n  serviceAccount: {pod}\n  trustDomain: cluster.local\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: {node}\n  network: \"\"\n  services: {{}}\n",
             ns = p.namespace,
             ip = p.ip
         )
     };
     let b = lab.get("b").principal();
     format!(
-        "workloads:\n{}{}{}policies:\n- name: deny-b\n  namespace: lab\n  scope: Namespace\n  action: Deny\n  dryRun: false\n  rules:\n  - - - principals:\n        - Exact: \"{b}\"\n",
+        "workloads:\n{}{}{}policies:\n- name: deny-b\n  namespace: lab\n  scope: Namespace\n  action: Deny\n  dryRun: false\n  rules:\n  - - - principals:\n        - !Exact \"{b}\"\n",
         workload("z", "n2"),
         workload("a", "n1"),
         workload("b", "n1"),
@@ -153,7 +153,16 @@ fn main() {
     let failed = run.failed;
     drop(children);
     if failed > 0 {
-        eprintln!("{failed} check(s) failed; ztunnel's log: {}", lab.dir.join("ztunnel.log").display());
+        let tail = |path: PathBuf, n: usize| {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            format!("--- {} (last {n} lines)\n{}", path.display(), lines[lines.len().saturating_sub(n)..].join("\n"))
+        };
+        eprintln!("{}", tail(lab.dir.join("inpodserver.log"), 10));
+        eprintln!("{}", tail(lab.dir.join("ztunnel.log"), 60));
+        eprintln!("{}", tail(lab.agent_ref("n1").log_path(), 40));
+        eprintln!("{failed} check(s) failed");
+        drop(lab);
         std::process::exit(1);
     }
     println!("all checks passed");
@@ -174,8 +183,13 @@ fn start_ztunnel(lab: &Lab, ztunnel: &Path, inpodserver: &Path, src: &Path) -> C
     lab.run_in_netns(&z.netns, rules);
     let netns_name = z.netns.file_name().map(|n| n.to_string_lossy().into_owned()).expect("netns name");
     let mut server = Command::new(inpodserver);
-    server.arg(netns_name).env("INPOD_UDS", &uds).env("POD_UID", "uid-z");
-    let server = proc::spawn(server, proc::Place { netns: None, cgroup: None }, Some(&dir.join("inpodserver.log")));
+    // The pod as istio-cni would describe it: uid, and namespace/name/service account.
+    server
+        .arg(netns_name)
+        .env("INPOD_UDS", &uds)
+        .env("POD_UID", "uid-z")
+        .env("PROXY_WORKLOAD_INFO", format!("{}/z/z", z.namespace));
+    let server = spawn_logged(server, None, &dir.join("inpodserver.log"));
     let mut zt = Command::new(ztunnel);
     zt.arg("proxy")
         .arg("ztunnel")
@@ -186,8 +200,19 @@ fn start_ztunnel(lab: &Lab, ztunnel: &Path, inpodserver: &Path, src: &Path) -> C
         .env("XDS_ADDRESS", "")
         .env("CA_ADDRESS", "")
         .env("RUST_LOG", "info");
-    let zt = proc::spawn(zt, proc::Place { netns: Some(&n2), cgroup: None }, Some(&dir.join("ztunnel.log")));
+    let zt = spawn_logged(zt, Some(&n2), &dir.join("ztunnel.log"));
     Children(vec![zt, server])
+}
+
+/// Start `cmd` (in `netns` when given) with its stdout and stderr both in `log`.
+fn spawn_logged(cmd: Command, netns: Option<&Path>, log: &Path) -> Child {
+    let file = std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+    let mut cmd = proc::command_in(cmd, proc::Place { netns, cgroup: None });
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(file.try_clone().expect("log file"))
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"))
 }
 
 fn checks(run: &mut Run<'_>) {
@@ -223,7 +248,7 @@ fn checks(run: &mut Run<'_>) {
     run.check(
         "client address at ztunnel's app",
         r.map_err(|e| e.to_string()).and_then(|r| {
-            let seen = r.server().peer;
+            let seen = r.server.as_ref().ok_or_else(|| format!("z's app sent no report: {r:?}"))?.peer;
             if seen.ip() == std::net::IpAddr::V4(a.ip) {
                 Ok(format!("z's app sees {seen} (a's app has {:?})", r.local))
             } else {
@@ -235,7 +260,7 @@ fn checks(run: &mut Run<'_>) {
     run.check(
         "client address at Selvedge's app",
         r.map_err(|e| e.to_string()).and_then(|r| {
-            let seen = r.server().peer;
+            let seen = r.server.as_ref().ok_or_else(|| format!("a's app sent no report: {r:?}"))?.peer;
             if seen.ip() != std::net::IpAddr::V4(z.ip) {
                 return Err(format!("a's app sees {seen}, not z's address {}", z.ip));
             }
