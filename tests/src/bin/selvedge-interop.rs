@@ -221,27 +221,18 @@ fn checks(run: &mut Run<'_>) {
     let a_id = format!("spiffe://{}", a.principal());
 
     // Traffic both ways, byte-exact, under mTLS with each side's identity verified.
-    let t = run.lab.transfer("a", z.addr(ECHO), BYTES);
-    let exact = t.map_err(|e| format!("{e:?}")).and_then(|t| if t.is_exact() { Ok(t) } else { Err(format!("{t:?}")) });
-    let logged = exact.and_then(|_| {
-        run.access(|e| {
-            e["direction"] == "outbound" && e["dst_identity"] == z_id.as_str() && e["security"] == "mutual_tls"
+    let exact_and_verified = |run: &mut Run<'_>, from: &str, to: SocketAddr, direction: &str, side: &str| {
+        let t = run.lab.transfer(from, to, BYTES).map_err(|e| format!("{e:?}"));
+        t.and_then(|t| if t.is_exact() { Ok(t) } else { Err(format!("{t:?}")) }).and_then(|_| {
+            run.access(|e| e["direction"] == direction && e[side] == z_id.as_str() && e["security"] == "mutual_tls")
+                .map(|_| format!("{BYTES} bytes each way, byte-exact; Selvedge verified {z_id}"))
+                .ok_or_else(|| format!("no {direction} mTLS record naming z's identity"))
         })
-        .map(|_| format!("{BYTES} bytes each way, byte-exact; Selvedge verified {z_id}"))
-        .ok_or_else(|| "no outbound mTLS record naming z's identity".to_string())
-    });
-    run.check("Selvedge client -> ztunnel server", logged);
-
-    let t = run.lab.transfer("z", a.addr(ECHO), BYTES);
-    let exact = t.map_err(|e| format!("{e:?}")).and_then(|t| if t.is_exact() { Ok(t) } else { Err(format!("{t:?}")) });
-    let logged = exact.and_then(|_| {
-        run.access(|e| {
-            e["direction"] == "inbound" && e["src_identity"] == z_id.as_str() && e["security"] == "mutual_tls"
-        })
-        .map(|_| format!("{BYTES} bytes each way, byte-exact; Selvedge verified {z_id}"))
-        .ok_or_else(|| "no inbound mTLS record naming z's identity".to_string())
-    });
-    run.check("ztunnel client -> Selvedge server", logged);
+    };
+    let r = exact_and_verified(run, "a", z.addr(ECHO), "outbound", "dst_identity");
+    run.check("Selvedge client -> ztunnel server", r);
+    let r = exact_and_verified(run, "z", a.addr(ECHO), "inbound", "src_identity");
+    run.check("ztunnel client -> Selvedge server", r);
 
     // What the apps see as their client's address.
     let r = run.lab.ask("a", z.addr(WHOAMI));
