@@ -287,7 +287,7 @@ struct RunArgs {
     /// stderr is a terminal and NO_COLOR is unset.
     #[arg(long, env = config::ENV_LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Admin API: /config_dump, /connections, /logging, /quitquitquit, /readiness/handover. Loopback only.
+    /// Admin API: /config_dump, /connections, /logging, /version, /quitquitquit, /readiness/handover. Loopback only.
     #[arg(long, env = "SELVEDGE_ADMIN_ADDR", default_value = selvedge::publish::admin::DEFAULT_ADMIN)]
     admin_addr: std::net::SocketAddr,
     /// Prometheus metrics (/metrics, /stats/prometheus).
