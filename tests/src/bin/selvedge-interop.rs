@@ -133,10 +133,11 @@ fn main() {
         lab.http_on_node("n2", at, "GET", "/healthz/ready").ok().filter(|(s, _)| *s == 200)
     });
     if ready.is_none() {
-        eprintln!(
-            "ztunnel did not become ready; its log:\n{}",
-            std::fs::read_to_string(lab.dir.join("ztunnel.log")).unwrap_or_default()
-        );
+        let log = std::fs::read_to_string(lab.dir.join("ztunnel.log")).unwrap_or_default();
+        eprintln!("ztunnel did not become ready; its log:\n{log}");
+        // exit() runs no destructors: stop what this run started and remove the lab first.
+        drop(children);
+        drop(lab);
         std::process::exit(1);
     }
     for (pod, kind, port) in [
