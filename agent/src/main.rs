@@ -67,8 +67,8 @@ enum Command {
     /// trust bundle's roots.
     Certs(InspectArgs),
     /// Open proxied connections: direction, pod, source, destination, security, identities,
-    /// age. An outbound source is shown as its app sees it (the pod's IP, the app's port);
-    /// an inbound HBONE source has the tunnel's port.
+    /// age. Sources as the apps see them: outbound, the pod's IP and the app's port;
+    /// inbound over HBONE, the client app's address from its CONNECT (else the tunnel's).
     Connections(InspectArgs),
     /// eBPF state from the kernel: pinned links (each pod's named), maps with entry counts.
     Bpf(InspectArgs),

@@ -68,10 +68,12 @@ fn capture_across_two_nodes() {
     assert!(r.server().peer_in_pod, "d's agent delivered it");
 
     lab.agent("n1").wait_access("outbound leg to d", |e| e["direction"] == "outbound" && e["dst"] == d.to_string());
-    let from_a = format!("{a}:");
-    lab.agent("n2").wait_access("inbound leg from a, over mTLS, with a's identity", |e| {
+    // Its source is a's app's own address (from the CONNECT's `forwarded`), not the tunnel's.
+    let from_a = r.local.expect("a's address").to_string();
+    assert!(from_a.starts_with(&format!("{a}:")), "{from_a}");
+    lab.agent("n2").wait_access("inbound leg from a's app, over mTLS, with a's identity", |e| {
         e["direction"] == "inbound"
-            && e["src"].as_str().is_some_and(|s| s.starts_with(&from_a))
+            && e["src"] == from_a.as_str()
             && e["security"] == "mutual_tls"
             && e["src_identity"] == "spiffe://cluster.local/ns/lab/sa/a"
             && e["dst_identity"] == "spiffe://cluster.local/ns/lab/sa/d"

@@ -45,7 +45,9 @@ pub trait Upstream: Send + Sync + 'static {
     /// stream's record needs at the end and the task has anyway is passed back then.
     type Served: Send;
     /// The stream from `principal` at `peer` to `target` is through (answered 200); `info`
-    /// is what its CONNECT said besides.
+    /// is what its CONNECT said besides. `peer` is the client app's address when the
+    /// CONNECT's `forwarded` gave it (same IP as the connection's), else the connection's
+    /// peer — as in [`ended`](Self::ended).
     fn served(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr, info: ConnectInfo) -> Self::Served;
     /// Where its bytes are counted: (client → app, app → client).
     fn tally(served: &Self::Served) -> (&ByteCount, &ByteCount);
@@ -302,6 +304,8 @@ struct Open<W> {
     watch: W,
     target: SocketAddr,
     info: ConnectInfo,
+    /// The client app's address (its CONNECT's `forwarded`), else the connection's peer.
+    source: SocketAddr,
 }
 
 /// Check, decide, connect to the app and answer 200 — or answer the refusal and log it.
@@ -336,6 +340,8 @@ async fn open_stream<U: Upstream>(
     // inside it); its port, what its `forwarded` says when that names the same address.
     let forwarded = super::headers::forwarded_for(req.headers()).filter(|f| f.ip() == peer.ip());
     let client = SocketAddr::new(peer.ip(), forwarded.map_or(0, |f| f.port()));
+    // What the stream's record calls its source: the client app's address when known.
+    let source = forwarded.unwrap_or(peer);
     let app = match up.connect(target, client).await {
         Ok(s) => s,
         Err(reason) => {
@@ -350,13 +356,13 @@ async fn open_stream<U: Upstream>(
         // Allowed and connected, but the client went away first: a served stream that
         // ended at once.
         Err(e) => {
-            let served = up.served(principal, peer, target, ConnectInfo::read(req.headers()));
-            up.ended(served, principal, peer, target, Some(format!("stream gone: {e}")));
+            let served = up.served(principal, source, target, ConnectInfo::read(req.headers()));
+            up.ended(served, principal, source, target, Some(format!("stream gone: {e}")));
             return None;
         }
     };
     let info = ConnectInfo::read(req.headers());
-    Some(Open { app, send, recv: req.into_body(), watch, target, info })
+    Some(Open { app, send, recv: req.into_body(), watch, target, info, source })
 }
 
 /// One stream's task. What an idle stream costs is mostly this future, so it holds little
@@ -375,14 +381,14 @@ fn serve_stream<U: Upstream>(
     let opening = Box::pin(open_stream(req, respond, peer, local, principal.clone(), up.clone()));
     async move {
         let _guard = guard;
-        let Some(Open { app, send, recv, watch, target, info }) = opening.await else { return };
-        let served = up.served(&principal, peer, target, info);
+        let Some(Open { app, send, recv, watch, target, info, source }) = opening.await else { return };
+        let served = up.served(&principal, source, target, info);
         let (to_app, to_client) = U::tally(&served);
         let result = tokio::select! {
             r = splice(app, send, recv, to_client, to_app) => r.err().map(|e| e.to_string()),
             // Dropping the splice resets the stream and closes the app's socket.
             () = U::cancelled(&watch).cancelled() => Some(DENIED_LATER.to_string()),
         };
-        up.ended(served, &principal, peer, target, result);
+        up.ended(served, &principal, source, target, result);
     }
 }
