@@ -10,16 +10,7 @@
 pub mod authorize;
 pub mod metrics;
 
-use std::{
-    collections::BTreeSet,
-    future::Future,
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{collections::BTreeSet, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response};
@@ -62,8 +53,6 @@ pub struct CaService<A> {
     ca: BuiltinCa,
     authority: A,
     settings: CaSettings,
-    issued: AtomicU64,
-    refused: AtomicU64,
     metrics: Arc<metrics::CaMetrics>,
 }
 
@@ -76,7 +65,7 @@ impl<A> std::fmt::Debug for CaService<A> {
 impl<A: Authority> CaService<A> {
     pub fn new(ca: BuiltinCa, authority: A, settings: CaSettings) -> Arc<Self> {
         let metrics = Arc::default();
-        Arc::new(Self { ca, authority, settings, issued: AtomicU64::new(0), refused: AtomicU64::new(0), metrics })
+        Arc::new(Self { ca, authority, settings, metrics })
     }
 
     /// Its counters, for the metrics listener.
@@ -86,7 +75,7 @@ impl<A: Authority> CaService<A> {
 
     /// (issued, refused) so far.
     pub fn counts(&self) -> (u64, u64) {
-        (self.issued.load(Ordering::Relaxed), self.refused.load(Ordering::Relaxed))
+        self.metrics.counts()
     }
 
     /// TLS for `name` (the address the agents dial, as in their `--istio-ca-server-name`),
@@ -146,7 +135,6 @@ impl<A: Authority> CaService<A> {
         };
         match answer {
             Ok(resp) => {
-                self.issued.fetch_add(1, Ordering::Relaxed);
                 self.metrics.issued();
                 if let Ok(mut send) = respond.send_response(ok, false) {
                     let _ = send.send_data(frame(&resp), false);
@@ -154,8 +142,7 @@ impl<A: Authority> CaService<A> {
                 }
             }
             Err((code, reason)) => {
-                let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-                self.metrics.refused(code);
+                let refused = self.metrics.refused(code);
                 tracing::warn!(%peer, grpc_status = code, refused_total = refused, "certificate refused: {reason}");
                 let mut resp = ok;
                 resp.headers_mut().extend(grpc_status(code, &reason));

@@ -250,6 +250,7 @@ impl Pods {
             meta: spec.meta.clone(),
             conns: crate::limits::Share::new(self.conns_per_pod),
             slot: pod_id,
+            baggage: hbone::headers::baggage(&spec.meta, &spec.name, self.mesh.metrics.cluster()),
             flows: self.flows.clone(),
         });
         let timeout = Duration::from_secs(config::CONNECT_TIMEOUT_SECS);

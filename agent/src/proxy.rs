@@ -71,6 +71,8 @@ pub struct PodContext {
     pub meta: Arc<crate::state::WorkloadMeta>,
     /// Its slot in the kernel's per-pod maps.
     pub slot: u32,
+    /// The `baggage` its HBONE CONNECTs carry (made once: it names the pod's workload).
+    pub baggage: http::HeaderValue,
     /// The kernel maps connections use (deliveries from a client's address register there).
     pub flows: Arc<FlowMaps>,
     /// Its connections in flight, both directions (`--max-conns-per-pod`).

@@ -29,6 +29,8 @@ pub struct CaMetrics {
     registry: Registry,
     issued: Counter,
     refused: Family<Refusal, Counter>,
+    /// All refusals, whatever the status (the family is not summed on the hot path).
+    refused_total: Counter,
 }
 
 impl Default for CaMetrics {
@@ -42,7 +44,7 @@ impl Default for CaMetrics {
             "Certificate requests the CA service refused, by gRPC status (the reason is logged)",
             refused.clone(),
         );
-        Self { registry, issued, refused }
+        Self { registry, issued, refused, refused_total: Counter::default() }
     }
 }
 
@@ -51,9 +53,15 @@ impl CaMetrics {
         self.issued.inc();
     }
 
-    /// A refusal with gRPC status `code`.
-    pub fn refused(&self, code: u32) {
+    /// A refusal with gRPC status `code`; returns how many refusals there have been.
+    pub fn refused(&self, code: u32) -> u64 {
         self.refused.get_or_create(&Refusal { reason: status_name(code) }).inc();
+        self.refused_total.inc() + 1
+    }
+
+    /// (issued, refused) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.issued.get(), self.refused_total.get())
     }
 
     /// The Prometheus text exposition.

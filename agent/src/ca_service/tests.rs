@@ -1,7 +1,14 @@
 //! The CA service against the agent's own Istio CA client, over real TLS and HTTP/2 on
 //! loopback, with tokens and pods from a table (the Kubernetes side: `k8s::authority`).
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use super::*;
 use crate::identity::{CertSource, IstioCaConfig, IstioCaSource};

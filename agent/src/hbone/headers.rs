@@ -29,36 +29,43 @@ pub struct ConnectHeaders {
 
 impl ConnectHeaders {
     /// For a connection from `source` (the app's address: pod IP and its port), to the
-    /// Service `host` when one was dialled, by the workload `meta` in `cluster`.
-    pub fn new(source: SocketAddr, host: Option<&str>, meta: &WorkloadMeta, pod: &str, cluster: &str) -> Self {
+    /// Service `host` when one was dialled, by the workload whose [`baggage`] it is.
+    pub fn new(source: SocketAddr, host: Option<&str>, baggage: HeaderValue) -> Self {
         let forwarded = match host {
             Some(h) => format!("for=\"{source}\";host={h}"),
             None => format!("for=\"{source}\""),
         };
-        let kind = if meta.workload == pod { "pod" } else { "deployment" };
-        let baggage = format!(
-            "k8s.cluster.name={cluster},k8s.namespace.name={},k8s.{kind}.name={},service.name={},service.version={}",
-            meta.namespace, meta.workload, meta.canonical_service, meta.canonical_revision
-        );
-        // Names and labels are header-safe (DNS labels, label values); anything else is
-        // left out rather than failing the connection.
-        ConnectHeaders {
-            forwarded: HeaderValue::from_str(&forwarded).unwrap_or(HeaderValue::from_static("")),
-            baggage: HeaderValue::from_str(&baggage).unwrap_or(HeaderValue::from_static("")),
-        }
+        ConnectHeaders { forwarded: header_value(&forwarded), baggage }
     }
+}
+
+/// The `baggage` of the workload `meta` (pod `pod`) in `cluster`: the same for every
+/// connection of the pod, so made once, when it is enrolled.
+pub fn baggage(meta: &WorkloadMeta, pod: &str, cluster: &str) -> HeaderValue {
+    let kind = if meta.workload == pod { "pod" } else { "deployment" };
+    header_value(&format!(
+        "k8s.cluster.name={cluster},k8s.namespace.name={},k8s.{kind}.name={},service.name={},service.version={}",
+        meta.namespace, meta.workload, meta.canonical_service, meta.canonical_revision
+    ))
+}
+
+/// Names and labels are header-safe (DNS labels, label values); anything else is left out
+/// rather than failing the connection.
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static(""))
 }
 
 /// A new W3C `traceparent`: version 00, a random trace id and parent id, not sampled.
 pub fn traceparent() -> HeaderValue {
     let random = || std::collections::hash_map::RandomState::new().build_hasher().finish();
-    let value = format!("00-{:016x}{:016x}-{:016x}-00", random(), random(), random() | 1);
-    HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static(""))
+    header_value(&format!("00-{:016x}{:016x}-{:016x}-00", random(), random(), random() | 1))
 }
 
 /// What the server reads from a CONNECT's headers.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ConnectInfo {
+    /// The client app's address (`forwarded`'s `for`, when it has a port).
+    pub client: Option<SocketAddr>,
     /// The Service the client dialled (`forwarded`'s `host`).
     pub host: Option<String>,
     /// The source workload, as its agent describes it (`baggage`).
@@ -69,29 +76,21 @@ pub struct ConnectInfo {
 impl ConnectInfo {
     pub fn read(headers: &HeaderMap) -> Self {
         let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let forwarded = |key| text(FORWARDED).and_then(|v| forwarded_param(v, key));
         ConnectInfo {
-            host: text(FORWARDED).and_then(forwarded_host),
+            client: forwarded("for").and_then(|f| f.parse().ok()),
+            host: forwarded("host").map(str::to_owned),
             source: text(BAGGAGE).and_then(baggage_meta).map(Arc::new),
             traceparent: text(TRACEPARENT).filter(|t| t.len() == 55).map(str::to_owned),
         }
     }
 }
 
-/// `for` of the first `forwarded` element, when it is an address with a port.
-pub fn forwarded_for(headers: &HeaderMap) -> Option<SocketAddr> {
-    let value = headers.get(FORWARDED)?.to_str().ok()?;
+/// Parameter `key` of the first `forwarded` element, unquoted; None when absent or empty.
+fn forwarded_param<'v>(value: &'v str, key: &str) -> Option<&'v str> {
     value.split(',').next()?.split(';').find_map(|pair| {
         let (k, v) = pair.trim().split_once('=')?;
-        k.trim().eq_ignore_ascii_case("for").then(|| v.trim().trim_matches('"').parse().ok()).flatten()
-    })
-}
-
-/// `host` of the first `forwarded` element.
-fn forwarded_host(value: &str) -> Option<String> {
-    let first = value.split(',').next()?;
-    first.split(';').find_map(|pair| {
-        let (k, v) = pair.trim().split_once('=')?;
-        k.trim().eq_ignore_ascii_case("host").then(|| v.trim().trim_matches('"').to_owned()).filter(|h| !h.is_empty())
+        k.trim().eq_ignore_ascii_case(key).then(|| v.trim().trim_matches('"')).filter(|v| !v.is_empty())
     })
 }
 
@@ -137,24 +136,22 @@ mod tests {
         let h = ConnectHeaders::new(
             "198.18.1.10:40123".parse().unwrap(),
             Some("db.shop.svc.cluster.local"),
-            &meta,
-            "web-deploy-7f9-x2",
-            "c1",
+            baggage(&meta, "web-deploy-7f9-x2", "c1"),
         );
         assert_eq!(h.forwarded, r#"for="198.18.1.10:40123";host=db.shop.svc.cluster.local"#);
         assert_eq!(
             h.baggage,
             "k8s.cluster.name=c1,k8s.namespace.name=shop,k8s.deployment.name=web-deploy,service.name=web,service.version=v1"
         );
-        let v6 = ConnectHeaders::new("[2001:db8::1]:80".parse().unwrap(), None, &meta, "x", "c1");
+        let v6 = ConnectHeaders::new("[2001:db8::1]:80".parse().unwrap(), None, baggage(&meta, "x", "c1"));
         assert_eq!(v6.forwarded, r#"for="[2001:db8::1]:80""#);
 
         let mut headers = HeaderMap::new();
         headers.insert(FORWARDED, h.forwarded.clone());
         headers.insert(BAGGAGE, h.baggage.clone());
         headers.insert(TRACEPARENT, traceparent());
-        assert_eq!(forwarded_for(&headers), Some("198.18.1.10:40123".parse().unwrap()));
         let info = ConnectInfo::read(&headers);
+        assert_eq!(info.client, Some("198.18.1.10:40123".parse().unwrap()));
         assert_eq!(info.host.as_deref(), Some("db.shop.svc.cluster.local"));
         let source = info.source.unwrap();
         assert_eq!(

@@ -11,8 +11,9 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(2 * PING_INTERVAL.as_secs());
 
 /// Ping until the peer stops answering; returns why. Cancelled (dropped) when the
-/// connection ends first.
-pub async fn until_unanswered(mut ping_pong: h2::PingPong, interval: Duration, timeout: Duration) -> String {
+/// connection ends first. Without a handle (h2 gives it once) it never returns.
+pub async fn until_unanswered(ping_pong: Option<h2::PingPong>, interval: Duration, timeout: Duration) -> String {
+    let Some(mut ping_pong) = ping_pong else { return std::future::pending().await };
     loop {
         tokio::time::sleep(interval).await;
         match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
@@ -29,12 +30,6 @@ pub async fn drive<C>(conn: C, ping_pong: Option<h2::PingPong>, interval: Durati
 where
     C: std::future::Future<Output = Result<(), h2::Error>>,
 {
-    let pings = async {
-        match ping_pong {
-            Some(p) => until_unanswered(p, interval, timeout).await,
-            None => std::future::pending().await,
-        }
-    };
     tokio::select! {
         result = conn => {
             if let Err(e) = result {
@@ -42,6 +37,6 @@ where
             }
             None
         }
-        why = pings => Some(why),
+        why = until_unanswered(ping_pong, interval, timeout) => Some(why),
     }
 }

@@ -186,13 +186,8 @@ async fn connection<U: Upstream>(
     };
     drop(handshake);
     turns.arm();
-    let pings = conn.ping_pong();
-    let mut unanswered = std::pin::pin!(async {
-        match pings {
-            Some(p) => super::keepalive::until_unanswered(p, opts.ping_interval, 2 * opts.ping_interval).await,
-            None => std::future::pending().await,
-        }
-    });
+    let interval = opts.ping_interval;
+    let mut unanswered = std::pin::pin!(super::keepalive::until_unanswered(conn.ping_pong(), interval, 2 * interval));
     // Streams open on this connection: each stream's task holds one clone.
     let open = Arc::new(());
     let mut idle_since = tokio::time::Instant::now();
@@ -338,7 +333,8 @@ async fn open_stream<U: Upstream>(
     };
     // The client's pod is the HBONE connection's peer (its agent, or ztunnel, dials from
     // inside it); its port, what its `forwarded` says when that names the same address.
-    let forwarded = super::headers::forwarded_for(req.headers()).filter(|f| f.ip() == peer.ip());
+    let info = ConnectInfo::read(req.headers());
+    let forwarded = info.client.filter(|f| f.ip() == peer.ip());
     let client = SocketAddr::new(peer.ip(), forwarded.map_or(0, |f| f.port()));
     // What the stream's record calls its source: the client app's address when known.
     let source = forwarded.unwrap_or(peer);
@@ -356,12 +352,11 @@ async fn open_stream<U: Upstream>(
         // Allowed and connected, but the client went away first: a served stream that
         // ended at once.
         Err(e) => {
-            let served = up.served(principal, source, target, ConnectInfo::read(req.headers()));
+            let served = up.served(principal, source, target, info);
             up.ended(served, principal, source, target, Some(format!("stream gone: {e}")));
             return None;
         }
     };
-    let info = ConnectInfo::read(req.headers());
     Some(Open { app, send, recv: req.into_body(), watch, target, info, source })
 }
 

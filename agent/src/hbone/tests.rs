@@ -31,7 +31,8 @@ const TD: &str = "lab.local";
 /// What the in-process client's CONNECTs say besides the target.
 fn headers() -> ConnectHeaders {
     let meta = crate::state::WorkloadMeta::of("web", "shop", &Default::default());
-    ConnectHeaders::new("198.18.1.10:40000".parse().unwrap(), Some("db.shop.svc.cluster.local"), &meta, "web", "c1")
+    let baggage = super::headers::baggage(&meta, "web", "c1");
+    ConnectHeaders::new("198.18.1.10:40000".parse().unwrap(), Some("db.shop.svc.cluster.local"), baggage)
 }
 
 pub(super) fn id(ns: &str, sa: &str) -> SpiffeId {

@@ -213,12 +213,19 @@ impl HboneUpstream {
         flow
     }
 
-    /// [`Self::flow`] with the source workload looked up, for the labels it is counted
-    /// under (at open or refusal; closing only adds to counters resolved then).
-    fn labelled<'a>(&'a self, principal: Option<&'a SpiffeId>, peer: SocketAddr, target: SocketAddr) -> Flow<'a> {
+    /// [`Self::flow`] with the source workload and the service looked up (`host`: the one
+    /// the client's CONNECT named, if any), for the labels it is counted under (at open or
+    /// refusal; closing only adds to counters resolved then).
+    fn labelled<'a>(
+        &'a self,
+        principal: Option<&'a SpiffeId>,
+        peer: SocketAddr,
+        target: SocketAddr,
+        host: Option<&str>,
+    ) -> Flow<'a> {
         let mut flow = self.flow(principal, peer, target);
         flow.src_workload = self.mesh.workload_at(peer.ip());
-        flow.service = self.mesh.service_of(target, None);
+        flow.service = self.mesh.service_of(target, host);
         flow
     }
 }
@@ -247,14 +254,11 @@ impl crate::hbone::server::Upstream for HboneUpstream {
     type Served = Opened;
 
     fn served(&self, principal: &SpiffeId, peer: SocketAddr, target: SocketAddr, info: ConnectInfo) -> Opened {
-        let mut flow = self.labelled(Some(principal), peer, target);
+        let mut flow = self.labelled(Some(principal), peer, target, info.host.as_deref());
         // A source this agent does not know (another cluster's, or a peer ahead of this
         // agent's view) is labelled as its own agent describes it.
         if flow.src_workload.is_none() {
             flow.src_workload = info.source.map(WorkloadName::Owned);
-        }
-        if info.host.is_some() {
-            flow.service = self.mesh.service_of(target, info.host.as_deref());
         }
         flow.opened();
         flow.detach()
@@ -269,7 +273,7 @@ impl crate::hbone::server::Upstream for HboneUpstream {
     }
 
     fn log(&self, r: crate::hbone::server::Record<'_>) {
-        let flow = self.labelled(r.principal, r.peer, r.target.unwrap_or(r.peer));
+        let flow = self.labelled(r.principal, r.peer, r.target.unwrap_or(r.peer), None);
         let why = match r.outcome {
             Outcome::Handshake => Refusal::TlsHandshake,
             Outcome::Certificate => Refusal::BadClientCertificate,

@@ -239,7 +239,7 @@ fn tunnel<'f, 'a: 'f>(
     // the source is.
     let source = SocketAddr::new(pod.ips.first().copied().unwrap_or(peer.ip()), peer.port());
     let host = flow.service.as_deref().map(|s| s.fqdn.as_str());
-    let headers = ConnectHeaders::new(source, host, &pod.meta, &pod.name, mesh.metrics.cluster());
+    let headers = ConnectHeaders::new(source, host, pod.baggage.clone());
     let ready = match early_bytes(&stream) {
         Ok(early) => {
             let early_len = early.len() as u64;
